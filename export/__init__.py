@@ -1,0 +1,1 @@
+"""Checkpoint -> engine conversion (tte-export)."""

@@ -1,0 +1,195 @@
+"""Engine behaviour: stop rules, batch invariance, memory pressure, chunking, bad items, layouts."""
+
+import math
+
+import pytest
+import torch
+from conftest import random_image
+from oracle import cosine
+
+from tte_engine import Engine, InvalidInputError, Query, SamplingParams
+from tte_engine.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def engine(make_checkpoint):
+    return Engine(make_checkpoint("engine", think_max_tokens=10))
+
+
+def test_stop_on_think_end_keeps_suffix_only(boosted_checkpoint, mixed_items):
+    eng = Engine(boosted_checkpoint("</think>"))
+    res = eng.embed(mixed_items)
+    end = eng.prompts.think_end_ids
+    stopped = [i for i, r in enumerate(res.stop_reasons) if r == "stop"]
+    assert stopped, res.stop_reasons
+    for i in stopped:
+        assert res.trace_token_ids[i][-len(end):] == end
+        assert res.embed_token_ids[i] == eng.prompts.suffix_ids  # think-end is not repeated
+        assert len(res.trace_token_ids[i]) <= 12
+
+
+def test_stop_on_eos_closes_the_think_block(boosted_checkpoint, mixed_items):
+    eng = Engine(boosted_checkpoint("<|im_end|>"))
+    res = eng.embed(mixed_items)
+    eos = eng.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stopped = [i for i, r in enumerate(res.stop_reasons) if r == "stop"]
+    assert stopped
+    for i in stopped:
+        assert res.trace_token_ids[i][-1] == eos
+        assert res.embed_token_ids[i] == eng.prompts.think_end_ids + eng.prompts.suffix_ids
+
+
+def test_max_tokens_and_vision_tokens_never_generated(engine, mixed_items):
+    res = engine.embed(mixed_items, max_trace_tokens=7)
+    for i, ids in enumerate(res.trace_token_ids):
+        assert len(ids) <= 7
+        assert not set(ids) & set(engine.prompts.suppressed_ids)
+        if res.stop_reasons[i] == "max_tokens":
+            assert len(ids) == 7 and res.embed_token_ids[i] == engine.prompts.think_end_ids + engine.prompts.suffix_ids
+    zero = engine.embed(mixed_items[:2], max_trace_tokens=0)
+    assert zero.trace_token_ids == [[], []]
+    assert zero.embed_token_ids[0] == engine.prompts.think_end_ids + engine.prompts.suffix_ids
+
+
+def test_batch_invariance(engine, mixed_items):
+    batch = mixed_items + mixed_items[:2]  # 8 items
+    together = engine.embed(batch)
+    for i in (0, 1, 2, 4):
+        alone = engine.embed([batch[i]])
+        assert alone.trace_token_ids[0] == together.trace_token_ids[i]
+        assert cosine(alone.embeddings[0], together.embeddings[i]) >= 0.99999
+    assert cosine(together.embeddings[6], together.embeddings[0]) >= 0.99999  # duplicates agree
+
+
+def test_small_cache_and_small_steps_give_the_same_results(make_checkpoint, engine, mixed_items):
+    reference = engine.embed(mixed_items)
+    path = make_checkpoint("engine", think_max_tokens=10)
+    tight = Engine(path, cache_memory=8 * 40960, max_num_batched_tokens=16, max_num_seqs=3)
+    assert tight.stages[0].blocks.num_blocks == 8  # room for ~1.5 sequences at a time
+    res = tight.embed(mixed_items)
+    assert res.trace_token_ids == reference.trace_token_ids
+    for i in range(len(mixed_items)):
+        assert cosine(res.embeddings[i], reference.embeddings[i]) >= 0.99999
+    assert tight.stages[0].blocks.num_free == 8 and tight.stages[0].blocks.reserved == 0  # all freed
+
+
+def test_item_larger_than_the_cache_fails_alone(make_checkpoint, mixed_items):
+    eng = Engine(make_checkpoint("engine", think_max_tokens=10), cache_memory=4 * 40960)
+    res = eng.embed(["tiny", mixed_items[3]], errors="return", max_trace_tokens=4)
+    assert res.errors[0] is None and "cache" in res.errors[1]
+
+
+def test_bad_items_raise_before_any_model_work(engine):
+    with pytest.raises(InvalidInputError) as exc:
+        engine.embed(["fine", {"image": b"definitely not a png"}])
+    assert exc.value.index == 1 and "image" in str(exc.value)
+    with pytest.raises(InvalidInputError, match="item 0: empty"):
+        engine.embed(["   "])
+    with pytest.raises(InvalidInputError, match="no image file"):
+        engine.embed([{"text": "x", "image": "/nonexistent/cat.png"}])
+    with pytest.raises(InvalidInputError, match="unknown field"):
+        engine.embed([{"txt": "typo"}])
+    with pytest.raises(InvalidInputError, match="reserved vision token"):
+        engine.embed(["sneaky <|image_pad|> token"])
+    assert not engine.has_unfinished()
+
+
+def test_bad_items_return_error_rows_and_the_rest_completes(make_checkpoint, engine, mixed_items):
+    short = Engine(make_checkpoint("engine", think_max_tokens=10), max_model_len=96)
+    good = [mixed_items[0], mixed_items[1]]
+    items = [good[0], {"image": b"\x89PNG broken"}, "", "word " * 200, good[1], 42]
+    res = short.embed(items, errors="return")
+    assert [e is None for e in res.errors] == [True, False, False, False, True, False]
+    assert "image" in res.errors[1] and "empty" in res.errors[2] and "exceeds the model limit" in res.errors[3]
+    assert "expected a str" in res.errors[5]
+    assert all(math.isnan(v) for v in res.embeddings[1].tolist())
+    clean = engine.embed(good)
+    assert cosine(res.embeddings[0], clean.embeddings[0]) >= 0.99999
+    assert cosine(res.embeddings[4], clean.embeddings[1]) >= 0.99999
+
+
+def test_query_forms_are_equivalent(engine):
+    img = random_image(64, 64, 5)
+    a = engine.embed([Query(text="hello", image=img), {"text": "hello", "image": img}])
+    assert a.prompt_token_ids[0] == a.prompt_token_ids[1] and a.trace_token_ids[0] == a.trace_token_ids[1]
+    assert cosine(a.embeddings[0], a.embeddings[1]) >= 0.99999
+
+
+def test_instructions_change_the_prompt(engine):
+    default = engine.embed(["hello"], think=False)
+    named = engine.embed(["hello"], think=False, instruction="retrieval")
+    literal = engine.embed(["hello"], think=False, instruction=engine.tte.instructions["retrieval"])
+    assert default.prompt_token_ids != named.prompt_token_ids
+    assert named.prompt_token_ids == literal.prompt_token_ids
+
+
+def test_both_weight_layouts_and_shards_load_identically(make_checkpoint, mixed_items):
+    hub = Engine(make_checkpoint("layout", seed=11, think_max_tokens=6)).embed(mixed_items)
+    v5 = Engine(make_checkpoint("layout", seed=11, layout="transformers5", shards=3, think_max_tokens=6)).embed(mixed_items)
+    assert hub.trace_token_ids == v5.trace_token_ids
+    assert torch.equal(hub.embeddings, v5.embeddings)
+
+
+def test_bfloat16_is_close_to_float32(make_checkpoint, mixed_items):
+    path = make_checkpoint("engine", think_max_tokens=10)
+    f32 = Engine(path).embed(mixed_items, think=False)
+    b16 = Engine(path, dtype="bfloat16")
+    res = b16.embed(mixed_items, think=False)
+    for i in range(len(mixed_items)):
+        assert cosine(res.embeddings[i], f32.embeddings[i]) >= 0.99
+    alone = b16.embed([mixed_items[1]], think=False)
+    assert cosine(alone.embeddings[0], res.embeddings[1]) >= 0.999
+
+
+def test_seeded_sampling_is_batch_invariant(engine, mixed_items):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=123)
+    batch = engine.embed(mixed_items[:3], sampling=params)
+    alone = engine.embed([mixed_items[2]], sampling=params)
+    assert alone.trace_token_ids[0] == batch.trace_token_ids[2]
+    greedy = engine.embed(mixed_items[:3])
+    assert greedy.trace_token_ids != batch.trace_token_ids
+
+
+def test_generate_traces_matches_embed(engine, mixed_items):
+    assert engine.generate_traces(mixed_items) == engine.embed(mixed_items).traces
+
+
+def test_usage_counts(engine, mixed_items):
+    res = engine.embed(mixed_items)
+    u = res.usage
+    assert u["prompt_tokens"] == sum(map(len, res.prompt_token_ids))
+    assert u["trace_tokens"] == sum(map(len, res.trace_token_ids))
+    assert u["embed_tokens"] == sum(map(len, res.embed_token_ids))
+    assert u["image_tokens"] > 0
+
+
+def test_checkpoint_errors_are_specific(tmp_path, make_checkpoint):
+    with pytest.raises(CheckpointError, match="not found"):
+        Engine("no-such-alias")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Engine(tmp_path)
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(make_checkpoint("engine", think_max_tokens=10), bad)
+    (bad / "tte_config.json").write_text('{"format_version": 99}')
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        Engine(bad)
+    (bad / "tte_config.json").unlink()
+    (bad / "embedding_head.safetensors").unlink()
+    eng = Engine(bad)  # no tte_config.json: a last-token unified model with defaults
+    assert eng.tte.head.type == "last_token"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(bad / "model.safetensors"))
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing: layers.1.qkv_proj.weight"):
+        Engine(bad)
+
+
+def test_tiny_random_alias_builds_once(_isolated_tte_home):
+    eng = Engine("tiny-random")
+    assert eng.checkpoint == _isolated_tte_home / "models" / "tiny-random"
+    res = eng.embed(["a cat", {"image": random_image(40, 70, 9)}])
+    assert res.embeddings.shape == (2, eng.embedding_dim) and res.errors == [None, None]

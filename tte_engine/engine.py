@@ -1,0 +1,291 @@
+"""Engine: owns the model(s), the paged KV cache(s) and the scheduler; `embed()` is the public door.
+
+`embed(items)` validates every item first (bad items raise, or become error rows), then feeds
+all sequences to the scheduler and steps until each one has its embedding. Servers use the
+same machinery one level down: `add_request()` and `step()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import BlockManager, allocate_cache, blocks_for_budget, bytes_per_block
+from .checkpoint import resolve_checkpoint
+from .config import EngineConfig, ModelConfig, TTEConfig
+from .errors import CheckpointError, InvalidInputError
+from .inputs import PromptBuilder, as_query
+from .model.loader import build_model, load_checkpoint_weights
+from .model.rope import prompt_positions
+from .runner import Runner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .vision import ImageProcessorConfig
+
+logger = logging.getLogger("tte_engine")
+
+
+@dataclass
+class EmbedResult:
+    """What `Engine.embed` returns; row i of every field belongs to items[i]."""
+
+    embeddings: torch.Tensor  # [N, D] float32, L2-normalized; NaN rows for failed items
+    traces: list[str]
+    prompt_token_ids: list[list[int]]
+    trace_token_ids: list[list[int]]
+    embed_token_ids: list[list[int]]
+    errors: list[str | None]
+    usage: dict[str, int] = field(default_factory=dict)
+    stop_reasons: list[str | None] = field(default_factory=list)
+
+
+def _resolve_dtype(dtype: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if cfg.torch_dtype in ("float32", "bfloat16") else getattr(torch, cfg.torch_dtype)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+@dataclass
+class _Stage:
+    """One model with its cache: the unified model, or the reasoner / embedder of a two-model pair."""
+
+    checkpoint: Path
+    model_cfg: ModelConfig
+    runner: Runner
+    blocks: BlockManager
+
+
+class Engine:
+    """A Think-Then-Embed engine over one checkpoint (unified) or a reasoner/embedder pair."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path = "tiny-random",
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        config: EngineConfig | None = None,
+        **overrides: Any,
+    ):
+        self.config = replace(config or EngineConfig(), device=device, dtype=dtype, **overrides)
+        self.device = torch.device(self.config.device)
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.tte = TTEConfig.load(self.checkpoint)
+        if not self.tte.normalize:
+            raise CheckpointError(f"{self.checkpoint}: normalize=false is not supported (embeddings are always L2-normalized)")
+        self.model_cfg = ModelConfig.from_hf(_read_json(self.checkpoint / "config.json"))
+        self.dtype = _resolve_dtype(self.config.dtype, self.device, self.model_cfg)
+        self.max_model_len = min(self.config.max_model_len or self.model_cfg.text.max_position_embeddings, self.model_cfg.text.max_position_embeddings)
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+        self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
+        self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
+
+        stage_dirs = [self.checkpoint]
+        if self.tte.mode == "two_model":
+            stage_dirs.insert(0, self._reasoner_dir())
+        self.stages = [self._load_stage(d, embedder=(d == self.checkpoint)) for d in stage_dirs]
+        self.scheduler = Scheduler(
+            [s.blocks for s in self.stages],
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            stop_sequences=self.prompts.stop_sequences,
+        )
+        logger.info("loaded %s (%s, %s head) on %s in %s", self.checkpoint, self.tte.mode, self.tte.head.type, self.device, self.dtype)
+
+    # ------------------------------------------------------------------ loading
+    def _reasoner_dir(self) -> Path:
+        ref = Path(self.tte.reasoner)
+        path = resolve_checkpoint(self.checkpoint / ref if not ref.is_absolute() and (self.checkpoint / ref).is_dir() else self.tte.reasoner)
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(path).get_vocab() != self.tokenizer.get_vocab():
+            raise CheckpointError(f"two_model: the reasoner {path} must share the embedder's tokenizer")
+        if ImageProcessorConfig.load(path) != self.image_cfg:
+            raise CheckpointError(f"two_model: the reasoner {path} must share the embedder's image preprocessing")
+        return path
+
+    def _load_stage(self, checkpoint: Path, embedder: bool) -> _Stage:
+        cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(_read_json(checkpoint / "config.json"))
+        if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
+            raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
+        head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
+        model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+        load_checkpoint_weights(model, checkpoint, head_cfg)
+        model.finalize()
+        with_hidden = model.head is not None
+        per_block = bytes_per_block(cfg, self.config.block_size, self.dtype, with_hidden)
+        num_blocks = blocks_for_budget(self.config.cache_memory, per_block, self.device)
+        cache = allocate_cache(cfg, num_blocks, self.config.block_size, self.dtype, self.device, with_hidden)
+        runner = Runner(model, cache, self.config.block_size, self.prompts.suppressed_ids, self.config.max_vision_patches)
+        logger.info("%s: KV cache of %d blocks x %d tokens (%.1f MiB)", checkpoint.name, num_blocks, self.config.block_size, num_blocks * per_block / 2**20)
+        return _Stage(checkpoint, cfg, runner, BlockManager(num_blocks, self.config.block_size))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model_cfg.text.hidden_size
+
+    # ------------------------------------------------------------------ requests
+    def make_sequence(
+        self,
+        item: Any,
+        index: int = 0,
+        *,
+        think: bool = True,
+        max_trace_tokens: int | None = None,
+        instruction: str | None = None,
+        sampling: SamplingParams | None = None,
+        embed: bool = True,
+        tag: object = None,
+    ) -> Sequence:
+        """Validate and tokenize one item; raises InvalidInputError naming `index` if it cannot run."""
+        query = as_query(item, index)
+        prompt = self.prompts.build(query, index, think=think, instruction=instruction)
+        budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
+        if budget < 0:
+            raise InvalidInputError(f"max_trace_tokens must be >= 0, got {budget}", index)
+        tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids)
+        room = self.max_model_len - len(prompt.token_ids) - tail
+        if room < 0:
+            raise InvalidInputError(
+                f"prompt of {len(prompt.token_ids)} tokens (+{tail} suffix) exceeds the model limit of {self.max_model_len} tokens", index
+            )
+        positions, delta = prompt_positions(prompt.token_ids, [i.grid_thw for i in prompt.images], self.model_cfg.image_token_id, self.model_cfg.vision.spatial_merge_size)
+        seq = Sequence(
+            prompt=prompt,
+            positions=positions,
+            rope_delta=delta,
+            max_trace_tokens=min(budget, room) if think else 0,
+            suffix_ids=self.prompts.suffix_ids,
+            think_end_ids=self.prompts.think_end_ids,
+            sampling=sampling or SamplingParams(),
+            think=think,
+            embed=embed,
+            tag=tag,
+        )
+        need = self.scheduler.fits_ever(seq)
+        if need is not None:
+            capacity = min(s.blocks.capacity_tokens for s in self.stages)
+            raise InvalidInputError(f"needs up to {need} tokens of KV cache but the cache holds {capacity}; raise cache_memory", index)
+        return seq
+
+    def add_request(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduler step; returns the sequences that finished in it."""
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        tokens, embeddings = self.stages[step.stage].runner.run(step)
+        return self.scheduler.update(step, tokens, embeddings)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ public API
+    def embed(
+        self,
+        items: list[Any] | Any,
+        *,
+        think: bool = True,
+        max_trace_tokens: int | None = None,
+        instruction: str | None = None,
+        errors: str = "raise",
+        sampling: SamplingParams | None = None,
+        progress: bool | Callable[[int], None] = False,
+    ) -> EmbedResult:
+        """Think (generate a trace) and embed each item; see EmbedResult for what comes back.
+
+        errors="raise": the first bad item raises InvalidInputError before any model work.
+        errors="return": bad items get NaN rows and a reason in `errors`; the rest complete.
+        progress: True for a tqdm bar, or a callback given the number of items finished per step.
+        """
+        seqs = self._run(items, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, errors=errors, sampling=sampling, embed=True, progress=progress)
+        n, dim = len(seqs), self.embedding_dim
+        emb = torch.full((n, dim), math.nan, dtype=torch.float32)
+        for i, s in enumerate(seqs):
+            if isinstance(s, Sequence):
+                emb[i] = s.embedding
+        ok = [s for s in seqs if isinstance(s, Sequence)]
+        return EmbedResult(
+            embeddings=emb,
+            traces=[self.prompts.decode(s.trace_ids) if isinstance(s, Sequence) else "" for s in seqs],
+            prompt_token_ids=[list(s.prompt.token_ids) if isinstance(s, Sequence) else [] for s in seqs],
+            trace_token_ids=[list(s.trace_ids) if isinstance(s, Sequence) else [] for s in seqs],
+            embed_token_ids=[list(s.embed_ids) if isinstance(s, Sequence) else [] for s in seqs],
+            errors=[None if isinstance(s, Sequence) else s for s in seqs],
+            usage=_usage(ok, self.model_cfg.image_token_id),
+            stop_reasons=[s.stop_reason if isinstance(s, Sequence) else None for s in seqs],
+        )
+
+    def generate_traces(self, items: list[Any] | Any, *, max_trace_tokens: int | None = None, instruction: str | None = None, sampling: SamplingParams | None = None) -> list[str]:
+        """Only the think half: the decoded trace of each item (e.g. to cache corpus-side traces)."""
+        seqs = self._run(items, think=True, max_trace_tokens=max_trace_tokens, instruction=instruction, errors="raise", sampling=sampling, embed=False, progress=False)
+        return [self.prompts.decode(s.trace_ids) for s in seqs]
+
+    def _run(self, items, *, think, max_trace_tokens, instruction, errors, sampling, embed, progress) -> list[Sequence | str]:
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        if self.has_unfinished():
+            raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        seqs: list[Sequence | str] = []
+        for i, item in enumerate(items):
+            try:
+                seqs.append(self.make_sequence(item, i, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, embed=embed, tag=i))
+            except InvalidInputError as exc:
+                if errors == "raise":
+                    raise
+                seqs.append(exc.reason)
+        live = [s for s in seqs if isinstance(s, Sequence)]
+        for s in live:
+            self.add_request(s)
+        bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(live), desc="embed" if embed else "think", unit="item")
+            progress = bar.update
+        while self.has_unfinished():
+            done = self.step()
+            if progress and done:
+                progress(len(done))
+        if bar is not None:
+            bar.close()
+        return seqs
+
+
+def _usage(seqs: list[Sequence], image_token_id: int) -> dict[str, int]:
+    prompt = sum(s.num_prompt_tokens for s in seqs)
+    return {
+        "prompt_tokens": prompt,
+        "image_tokens": sum(s.prompt.token_ids.count(image_token_id) for s in seqs),
+        "trace_tokens": sum(len(s.trace_ids) for s in seqs),
+        "embed_tokens": sum(len(s.embed_ids) for s in seqs),
+        "total_tokens": sum(len(s) for s in seqs),
+    }
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    if not path.exists():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"cannot parse {path}: {exc}") from exc

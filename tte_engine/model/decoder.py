@@ -1,0 +1,73 @@
+"""The Qwen2 decoder layer over a packed batch, written against `tte_engine.kernels` ops.
+
+A packed batch is every token of the step in one [T, D] tensor, whatever sequence it belongs
+to. The layer does not know where its keys and values come from: the caller passes `attend`,
+which for the backbone stores k/v in the paged cache and runs paged attention, and for the
+`mhsa` head runs dense causal attention over each sequence. The residual stream is carried
+separately from the layer output so that the add and the next RMSNorm fuse into one op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..config import TextConfig
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Rotary:
+    """The fp32 cos/sin table and M-RoPE sections shared by every layer."""
+
+    def __init__(self, cfg: TextConfig, max_positions: int, device: torch.device | str):
+        from .rope import text_inv_freq
+
+        self.section = tuple(cfg.mrope_section)
+        self.cos_sin = kernels.rotary_cos_sin(text_inv_freq(cfg.head_dim, cfg.rope_theta).to(device), max_positions)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, impl: str) -> None:
+        kernels.apply_mrope(q, k, positions, self.cos_sin, self.section, impl=impl)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = nn.Parameter(torch.ones(d))
+        self.post_attention_norm = nn.Parameter(torch.ones(d))
+        self.qkv_proj = nn.Linear(d, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        attend: Attend,
+        impl: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer output, residual stream): their sum is the hidden state after this layer."""
+        if residual is None:
+            x, residual = kernels.rms_norm(h, self.input_norm, self.eps, impl=impl), h
+        else:
+            x, residual = kernels.add_rms_norm(h, residual, self.input_norm, self.eps, impl=impl)
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
+        )
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        rotary(q, k, positions, impl)
+        h = self.o_proj(attend(q, k, v).reshape(t, -1))
+        x, residual = kernels.add_rms_norm(h, residual, self.post_attention_norm, self.eps, impl=impl)
+        return self.down_proj(kernels.swiglu(self.gate_up_proj(x), impl=impl)), residual

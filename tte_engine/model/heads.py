@@ -1,0 +1,55 @@
+"""Embedding heads: how a sequence's hidden states become its embedding.
+
+- `last_token`: the backbone's final RMSNorm at the last token (VLM2Vec convention); done by the
+  fused `pool_last_rmsnorm_normalize` kernel straight from the decoder's output.
+- `mhsa` (the paper's best unified head): K decoder layers with their own weights, initialized
+  from the backbone's last K, that read the residual stream entering backbone layer L-K for
+  every position of query + trace + suffix, then a final norm at the last token. The engine
+  records that residual stream in the cache while it prefills and decodes, so the head runs
+  once per sequence at the end, over stored states, without re-encoding the query.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+from ..config import HeadConfig, TextConfig
+from .decoder import DecoderLayer, Rotary
+
+
+def causal_attend_packed(cu_seqlens: list[int]):
+    """Dense causal attention inside each packed sequence (the head has no KV cache)."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            out[s:e] = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True
+            ).transpose(0, 1)
+        return out
+
+    return attend
+
+
+class MHSAHead(nn.Module):
+    def __init__(self, text_cfg: TextConfig, head_cfg: HeadConfig):
+        super().__init__()
+        if not 0 < head_cfg.num_layers <= text_cfg.num_layers:
+            raise ValueError(f"mhsa head num_layers must be in [1, {text_cfg.num_layers}], got {head_cfg.num_layers}")
+        self.source_layer = head_cfg.source_layer % text_cfg.num_layers  # absolute backbone layer index
+        self.eps = text_cfg.rms_norm_eps
+        self.layers = nn.ModuleList(DecoderLayer(text_cfg) for _ in range(head_cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(text_cfg.hidden_size))
+
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, rotary: Rotary, impl: str = "auto"
+    ) -> torch.Tensor:
+        """Packed source-layer states [T, D] of whole sequences -> normalized embeddings [B, D] fp32."""
+        attend = causal_attend_packed(cu_seqlens.tolist())
+        h, residual = hidden, None
+        for layer in self.layers:
+            h, residual = layer(h, residual, positions, rotary, attend, impl)
+        return kernels.pool_last_rmsnorm_normalize(h, cu_seqlens, self.norm, rms_eps=self.eps, residual=residual, impl=impl)

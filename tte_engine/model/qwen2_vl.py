@@ -1,0 +1,132 @@
+"""Our Qwen2-VL: vision tower + decoder + LM head + embedding head, over packed, paged batches.
+
+`forward` runs the decoder on one scheduler step (a prefill step of several sequences' chunks, or
+a decode step of one token per sequence) and returns the final layer's output and residual
+stream; the caller decides which rows need logits and which need pooling, so nothing is
+computed for the rows in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..config import HeadConfig, ModelConfig
+from .decoder import DecoderLayer, Rotary
+from .heads import MHSAHead
+from .vision_tower import VisionTower
+
+
+@dataclass
+class StepBatch:
+    """Everything one forward needs besides the weights and the cache (built by the runner)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [3, T] (M-RoPE) or [T] (all axes equal)
+    slot_mapping: torch.Tensor  # [T] cache slot of each token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: tokens in the cache for each sequence after this step
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: packed rows of each sequence
+    is_prefill: bool
+    image_embeds: torch.Tensor | None = None  # [num_image_tokens_in_step, D], in token order
+    num_layers: int | None = None  # stop early (the mhsa head only needs layers < source_layer)
+
+
+@dataclass
+class KVCache:
+    """Per-layer paged caches [L, num_blocks, block_size, KVH, hd], plus the head's source states."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    hidden: torch.Tensor | None = None  # [num_blocks, block_size, D] (mhsa head only)
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, cfg: ModelConfig, head_cfg: HeadConfig, max_positions: int, impl: str = "auto"):
+        super().__init__()
+        t = cfg.text
+        self.cfg, self.head_cfg, self.impl = cfg, head_cfg, impl
+        self.max_positions = max_positions
+        self.visual = VisionTower(cfg.vision)
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_layers))
+        self.norm = nn.Parameter(torch.ones(t.hidden_size))
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.head = MHSAHead(t, head_cfg) if head_cfg.type == "mhsa" else None
+        self.rotary: Rotary | None = None  # built on the final device by `finalize`
+        self.scale = t.head_dim**-0.5
+
+    def finalize(self) -> "Qwen2VL":
+        """Call once the weights sit on their device: re-ties embeddings, builds the rotary table there."""
+        if self.cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(self.cfg.text, self.max_positions, self.norm.device)
+        return self.eval().requires_grad_(False)
+
+    @property
+    def head_source_layer(self) -> int | None:
+        return None if self.head is None else self.head.source_layer
+
+    def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        return self.visual(patches, grids)
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        if batch.image_embeds is not None and batch.image_embeds.shape[0]:
+            mask = batch.input_ids == self.cfg.image_token_id
+            x[mask] = batch.image_embeds.to(x.dtype)
+        return x
+
+    def forward(self, batch: StepBatch, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder layers; returns (output, residual) of the last layer run, [T, D] each."""
+        h, residual = self.embed(batch), None
+        capture = self.head_source_layer if cache.hidden is not None else None
+        layers = self.layers[: batch.num_layers]
+        for i, layer in enumerate(layers):
+            if i == capture:
+                self._record_head_source(h, residual, batch, cache)
+            h, residual = layer(h, residual, batch.positions, self.rotary, self._paged_attend(i, batch, cache), self.impl)
+        if capture == len(layers):
+            self._record_head_source(h, residual, batch, cache)
+        return h, residual
+
+    @staticmethod
+    def _record_head_source(h, residual, batch: StepBatch, cache: KVCache) -> None:
+        """Store the residual stream the mhsa head will read, in the same slots as the KV."""
+        stream = h if residual is None else h + residual
+        keep = batch.slot_mapping >= 0
+        cache.hidden.view(-1, cache.hidden.shape[-1]).index_copy_(0, batch.slot_mapping[keep].long(), stream[keep])
+
+    def _paged_attend(self, i: int, batch: StepBatch, cache: KVCache):
+        k_cache, v_cache = cache.k[i], cache.v[i]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, impl=self.impl)
+            if batch.is_prefill:
+                return kernels.prefill_attention(
+                    q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.scale, impl=self.impl
+                )
+            return kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, impl=self.impl)
+
+        return attend
+
+    def final_norm(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return kernels.add_rms_norm(h, residual, self.norm, self.cfg.text.rms_norm_eps, impl=self.impl)[0]
+
+    def logits(self, h_rows: torch.Tensor, residual_rows: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (fp32) for selected rows of the last layer's output."""
+        return self.lm_head(self.final_norm(h_rows, residual_rows)).float()
+
+    def pool_last_token(self, h: torch.Tensor, residual: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """The last-token head: final norm at each sequence's last row, L2-normalized, fp32."""
+        return kernels.pool_last_rmsnorm_normalize(
+            h, cu_seqlens, self.norm, rms_eps=self.cfg.text.rms_norm_eps, residual=residual, impl=self.impl
+        )
+
+    def pool_mhsa(self, hidden: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden, positions, cu_seqlens, self.rotary, self.impl)

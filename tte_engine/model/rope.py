@@ -1,0 +1,64 @@
+"""Rotary positions: Qwen2-VL's M-RoPE position ids for a prompt, and the vision tower's 2-D angles.
+
+Prompt positions follow transformers' `get_rope_index`: text tokens count up on all three axes;
+an image's tokens get (t, h, w) = (start, start + row, start + col) over its merged grid, and the
+text after it resumes at start + max(rows, cols). Every later token (trace, suffix) sits at
+`index + rope_delta` on all three axes, where rope_delta = max position + 1 - prompt length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_positions(
+    token_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge_size: int
+) -> tuple[torch.Tensor, int]:
+    """([3, len(token_ids)] int64 positions, rope_delta) for one prompt."""
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    is_image = ids == image_token_id
+    pos = torch.empty(3, len(token_ids), dtype=torch.long)
+    cursor, i, n, grid_iter = 0, 0, len(token_ids), iter(grids)
+    while i < n:
+        if is_image[i]:
+            t, h, w = next(grid_iter)
+            gh, gw = h // merge_size, w // merge_size
+            count = t * gh * gw
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+            pos[:, i : i + count] = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cursor
+            cursor += max(gh, gw)
+            i += count
+        else:
+            j = i
+            while j < n and not is_image[j]:
+                j += 1
+            pos[:, i:j] = torch.arange(cursor, cursor + j - i)
+            cursor += j - i
+            i = j
+    rope_delta = int(pos.max()) + 1 - n if n else 0
+    return pos, rope_delta
+
+
+def text_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def vision_cos_sin(grids: list[tuple[int, int, int]], head_dim: int, theta: float, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [num_patches, head_dim] for the vision tower's axial (h, w) rotary.
+
+    Patches are laid out block-major over merge windows, so the (row, col) ids are permuted the
+    same way the preprocessing permuted the pixels.
+    """
+    quarter = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
+    rows = []
+    for t, h, w in grids:
+        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        shape = (h // merge_size, merge_size, w // merge_size, merge_size)
+        hh = hh.reshape(shape).transpose(1, 2).flatten()
+        ww = ww.reshape(shape).transpose(1, 2).flatten()
+        rows.append(torch.stack([hh, ww], dim=-1).repeat(t, 1))
+    ids = torch.cat(rows).float()  # [N, 2]
+    freqs = torch.cat([ids[:, :1] * inv_freq, ids[:, 1:] * inv_freq], dim=-1)  # [N, head_dim/2]
+    freqs = torch.cat([freqs, freqs], dim=-1)
+    return freqs.cos(), freqs.sin()

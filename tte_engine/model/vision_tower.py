@@ -1,0 +1,78 @@
+"""Qwen2-VL's vision tower: patch embedding, ViT blocks with 2-D rotary, and the 2x2 patch merger.
+
+Many images run in one call: their patches are packed into one [N, patch_dim] tensor and each
+block's attention is restricted to its own image (varlen, non-causal). The patch embedding is a
+Conv3d whose stride equals its kernel, i.e. a matmul over flattened patches; it is stored as a
+linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import VisionConfig
+from .rope import vision_cos_sin
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        e = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(e, eps=1e-6)
+        self.norm2 = nn.LayerNorm(e, eps=1e-6)
+        self.qkv = nn.Linear(e, 3 * e)
+        self.proj = nn.Linear(e, e)
+        self.fc1 = nn.Linear(e, int(e * cfg.mlp_ratio))
+        self.fc2 = nn.Linear(int(e * cfg.mlp_ratio), e)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)
+        q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+        outs = [
+            F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
+            for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens))
+        ]
+        x = x + self.proj(torch.cat(outs).reshape(n, -1))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        e, m2 = cfg.embed_dim, cfg.spatial_merge_size**2
+        self.patch_embed = nn.Linear(cfg.patch_dim, e, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger_norm = nn.LayerNorm(e, eps=1e-6)
+        self.merger_fc1 = nn.Linear(e * m2, e * m2)
+        self.merger_fc2 = nn.Linear(e * m2, cfg.out_hidden_size)
+
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Packed patches of several images [N, patch_dim] -> merged tokens [N / merge**2, out_hidden]."""
+        c = self.cfg
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        cos, sin = vision_cos_sin(grids, c.head_dim, c.rope_theta, c.spatial_merge_size)
+        cos, sin = cos.to(x.device), sin.to(x.device)
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]  # attention stays inside each frame
+        for block in self.blocks:
+            x = block(x, cos, sin, seqlens)
+        x = self.merger_norm(x).view(-1, c.embed_dim * c.spatial_merge_size**2)
+        return self.merger_fc2(F.gelu(self.merger_fc1(x)))

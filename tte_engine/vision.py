@@ -1,0 +1,136 @@
+"""Image loading and Qwen2-VL preprocessing, matching transformers' `Qwen2VLImageProcessorPil`.
+
+Steps (the same arithmetic as transformers, so pixel values agree bit for bit): convert to RGB,
+"smart resize" with PIL bicubic so both sides are multiples of patch*merge and the pixel count
+lies in [min_pixels, max_pixels], rescale by 1/255 in float64 then cast to float32, normalize
+with the CLIP mean/std, and cut into flat patches laid out block-major over merge windows
+(the order the vision tower and its 2-D rotary expect). A still image fills both temporal slots.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ValueError):
+    """An image cannot be loaded or preprocessed; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> "ImageProcessorConfig":
+        path = Path(checkpoint) / "preprocessor_config.json"
+        if not path.exists():
+            return cls()
+        raw: dict[str, Any] = json.loads(path.read_text())
+        size = raw.get("size") or {}
+        return cls(
+            min_pixels=raw.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or cls.min_pixels,
+            max_pixels=raw.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or cls.max_pixels,
+            patch_size=raw.get("patch_size", 14),
+            temporal_patch_size=raw.get("temporal_patch_size", 2),
+            merge_size=raw.get("merge_size", 2),
+            image_mean=tuple(raw.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(raw.get("image_std", CLIP_STD)),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One preprocessed image: flat patches [grid_h * grid_w, C*T*P*P] and its grid."""
+
+    patches: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    num_tokens: int  # LLM placeholder tokens = grid_h * grid_w / merge_size**2
+    digest: str  # content hash, for caches keyed by image content
+
+
+def load_image(image: Any) -> Image.Image:
+    """Open a PIL image, file path, `data:` URL, raw bytes, or uint8 numpy array as RGB."""
+    try:
+        if isinstance(image, Image.Image):
+            img = image
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            img = Image.open(io.BytesIO(bytes(image)))
+        elif isinstance(image, str) and image.startswith("data:"):
+            header, _, payload = image.partition(",")
+            if ";base64" not in header:
+                raise ImageError("data: URLs must be base64-encoded")
+            img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        elif isinstance(image, (str, Path)):
+            path = Path(image)
+            if not path.is_file():
+                raise ImageError(f"no image file at {str(path)!r}")
+            img = Image.open(path)
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+                raise ImageError(f"numpy images must be uint8 HxW or HxWxC (C in 1, 3, 4), got {image.dtype} {image.shape}")
+            img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+        else:
+            raise ImageError(f"unsupported image type {type(image).__name__}")
+        img.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, binascii.Error, ValueError) as exc:
+        raise ImageError(f"cannot decode image ({exc})") from exc
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Sides divisible by `factor`, pixel count in [min_pixels, max_pixels], aspect ratio kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def preprocess_image(image: Any, cfg: ImageProcessorConfig) -> ProcessedImage:
+    img = load_image(image)
+    width, height = img.size
+    if min(width, height) < 1:
+        raise ImageError("image has no pixels")
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    new_h, new_w = smart_resize(height, width, p * m, cfg.min_pixels, cfg.max_pixels)
+    arr = np.asarray(img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
+    x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.asarray(cfg.image_mean, dtype=np.float32)) / np.asarray(cfg.image_std, dtype=np.float32)
+    x = x.transpose(2, 0, 1)  # CHW
+    gh, gw = new_h // p, new_w // p
+    x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p)).reshape(gh * gw, 3 * t * p * p)
+    patches = torch.from_numpy(np.ascontiguousarray(x))
+    digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+    return ProcessedImage(patches=patches, grid_thw=(1, gh, gw), num_tokens=gh * gw // (m * m), digest=digest)
