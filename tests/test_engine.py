@@ -193,3 +193,25 @@ def test_tiny_random_alias_builds_once(_isolated_tte_home):
     assert eng.checkpoint == _isolated_tte_home / "models" / "tiny-random"
     res = eng.embed(["a cat", {"image": random_image(40, 70, 9)}])
     assert res.embeddings.shape == (2, eng.embedding_dim) and res.errors == [None, None]
+
+
+def test_supplied_trace_skips_generation(engine, mixed_items):
+    generated = engine.embed(mixed_items[:3])
+    given = [dict(item, trace=generated.trace_token_ids[i]) if isinstance(item, dict) else {"text": item, "trace": generated.trace_token_ids[i]}
+             for i, item in enumerate(mixed_items[:3])]
+    res = engine.embed(given)
+    assert res.usage["trace_tokens"] == 0 and res.usage["given_trace_tokens"] == generated.usage["trace_tokens"]
+    assert res.trace_token_ids == generated.trace_token_ids and res.stop_reasons == ["given"] * 3
+    for i in range(3):
+        assert cosine(res.embeddings[i], generated.embeddings[i]) >= 0.99999
+    as_text = engine.embed([{"text": "a cat", "trace": "It is a small animal."}])
+    assert as_text.traces[0] == "It is a small animal."
+    with pytest.raises(InvalidInputError, match="think=False"):
+        engine.embed([{"text": "a cat", "trace": "x"}], think=False)
+
+
+def test_fingerprint_tells_checkpoints_apart(make_checkpoint):
+    from tte_engine.checkpoint import fingerprint
+
+    a, b = make_checkpoint("layout", seed=11, think_max_tokens=6), make_checkpoint("fp", seed=12, think_max_tokens=6)
+    assert fingerprint(a) == fingerprint(a) != fingerprint(b)

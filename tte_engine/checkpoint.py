@@ -29,3 +29,25 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         f"(place a Hugging Face Qwen2-VL checkpoint directory at {local}, or pass a path; "
         f"built-in random aliases: {', '.join(sorted(SPECS))})"
     )
+
+
+def fingerprint(path: str | Path, *, sample_bytes: int = 1 << 16, samples: int = 32) -> str:
+    """A content hash of a checkpoint directory, cheap enough to take on every load.
+
+    Files up to 16 MiB are hashed whole; larger ones (weights) by their size plus `samples`
+    evenly spaced windows of `sample_bytes`, which tells apart any two real or random checkpoints.
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path)}\0{size}\0".encode())
+        with open(f, "rb") as handle:
+            if size <= 16 << 20:
+                h.update(handle.read())
+                continue
+            for k in range(samples):
+                handle.seek((size - sample_bytes) * k // (samples - 1))
+                h.update(handle.read(sample_bytes))
+    return h.hexdigest()

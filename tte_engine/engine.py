@@ -7,6 +7,8 @@ same machinery one level down: `add_request()` and `step()`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from .cache import BlockManager, allocate_cache, blocks_for_budget, bytes_per_block
-from .checkpoint import resolve_checkpoint
+from .checkpoint import fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
 from .errors import CheckpointError, InvalidInputError
 from .inputs import PromptBuilder, as_query
@@ -138,6 +140,12 @@ class Engine:
     def embedding_dim(self) -> int:
         return self.model_cfg.text.hidden_size
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies what this engine computes (weights, configs, dtype): a key for result caches."""
+        parts = [fingerprint(s.checkpoint) for s in self.stages] + [str(self.dtype)]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
     # ------------------------------------------------------------------ requests
     def make_sequence(
         self,
@@ -157,11 +165,11 @@ class Engine:
         budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
         if budget < 0:
             raise InvalidInputError(f"max_trace_tokens must be >= 0, got {budget}", index)
-        tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids)
+        tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids) + len(prompt.given_trace_ids or [])
         room = self.max_model_len - len(prompt.token_ids) - tail
         if room < 0:
             raise InvalidInputError(
-                f"prompt of {len(prompt.token_ids)} tokens (+{tail} suffix) exceeds the model limit of {self.max_model_len} tokens", index
+                f"prompt of {len(prompt.token_ids)} tokens (+{tail} trace/suffix) exceeds the model limit of {self.max_model_len} tokens", index
             )
         positions, delta = prompt_positions(prompt.token_ids, [i.grid_thw for i in prompt.images], self.model_cfg.image_token_id, self.model_cfg.vision.spatial_merge_size)
         seq = Sequence(
@@ -274,7 +282,8 @@ def _usage(seqs: list[Sequence], image_token_id: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt,
         "image_tokens": sum(s.prompt.token_ids.count(image_token_id) for s in seqs),
-        "trace_tokens": sum(len(s.trace_ids) for s in seqs),
+        "trace_tokens": sum(s.generated_trace_tokens for s in seqs),
+        "given_trace_tokens": sum(len(s.trace_ids) - s.generated_trace_tokens for s in seqs),
         "embed_tokens": sum(len(s.embed_ids) for s in seqs),
         "total_tokens": sum(len(s) for s in seqs),
     }

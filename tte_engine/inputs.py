@@ -20,11 +20,16 @@ from .vision import ImageError, ImageProcessorConfig, ProcessedImage, preprocess
 
 @dataclass
 class Query:
-    """One thing to embed: text, an image (PIL image, path, bytes, data: URL, uint8 array), or both."""
+    """One thing to embed: text, an image (PIL image, path, bytes, data: URL, uint8 array), or both.
+
+    `trace` supplies the reasoning trace instead of generating it (a teacher's offline trace, or
+    a cached one): a string, or token ids; the engine then only prefills query + trace + suffix.
+    """
 
     text: str | None = None
     image: Any = None
     instruction: str | None = None
+    trace: str | list[int] | None = None
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Prompt:
 
     token_ids: list[int]
     images: list[ProcessedImage] = field(default_factory=list)
+    given_trace_ids: list[int] | None = None  # a supplied trace (not generated)
 
 
 def as_query(item: Any, index: int) -> Query:
@@ -41,9 +47,9 @@ def as_query(item: Any, index: int) -> Query:
     elif isinstance(item, str):
         query = Query(text=item)
     elif isinstance(item, dict):
-        unknown = set(item) - {"text", "image", "instruction"}
+        unknown = set(item) - {"text", "image", "instruction", "trace"}
         if unknown:
-            raise InvalidInputError(f"unknown field(s) {sorted(unknown)}; expected text, image, instruction", index)
+            raise InvalidInputError(f"unknown field(s) {sorted(unknown)}; expected text, image, instruction, trace", index)
         query = Query(**item)
     else:
         raise InvalidInputError(f"expected a str, dict or Query, got {type(item).__name__}", index)
@@ -51,6 +57,8 @@ def as_query(item: Any, index: int) -> Query:
         raise InvalidInputError(f"text must be a string, got {type(query.text).__name__}", index)
     if query.instruction is not None and not isinstance(query.instruction, str):
         raise InvalidInputError(f"instruction must be a string, got {type(query.instruction).__name__}", index)
+    if query.trace is not None and not (isinstance(query.trace, str) or all(isinstance(t, int) for t in query.trace)):
+        raise InvalidInputError("trace must be a string or a list of token ids", index)
     if not (query.text or "").strip() and query.image is None:
         raise InvalidInputError("empty item: no text and no image", index)
     return query
@@ -123,7 +131,15 @@ class PromptBuilder:
         ids = self._expand_image_tokens(ids, images, index)
         if think:
             ids += self.think_start_ids
-        return Prompt(token_ids=ids, images=images)
+        given = None
+        if query.trace is not None:
+            if not think:
+                raise InvalidInputError("a trace was supplied but think=False", index)
+            given = self.tokenizer(query.trace, add_special_tokens=False).input_ids if isinstance(query.trace, str) else list(query.trace)
+            vocab = self.model_cfg.text.vocab_size
+            if any(not 0 <= t < vocab for t in given):
+                raise InvalidInputError(f"trace token ids must lie in [0, {vocab})", index)
+        return Prompt(token_ids=ids, images=images, given_trace_ids=given)
 
     def _expand_image_tokens(self, ids: list[int], images: list[ProcessedImage], index: int) -> list[int]:
         pad = self.model_cfg.image_token_id

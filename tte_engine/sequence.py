@@ -59,7 +59,11 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         if self.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling.seed)
-        if not self.think or self.max_trace_tokens == 0:
+        if self.prompt.given_trace_ids is not None:
+            self.trace_ids = list(self.prompt.given_trace_ids)
+            self.token_ids += self.trace_ids
+            self.start_embed("given")
+        elif not self.think or self.max_trace_tokens == 0:
             self.start_embed("no_think" if not self.think else "max_tokens")
 
     def __len__(self) -> int:
@@ -72,6 +76,10 @@ class Sequence:
     @property
     def needs_prefill(self) -> bool:
         return self.phase == Phase.EMBED or self.num_computed < self.num_prompt_tokens
+
+    @property
+    def generated_trace_tokens(self) -> int:
+        return 0 if self.prompt.given_trace_ids is not None else len(self.trace_ids)
 
     def worst_case_tokens(self, stage_keeps_suffix: bool) -> int:
         """Most tokens this sequence can ever hold in a stage's cache."""
