@@ -215,3 +215,23 @@ def test_fingerprint_tells_checkpoints_apart(make_checkpoint):
 
     a, b = make_checkpoint("layout", seed=11, think_max_tokens=6), make_checkpoint("fp", seed=12, think_max_tokens=6)
     assert fingerprint(a) == fingerprint(a) != fingerprint(b)
+
+
+def test_engine_recovers_after_an_error_mid_run(engine, mixed_items, monkeypatch):
+    runner = engine.stages[0].runner
+    calls = {"n": 0}
+    real_run = runner.run
+
+    def failing_run(step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device failure")
+        return real_run(step)
+
+    monkeypatch.setattr(runner, "run", failing_run)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.embed(mixed_items)
+    monkeypatch.undo()
+    assert not engine.has_unfinished() and engine.stages[0].blocks.reserved == 0
+    assert engine.stages[0].blocks.num_free == engine.stages[0].blocks.num_blocks
+    assert engine.embed(mixed_items[:2]).errors == [None, None]

@@ -10,8 +10,6 @@ than the cache simply waits its turn.
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 
 from .config import ModelConfig
@@ -51,7 +49,7 @@ def blocks_for_budget(budget: float | int | None, per_block: int, device: torch.
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: reuse warm blocks first
         self.reserved = 0  # blocks promised to admitted sequences but not yet taken
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -75,7 +73,7 @@ class BlockManager:
         while len(table) * self.block_size < num_tokens:
             if not self.free_blocks:
                 raise CapacityError("KV cache exhausted despite reservations (a scheduler bug)")
-            table.append(self.free_blocks.popleft())
+            table.append(self.free_blocks.pop())
             if reservation > 0:
                 reservation -= 1
                 self.reserved -= 1

@@ -75,12 +75,15 @@ class Engine:
         self,
         checkpoint: str | Path = "tiny-random",
         *,
-        device: str = "cpu",
-        dtype: str = "auto",
+        device: str | None = None,
+        dtype: str | None = None,
         config: EngineConfig | None = None,
         **overrides: Any,
     ):
-        self.config = replace(config or EngineConfig(), device=device, dtype=dtype, **overrides)
+        """device: "cpu" (default) or "cuda[:i]"; dtype: "auto" (default), "float32", "bfloat16", "float16";
+        any other EngineConfig field can be passed as a keyword (cache_memory=, max_num_seqs=, ...)."""
+        given = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        self.config = replace(config or EngineConfig(), **given, **overrides)
         self.device = torch.device(self.config.device)
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.tte = TTEConfig.load(self.checkpoint)
@@ -268,12 +271,17 @@ class Engine:
 
             bar = tqdm(total=len(live), desc="embed" if embed else "think", unit="item")
             progress = bar.update
-        while self.has_unfinished():
-            done = self.step()
-            if progress and done:
-                progress(len(done))
-        if bar is not None:
-            bar.close()
+        try:
+            while self.has_unfinished():
+                done = self.step()
+                if progress and done:
+                    progress(len(done))
+        except BaseException:
+            self.scheduler.abort_all()  # leave the engine usable after an error or Ctrl-C
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return seqs
 
 

@@ -133,6 +133,17 @@ class Scheduler:
                     self.waiting[1].append(seq)
         return finished
 
+    def abort_all(self) -> list[Sequence]:
+        """Drop every queued and running sequence, returning their blocks; returns what was dropped."""
+        dropped = [s for q in self.waiting for s in q]
+        for q in self.waiting:
+            q.clear()
+        for stage, running in enumerate(self.running):
+            for seq in list(running):
+                self._release(seq, stage)
+                dropped.append(seq)
+        return dropped
+
     def _trace_stop(self, seq: Sequence) -> str | None:
         if ends_with_stop(seq.trace_ids, self.stop_sequences):
             return "stop"
