@@ -1,0 +1,431 @@
+"""Attention over a paged KV cache: the cache write, decode attention and prefill attention.
+
+Cache layout (per layer): `k_cache`, `v_cache` are [num_blocks, block_size, KVH, head_dim].
+A sequence owns a list of blocks (its row of `block_tables`, int32 [B, max_blocks]); token at
+position p lives in slot `block_tables[b, p // block_size] * block_size + p % block_size`.
+
+- `store_kv` writes the k/v of a packed batch into the slots of `slot_mapping` (-1 skips).
+- `decode_attention`: one query token per sequence against its `context_lens[b]` cached tokens
+  (the new token's k/v already stored). GQA: query head h reads KV head h // (H // KVH).
+- `prefill_attention`: the packed queries of each sequence (`cu_seqlens_q`) are its last
+  q_len tokens of `context_lens[b]`; causal, so they see the cached prefix plus themselves.
+  This one op serves a fresh prompt, a later chunk of a long prompt and the embed suffix
+  appended after a trace.
+
+Cost: decode reads context_len * KVH * head_dim * 2 * b bytes per sequence (the KV) and does
+~4 * H * head_dim flops per context token; memory-bound. Prefill does ~4 * q_len * ctx * H *
+head_dim flops (half of it masked away by causality) and is compute-bound for long prompts.
+
+Triton kernels (online softmax in fp32, exp2 with log2(e) folded into the scale; both read K/V
+through the block table in place, token by token, so any block_size works):
+- decode is flash-decoding: grid (B, KVH, splits). Each program takes one KV head, all of its
+  GQA query heads as the rows of one tl.dot, and a contiguous split of the context; every
+  sequence cuts its own context into `splits` equal parts on the device (no host sync, so it
+  can be captured in a CUDA graph). A second kernel merges the splits' partial outputs by
+  their log-sum-exp. An empty context gives zeros, as SDPA does for a fully masked row.
+- prefill is FlashAttention-2 forward over the varlen batch: grid (query tiles, H, B), keys
+  from 0 to the tile's last query position, causal mask on absolute positions. It needs the
+  longest q_len on the host (one sync) to size its grid.
+SDPA is not used by the Triton path. Whether SDPA's flash backend on the packed q/k/v would beat
+the paged prefill kernel for a fresh prompt (no cached prefix) is pending a GPU measurement:
+benchmarks/gpu_check.py times both kernels against the SDPA-based references.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import HAS_TRITON, interpreting, next_pow2, use_triton
+
+
+def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence: [length, KVH, hd]."""
+    num_blocks = -(-length // cache.shape[1])
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
+    bsz, max_blocks = block_tables.shape
+    span = max_blocks * k_cache.shape[1]
+    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, span, hd]
+    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
+    mask = torch.arange(span, device=q.device)[None, :] < context_lens[:, None]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return out[:, :, 0, :]
+
+
+def prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    out = torch.empty_like(q)
+    starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    for b, ctx in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        n = e - s
+        k = _gather_context(k_cache, block_tables[b], ctx).transpose(0, 1)  # [KVH, ctx, hd]
+        v = _gather_context(v_cache, block_tables[b], ctx).transpose(0, 1)
+        if ctx == n:  # a fresh prompt: plain causal, which lets SDPA take its fused kernel
+            mask, causal = None, True
+        else:  # continuing a cached prefix: query i sits at absolute position ctx - n + i
+            qpos = torch.arange(ctx - n, ctx, device=q.device)
+            mask, causal = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None], False
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store_kv_kernel(
+        K, V, KC, VC, SLOTS,
+        stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_cb, stride_ct, stride_ch,
+        num_kv_heads, block_size,
+        HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One token: copy its k and v heads into cache slot SLOTS[t] (skip when -1).
+
+        Bytes: 2*KVH*hd*b read, 2*KVH*hd*c written. No flops.
+        """
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(SLOTS + t).to(tl.int64)
+        if slot < 0:
+            return
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < num_kv_heads) & (d < HEAD_DIM)
+        dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct + h * stride_ch + d
+        k = tl.load(K + t * stride_kt + h * stride_kh + d, mask=mask)
+        v = tl.load(V + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(KC + dst, k.to(KC.dtype.element_ty), mask=mask)
+        tl.store(VC + dst, v.to(VC.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mm(a, b, FP32: tl.constexpr):
+        """a @ b with fp32 accumulation. FP32: IEEE fp32 operands (fp32 inputs, and the interpreter,
+        which cannot multiply bf16 blocks); otherwise the tensor cores take a and b as they are."""
+        if FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _kv_offsets(BT, pos, valid, kvh, d, block_size, stride_cb, stride_ct, stride_ch):
+        """Cache offsets [BLOCK_N, BLOCK_D] of positions `pos` of one sequence, through its block table row."""
+        page = tl.load(BT + pos // block_size, mask=valid, other=0).to(tl.int64)
+        return (page * stride_cb + (pos % block_size) * stride_ct + kvh * stride_ch)[:, None] + d[None, :]
+
+    @triton.jit
+    def _split_len(ctx, num_splits, BLOCK_N: tl.constexpr):
+        """Context tokens per split of one sequence: an equal share, in whole key tiles (>= 1 tile)."""
+        return tl.maximum(tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N), 1) * BLOCK_N
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, KC, VC, BT, CL, MID_O, MID_LSE,
+        stride_qb, stride_qh, stride_btb,
+        stride_cb, stride_ct, stride_ch,
+        qk_scale, num_heads, group, block_size, num_splits,
+        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
+        """Pass 1: attention of one KV head's query heads over one split of one sequence's context.
+
+        Writes the split's normalized partial output [group, hd] (fp32) and its log2-sum-exp.
+        Bytes: 2*split_len*hd*c of K/V + group*hd*(b + 4) ; flops: 4*group*hd per context token.
+        """
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx = tl.load(CL + b)
+        split_len = _split_len(ctx, num_splits, BLOCK_N)
+        start = split * split_len
+        if start >= ctx:
+            return
+        end = tl.minimum(start + split_len, ctx)
+
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        heads = kvh * group + g
+        g_mask = g < group
+        d_mask = d < HEAD_DIM
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        bt = BT + b.to(tl.int64) * stride_btb
+
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            offs = _kv_offsets(bt, pos, valid, kvh, d, block_size, stride_cb, stride_ct, stride_ch)
+            kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(KC + offs, mask=kv_mask, other=0.0)
+            qk = _mm(q, tl.trans(k), DOT_FP32) * qk_scale
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(VC + offs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32)
+            m = m_new
+
+        row = (b * num_heads + heads).to(tl.int64) * num_splits + split  # index into [B, H, S]
+        tl.store(MID_LSE + row, m + tl.log2(l), mask=g_mask)
+        tl.store(MID_O + row[:, None] * HEAD_DIM + d[None, :], acc / l[:, None],
+                 mask=g_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _decode_merge_kernel(
+        MID_O, MID_LSE, CL, OUT,
+        stride_ob, stride_oh, num_splits, num_heads,
+        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Pass 2: merge one (sequence, head)'s split outputs weighted by exp2(lse), BLOCK_C splits at a time.
+
+        Bytes: splits*(hd + 1)*4 read, hd*b written; flops: ~2*hd per split.
+        """
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.load(CL + b)
+        n = tl.cdiv(ctx, _split_len(ctx, num_splits, BLOCK_N))  # the splits pass 1 wrote
+        base = (b * num_heads + h).to(tl.int64) * num_splits
+        s = tl.arange(0, BLOCK_S)
+        lse = tl.load(MID_LSE + base + s, mask=s < n, other=float("-inf"))
+        mx = tl.where(n > 0, tl.max(lse, axis=0), 0.0)
+        total = tl.sum(tl.exp2(lse - mx), axis=0)
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, n, BLOCK_C):
+            c = s0 + tl.arange(0, BLOCK_C)
+            c_mask = c < n
+            w = tl.exp2(tl.load(MID_LSE + base + c, mask=c_mask, other=float("-inf")) - mx)
+            o = tl.load(MID_O + (base + c)[:, None] * HEAD_DIM + d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+            acc += tl.sum(w[:, None] * o, axis=0)
+        out = acc / tl.where(n > 0, total, 1.0)  # an empty context gives zeros
+        tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+    @triton.jit
+    def _prefill_kernel(
+        Q, KC, VC, BT, CU, CL, OUT,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_btb,
+        stride_cb, stride_ct, stride_ch,
+        qk_scale, group, block_size,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
+        """One tile of BLOCK_M queries of one head of one sequence, against its cached keys.
+
+        Bytes: BLOCK_M*hd*b of q in and out + 2*(keys visited)*hd*c of K/V; flops: 4*hd per
+        (query, visited key) pair, about half of them masked on the diagonal tiles.
+        """
+        m_blk = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        q_start = tl.load(CU + b)
+        q_len = tl.load(CU + b + 1) - q_start
+        if m_blk * BLOCK_M >= q_len:
+            return
+        ctx = tl.load(CL + b)
+        kvh = h // group
+
+        offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < q_len
+        q_pos = ctx - q_len + offs_m  # absolute positions of the queries
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        tok = (q_start + offs_m).to(tl.int64)
+        q = tl.load(Q + tok[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        bt = BT + b.to(tl.int64) * stride_btb
+
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end = tl.minimum(ctx, ctx - q_len + (m_blk + 1) * BLOCK_M)  # past the tile's last query
+        for n0 in range(0, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            offs = _kv_offsets(bt, pos, valid, kvh, d, block_size, stride_cb, stride_ct, stride_ch)
+            kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(KC + offs, mask=kv_mask, other=0.0)
+            qk = _mm(q, tl.trans(k), DOT_FP32) * qk_scale
+            qk = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            v = tl.load(VC + offs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32)
+            m = m_new
+
+        out = (acc / l[:, None]).to(OUT.dtype.element_ty)
+        o_ptrs = OUT + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
+        tl.store(o_ptrs, out, mask=m_mask[:, None] & d_mask[None, :])
+
+
+_LOG2E = 1.4426950408889634
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or interpreting()
+
+
+def _tile_and_warps(dtype: torch.dtype) -> tuple[int, int]:
+    """Key tile (also the largest query tile) and warps. fp32 dots run on FMA units rather than
+    tensor cores; half the tile over twice the warps keeps them in registers (ptxas: no spills)."""
+    return (32, 8) if dtype == torch.float32 else (64, 4)
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; the interpreter pretends to be an H100 (132)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _decode_splits(batch: int, kv_heads: int, span: int, block_n: int, device: torch.device) -> int:
+    """Splits per sequence: enough programs for two waves over the GPU, but two key tiles or more
+    per split, so a program's fixed cost (q in, partial out) stays small next to its K/V stream.
+    (A first guess, to be tuned on a GPU with benchmarks/gpu_check.py.)"""
+    want = -(-2 * _num_sms(device) // (batch * kv_heads))
+    return max(1, min(want, -(-span // (2 * block_n))))
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index the head dim with unit stride: copy the rare input that is not so."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with a unit-stride head dim")
+
+
+def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
+    _check_caches(k_cache, v_cache)
+    k, v = _unit_last(k), _unit_last(v)
+    kvh, hd = k.shape[1], k.shape[2]
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        kvh, k_cache.shape[1],
+        HEAD_DIM=hd, BLOCK_H=next_pow2(kvh), BLOCK_D=next_pow2(hd),
+    )
+
+
+def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=None):
+    """Triton decode attention; `out` ([B, H, hd], unit last stride) is an optional output."""
+    _check_caches(k_cache, v_cache)
+    q = _unit_last(q)
+    bsz, heads, hd = q.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kvh
+    block_n, warps = _tile_and_warps(q.dtype)
+    splits = _decode_splits(bsz, kvh, block_tables.shape[1] * block_size, block_n, q.device)
+    mid_o = torch.empty(bsz, heads, splits, hd, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    block_d = max(16, next_pow2(hd))
+    _decode_split_kernel[(bsz, kvh, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale * _LOG2E, heads, group, block_size, splits,
+        HEAD_DIM=hd, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        DOT_FP32=_dot_fp32(q.dtype), num_warps=warps,
+    )
+    _decode_merge_kernel[(bsz, heads)](
+        mid_o, mid_lse, context_lens, out,
+        out.stride(0), out.stride(1), splits, heads,
+        HEAD_DIM=hd, BLOCK_N=block_n, BLOCK_S=next_pow2(splits), BLOCK_C=min(16, next_pow2(splits)),
+        BLOCK_D=block_d,
+    )
+    return out
+
+
+def prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out=None):
+    """Triton prefill attention; `out` ([T, H, hd], unit last stride) is an optional output."""
+    _check_caches(k_cache, v_cache)
+    q = _unit_last(q)
+    heads, hd = q.shape[1], q.shape[2]
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # host sync: sizes the grid
+    block_n, warps = _tile_and_warps(q.dtype)
+    block_m = min(block_n, max(16, next_pow2(max_q)))
+    _prefill_kernel[(triton.cdiv(max_q, block_m), heads, block_tables.shape[0])](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale * _LOG2E, heads // kvh, block_size,
+        HEAD_DIM=hd, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(hd)),
+        DOT_FP32=_dot_fp32(q.dtype), num_warps=warps,
+    )
+    return out
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    impl: str = "auto",
+) -> None:
+    """Write k, v [T, KVH, hd] into the cache slots `slot_mapping` [T] (int; -1 = skip)."""
+    if use_triton(impl, k):
+        return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """q [B, H, hd] (one token per sequence) -> [B, H, hd]."""
+    if use_triton(impl, q):
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Packed queries q [T, H, hd] (sequence b = rows cu_seqlens_q[b]:cu_seqlens_q[b+1]) -> [T, H, hd]."""
+    if use_triton(impl, q):
+        return prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    return prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
