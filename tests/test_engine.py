@@ -235,3 +235,15 @@ def test_engine_recovers_after_an_error_mid_run(engine, mixed_items, monkeypatch
     assert not engine.has_unfinished() and engine.stages[0].blocks.reserved == 0
     assert engine.stages[0].blocks.num_free == engine.stages[0].blocks.num_blocks
     assert engine.embed(mixed_items[:2]).errors == [None, None]
+
+
+def test_triton_kernels_drive_the_engine_like_the_references(make_checkpoint, mixed_items):
+    """The whole engine on the Triton kernels (interpreted on CPU) against the PyTorch references."""
+    pytest.importorskip("triton")
+    path = make_checkpoint("engine", think_max_tokens=10)
+    items = mixed_items[:3]
+    ref = Engine(path, impl="torch").embed(items, max_trace_tokens=3)
+    res = Engine(path, impl="triton").embed(items, max_trace_tokens=3)
+    assert res.trace_token_ids == ref.trace_token_ids
+    for i in range(len(items)):
+        assert cosine(res.embeddings[i], ref.embeddings[i]) >= 0.99999
