@@ -130,3 +130,18 @@ def test_two_model_matches_running_both_models_by_hand(make_checkpoint, mixed_it
         # the trace really came from the reasoner: the embedder alone thinks differently
     solo = Engine(make_checkpoint("embedder-solo", seed=3, head="last_token", think_max_tokens=8)).embed(items)
     assert solo.trace_token_ids != res.trace_token_ids
+
+
+def test_bfloat16_checkpoint_loads_exactly(make_checkpoint, mixed_items):
+    """A bf16 checkpoint run in fp32 matches transformers loading the same file in fp32."""
+    path = make_checkpoint("bf16", head="last_token", dtype="bfloat16", think_max_tokens=6)
+    eng = Engine(path, dtype="float32")
+    res = eng.embed(mixed_items[:3])
+    for i, item in enumerate(mixed_items[:3]):
+        trace = hf_generate(
+            path, item, res.prompt_token_ids[i], max_new_tokens=6, stop_ids=_stop_ids(eng),
+            suppress_ids=eng.prompts.suppressed_ids, image_token_id=eng.model_cfg.image_token_id,
+        )
+        assert res.trace_token_ids[i] == trace
+        full = res.prompt_token_ids[i] + trace + res.embed_token_ids[i]
+        assert cosine(res.embeddings[i], hf_reencode(path, item, full, eng.model_cfg.image_token_id)) >= COS
