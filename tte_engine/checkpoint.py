@@ -1,46 +1,91 @@
 """Finding a checkpoint: a directory path, or an alias resolved offline.
 
 Aliases (`tiny-random`, `unified-2b`, ...) resolve to `$TTE_HOME/models/<alias>`; the random
-aliases are generated there on first use. Nothing is downloaded.
+aliases are generated there on first use. Named model aliases (and plain `org/name` repo ids)
+are also looked up in the local Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`), offline.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import CheckpointError
 from .random_checkpoint import SPECS, ensure_random_alias, tte_home
 
+# Model aliases and the Hugging Face repos whose cached snapshots may stand for them.
+HF_ALIASES: dict[str, tuple[str, ...]] = {
+    "unified-2b": ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-2B"),
+    "unified-7b": ("Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-7B"),
+}
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache, read from the environment on every call (no network, no import cost)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
+
+
+def find_in_hf_cache(repo_id: str) -> Path | None:
+    """The cached snapshot of `repo_id` (the one refs/main points at, else the newest) with a config.json, or None."""
+    root = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = root / "snapshots"
+    ref = root / "refs" / "main"
+    if ref.is_file():
+        pinned = snapshots / ref.read_text().strip()
+        if (pinned / "config.json").exists():
+            return pinned
+    if snapshots.is_dir():
+        found = sorted((d for d in snapshots.iterdir() if (d / "config.json").exists()), key=lambda d: d.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise CheckpointError(f"{path} is not a checkpoint: it has no config.json")
+        if not (path / "config.json").exists() and not (path / "engine.json").exists():
+            raise CheckpointError(f"{path} is not a checkpoint: it has no config.json (nor an engine.json)")
         return path.resolve()
     name = str(name_or_path)
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise CheckpointError(
+            f"checkpoint directory {path} does not exist: pass a Hugging Face Qwen2-VL checkpoint directory, "
+            f"or an alias (built-in random: {', '.join(sorted(SPECS))}; others are looked up in {tte_home() / 'models'})"
+        )
     if name in SPECS:
         return ensure_random_alias(name)
     local = tte_home() / "models" / name
-    if (local / "config.json").exists():
+    if (local / "config.json").exists() or (local / "engine.json").exists():
         return local
+    repos = HF_ALIASES.get(name, (name,) if name.count("/") == 1 else ())
+    for repo in repos:
+        cached = find_in_hf_cache(repo)
+        if cached is not None:
+            return cached
+    looked = f"{local}" + (f" and the Hugging Face cache {hf_cache_dir()} (repos {', '.join(repos)})" if repos else "")
     raise CheckpointError(
-        f"checkpoint {name!r} not found: it is not a directory and not in {local.parent} "
-        f"(place a Hugging Face Qwen2-VL checkpoint directory at {local}, or pass a path; "
-        f"built-in random aliases: {', '.join(sorted(SPECS))})"
+        f"checkpoint {name!r} not found: it is not a directory; looked in {looked}. "
+        f"Place a Hugging Face Qwen2-VL checkpoint directory at {local}, or pass a path; "
+        f"built-in random aliases: {', '.join(sorted(SPECS))}"
     )
 
 
-def fingerprint(path: str | Path, *, sample_bytes: int = 1 << 16, samples: int = 32) -> str:
+def fingerprint(path: str | Path, *, sample_bytes: int = 1 << 16, samples: int = 32, exclude: tuple[str, ...] = ()) -> str:
     """A content hash of a checkpoint directory, cheap enough to take on every load.
 
     Files up to 16 MiB are hashed whole; larger ones (weights) by their size plus `samples`
     evenly spaced windows of `sample_bytes`, which tells apart any two real or random checkpoints.
+    `exclude` names files (relative paths) left out, e.g. the embedding head for a trace cache key.
     """
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in exclude):
         size = f.stat().st_size
         h.update(f"{f.relative_to(path)}\0{size}\0".encode())
         with open(f, "rb") as handle:

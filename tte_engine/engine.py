@@ -21,6 +21,7 @@ import torch
 from .cache import BlockManager, allocate_cache, blocks_for_budget, bytes_per_block
 from .checkpoint import fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
+from .engine_dir import EngineDir, is_engine_dir
 from .errors import CheckpointError, InvalidInputError
 from .inputs import PromptBuilder, as_query
 from .model.loader import build_model, load_checkpoint_weights
@@ -86,10 +87,12 @@ class Engine:
         self.config = replace(config or EngineConfig(), **given, **overrides)
         self.device = torch.device(self.config.device)
         self.checkpoint = resolve_checkpoint(checkpoint)
-        self.tte = TTEConfig.load(self.checkpoint)
+        # an exported engine directory (engine.json) carries its configs and runtime-layout weights
+        self.engine_dir = EngineDir.open(self.checkpoint) if is_engine_dir(self.checkpoint) else None
+        self.tte = self.engine_dir.tte if self.engine_dir else TTEConfig.load(self.checkpoint)
         if not self.tte.normalize:
             raise CheckpointError(f"{self.checkpoint}: normalize=false is not supported (embeddings are always L2-normalized)")
-        self.model_cfg = ModelConfig.from_hf(_read_json(self.checkpoint / "config.json"))
+        self.model_cfg = self.engine_dir.model_cfg if self.engine_dir else ModelConfig.from_hf(_read_json(self.checkpoint / "config.json"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device, self.model_cfg)
         self.max_model_len = min(self.config.max_model_len or self.model_cfg.text.max_position_embeddings, self.model_cfg.text.max_position_embeddings)
 
@@ -98,6 +101,8 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
         self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
+        if self.engine_dir:
+            self.engine_dir.check_tokens(self.prompts)
 
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
@@ -128,9 +133,12 @@ class Engine:
         if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
         head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
-        model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
-        load_checkpoint_weights(model, checkpoint, head_cfg)
-        model.finalize()
+        if self.engine_dir and checkpoint == self.checkpoint:
+            model = self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+        else:
+            model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+            load_checkpoint_weights(model, checkpoint, head_cfg)
+            model.finalize()
         with_hidden = model.head is not None
         per_block = bytes_per_block(cfg, self.config.block_size, self.dtype, with_hidden)
         num_blocks = blocks_for_budget(self.config.cache_memory, per_block, self.device)
@@ -203,6 +211,10 @@ class Engine:
             return []
         tokens, embeddings = self.stages[step.stage].runner.run(step)
         return self.scheduler.update(step, tokens, embeddings)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Drop a request (a server whose client went away, or whose step failed); frees its cache."""
+        return self.scheduler.abort(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

@@ -26,3 +26,7 @@ class InvalidInputError(TTEError, ValueError):
 
 class CapacityError(TTEError):
     """The KV cache or another budget is too small for the engine to run at all."""
+
+
+class ExportError(TTEError):
+    """`tte-export` cannot do what was asked (output directory taken or unwritable, bad option mix, ...)."""

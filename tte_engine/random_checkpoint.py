@@ -104,6 +104,24 @@ SPECS: dict[str, RandomSpec] = {
 }
 
 
+# Real architectures with random weights (`tte-export --random-init`): never built implicitly, since
+# these aliases name real checkpoints. Qwen2-VL-2B / -7B dimensions plus the paper's 8-layer mhsa head.
+ARCH_SPECS: dict[str, RandomSpec] = {
+    "unified-2b": RandomSpec(
+        hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+        mrope_section=(16, 24, 24), vision_depth=32, vision_embed_dim=1280, vision_num_heads=16, vision_mlp_ratio=4,
+        max_position_embeddings=32768, max_pixels=28 * 28 * 1280, head="mhsa", head_layers=8,
+        tie_word_embeddings=True, vocab_size=151936, think_max_tokens=256,
+    ),
+    "unified-7b": RandomSpec(
+        hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+        mrope_section=(16, 24, 24), vision_depth=32, vision_embed_dim=1280, vision_num_heads=16, vision_mlp_ratio=4,
+        max_position_embeddings=32768, max_pixels=28 * 28 * 1280, head="mhsa", head_layers=8,
+        tie_word_embeddings=False, vocab_size=152064, think_max_tokens=256,
+    ),
+}
+
+
 def tte_home() -> Path:
     return Path(os.environ.get("TTE_HOME", Path.home() / ".cache" / "tte_engine"))
 
@@ -220,9 +238,10 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
     return std * torch.randn(shape, generator=gen)
 
 
-def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded weights, cast tensor by tensor (so a 7B-sized bf16 set never exists in fp32 all at once)."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: _random_tensor(name, shape, gen) for name, shape in sorted(shapes.items())}
+    return {name: _random_tensor(name, shape, gen).to(dtype) for name, shape in sorted(shapes.items())}
 
 
 def _rename_transformers5(name: str) -> str:
@@ -291,7 +310,7 @@ def build_random_checkpoint(
     (path / "preprocessor_config.json").write_text(json.dumps(preproc, indent=2))
 
     torch_dtype = getattr(torch, dtype)
-    weights = {n: w.to(torch_dtype) for n, w in random_weights(checkpoint_shapes(cfg), seed).items()}
+    weights = random_weights(checkpoint_shapes(cfg), seed, torch_dtype)
     if layout == "transformers5":
         weights = {_rename_transformers5(n): w for n, w in weights.items()}
     _save_weights(weights, path, shards)
@@ -299,8 +318,8 @@ def build_random_checkpoint(
     head: dict = {"type": spec.head}
     if spec.head == "mhsa":
         head.update(source_layer=-spec.head_layers, num_layers=spec.head_layers, weights="embedding_head.safetensors")
-        head_w = random_weights(head_shapes(cfg, spec.head_layers), seed + 1)
-        save_file({n: w.to(torch_dtype) for n, w in head_w.items()}, str(path / "embedding_head.safetensors"))
+        head_w = random_weights(head_shapes(cfg, spec.head_layers), seed + 1, torch_dtype)
+        save_file(head_w, str(path / "embedding_head.safetensors"))
     tte = {
         "format_version": 1,
         "mode": mode,

@@ -1,0 +1,156 @@
+"""tte-export's command line: checkpoint resolution, bad arguments (one-line errors, non-zero exit), the
+--force replacement, real-architecture specs for --random-init, and no half-written engine on failure."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from export_fixtures import cli  # noqa: F401  (pytest fixtures)
+from tte_engine import Engine
+from tte_engine.checkpoint import resolve_checkpoint
+from tte_engine.errors import CheckpointError, ExportError
+from tte_engine.export.pipeline import ExportOptions, run_export
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tte-export: error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_missing_checkpoint_path(cli, tmp_path):
+    proc = cli("--checkpoint", tmp_path / "nowhere", "--out", tmp_path / "out")
+    _one_line_error(proc, "nowhere does not exist", "pass a Hugging Face Qwen2-VL checkpoint directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_alias_and_real_alias_without_weights(cli, tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf")}
+    where = str(Path(os.environ["TTE_HOME"]) / "models" / "no-such-model")
+    _one_line_error(cli("--checkpoint", "no-such-model", "--out", tmp_path / "o1", env=env), "'no-such-model' not found", f"looked in {where}",
+                    f"Place a Hugging Face Qwen2-VL checkpoint directory at {where}")
+    proc = cli("--checkpoint", "unified-2b", "--out", tmp_path / "o2", env=env)
+    _one_line_error(proc, "unified-2b", str(tmp_path / "hf"), "Qwen/Qwen2-VL-2B-Instruct", "--random-init")
+    _one_line_error(cli("--checkpoint", "no-such-model", "--random-init", "--out", tmp_path / "o3"), "--random-init needs an architecture alias")
+
+
+def test_bad_options_are_one_line(cli, tmp_path):
+    _one_line_error(cli("--checkpoint", "tiny-random", "--target", "tflite"), "invalid choice")
+    _one_line_error(cli("--checkpoint", "tiny-random", "--fp8-vision", "--out", tmp_path / "o"), "--fp8-vision needs --fp8")
+    _one_line_error(cli("--checkpoint", "tiny-random", "--target", "trtllm", "--fp8", "--calibration", "0", "--out", tmp_path / "o"),
+                    "--calibration N > 0")
+
+
+def test_unwritable_output(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    _one_line_error(cli("--checkpoint", "tiny-random", "--out", blocker / "engine"), "cannot write the output directory")
+    _one_line_error(cli("--checkpoint", "tiny-random", "--out", blocker), "exists and is not a directory")
+
+
+def test_existing_output_needs_force(cli, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    _one_line_error(cli("--checkpoint", "tiny-random", "--out", out, "--calibration", "0"), "not empty", "--force")
+    assert (out / "precious.txt").read_text() == "keep me" and not (out / "engine.json").exists()
+    proc = cli("--checkpoint", "tiny-random", "--out", out, "--calibration", "0", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "engine.json").exists() and not (out / "precious.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary or old directories left behind
+
+
+@pytest.mark.parametrize("target", ["trtllm", "onnx"])
+def test_single_targets_write_only_their_directory(cli, tmp_path, target):
+    out = tmp_path / target
+    proc = cli("--checkpoint", "tiny-random", "--out", out, "--target", target, "--calibration", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([target, "export_report.json"])
+    main_file = {"trtllm": "rank0.safetensors", "onnx": "embed.onnx"}[target]
+    assert (out / target / main_file).is_file()
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["targets"] == [target] and target in report and "native" not in report
+    if target == "trtllm":
+        assert "the engine was NOT built" in proc.stdout
+    else:
+        assert "max |onnxruntime - torch|" in proc.stdout
+
+
+def test_failed_export_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    """A failure after the native engine was written (here: in the ONNX step) leaves neither the output nor a temp dir."""
+    import tte_engine.export.onnx_export as onnx_export
+
+    def boom(*_a, **_k):
+        raise RuntimeError("simulated failure during the ONNX export")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", boom)
+    out = tmp_path / "half"
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_export(ExportOptions(checkpoint="tiny-random", out=out, target="all", calibration=0))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError):
+        Engine(out)
+
+
+def test_errors_are_raised_as_export_errors(tmp_path):
+    with pytest.raises(ExportError, match="unknown target"):
+        run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", target="tflite"))
+    with pytest.raises(ExportError, match="kv-cache-fp8"):
+        run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", kv_cache_fp8=True))
+
+
+def test_alias_resolves_from_the_hugging_face_cache(make_checkpoint, tmp_path, monkeypatch):
+    """unified-2b with no $TTE_HOME copy resolves to a cached hub snapshot (files are symlinks to blobs, as the hub cache lays them out)."""
+    src = make_checkpoint("hfcache", head="last_token")
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2-VL-2B-Instruct"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = repo / "blobs" / f.name
+        shutil.copy2(f, blob)
+        (snap / f.name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_checkpoint("unified-2b") == snap
+    assert resolve_checkpoint("Qwen/Qwen2-VL-2B-Instruct") == snap
+    summary = run_export(ExportOptions(checkpoint="unified-2b", out=tmp_path / "eng", calibration=0))
+    assert summary["source"] == str(snap)
+    spec = json.loads((tmp_path / "eng" / "engine.json").read_text())
+    assert spec["source"]["name"] == "unified-2b" and (tmp_path / "eng" / "tokenizer.json").is_file()
+    assert not (tmp_path / "eng" / "tokenizer.json").is_symlink()  # copied, not linked into the cache
+
+
+def test_random_init_specs_have_the_real_dimensions():
+    """--random-init unified-2b / -7b build Qwen2-VL-2B / -7B shapes (checked on shapes only: building them is too big for CI)."""
+    from tte_engine.model.names import checkpoint_shapes, head_shapes
+    from tte_engine.random_checkpoint import ARCH_SPECS, SPECS, SPECIAL_TOKENS, model_config_for
+
+    assert not set(ARCH_SPECS) & set(SPECS)  # never generated implicitly by Engine("unified-2b")
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    expect = {"unified-2b": (1536, 28, 12, 2, 8960, 151936, True, 2.21e9), "unified-7b": (3584, 28, 28, 4, 18944, 152064, False, 8.29e9)}
+    for name, (d, layers, heads, kv, inter, vocab, tied, params) in expect.items():
+        spec = ARCH_SPECS[name]
+        cfg = model_config_for(spec, spec.vocab_size, ids)
+        t, v = cfg.text, cfg.vision
+        assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.intermediate_size, t.vocab_size, t.tie_word_embeddings) == (
+            d, layers, heads, kv, inter, vocab, tied)
+        assert t.mrope_section == (16, 24, 24) and t.head_dim == 128
+        assert (v.depth, v.embed_dim, v.num_heads, v.out_hidden_size) == (32, 1280, 16, d)
+        assert spec.head == "mhsa" and spec.head_layers == 8
+        count = sum(_numel(s) for s in checkpoint_shapes(cfg).values())
+        assert abs(count - params) / params < 0.01, count  # the published parameter counts
+        assert sum(_numel(s) for s in head_shapes(cfg, 8).values()) > 0
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,144 @@
+"""The TensorRT-LLM target: config and tensor naming, and a reader that loads the checkpoint back into
+our engine (TensorRT-LLM itself is not installable here), which must reproduce traces and embeddings."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from export_fixtures import float_engine, fp8_all_export  # noqa: F401  (pytest fixtures)
+from tte_engine import Engine
+from tte_engine.export.pipeline import ExportOptions, run_export
+from tte_engine.export.trtllm import read_checkpoint, to_engine_dir
+from tte_engine.model.fp8 import FP8_DTYPE, FP8_MAX
+
+
+def _row_cos(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def _assert_same_engine(a: Engine, b: Engine, items):
+    items = items[:4]  # text of two lengths and two image sizes
+    ra, rb = a.embed(items), b.embed(items)
+    assert ra.trace_token_ids == rb.trace_token_ids
+    assert _row_cos(ra.embeddings, rb.embeddings).min() >= 0.99999
+
+
+@pytest.fixture(scope="module", params=["untied-mhsa", "tied-last-token"])
+def float_export(request, make_checkpoint, tmp_path_factory):
+    """(checkpoint, export dir) of a float32 `--target all` export, in process."""
+    if request.param == "untied-mhsa":
+        ckpt = make_checkpoint("trt-mhsa", head="mhsa", head_layers=2, think_max_tokens=8)
+    else:
+        ckpt = make_checkpoint("trt-tied", head="last_token", tie_word_embeddings=True, think_max_tokens=8)
+    out = tmp_path_factory.mktemp("trt") / request.param
+    run_export(ExportOptions(checkpoint=str(ckpt), out=out, target="all", calibration=0))
+    return ckpt, out
+
+
+def test_config_follows_the_trtllm_qwen2_vl_format(float_export):
+    ckpt, out = float_export
+    cfg = json.loads((out / "trtllm" / "config.json").read_text())
+    hf = json.loads((ckpt / "config.json").read_text())
+    assert cfg["architecture"] == "Qwen2VLForConditionalGeneration" and cfg["dtype"] == "float32"
+    assert cfg["position_embedding_type"] == "mrope" and cfg["rotary_scaling"] == {"type": "mrope", "mrope_section": [4, 6, 6]}
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["num_key_value_heads"])
+    assert cfg["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1}
+    assert cfg["quantization"]["quant_algo"] is None and cfg["quantization"]["kv_cache_quant_algo"] is None
+    assert cfg["tie_word_embeddings"] == hf["tie_word_embeddings"]
+
+
+def test_tensor_names_and_the_gate_up_swap(float_export):
+    """attention.qkv = [q; k; v], mlp.fc = gate_proj, mlp.gate = up_proj, as TensorRT-LLM's Qwen converter maps them."""
+    ckpt, out = float_export
+    hf = load_file(str(ckpt / "model.safetensors"))
+    trt = load_file(str(out / "trtllm" / "rank0.safetensors"))
+    p, h = "transformer.layers.1.", "model.layers.1."
+    qkv = torch.cat([hf[h + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+    assert torch.equal(trt[p + "attention.qkv.weight"], qkv)
+    assert torch.equal(trt[p + "attention.qkv.bias"], torch.cat([hf[h + f"self_attn.{x}_proj.bias"] for x in "qkv"]))
+    assert torch.equal(trt[p + "attention.dense.weight"], hf[h + "self_attn.o_proj.weight"])
+    assert torch.equal(trt[p + "mlp.fc.weight"], hf[h + "mlp.gate_proj.weight"])
+    assert torch.equal(trt[p + "mlp.gate.weight"], hf[h + "mlp.up_proj.weight"])
+    assert torch.equal(trt[p + "mlp.proj.weight"], hf[h + "mlp.down_proj.weight"])
+    assert torch.equal(trt[p + "input_layernorm.weight"], hf[h + "input_layernorm.weight"])
+    assert torch.equal(trt[p + "post_layernorm.weight"], hf[h + "post_attention_layernorm.weight"])
+    assert torch.equal(trt["transformer.vocab_embedding.weight"], hf["model.embed_tokens.weight"])
+    assert torch.equal(trt["transformer.ln_f.weight"], hf["model.norm.weight"])
+    assert torch.equal(trt["lm_head.weight"], hf.get("lm_head.weight", hf["model.embed_tokens.weight"]))  # a copy when tied
+    assert not any(n.startswith(("visual", "head")) for n in trt)
+
+
+def test_reader_reproduces_the_original_engine(float_export, mixed_items, tmp_path):
+    ckpt, out = float_export
+    back = to_engine_dir(out / "trtllm", out, tmp_path / "from-trtllm")
+    _assert_same_engine(Engine(back), Engine(ckpt), mixed_items)
+
+
+def test_build_files_and_onnx_parts(float_export):
+    ckpt, out = float_export
+    trt = out / "trtllm"
+    script = (trt / "build.sh").read_text()
+    assert "trtllm-build" in script and "--use_paged_context_fmha enable" in script and "--paged_kv_cache enable" in script
+    assert "--max_multimodal_len" in script and (trt / "build.sh").stat().st_mode & 0o111
+    readme = (trt / "README.md").read_text()
+    assert "Runtime flow of one TTE query" in readme and "trtllm-build" in readme
+    assert (trt / "vision.onnx").is_file() and (trt / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((trt / "tokenizer" / "config.json").read_text())["model_type"] == "qwen2_vl"
+    mhsa = json.loads((ckpt / "tte_config.json").read_text())["head"]["type"] == "mhsa"
+    assert (trt / "head.onnx").is_file() == mhsa and not (trt / "embed.onnx").exists()
+    report = json.loads((out / "export_report.json").read_text())["trtllm"]
+    assert report["build"]["built"] is False and "NOT built" in report["build"]["reason"]
+
+
+def test_fp8_per_channel_round_trips_bit_exactly(fp8_all_export, mixed_items, tmp_path):
+    """per-channel TensorRT-LLM FP8 is the native scheme: weights and scales come back bit for bit."""
+    out, proc = fp8_all_export
+    cfg = json.loads((out / "trtllm" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN" and cfg["quantization"]["exclude_modules"] == ["lm_head"]
+    with safe_open(str(out / "trtllm" / "rank0.safetensors"), framework="pt") as f:
+        assert f.get_tensor("transformer.layers.0.mlp.fc.weight").dtype == FP8_DTYPE
+        assert f.get_tensor("transformer.layers.0.mlp.fc.per_channel_scale").dtype == torch.float32
+    _, ours = read_checkpoint(out / "trtllm")
+    native = load_file(str(out / "weights.safetensors"))
+    for name, tensor in ours.items():
+        if name.startswith("layers.") and name.endswith((".weight", ".weight_scale")):
+            assert tensor.dtype == native[name].dtype and torch.equal(tensor.view(torch.uint8), native[name].view(torch.uint8)), name
+    back = to_engine_dir(out / "trtllm", out, tmp_path / "fp8-back")
+    _assert_same_engine(Engine(back), Engine(out), mixed_items)
+    assert "the engine was NOT built" in proc.stdout
+
+
+def test_fp8_per_tensor_and_kv_cache_scales(tmp_path, float_engine, mixed_items):
+    """quant_algo FP8: per-tensor weights_scaling_factor and static activation_scaling_factor, plus FP8 KV scales."""
+    out = tmp_path / "pt"
+    run_export(ExportOptions(checkpoint="tiny-random", out=out, target="trtllm", fp8=True, kv_cache_fp8=True, calibration=2))
+    assert not (out / "engine.json").exists()  # trtllm only: no native engine at the root
+    trt = out / "trtllm"
+    cfg = json.loads((trt / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == "FP8" and cfg["quantization"]["kv_cache_quant_algo"] == "FP8"
+    assert "--use_fp8_context_fmha enable" in (trt / "build.sh").read_text()
+    raw = load_file(str(trt / "rank0.safetensors"))
+    model = float_engine.stages[0].runner.model
+    gate, up = model.layers[0].gate_up_proj.weight.chunk(2)
+    for name, weight in (("attention.qkv", model.layers[0].qkv_proj.weight), ("mlp.fc", gate), ("mlp.gate", up)):
+        p = f"transformer.layers.0.{name}."
+        scale = raw[p + "weights_scaling_factor"]
+        assert scale.shape == (1,) and torch.equal(scale, (weight.abs().amax() / FP8_MAX).reshape(1))
+        assert raw[p + "weight"].dtype == FP8_DTYPE
+        assert raw[p + "activation_scaling_factor"].shape == (1,) and raw[p + "activation_scaling_factor"] > 0
+    assert raw["transformer.layers.1.attention.kv_cache_scaling_factor"] > 0
+    _, ours = read_checkpoint(trt)
+    fc_scale, gate_scale = raw["transformer.layers.0.mlp.fc.weights_scaling_factor"], raw["transformer.layers.0.mlp.gate.weights_scaling_factor"]
+    half = gate.shape[0]
+    assert torch.equal(ours["layers.0.gate_up_proj.weight_scale"], torch.cat([fc_scale.expand(half), gate_scale.expand(half)]))
+    assert torch.equal(ours["layers.0.qkv_proj.weight"].view(torch.uint8), raw["transformer.layers.0.attention.qkv.weight"].view(torch.uint8))
+    # loaded into our engine (on a float base for the parts TensorRT-LLM does not hold), it embeds like the float model
+    base = tmp_path / "base"
+    run_export(ExportOptions(checkpoint="tiny-random", out=base, calibration=0))
+    eng = Engine(to_engine_dir(trt, base, tmp_path / "pt-back"))
+    cos = _row_cos(eng.embed(mixed_items, think=False).embeddings, float_engine.embed(mixed_items, think=False).embeddings)
+    assert cos.mean() >= 0.99
