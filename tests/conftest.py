@@ -10,9 +10,8 @@ if not torch.cuda.is_available():
 
 from dataclasses import replace  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+from oracle import random_image  # noqa: E402
 
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint  # noqa: E402
 
@@ -44,11 +43,6 @@ def make_checkpoint(tmp_path_factory):
         return built[key]
 
     return make
-
-
-def random_image(h: int, w: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="session")

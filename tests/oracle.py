@@ -7,8 +7,10 @@ prompt + trace + suffix) and its last-token embedding.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -74,3 +76,9 @@ def hf_reencode(path, item, ids, image_token_id) -> torch.Tensor:
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def random_image(h: int, w: int, seed: int) -> Image.Image:
+    """A seeded noise image (shared by test modules; conftest modules cannot be imported by name)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

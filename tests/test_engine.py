@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_image
+from oracle import random_image
 from oracle import cosine
 
 from tte_engine import Engine, InvalidInputError, Query, SamplingParams

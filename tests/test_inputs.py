@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from oracle import random_image
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -1,11 +1,19 @@
-"""`tte-embed`: embed a text file or JSONL with a progress bar; write `.npy` + a JSONL of traces.
+"""`tte-embed`: embed a text file or JSONL with a progress bar; resumable, with a trace/embedding cache.
 
-    tte-embed queries.jsonl --checkpoint tiny-random --output out/queries
+    tte-embed queries.jsonl --checkpoint tiny-random --output out/queries   # out/queries.npy + .jsonl
+    tte-embed corpus.jsonl --format parquet                                  # corpus.embeddings.parquet
     tte-embed --demo            # a few text and image queries on tiny-random, printed
 
 A `.txt` input has one text per line; a `.jsonl` input has objects with `text`, `image` (a path,
-relative to the file, or a data: URL), `instruction` and an optional `id` that is carried to
-the output. Bad lines become error rows (NaN vectors) and are counted at the end.
+relative to the file, or a data: URL), `instruction` and an optional `id` (default: the item's
+number). Bad lines become error rows (NaN vectors) and are counted at the end.
+
+Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` shard and its
+`.jsonl` records, each renamed into place whole); the final files are assembled from the shards
+when every item is done. A killed run loses at most the batch in flight, and re-running the same
+command skips the ids already written. Batches are cut the same way on every run, and the cache
+is written per finished batch, so a resumed run repeats exactly the computation the interrupted
+one lost: its output is identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +32,22 @@ import torch
 
 from .errors import TTEError
 
+MANIFEST = "manifest.json"
+
+
+class OutputConflict(TTEError):
+    """The output prefix holds a different run's partial results."""
+
+
+@dataclass(frozen=True)
+class MalformedLine:
+    """An input line that is not a JSON object: it becomes an error row, never an engine item."""
+
+    reason: str
+
 
 def read_items(path: Path) -> tuple[list, list]:
-    """(items, ids) from a .txt or .jsonl file; malformed JSON lines become error strings."""
+    """(items, ids) from a .txt or .jsonl file; malformed JSON lines become MalformedLine items."""
     items, ids = [], []
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
@@ -35,7 +59,7 @@ def read_items(path: Path) -> tuple[list, list]:
                 if not isinstance(obj, dict):
                     raise ValueError("each line must be a JSON object")
             except ValueError as exc:
-                items.append(f"line {n}: {exc}")
+                items.append(MalformedLine(f"line {n}: {exc}"))
                 ids.append(None)
                 continue
             ids.append(obj.pop("id", None))
@@ -84,19 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tte-embed", description="Think-Then-Embed: embed a .txt or .jsonl file.")
     parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (text/image/instruction/id)")
     parser.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory or alias (default: tiny-random)")
-    parser.add_argument("--output", type=Path, help="output prefix (writes PREFIX.npy and PREFIX.jsonl); default: next to the input")
+    parser.add_argument("--output", type=Path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
+    parser.add_argument("--format", choices=["npy", "parquet"], default="npy", help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
     parser.add_argument("--demo", action="store_true", help="embed a few built-in text and image queries and print them")
     parser.add_argument("--no-think", action="store_true", help="skip the trace (plain last-token embedding)")
     parser.add_argument("--max-trace-tokens", type=int, help="trace budget (default: from tte_config.json)")
     parser.add_argument("--instruction", help="task instruction or a named instruction of the checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-size", type=int, default=256, help="items handed to the engine at a time")
+    parser.add_argument("--batch-size", type=int, default=256, help="items handed to the engine at a time, and written together (default 256)")
+    parser.add_argument("--cache", type=Path, help="SQLite trace/embedding cache (default: $TTE_HOME/cache.sqlite)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier (partial) results at the output prefix")
+    parser.add_argument("--retry-errors", action="store_true", help="when resuming, run the items that failed before again")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.demo and args.input is None:
         parser.error("give an INPUT file or --demo")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     try:
         from .engine import Engine
 
@@ -110,33 +141,199 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# ---------------------------------------------------------------------- resumable file embedding
+def _key(item_id) -> str:
+    return json.dumps(item_id)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Shards:
+    """`PREFIX.parts/`: one `NNNNNN.npy` + `NNNNNN.jsonl` per finished batch (the .jsonl, written last, commits it)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.dir.glob("[0-9]*.jsonl") if (self.dir / f"{p.stem}.npy").exists())
+
+    def load(self, name: str) -> tuple[list[dict], np.ndarray]:
+        records = [json.loads(line) for line in (self.dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        return records, np.load(self.dir / f"{name}.npy", mmap_mode="r")
+
+    def write(self, records: list[dict], vectors: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        names = self.names()
+        name = f"{int(names[-1]) + 1 if names else 0:06d}"
+        _atomic_write(self.dir / f"{name}.npy", lambda f: np.save(f, vectors))
+        _atomic_write(self.dir / f"{name}.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+
+def _final_paths(prefix: Path, fmt: str) -> list[Path]:
+    return [Path(f"{prefix}.parquet")] if fmt == "parquet" else [Path(f"{prefix}.npy"), Path(f"{prefix}.jsonl")]
+
+
+def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(f"{prefix}.parquet")
+        vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+        records = table.drop_columns(["embedding"]).to_pylist()
+        for r in records:
+            r["id"] = json.loads(r["id"])
+        return records, vectors
+    records = [json.loads(line) for line in Path(f"{prefix}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return records, np.load(f"{prefix}.npy")
+
+
+def _manifest(engine, args) -> dict:
+    return {"engine": engine.fingerprint, "checkpoint": str(engine.checkpoint), "think": not args.no_think,
+            "max_trace_tokens": args.max_trace_tokens, "instruction": args.instruction, "dim": engine.embedding_dim}
+
+
+def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards) -> None:
+    """Start fresh, or pick up earlier results: partial shards, or a finished run's final files."""
+    finals = _final_paths(prefix, fmt)
+    if args.overwrite:
+        shutil.rmtree(shards.dir, ignore_errors=True)
+        for p in finals:
+            p.unlink(missing_ok=True)
+    if shards.dir.is_dir() and (shards.dir / MANIFEST).exists():
+        earlier = json.loads((shards.dir / MANIFEST).read_text())
+        if earlier != manifest:
+            changed = sorted(k for k in manifest if earlier.get(k) != manifest[k])
+            raise OutputConflict(f"{shards.dir} holds a run with other settings ({', '.join(changed)} differ); "
+                                 "re-run with the same settings, or pass --overwrite")
+        return
+    shards.dir.mkdir(parents=True, exist_ok=True)
+    (shards.dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if all(p.exists() for p in finals):  # a finished run: its rows become the first shard
+        records, vectors = _read_final(prefix, fmt)
+        shards.write(records, np.ascontiguousarray(vectors, dtype=np.float32))
+        for p in finals:
+            p.unlink()
+
+
 def embed_file(engine, args) -> int:
     from tqdm.auto import tqdm
 
+    from .result_cache import EngineCache, ResultCache
+
     items, ids = read_items(args.input)
-    prefix = args.output or args.input.with_suffix("")
+    ids = [i if item_id is None else item_id for i, item_id in enumerate(ids)]
+    seen: dict[str, int] = {}
+    for i, item_id in enumerate(ids):
+        if _key(item_id) in seen:
+            raise OutputConflict(f"{args.input}: id {item_id!r} of item {i} repeats item {seen[_key(item_id)]}'s; ids must be unique to resume")
+        seen[_key(item_id)] = i
+    prefix = args.output or args.input.with_name(args.input.stem + ".embeddings")
+    if args.input.resolve() in [p.resolve() for p in _final_paths(prefix, args.format)]:
+        raise OutputConflict(f"the output {prefix}.jsonl would overwrite the input; pass another --output")
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    vectors = np.full((len(items), engine.embedding_dim), np.nan, dtype=np.float32)
-    failed = 0
-    with open(f"{prefix}.jsonl", "w", encoding="utf-8") as out, tqdm(total=len(items), unit="item", desc="tte-embed") as bar:
-        for start in range(0, len(items), args.batch_size):
-            chunk = items[start : start + args.batch_size]
-            res = engine.embed(
-                chunk, think=not args.no_think, max_trace_tokens=args.max_trace_tokens,
-                instruction=args.instruction, errors="return", progress=bar.update,
-            )
-            vectors[start : start + len(chunk)] = res.embeddings.numpy()
-            for j, item in enumerate(chunk):
-                i = start + j
-                error = res.errors[j]
-                failed += error is not None
-                record = {"index": i, "id": ids[i], "trace": res.traces[j], "error": error, "stop_reason": res.stop_reasons[j],
-                          "prompt_tokens": len(res.prompt_token_ids[j]), "trace_tokens": len(res.trace_token_ids[j])}
-                out.write(json.dumps(record) + "\n")
-            bar.update(sum(e is not None for e in res.errors))
-    np.save(f"{prefix}.npy", vectors)
-    print(f"wrote {prefix}.npy ({len(items)} x {engine.embedding_dim}) and {prefix}.jsonl; {failed} item(s) failed", file=sys.stderr)
-    return 1 if failed == len(items) and items else 0
+    shards = Shards(Path(f"{prefix}.parts"))
+    _prepare_output(prefix, args.format, _manifest(engine, args), args, shards)
+
+    done = set()
+    for name in shards.names():
+        records, _ = shards.load(name)
+        done |= {_key(r["id"]) for r in records if not (args.retry_errors and r["error"] is not None)}
+    pending = [i for i, item_id in enumerate(ids) if _key(item_id) not in done]
+    if len(pending) < len(items):
+        print(f"tte-embed: resuming: {len(items) - len(pending)} of {len(items)} item(s) already written", file=sys.stderr)
+
+    cache = None if args.no_cache else EngineCache(ResultCache(args.cache), engine)
+    stats = {"failed": 0, "embedding": 0, "trace": 0, "trace_tokens": 0}
+    try:
+        with tqdm(total=len(pending), unit="item", desc="tte-embed", dynamic_ncols=True) as bar:
+            for start in range(0, len(pending), args.batch_size):
+                batch = pending[start : start + args.batch_size]
+                results = _embed_batch(engine, [items[i] for i in batch], cache, args, bar.update)
+                vectors = np.full((len(batch), engine.embedding_dim), np.nan, dtype=np.float32)
+                records = []
+                for j, (i, r) in enumerate(zip(batch, results)):
+                    if r.embedding is not None:
+                        vectors[j] = r.embedding
+                    records.append({"index": i, "id": ids[i], "trace": engine.prompts.decode(r.trace_ids), "error": r.error,
+                                    "stop_reason": r.stop_reason, "prompt_tokens": r.prompt_tokens, "trace_tokens": len(r.trace_ids),
+                                    "cached": r.cached})
+                    stats["failed"] += r.error is not None
+                    stats["trace_tokens"] += r.trace_tokens
+                    if r.cached:
+                        stats[r.cached] += 1
+                shards.write(records, vectors)
+    finally:
+        if cache is not None:
+            cache.cache.close()
+    written = _assemble(prefix, args.format, shards, ids, engine.embedding_dim)
+    failed = sum(r["error"] is not None for r in written)
+    print(f"tte-embed: wrote {', '.join(str(p) for p in _final_paths(prefix, args.format))} ({len(ids)} x {engine.embedding_dim}); "
+          f"{failed} item(s) failed; this run: {len(pending)} item(s), {stats['trace_tokens']} trace tokens generated, "
+          f"cache hits: {stats['embedding']} embedding(s), {stats['trace']} trace(s)", file=sys.stderr)
+    return 1 if failed == len(ids) and ids else 0
+
+
+def _embed_batch(engine, batch: list, cache, args, progress) -> list:
+    from .result_cache import ItemResult, embed_items
+
+    good = [i for i, item in enumerate(batch) if not isinstance(item, MalformedLine)]
+    results = [ItemResult(None, [], None, 0, 0, 0, error=item.reason) if isinstance(item, MalformedLine) else None for item in batch]
+    progress(len(batch) - len(good))
+    done = embed_items(engine, [batch[i] for i in good], cache=cache, think=not args.no_think, max_trace_tokens=args.max_trace_tokens,
+                       instruction=args.instruction, progress=progress)
+    for i, r in zip(good, done):
+        results[i] = r
+    return results
+
+
+def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int) -> list[dict]:
+    """Merge the shards into the final files, rows in input order (a later shard's row for an id wins)."""
+    position = {_key(item_id): i for i, item_id in enumerate(ids)}
+    records: list[dict | None] = [None] * len(ids)
+    tmp_npy = Path(f"{prefix}.npy.tmp")
+    vectors = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(len(ids), dim))
+    for name in shards.names():
+        shard_records, shard_vectors = shards.load(name)
+        for record, vector in zip(shard_records, shard_vectors):
+            i = position.get(_key(record["id"]))
+            if i is not None:
+                records[i] = dict(record, index=i)
+                vectors[i] = vector
+    missing = [ids[i] for i, r in enumerate(records) if r is None]
+    if missing:
+        raise OutputConflict(f"{len(missing)} item(s) have no result in {shards.dir} (e.g. id {missing[0]!r}); re-run to finish them")
+    vectors.flush()
+    if fmt == "parquet":
+        _write_parquet(Path(f"{prefix}.parquet"), records, vectors)
+        del vectors
+        tmp_npy.unlink()
+    else:
+        del vectors
+        _atomic_write(Path(f"{prefix}.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+        os.replace(tmp_npy, f"{prefix}.npy")
+    shutil.rmtree(shards.dir)
+    return records
+
+
+def _write_parquet(path: Path, records: list[dict], vectors: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {k: [r[k] for r in records] for k in records[0]} if records else {}
+    columns["id"] = [json.dumps(v) for v in columns.get("id", [])]  # ids may mix ints and strings: stored as JSON text
+    dim = vectors.shape[1]
+    table = pa.table({**{k: pa.array(v) for k, v in columns.items()},
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors).reshape(-1)), dim)})
+    _atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ class Scheduler:
         seq.stage = 1 if self.two_model and seq.phase == Phase.EMBED else 0
         self.waiting[seq.stage].append(seq)
 
+    def abort(self, seq: Sequence) -> bool:
+        """Drop a sequence wherever it is, freeing its cache blocks; False if it was not here."""
+        for stage in range(len(self.blocks)):
+            if seq in self.running[stage]:
+                self._finish(seq, stage)
+            elif seq in self.waiting[stage]:
+                self.waiting[stage].remove(seq)
+                seq.phase = Phase.FINISHED
+            else:
+                continue
+            seq.stop_reason = "aborted"
+            return True
+        return False
+
     def has_work(self) -> bool:
         return any(self.waiting) or any(self.running)
 

@@ -1,0 +1,225 @@
+"""tte-embed: resumable runs (a killed run resumes to exactly the uninterrupted output), the SQLite
+trace/embedding cache (hits generate no trace; a new head re-uses the traces), Parquet output."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tte_engine import Engine, SamplingParams
+from tte_engine.cli import main
+from tte_engine.result_cache import EngineCache, ResultCache, embed_items, trace_fingerprint, usage
+
+from .conftest import png_bytes
+
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, serve_checkpoint):
+    """12 lines: texts, two images (one path, one missing), a malformed line, mixed ids."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "cat.png").write_bytes(png_bytes(60, 90, 7))
+    lines = [json.dumps({"id": f"t{i}", "text": f"document {i} about " + "cats and dogs " * (i % 3 + 1)}) for i in range(8)]
+    lines.insert(3, json.dumps({"id": "img", "text": "a photo", "image": "cat.png"}))
+    lines.insert(6, json.dumps({"id": "missing", "image": "nowhere.png"}))
+    lines.insert(9, "{not json")
+    lines.append(json.dumps({"text": "no id: the item number is the id", "instruction": "retrieval"}))
+    (d / "in.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "in.jsonl"
+
+
+def run(corpus, checkpoint, out, *extra) -> int:
+    return main([str(corpus), "--checkpoint", str(checkpoint), "--output", str(out), "--batch-size", str(BATCH), "--device", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, serve_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("uninterrupted")
+    assert run(corpus, serve_checkpoint, d / "out", "--cache", str(d / "cache.sqlite")) == 0
+    return d / "out"
+
+
+def read(prefix):
+    return np.load(f"{prefix}.npy"), [json.loads(line) for line in Path(f"{prefix}.jsonl").read_text().splitlines()]
+
+
+def same_files(a, b) -> bool:
+    """Both outputs byte for byte: the records, and the vectors bit for bit."""
+    return all(Path(f"{a}{ext}").read_bytes() == Path(f"{b}{ext}").read_bytes() for ext in (".jsonl", ".npy"))
+
+
+def test_uninterrupted_output(uninterrupted, corpus, reference):
+    vectors, records = read(uninterrupted)
+    assert vectors.shape == (12, reference.embedding_dim) and len(records) == 12
+    assert [r["index"] for r in records] == list(range(12))
+    assert [r["id"] for r in records][:4] == ["t0", "t1", "t2", "img"] and records[-1]["id"] == 11
+    failed = [r["id"] for r in records if r["error"]]
+    assert failed == ["missing", 9] and np.isnan(vectors[[6, 9]]).all() and not np.isnan(vectors[[0, 3, 11]]).any()
+    assert all(r["trace"] and r["trace_tokens"] > 0 for r in records if not r["error"])
+    assert not (uninterrupted.parent / "out.parts").exists()  # shards merged and removed
+    ref = reference.embed(["document 0 about cats and dogs ", {"text": "a photo", "image": str(corpus.parent / "cat.png")}])
+    assert float(torch.cosine_similarity(torch.from_numpy(vectors[[0, 3]]), ref.embeddings).min()) >= 0.99999
+    assert records[0]["trace"] == ref.traces[0]
+
+
+def test_crash_mid_batch_resumes_to_identical_output(corpus, serve_checkpoint, uninterrupted, tmp_path, monkeypatch):
+    real_step, calls = Engine.step, {"n": 0}
+
+    def crashing_step(self):
+        calls["n"] += 1
+        if calls["n"] == 25:  # inside the third batch
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", crashing_step)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite"))
+    shards = sorted(p.name for p in (tmp_path / "out.parts").glob("0*.jsonl"))
+    assert 1 <= len(shards) < 6 and not (tmp_path / "out.npy").exists()  # some batches done, none since the crash
+    monkeypatch.setattr(Engine, "step", real_step)
+    assert run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite")) == 0
+    assert same_files(out, uninterrupted)
+
+
+def test_sigkilled_process_resumes_to_identical_output(corpus, serve_checkpoint, uninterrupted, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache.sqlite"
+    cmd = [sys.executable, "-m", "tte_engine.cli", str(corpus), "--checkpoint", str(serve_checkpoint), "--output", str(out),
+           "--batch-size", str(BATCH), "--device", "cpu", "--cache", str(cache)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    parts = tmp_path / "out.parts"
+    deadline = time.monotonic() + 120
+    while not (parts / "000001.jsonl").exists():
+        assert proc.poll() is None, "tte-embed ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out.npy").exists()
+    done_before = len(list(parts.glob("0*.jsonl")))
+    assert done_before < 6
+    assert run(corpus, serve_checkpoint, out, "--cache", str(cache)) == 0
+    assert same_files(out, uninterrupted)
+
+
+def test_rerun_skips_written_ids_and_new_lines_are_added(corpus, serve_checkpoint, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copy(f"{uninterrupted}.npy", f"{out}.npy")
+    shutil.copy(f"{uninterrupted}.jsonl", f"{out}.jsonl")
+    grown = tmp_path / "grown.jsonl"
+    shutil.copy(corpus.parent / "cat.png", tmp_path / "cat.png")
+    grown.write_text(corpus.read_text() + json.dumps({"id": "new", "text": "a new line"}) + "\n")
+    assert run(grown, serve_checkpoint, out, "--no-cache") == 0
+    assert "resuming: 12 of 13" in capsys.readouterr().err
+    vectors, records = read(out)
+    old_vectors, old_records = read(uninterrupted)
+    assert records[:12] == old_records and np.array_equal(vectors[:12], old_vectors, equal_nan=True)
+    assert records[12]["id"] == "new" and records[12]["trace_tokens"] > 0
+
+
+def test_cache_hits_generate_no_trace(corpus, serve_checkpoint, uninterrupted, tmp_path, capsys):
+    cache = uninterrupted.parent / "cache.sqlite"  # filled by the uninterrupted run
+    assert run(corpus, serve_checkpoint, tmp_path / "again", "--cache", str(cache)) == 0
+    assert "0 trace tokens generated, cache hits: 10 embedding(s)" in capsys.readouterr().err
+    vectors, records = read(tmp_path / "again")
+    old_vectors, old_records = read(uninterrupted)
+    assert np.array_equal(vectors, old_vectors, equal_nan=True)
+    assert [r["cached"] for r in records if not r["error"]] == ["embedding"] * 10
+    assert [r["trace"] for r in records] == [r["trace"] for r in old_records]
+    # the same through the library: usage counts no generated trace tokens
+    engine = Engine(serve_checkpoint)
+    view = EngineCache(ResultCache(cache), engine)
+    results = embed_items(engine, ["document 0 about cats and dogs ", "not cached yet"], cache=view)
+    assert [r.cached for r in results] == ["embedding", None]
+    assert results[0].trace_tokens == 0 and results[1].trace_tokens > 0
+    assert usage(results[:1])["trace_tokens"] == 0 and usage(results[:1])["cached_trace_tokens"] == len(results[0].trace_ids)
+
+
+def test_a_new_head_reuses_cached_traces(serve_checkpoint, tmp_path, mixed_items):
+    """Same backbone, other embedding-head weights: the embedding misses, the trace hits (no generation)."""
+    other = tmp_path / "other_head"
+    shutil.copytree(serve_checkpoint, other)
+    head = load_file(str(other / "embedding_head.safetensors"))
+    save_file({k: v.flip(0).contiguous() if v.dim() > 1 else v for k, v in head.items()}, str(other / "embedding_head.safetensors"))
+    a, b = Engine(serve_checkpoint), Engine(other)
+    assert a.fingerprint != b.fingerprint and trace_fingerprint(a) == trace_fingerprint(b)
+    store = ResultCache(tmp_path / "cache.sqlite")
+    first = embed_items(a, mixed_items, cache=EngineCache(store, a))
+    reused = embed_items(b, mixed_items, cache=EngineCache(store, b))
+    assert [r.cached for r in reused] == ["trace"] * len(mixed_items) and sum(r.trace_tokens for r in reused) == 0
+    assert [r.trace_ids for r in reused] == [r.trace_ids for r in first]
+    assert [r.stop_reason for r in reused] == [r.stop_reason for r in first]
+    expected = b.embed(mixed_items)
+    got = torch.from_numpy(np.stack([r.embedding for r in reused]))
+    assert float(torch.cosine_similarity(got, expected.embeddings).min()) >= 0.99999
+    assert float(torch.cosine_similarity(got, torch.from_numpy(np.stack([r.embedding for r in first]))).max()) < 0.999
+
+
+def test_cache_keys_follow_the_settings(serve_checkpoint, tmp_path):
+    engine = Engine(serve_checkpoint)
+    view = EngineCache(ResultCache(tmp_path / "cache.sqlite"), engine)
+    item = "a key test"
+    embed_items(engine, [item], cache=view)
+
+    def source(**kw):
+        return embed_items(engine, [item], cache=view, **kw)[0].cached
+
+    assert source() == "embedding"
+    assert source(think=False) is None and source(think=False) == "embedding"
+    assert source(max_trace_tokens=3) is None
+    assert source(instruction="retrieval") is None
+    assert source(sampling=SamplingParams(temperature=1.0, seed=1)) is None and source(sampling=SamplingParams(temperature=1.0, seed=1)) == "embedding"
+    unseeded = SamplingParams(temperature=1.0)
+    assert source(sampling=unseeded) is None and source(sampling=unseeded) is None  # not a function of the input: never cached
+    assert view.cache.counts() == {"traces": 4, "embeddings": 5}
+
+
+def test_cache_is_wal_and_shared_between_connections(serve_checkpoint, tmp_path):
+    path = tmp_path / "cache.sqlite"
+    writer, reader = ResultCache(path), ResultCache(path)
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    writer.put([("k", [1, 2, 3], "stop")], [("e", np.ones(4, np.float32), [1, 2, 3], "stop", 1)])
+    assert reader.get_trace("k") == ([1, 2, 3], "stop")
+    emb, ids, reason, n = reader.get_embedding("e")
+    assert emb.tolist() == [1.0] * 4 and ids == [1, 2, 3] and reason == "stop" and n == 1
+    writer.put([("k", [9], None)], [])  # entries are immutable: the first write wins
+    assert reader.get_trace("k") == ([1, 2, 3], "stop")
+
+
+def test_parquet_output_matches_npy(corpus, serve_checkpoint, uninterrupted, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert run(corpus, serve_checkpoint, tmp_path / "out", "--format", "parquet", "--cache", str(uninterrupted.parent / "cache.sqlite")) == 0
+    table = pq.read_table(tmp_path / "out.parquet")
+    vectors, records = read(uninterrupted)
+    assert table.num_rows == 12 and table.schema.field("embedding").type.list_size == vectors.shape[1]
+    got = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(12, -1)
+    assert np.array_equal(got, vectors, equal_nan=True)
+    assert table.column("trace").to_pylist() == [r["trace"] for r in records]
+    assert [json.loads(v) for v in table.column("id").to_pylist()] == [r["id"] for r in records]
+
+
+def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
+    assert run(dup, serve_checkpoint, tmp_path / "dup", "--no-cache") == 2
+    assert "repeats" in capsys.readouterr().err
+    parts = tmp_path / "half.parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps({"engine": "something else"}))
+    assert run(corpus, serve_checkpoint, tmp_path / "half", "--no-cache") == 2
+    assert "other settings" in capsys.readouterr().err
+    inside = tmp_path / "q.jsonl"
+    inside.write_text('{"text": "a"}\n')
+    assert main([str(inside), "--checkpoint", str(serve_checkpoint), "--output", str(tmp_path / "q"), "--no-cache"]) == 2
+    assert "overwrite the input" in capsys.readouterr().err

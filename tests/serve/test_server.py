@@ -1,0 +1,343 @@
+"""tte-serve for real: uvicorn on a loopback port, httpx clients, answers checked against Engine.embed."""
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tte_engine import Engine
+from tte_engine.result_cache import ResultCache
+from tte_engine.serve import ServerSettings
+
+from .conftest import data_url, png_bytes, start_server
+
+
+def cos(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a, dtype=np.float32)), torch.as_tensor(np.asarray(b, dtype=np.float32))
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def vectors(body) -> list:
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == list(range(len(body["data"])))
+    assert all(d["object"] == "embedding" for d in body["data"])
+    return [d["embedding"] for d in body["data"]]
+
+
+@pytest.fixture(scope="module")
+def server(serve_checkpoint):
+    s = start_server(Engine(serve_checkpoint), ServerSettings(prep_threads=2, max_body_bytes=256 << 10))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [png_bytes(60, 90, 1), png_bytes(130, 50, 2), png_bytes(64, 64, 3)]
+
+
+def test_health_and_models(client, reference):
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == reference.checkpoint.name
+    assert models["data"][0]["embedding_dim"] == reference.embedding_dim
+
+
+def test_text_inputs_match_the_engine(client, reference):
+    single = client.post("/v1/embeddings", json={"input": "a cat on a chair", "model": "anything"}).json()
+    batch = client.post("/v1/embeddings", json={"input": ["a cat on a chair", "two dogs in a park"]}).json()
+    expected = reference.embed(["a cat on a chair", "two dogs in a park"])
+    assert single["model"] == reference.checkpoint.name and len(single["data"]) == 1
+    assert cos(vectors(single)[0], expected.embeddings[0]) >= 0.99999
+    for got, want in zip(vectors(batch), expected.embeddings):
+        assert cos(got, want) >= 0.99999
+    u = batch["usage"]
+    assert u["prompt_tokens"] == expected.usage["prompt_tokens"] and u["trace_tokens"] == expected.usage["trace_tokens"] > 0
+    assert u["total_tokens"] == u["prompt_tokens"] + u["trace_tokens"] + u["embed_tokens"]
+
+
+def test_image_data_urls_and_a_mixed_batch(client, reference, images):
+    body = {"input": ["a red chair", {"text": "What is shown?", "image": data_url(images[0])}, {"image": data_url(images[1])},
+                      {"text": "find it", "image": data_url(images[2]), "instruction": "retrieval"}]}
+    got = vectors(client.post("/v1/embeddings", json=body).json())
+    expected = reference.embed(["a red chair", {"text": "What is shown?", "image": images[0]}, {"image": images[1]},
+                                {"text": "find it", "image": images[2], "instruction": "retrieval"}])
+    for g, e in zip(got, expected.embeddings):
+        assert cos(g, e) >= 0.99999
+    assert cos(got[1], got[2]) < 0.999  # distinct inputs, distinct answers
+
+
+def test_chat_messages(client, reference, images):
+    messages = [
+        {"role": "system", "content": "Find the matching photo."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[0])}}, {"type": "text", "text": "a small photo"}]},
+    ]
+    got = vectors(client.post("/v1/embeddings", json={"messages": messages}).json())
+    expected = reference.embed([{"text": "a small photo", "image": images[0], "instruction": "Find the matching photo."}])
+    assert len(got) == 1 and cos(got[0], expected.embeddings[0]) >= 0.99999
+
+
+def test_think_on_off_and_return_trace(client, reference):
+    items = ["a cat on a chair", "a diagram of a network"]
+    on = client.post("/v1/embeddings", json={"input": items, "return_trace": True}).json()
+    off = client.post("/v1/embeddings", json={"input": items, "think": False, "return_trace": True}).json()
+    short = client.post("/v1/embeddings", json={"input": items, "max_trace_tokens": 3, "return_trace": True}).json()
+    plain = client.post("/v1/embeddings", json={"input": items}).json()
+    want_on, want_off = reference.embed(items), reference.embed(items, think=False)
+    assert [d["trace"] for d in on["data"]] == want_on.traces and all(want_on.traces)
+    assert [d["trace"] for d in off["data"]] == ["", ""] and off["usage"]["trace_tokens"] == 0
+    assert "trace" not in plain["data"][0]
+    assert 0 < short["usage"]["trace_tokens"] <= 6
+    for i in range(2):
+        assert cos(on["data"][i]["embedding"], want_on.embeddings[i]) >= 0.99999
+        assert cos(off["data"][i]["embedding"], want_off.embeddings[i]) >= 0.99999
+    assert cos(on["data"][0]["embedding"], off["data"][0]["embedding"]) < 0.9999  # the trace changes the vector
+
+
+def test_base64_encoding(client):
+    body = {"input": ["a cat", "a dog"]}
+    floats = client.post("/v1/embeddings", json=body).json()
+    packed = client.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
+    for f, p in zip(vectors(floats), vectors(packed)):
+        decoded = np.frombuffer(base64.b64decode(p), dtype="<f4")
+        assert np.array_equal(decoded, np.asarray(f, dtype=np.float32))
+
+
+def _error(response, status: int, param=None, contains: str = "") -> dict:
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert err["code"] == status and contains in err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_error_codes_name_the_bad_field_or_item(client, images, tmp_path):
+    post = lambda body: client.post("/v1/embeddings", json=body)  # noqa: E731
+    # malformed bodies
+    _error(client.post("/v1/embeddings", content=b'{"input": "x",', headers={"content-type": "application/json"}), 400, contains="not valid JSON")
+    _error(post({"input": 5}), 422, "input")
+    _error(post({"input": ["ok", 7]}), 422, "input[1]")
+    _error(post({"inptu": "typo"}), 422, "inptu", "Extra inputs")
+    _error(post({"input": "x", "messages": [{"role": "user", "content": "y"}]}), 422, "input", "exactly one")
+    _error(post({}), 422, "input", "exactly one")
+    _error(post({"input": "x", "max_trace_tokens": -1}), 422, "max_trace_tokens")
+    _error(post({"input": "x", "encoding_format": "int8"}), 422, "encoding_format")
+    _error(post({"messages": [{"role": "assistant", "content": "x"}]}), 422, "messages[0].role")
+    _error(post({"input": "x", "dimensions": 7}), 400, "dimensions")
+    # bad items, named by index
+    _error(post({"input": []}), 400, "input", "empty")
+    _error(post({"input": ["fine", "   "]}), 400, "input[1]", "empty item")
+    _error(post({"input": ["fine", {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1]", "cannot decode")
+    _error(post({"input": ["fine", {"image": "data:image/png;base64,@@notbase64@@"}]}), 400, "input[1]", "image")
+    _error(post({"input": ["fine", "word " * 5000]}), 400, "input[1]", "exceeds the model limit")
+    _error(post({"input": [{"image": "https://example.com/cat.png"}]}), 400, "input[0].image", "never fetched")
+    (tmp_path / "cat.png").write_bytes(images[0])
+    _error(post({"input": [{"image": str(tmp_path / "cat.png")}]}), 400, "input[0].image", "--allow-local-files")
+    two = [{"type": "image_url", "image_url": {"url": data_url(images[0])}}, {"type": "image_url", "image_url": {"url": data_url(images[1])}}]
+    _error(post({"messages": [{"role": "user", "content": two}]}), 400, "messages", "at most one image")
+    # oversized bodies: declared length, and a chunked body without one
+    big = {"input": "x" * (300 << 10)}
+    _error(post(big), 413, contains="exceeds the limit")
+    chunks = (part for part in [b'{"input": "', b"y" * (200 << 10), b"y" * (200 << 10), b'"}'])
+    _error(client.post("/v1/embeddings", content=chunks, headers={"content-type": "application/json"}), 413, contains="exceeds the limit")
+    # the server is unharmed
+    assert client.get("/health").status_code == 200
+    assert len(post({"input": ["still fine"]}).json()["data"]) == 1
+
+
+def test_a_bad_request_does_not_disturb_concurrent_good_ones(server, reference):
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            good = [c.post("/v1/embeddings", json={"input": f"good item {i}"}) for i in range(4)]
+            bad = [c.post("/v1/embeddings", json={"input": ["x", {"image": "data:image/png;base64,AAAA"}]}) for _ in range(2)]
+            return await asyncio.gather(*good, *bad)
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 4 + [400] * 2
+    expected = reference.embed([f"good item {i}" for i in range(4)])
+    for r, e in zip(responses, expected.embeddings):
+        assert cos(r.json()["data"][0]["embedding"], e) >= 0.99999
+
+
+def test_32_concurrent_clients_share_the_batch(server, reference):
+    rng_items = [f"query number {i}: " + " ".join(["cats", "dogs", "trees", "cars"][j % 4] for j in range(i % 7 + 1)) for i in range(28)]
+    imgs = [png_bytes(40 + 10 * k, 60, 100 + k) for k in range(4)]
+    items = rng_items + [{"text": f"picture {k}", "image": data_url(b)} for k, b in enumerate(imgs)]
+    before = server.metrics()
+
+    async def one(c, item):
+        r = await c.post("/v1/embeddings", json={"input": [item]})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["embedding"]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(one(c, it) for it in items))
+
+    got = np.asarray(asyncio.run(run()), dtype=np.float32)
+    expected = reference.embed(rng_items + [{"text": f"picture {k}", "image": b} for k, b in enumerate(imgs)])
+    for i in range(len(items)):
+        assert cos(got[i], expected.embeddings[i]) >= 0.99999, i
+    sims = got @ got.T
+    assert (sims[~np.eye(len(items), dtype=bool)] < 0.9999).all()  # 32 distinct answers, none crossed over
+    after = server.metrics()
+    steps = after["tte_batch_size_count"] - before.get("tte_batch_size_count", 0)
+    seqs = after["tte_batch_size_sum"] - before.get("tte_batch_size_sum", 0)
+    assert seqs / steps > 4, (seqs, steps)  # requests were merged into shared steps, not run one at a time
+
+
+def test_a_client_that_goes_away_frees_the_engine(server):
+    before = server.metrics()
+    body = {"input": [f"abandoned {i}" for i in range(4)], "max_trace_tokens": 3000}  # ~10 s of work if it ran to the end
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/embeddings", json=body, timeout=httpx.Timeout(60, read=0.5))
+    gave_up = time.monotonic()
+    while server.metrics()["tte_running_items"] + server.metrics()["tte_queue_depth"] > 0:
+        assert time.monotonic() - gave_up < 3, "the abandoned request kept the engine busy"
+        time.sleep(0.02)
+    after = server.metrics()
+    assert after['tte_requests_total{status="499"}'] - before.get('tte_requests_total{status="499"}', 0) == 1
+
+
+def test_metrics_counters_move(server, client):
+    before = server.metrics()
+    assert client.post("/v1/embeddings", json={"input": ["metrics one", "metrics two"]}).status_code == 200
+    assert client.post("/v1/embeddings", json={"input": ""}).status_code == 400
+    after = server.metrics()
+
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta('tte_requests_total{status="200"}') == 1 and delta('tte_requests_total{status="400"}') == 1
+    assert delta('tte_items_total{source="engine"}') == 2
+    assert delta('tte_tokens_total{phase="prompt"}') > 0 and delta('tte_tokens_total{phase="trace"}') > 0
+    for phase in ("validate", "queue", "think", "embed", "request"):
+        assert delta(f'tte_latency_seconds_count{{phase="{phase}"}}') >= 1, phase
+    assert after["tte_queue_depth"] == 0 and after["tte_running_items"] == 0
+    text = httpx.get(server.url + "/metrics").text
+    assert "# TYPE tte_latency_seconds histogram" in text and "# TYPE tte_batch_size histogram" in text
+
+
+def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, images, tmp_path):
+    """A second server: API key, a small queue (429), a result cache, and local files under one root."""
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "cat.png").write_bytes(images[0])
+    (tmp_path / "outside.png").write_bytes(images[0])
+    settings = ServerSettings(api_key="s3cret", max_queue=2, local_files_root=(tmp_path / "ok").resolve(), prep_threads=2)
+    cache = ResultCache(tmp_path / "cache.sqlite")
+    srv = start_server(Engine(serve_checkpoint, max_num_seqs=2), settings, cache)
+    try:
+        auth = {"Authorization": "Bearer s3cret"}
+        with srv.client() as anon, srv.client(headers=auth) as c:
+            _error(anon.post("/v1/embeddings", json={"input": "x"}), 401, contains="API key")
+            _error(anon.get("/v1/models"), 401)
+            _error(anon.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer wrong"}), 401)
+            assert anon.get("/health").status_code == 200  # probes need no key
+
+            # the cache: the second identical request generates no trace
+            first = c.post("/v1/embeddings", json={"input": ["cache me", "and me"], "return_trace": True}).json()
+            second = c.post("/v1/embeddings", json={"input": ["cache me", "and me"], "return_trace": True}).json()
+            assert first["usage"]["trace_tokens"] > 0 and first["usage"]["cached_trace_tokens"] == 0
+            assert second["usage"]["trace_tokens"] == 0 and second["usage"]["cached_trace_tokens"] == first["usage"]["trace_tokens"]
+            assert [d["trace"] for d in second["data"]] == [d["trace"] for d in first["data"]]
+            assert vectors(second) == vectors(first)
+            assert srv.metrics()['tte_items_total{source="embedding_cache"}'] == 2
+
+            # local files: under the root only
+            local = c.post("/v1/embeddings", json={"input": [{"image": str(tmp_path / "ok" / "cat.png")}]})
+            assert local.status_code == 200
+            assert cos(vectors(local.json())[0], reference.embed([{"image": images[0]}]).embeddings[0]) >= 0.99999
+            _error(c.post("/v1/embeddings", json={"input": [{"image": str(tmp_path / "outside.png")}]}), 400, "input[0].image", "must lie under")
+
+            # 429: 2 running + 2 queued fill the server; one more item is refused until they finish
+            busy = {}
+
+            def occupy():
+                busy["r"] = srv.client(headers=auth).post("/v1/embeddings", json={"input": [f"busy {i}" for i in range(4)], "max_trace_tokens": 40})
+
+            t = threading.Thread(target=occupy)
+            t.start()
+            deadline = time.monotonic() + 30
+            while srv.metrics().get("tte_queue_depth", 0) + srv.metrics().get("tte_running_items", 0) < 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = c.post("/v1/embeddings", json={"input": "one more"})
+            _error(refused, 429, contains="busy")
+            assert refused.headers["retry-after"] == "1"
+            _error(c.post("/v1/embeddings", json={"input": ["x"] * 5}), 422, "input", "at most 4")
+            t.join(60)
+            assert busy["r"].status_code == 200 and len(busy["r"].json()["data"]) == 4
+            assert c.post("/v1/embeddings", json={"input": "one more"}).status_code == 200
+    finally:
+        srv.stop()
+        cache.close()
+
+
+def test_engine_failure_fails_requests_not_the_server(serve_checkpoint, monkeypatch):
+    engine = Engine(serve_checkpoint)
+    srv = start_server(engine)
+    try:
+        with srv.client() as c:
+            real_step, calls = engine.step, {"n": 0}
+
+            def flaky():
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise RuntimeError("simulated device error")
+                return real_step()
+
+            monkeypatch.setattr(engine, "step", flaky)
+            _error(c.post("/v1/embeddings", json={"input": ["a", "b"]}), 500, contains="simulated device error")
+            assert not engine.has_unfinished() and engine.stages[0].blocks.reserved == 0
+            ok = c.post("/v1/embeddings", json={"input": ["a", "b"]})
+            assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    finally:
+        srv.stop()
+
+
+def test_json_body_is_openai_shaped(client):
+    r = client.post("/v1/embeddings", json={"input": "shape"})
+    assert r.headers["content-type"] == "application/json"
+    body = json.loads(r.text)
+    assert set(body) == {"object", "data", "model", "usage"} and set(body["data"][0]) == {"object", "index", "embedding"}
+    assert abs(np.linalg.norm(body["data"][0]["embedding"]) - 1) < 1e-5
+
+
+def test_two_model_checkpoint_serves_concurrent_think_and_no_think(make_checkpoint, tmp_path):
+    """Reasoner + embedder: no-think items run on the embedder at once and finish out of arrival order."""
+    reasoner = make_checkpoint("reasoner", seed=7, head="last_token", think_max_tokens=8)
+    embedder = make_checkpoint("embedder", seed=3, head="last_token", mode="two_model", reasoner=str(reasoner), think_max_tokens=8)
+    reference = Engine(embedder)
+    srv = start_server(Engine(embedder), cache=ResultCache(tmp_path / "cache.sqlite"))
+    try:
+        bodies = [{"input": [f"two model {i}"], "think": i % 2 == 0, "return_trace": True} for i in range(8)]
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                return await asyncio.gather(*(c.post("/v1/embeddings", json=b) for b in bodies))
+
+        for round_ in range(2):  # the second round is answered from the cache
+            responses = asyncio.run(run())
+            for i, r in enumerate(responses):
+                assert r.status_code == 200, r.text
+                want = reference.embed([f"two model {i}"], think=i % 2 == 0)
+                assert r.json()["data"][0]["trace"] == want.traces[0]
+                assert cos(r.json()["data"][0]["embedding"], want.embeddings[0]) >= 0.99999
+                assert r.json()["usage"]["trace_tokens"] == (want.usage["trace_tokens"] if round_ == 0 else 0)
+        m = srv.metrics()
+        assert m["tte_queue_depth"] == 0 and m["tte_running_items"] == 0
+        assert m['tte_items_total{source="embedding_cache"}'] == 8
+    finally:
+        srv.stop()

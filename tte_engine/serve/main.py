@@ -1,0 +1,88 @@
+"""`tte-serve`: load a checkpoint, then serve it with uvicorn until SIGINT/SIGTERM.
+
+On SIGINT/SIGTERM uvicorn stops accepting connections and lets in-flight requests finish (up to
+--graceful-timeout seconds); then the engine loop drains and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import TTEError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
+    p.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory, engine directory or alias (default: tiny-random)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $TTE_API_KEY, else open)")
+    p.add_argument("--served-model-name", help="the model name in responses and /v1/models (default: the checkpoint's directory name)")
+    p.add_argument("--max-batch-size", type=int, help="sequences the engine runs together (default: the engine's max_num_seqs, 256)")
+    p.add_argument("--max-queue", type=int, default=1024, help="items waiting beyond the batch before requests get 429 (default 1024)")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
+    p.add_argument("--allow-local-files", nargs="?", const="/", metavar="DIR",
+                   help="accept image paths (under DIR, default anywhere) besides data: URLs")
+    p.add_argument("--cache", nargs="?", const="", metavar="PATH",
+                   help="re-use traces and embeddings from a SQLite cache ($TTE_HOME/cache.sqlite if PATH is left out)")
+    p.add_argument("--think", choices=["on", "off"], help="default for requests that do not say (default: on when the checkpoint has a trace budget)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, help="longest prompt + trace + suffix, in tokens")
+    p.add_argument("--prep-threads", type=int, default=4, help="threads that validate requests and decode images (default 4)")
+    p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from .app import ServerSettings, create_app
+    except ImportError as exc:
+        print(f"tte-serve: error: {exc.name} is missing; install the server extra: pip install 'tte-engine[serve]'", file=sys.stderr)
+        return 2
+    import os
+
+    import torch
+
+    from ..engine import Engine
+    from ..result_cache import ResultCache
+
+    overrides = {k: v for k, v in (("max_num_seqs", args.max_batch_size), ("max_model_len", args.max_model_len)) if v is not None}
+    try:
+        engine = Engine(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype, **overrides)
+        cache = ResultCache(args.cache or None) if args.cache is not None else None
+    except (TTEError, OSError, ValueError) as exc:
+        print(f"tte-serve: error: {exc}", file=sys.stderr)
+        return 2
+    settings = ServerSettings(
+        model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get("TTE_API_KEY") or None,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        local_files_root=Path(args.allow_local_files).resolve() if args.allow_local_files else None,
+        prep_threads=args.prep_threads,
+        think=None if args.think is None else args.think == "on",
+    )
+    app = create_app(engine, settings, cache)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.graceful_timeout)
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful shutdown: end with 0 instead
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
+    logging.getLogger("tte_engine").info("tte-serve stopped")
+    if cache is not None:
+        cache.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
