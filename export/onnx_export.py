@@ -39,6 +39,7 @@ from ..kernels.norms import rms_norm_torch
 from ..model.decoder import DecoderLayer
 from ..model.qwen2_vl import Qwen2VL
 from ..model.rope import prompt_positions, text_inv_freq
+from ..model.vision_tower import rotate_fp32
 
 logger = logging.getLogger("tte_engine")
 
@@ -46,13 +47,6 @@ OPSET = 18
 
 
 # ---------------------------------------------------------------------------------------- pieces
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary, in fp32 like the runtime (kernels.apply_mrope_torch / the vision tower)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-
 class MRopeAngles(nn.Module):
     """cos/sin [T, head_dim] for M-RoPE positions [3, T]: each frequency follows its section's axis."""
 
@@ -79,8 +73,8 @@ def _decoder_layer(layer: DecoderLayer, h, residual, cos, sin):
     t = x.shape[0]
     nh, nkv, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
     q, k, v = layer.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-    q = _rotate(q.reshape(t, nh, hd), cos[:, None], sin[:, None])
-    k = _rotate(k.reshape(t, nkv, hd), cos[:, None], sin[:, None])
+    q = rotate_fp32(q.reshape(t, nh, hd), cos[:, None], sin[:, None])
+    k = rotate_fp32(k.reshape(t, nkv, hd), cos[:, None], sin[:, None])
     v = v.reshape(t, nkv, hd)
     rep = nh // nkv
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -125,7 +119,7 @@ class VisionGraph(nn.Module):
         n = x.shape[0]
         for block in v.blocks:
             q, k, val = block.qkv(block.norm1(x)).reshape(n, 3, block.num_heads, -1).unbind(1)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k = rotate_fp32(q, cos, sin), rotate_fp32(k, cos, sin)
             attn = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], k.transpose(0, 1)[None], val.transpose(0, 1)[None], attn_mask=mask
             )[0].transpose(0, 1)

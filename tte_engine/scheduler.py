@@ -149,13 +149,9 @@ class Scheduler:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every queued and running sequence, returning their blocks; returns what was dropped."""
-        dropped = [s for q in self.waiting for s in q]
-        for q in self.waiting:
-            q.clear()
-        for stage, running in enumerate(self.running):
-            for seq in list(running):
-                self._release(seq, stage)
-                dropped.append(seq)
+        dropped = [s for q in self.waiting for s in q] + [s for r in self.running for s in r]
+        for seq in dropped:
+            self.abort(seq)
         return dropped
 
     def _trace_stop(self, seq: Sequence) -> str | None:

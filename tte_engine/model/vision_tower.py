@@ -23,7 +23,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary computed in fp32 (as transformers does for the vision tower), cast back."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
@@ -45,7 +46,7 @@ class VisionBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)
-        q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+        q, k = rotate_fp32(q, cos[:, None], sin[:, None]), rotate_fp32(k, cos[:, None], sin[:, None])
         outs = [
             F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
             for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens))
