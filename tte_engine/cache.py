@@ -31,8 +31,11 @@ def allocate_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: to
     return KVCache(k=torch.empty(shape, dtype=dtype, device=device), v=torch.empty(shape, dtype=dtype, device=device), hidden=hidden)
 
 
-def blocks_for_budget(budget: float | int | None, per_block: int, device: torch.device) -> int:
-    """Blocks that fit a budget: bytes (int), a fraction of free device memory (float <= 1), or the default."""
+def cache_budget_bytes(budget: float | int | None, device: torch.device) -> int:
+    """Bytes for the KV cache: `budget` in bytes (int), a fraction of free device memory (float <= 1), or the default.
+
+    Call it once the weights are loaded, so "free memory" means what is left for the cache.
+    """
     if budget is None:
         budget = 0.8 if device.type == "cuda" else 1 << 30  # CPU: 1 GiB
     if isinstance(budget, float) and budget <= 1.0:
@@ -40,9 +43,13 @@ def blocks_for_budget(budget: float | int | None, per_block: int, device: torch.
             raise CapacityError("a fractional cache_memory is only meaningful on CUDA; give bytes on CPU")
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * budget)
-    num = int(budget) // per_block
+    return int(budget)
+
+
+def blocks_in(budget_bytes: int, per_block: int) -> int:
+    num = budget_bytes // per_block
     if num < 1:
-        raise CapacityError(f"cache_memory={budget} bytes holds no KV block (one block needs {per_block} bytes)")
+        raise CapacityError(f"a KV cache of {budget_bytes} bytes holds no block (one block needs {per_block} bytes)")
     return num
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .cache import BlockManager, allocate_cache, blocks_for_budget, bytes_per_block
+from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cache_budget_bytes
 from .checkpoint import fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
 from .engine_dir import EngineDir, is_engine_dir
@@ -107,7 +107,9 @@ class Engine:
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
             stage_dirs.insert(0, self._reasoner_dir())
-        self.stages = [self._load_stage(d, embedder=(d == self.checkpoint)) for d in stage_dirs]
+        models = [self._load_model(d, embedder=(d == self.checkpoint)) for d in stage_dirs]
+        share = cache_budget_bytes(self.config.cache_memory, self.device) // len(models)  # two models split the cache
+        self.stages = [self._make_stage(d, m, share) for d, m in zip(stage_dirs, models)]
         self.scheduler = Scheduler(
             [s.blocks for s in self.stages],
             max_num_seqs=self.config.max_num_seqs,
@@ -128,20 +130,22 @@ class Engine:
             raise CheckpointError(f"two_model: the reasoner {path} must share the embedder's image preprocessing")
         return path
 
-    def _load_stage(self, checkpoint: Path, embedder: bool) -> _Stage:
+    def _load_model(self, checkpoint: Path, embedder: bool):
         cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(_read_json(checkpoint / "config.json"))
         if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
         head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
         if self.engine_dir and checkpoint == self.checkpoint:
-            model = self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
-        else:
-            model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
-            load_checkpoint_weights(model, checkpoint, head_cfg)
-            model.finalize()
-        with_hidden = model.head is not None
+            return self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+        model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+        load_checkpoint_weights(model, checkpoint, head_cfg)
+        return model.finalize()
+
+    def _make_stage(self, checkpoint: Path, model, budget_bytes: int) -> _Stage:
+        """Give a loaded model its KV cache (and the mhsa head's source-state cache) and a runner."""
+        cfg, with_hidden = model.cfg, model.head is not None
         per_block = bytes_per_block(cfg, self.config.block_size, self.dtype, with_hidden)
-        num_blocks = blocks_for_budget(self.config.cache_memory, per_block, self.device)
+        num_blocks = blocks_in(budget_bytes, per_block)
         cache = allocate_cache(cfg, num_blocks, self.config.block_size, self.dtype, self.device, with_hidden)
         runner = Runner(model, cache, self.config.block_size, self.prompts.suppressed_ids, self.config.max_vision_patches)
         logger.info("%s: KV cache of %d blocks x %d tokens (%.1f MiB)", checkpoint.name, num_blocks, self.config.block_size, num_blocks * per_block / 2**20)
