@@ -100,3 +100,12 @@ def test_positions_match_transformers_rope_index(make_checkpoint):
     assert torch.equal(ours, ref[:, 0]) and delta == int(ref_delta)
     text_only, d0 = prompt_positions([3, 4, 5], [], cfg.image_token_id, 2)
     assert torch.equal(text_only, torch.arange(3).expand(3, -1)) and d0 == 0
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bombs_are_image_errors():
+    buf = io.BytesIO()
+    Image.new("L", (10000, 10000)).save(buf, format="PNG")  # ~100 KB file, 100M pixels
+    assert len(buf.getvalue()) < 1 << 20
+    with pytest.raises(ImageError, match="decode limit"):
+        load_image(buf.getvalue())

@@ -223,6 +223,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def run(self, seqs: list[Sequence], on_done: Callable[[list[Sequence]], None] | None = None) -> None:
+        """Run already-built sequences to completion on an idle engine; `on_done` sees each step's finished.
+
+        On any error (or Ctrl-C) every sequence is dropped and its blocks freed, so the engine stays usable.
+        """
+        if self.has_unfinished():
+            raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
+        for seq in seqs:
+            self.add_request(seq)
+        try:
+            while self.has_unfinished():
+                done = self.step()
+                if done and on_done is not None:
+                    on_done(done)
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+
     # ------------------------------------------------------------------ public API
     def embed(
         self,
@@ -279,8 +297,6 @@ class Engine:
                     raise
                 seqs.append(exc.reason)
         live = [s for s in seqs if isinstance(s, Sequence)]
-        for s in live:
-            self.add_request(s)
         bar = None
         if progress is True:
             from tqdm.auto import tqdm
@@ -288,13 +304,7 @@ class Engine:
             bar = tqdm(total=len(live), desc="embed" if embed else "think", unit="item")
             progress = bar.update
         try:
-            while self.has_unfinished():
-                done = self.step()
-                if progress and done:
-                    progress(len(done))
-        except BaseException:
-            self.scheduler.abort_all()  # leave the engine usable after an error or Ctrl-C
-            raise
+            self.run(live, on_done=(lambda done: progress(len(done))) if progress else None)
         finally:
             if bar is not None:
                 bar.close()

@@ -24,6 +24,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+# Largest image decoded (8192x8192): bounds the memory one item can take, whatever its file size.
+# The model never sees more than `max_pixels` (about 1M for Qwen2-VL); bigger images are downscaled.
+MAX_DECODE_PIXELS = 1 << 26
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -92,10 +95,13 @@ def load_image(image: Any) -> Image.Image:
             img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
         else:
             raise ImageError(f"unsupported image type {type(image).__name__}")
+        width, height = img.size
+        if width * height > MAX_DECODE_PIXELS:  # checked before decoding: a tiny file can hold a huge image
+            raise ImageError(f"image of {width}x{height} pixels exceeds the {MAX_DECODE_PIXELS} pixel decode limit")
         img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, binascii.Error, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, binascii.Error, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot decode image ({exc})") from exc
     return img if img.mode == "RGB" else img.convert("RGB")
 
