@@ -14,6 +14,11 @@ when every item is done. A killed run loses at most the batch in flight, and re-
 command skips the ids already written. Batches are cut the same way on every run, and the cache
 is written per finished batch, so a resumed run repeats exactly the computation the interrupted
 one lost: its output is identical to an uninterrupted run's.
+
+The run's settings (engine, checkpoint, think, trace budget, instruction) are recorded with the
+results: `PREFIX.parts/manifest.json` while a run is partial, then `PREFIX.manifest.json` next to
+`PREFIX.npy` / `PREFIX.jsonl`, or the metadata of `PREFIX.parquet`. A re-run with other settings is
+refused (OutputConflict) rather than mixing vectors of different settings or models.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from .errors import TTEError
 
 MANIFEST = "manifest.json"
+PARQUET_MANIFEST_KEY = b"tte_engine.manifest"  # the Parquet schema metadata key of a finished run's manifest
 
 
 class OutputConflict(TTEError):
@@ -160,26 +166,62 @@ class Shards:
 
     def __init__(self, directory: Path):
         self.dir = directory
+        self._next: int | None = None  # the next shard's number (found by one listing, on the first write)
 
     def names(self) -> list[str]:
         if not self.dir.is_dir():
             return []
         return sorted(p.stem for p in self.dir.glob("[0-9]*.jsonl") if (self.dir / f"{p.stem}.npy").exists())
 
+    def records(self, name: str) -> list[dict]:
+        return [json.loads(line) for line in (self.dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+
     def load(self, name: str) -> tuple[list[dict], np.ndarray]:
-        records = [json.loads(line) for line in (self.dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
-        return records, np.load(self.dir / f"{name}.npy", mmap_mode="r")
+        return self.records(name), np.load(self.dir / f"{name}.npy", mmap_mode="r")
 
     def write(self, records: list[dict], vectors: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        names = self.names()
-        name = f"{int(names[-1]) + 1 if names else 0:06d}"
+        if self._next is None:
+            names = self.names()
+            self._next = int(names[-1]) + 1 if names else 0
+        name = f"{self._next:06d}"
+        self._next += 1
         _atomic_write(self.dir / f"{name}.npy", lambda f: np.save(f, vectors))
         _atomic_write(self.dir / f"{name}.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
 
 def _final_paths(prefix: Path, fmt: str) -> list[Path]:
     return [Path(f"{prefix}.parquet")] if fmt == "parquet" else [Path(f"{prefix}.npy"), Path(f"{prefix}.jsonl")]
+
+
+def _final_manifest_path(prefix: Path) -> Path:
+    """Where a finished npy run records its settings (a Parquet file carries them in its metadata)."""
+    return Path(f"{prefix}.manifest.json")
+
+
+def _final_files(prefix: Path, fmt: str) -> list[Path]:
+    """A finished run's files: the outputs, and for npy the manifest beside them."""
+    return _final_paths(prefix, fmt) + ([_final_manifest_path(prefix)] if fmt == "npy" else [])
+
+
+def _read_final_manifest(prefix: Path, fmt: str) -> dict | None:
+    """The settings a finished run recorded (None: the files carry none)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(f"{prefix}.parquet").metadata or {}).get(PARQUET_MANIFEST_KEY)
+        return None if raw is None else json.loads(raw)
+    path = _final_manifest_path(prefix)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_manifest(earlier: dict | None, manifest: dict, where: str) -> None:
+    if earlier is None:
+        raise OutputConflict(f"{where} records no settings (no manifest); pass --overwrite, or another --output")
+    if earlier != manifest:
+        changed = sorted(k for k in manifest if earlier.get(k) != manifest[k])
+        raise OutputConflict(f"{where} holds a run with other settings ({', '.join(changed)} differ); "
+                             "re-run with the same settings, or pass --overwrite")
 
 
 def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
@@ -206,22 +248,21 @@ def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards
     finals = _final_paths(prefix, fmt)
     if args.overwrite:
         shutil.rmtree(shards.dir, ignore_errors=True)
-        for p in finals:
+        for p in _final_files(prefix, fmt):
             p.unlink(missing_ok=True)
     if shards.dir.is_dir() and (shards.dir / MANIFEST).exists():
-        earlier = json.loads((shards.dir / MANIFEST).read_text())
-        if earlier != manifest:
-            changed = sorted(k for k in manifest if earlier.get(k) != manifest[k])
-            raise OutputConflict(f"{shards.dir} holds a run with other settings ({', '.join(changed)} differ); "
-                                 "re-run with the same settings, or pass --overwrite")
+        _check_manifest(json.loads((shards.dir / MANIFEST).read_text()), manifest, str(shards.dir))
         return
+    finished = all(p.exists() for p in finals)
+    if finished:  # checked before anything is written: a refused run leaves the output as it was
+        _check_manifest(_read_final_manifest(prefix, fmt), manifest, ", ".join(str(p) for p in finals))
     shards.dir.mkdir(parents=True, exist_ok=True)
     (shards.dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if all(p.exists() for p in finals):  # a finished run: its rows become the first shard
+    if finished:  # a finished run: its rows become the first shard
         records, vectors = _read_final(prefix, fmt)
         shards.write(records, np.ascontiguousarray(vectors, dtype=np.float32))
-        for p in finals:
-            p.unlink()
+        for p in _final_files(prefix, fmt):
+            p.unlink(missing_ok=True)
 
 
 def embed_file(engine, args) -> int:
@@ -245,7 +286,7 @@ def embed_file(engine, args) -> int:
 
     done = set()
     for name in shards.names():
-        records, _ = shards.load(name)
+        records = shards.records(name)
         done |= {_key(r["id"]) for r in records if not (args.retry_errors and r["error"] is not None)}
     pending = [i for i, item_id in enumerate(ids) if _key(item_id) not in done]
     if len(pending) < len(items):
@@ -312,19 +353,21 @@ def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int) -> li
     if missing:
         raise OutputConflict(f"{len(missing)} item(s) have no result in {shards.dir} (e.g. id {missing[0]!r}); re-run to finish them")
     vectors.flush()
+    manifest = json.loads((shards.dir / MANIFEST).read_text())
     if fmt == "parquet":
-        _write_parquet(Path(f"{prefix}.parquet"), records, vectors)
+        _write_parquet(Path(f"{prefix}.parquet"), records, vectors, manifest)
         del vectors
         tmp_npy.unlink()
     else:
         del vectors
         _atomic_write(Path(f"{prefix}.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
         os.replace(tmp_npy, f"{prefix}.npy")
-    shutil.rmtree(shards.dir)
+        _atomic_write(_final_manifest_path(prefix), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    shutil.rmtree(shards.dir)  # last: until it is gone, the parts (and their manifest) are what a re-run resumes from
     return records
 
 
-def _write_parquet(path: Path, records: list[dict], vectors: np.ndarray) -> None:
+def _write_parquet(path: Path, records: list[dict], vectors: np.ndarray, manifest: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -333,6 +376,7 @@ def _write_parquet(path: Path, records: list[dict], vectors: np.ndarray) -> None
     dim = vectors.shape[1]
     table = pa.table({**{k: pa.array(v) for k, v in columns.items()},
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors).reshape(-1)), dim)})
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_MANIFEST_KEY: json.dumps(manifest).encode()})
     _atomic_write(path, lambda f: pq.write_table(table, f))
 
 

@@ -180,21 +180,33 @@ class Engine:
         budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
         if budget < 0:
             raise InvalidInputError(f"max_trace_tokens must be >= 0, got {budget}", index)
+        positions, delta = prompt_positions(prompt.token_ids, [i.grid_thw for i in prompt.images], self.model_cfg.image_token_id, self.model_cfg.vision.spatial_merge_size)
+        return self._sequence(prompt, positions, delta, index, budget=budget, think=think, sampling=sampling or SamplingParams(), embed=embed, tag=tag)
+
+    def with_trace(self, seq: Sequence, trace_ids: list[int], index: int = 0) -> Sequence:
+        """`seq` (not run yet) with a supplied trace instead of a generated one; reuses its prompt,
+        image and positions, so nothing is decoded or tokenized again (result caches use this)."""
+        if not seq.think:
+            raise InvalidInputError("a trace was supplied but think=False", index)
+        prompt = replace(seq.prompt, given_trace_ids=list(trace_ids))
+        return self._sequence(prompt, seq.positions, seq.rope_delta, index, budget=seq.max_trace_tokens, think=True, sampling=seq.sampling, embed=seq.embed, tag=seq.tag)
+
+    def _sequence(self, prompt, positions, rope_delta, index, *, budget, think, sampling, embed, tag) -> Sequence:
+        """A Sequence for a built prompt, once it is known to fit the model and the cache."""
         tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids) + len(prompt.given_trace_ids or [])
         room = self.max_model_len - len(prompt.token_ids) - tail
         if room < 0:
             raise InvalidInputError(
                 f"prompt of {len(prompt.token_ids)} tokens (+{tail} trace/suffix) exceeds the model limit of {self.max_model_len} tokens", index
             )
-        positions, delta = prompt_positions(prompt.token_ids, [i.grid_thw for i in prompt.images], self.model_cfg.image_token_id, self.model_cfg.vision.spatial_merge_size)
         seq = Sequence(
             prompt=prompt,
             positions=positions,
-            rope_delta=delta,
+            rope_delta=rope_delta,
             max_trace_tokens=min(budget, room) if think else 0,
             suffix_ids=self.prompts.suffix_ids,
             think_end_ids=self.prompts.think_end_ids,
-            sampling=sampling or SamplingParams(),
+            sampling=sampling,
             think=think,
             embed=embed,
             tag=tag,

@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ import numpy as np
 from .checkpoint import fingerprint
 from .config import TTE_CONFIG_NAME, TTEConfig
 from .errors import InvalidInputError
-from .inputs import as_query
 from .random_checkpoint import tte_home
 from .sampling import SamplingParams
 from .sequence import Sequence
@@ -203,8 +202,7 @@ def plan_item(engine, item: Any, index: int, *, cache: EngineCache | None = None
     if traced is None:
         return Plan(index, seq=seq, keys=keys)
     trace_ids, reason = traced
-    query = replace(as_query(item, index), trace=trace_ids)
-    return Plan(index, seq=engine.make_sequence(query, index, **settings), keys=keys, cached="trace", trace_stop_reason=reason)
+    return Plan(index, seq=engine.with_trace(seq, trace_ids, index), keys=keys, cached="trace", trace_stop_reason=reason)
 
 
 def finish_item(plan: Plan, seq: Sequence) -> tuple[ItemResult, list, list]:
@@ -224,7 +222,8 @@ def embed_items(engine, items: list[Any], *, cache: EngineCache | None = None, t
                 instruction: str | None = None, sampling: SamplingParams | None = None,
                 progress: Callable[[int], None] | None = None) -> list[ItemResult]:
     """`Engine.embed(errors="return")` with a cache in front; cache rows are written once, at the end
-    (a crash mid-call leaves the cache as it was, so a re-run repeats exactly the same batch)."""
+    (a crash mid-call leaves the cache as it was, so a re-run repeats exactly the same batch, and the
+    engine idle: the next call runs normally)."""
     if engine.has_unfinished():
         raise RuntimeError("the engine is already running requests")
     plans: list[Plan | None] = []
@@ -242,19 +241,19 @@ def embed_items(engine, items: list[Any], *, cache: EngineCache | None = None, t
     answered = sum(r is not None for r in results)
     if progress and answered:
         progress(answered)
-    for plan in plans:
-        if plan is not None and plan.seq is not None:
-            engine.add_request(plan.seq)
     traces, embeddings = [], []
-    while engine.has_unfinished():
-        done = engine.step()
+
+    def on_done(done: list[Sequence]) -> None:
         for seq in done:
             result, t, e = finish_item(plans[seq.tag], seq)
             results[seq.tag] = result
-            traces += t
-            embeddings += e
-        if progress and done:
+            traces.extend(t)
+            embeddings.extend(e)
+        if progress:
             progress(len(done))
+
+    # Engine.run drops every sequence if a step fails, so the engine stays usable for the next call
+    engine.run([p.seq for p in plans if p is not None and p.seq is not None], on_done=on_done)
     if cache is not None:
         cache.cache.put(traces, embeddings)
     return results

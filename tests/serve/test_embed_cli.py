@@ -1,6 +1,7 @@
 """tte-embed: resumable runs (a killed run resumes to exactly the uninterrupted output), the SQLite
 trace/embedding cache (hits generate no trace; a new head re-uses the traces), Parquet output."""
 
+import itertools
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,7 @@ def test_rerun_skips_written_ids_and_new_lines_are_added(corpus, serve_checkpoin
     out = tmp_path / "out"
     shutil.copy(f"{uninterrupted}.npy", f"{out}.npy")
     shutil.copy(f"{uninterrupted}.jsonl", f"{out}.jsonl")
+    shutil.copy(f"{uninterrupted}.manifest.json", f"{out}.manifest.json")
     grown = tmp_path / "grown.jsonl"
     shutil.copy(corpus.parent / "cat.png", tmp_path / "cat.png")
     grown.write_text(corpus.read_text() + json.dumps({"id": "new", "text": "a new line"}) + "\n")
@@ -139,14 +142,14 @@ def test_cache_hits_generate_no_trace(corpus, serve_checkpoint, uninterrupted, t
     assert [r["trace"] for r in records] == [r["trace"] for r in old_records]
     # the same through the library: usage counts no generated trace tokens
     engine = Engine(serve_checkpoint)
-    view = EngineCache(ResultCache(cache), engine)
-    results = embed_items(engine, ["document 0 about cats and dogs ", "not cached yet"], cache=view)
+    with closing(ResultCache(cache)) as store:
+        results = embed_items(engine, ["document 0 about cats and dogs ", "not cached yet"], cache=EngineCache(store, engine))
     assert [r.cached for r in results] == ["embedding", None]
     assert results[0].trace_tokens == 0 and results[1].trace_tokens > 0
     assert usage(results[:1])["trace_tokens"] == 0 and usage(results[:1])["cached_trace_tokens"] == len(results[0].trace_ids)
 
 
-def test_a_new_head_reuses_cached_traces(serve_checkpoint, tmp_path, mixed_items):
+def test_a_new_head_reuses_cached_traces(serve_checkpoint, tmp_path, mixed_items, monkeypatch):
     """Same backbone, other embedding-head weights: the embedding misses, the trace hits (no generation)."""
     other = tmp_path / "other_head"
     shutil.copytree(serve_checkpoint, other)
@@ -154,10 +157,15 @@ def test_a_new_head_reuses_cached_traces(serve_checkpoint, tmp_path, mixed_items
     save_file({k: v.flip(0).contiguous() if v.dim() > 1 else v for k, v in head.items()}, str(other / "embedding_head.safetensors"))
     a, b = Engine(serve_checkpoint), Engine(other)
     assert a.fingerprint != b.fingerprint and trace_fingerprint(a) == trace_fingerprint(b)
-    store = ResultCache(tmp_path / "cache.sqlite")
-    first = embed_items(a, mixed_items, cache=EngineCache(store, a))
-    reused = embed_items(b, mixed_items, cache=EngineCache(store, b))
+    builds = []
+    real_build = b.prompts.build
+    monkeypatch.setattr(b.prompts, "build", lambda *args, **kw: builds.append(1) or real_build(*args, **kw))
+    with closing(ResultCache(tmp_path / "cache.sqlite")) as store:
+        first = embed_items(a, mixed_items, cache=EngineCache(store, a))
+        reused = embed_items(b, mixed_items, cache=EngineCache(store, b))
     assert [r.cached for r in reused] == ["trace"] * len(mixed_items) and sum(r.trace_tokens for r in reused) == 0
+    assert len(builds) == len(mixed_items)  # a trace hit re-uses the item's prompt: no second image decode or tokenization
+    monkeypatch.undo()
     assert [r.trace_ids for r in reused] == [r.trace_ids for r in first]
     assert [r.stop_reason for r in reused] == [r.stop_reason for r in first]
     expected = b.embed(mixed_items)
@@ -166,9 +174,16 @@ def test_a_new_head_reuses_cached_traces(serve_checkpoint, tmp_path, mixed_items
     assert float(torch.cosine_similarity(got, torch.from_numpy(np.stack([r.embedding for r in first]))).max()) < 0.999
 
 
-def test_cache_keys_follow_the_settings(serve_checkpoint, tmp_path):
+@pytest.fixture
+def store(tmp_path):
+    """A fresh cache file, closed after the test."""
+    with closing(ResultCache(tmp_path / "cache.sqlite")) as cache:
+        yield cache
+
+
+def test_cache_keys_follow_the_settings(serve_checkpoint, store):
     engine = Engine(serve_checkpoint)
-    view = EngineCache(ResultCache(tmp_path / "cache.sqlite"), engine)
+    view = EngineCache(store, engine)
     item = "a key test"
     embed_items(engine, [item], cache=view)
 
@@ -187,14 +202,14 @@ def test_cache_keys_follow_the_settings(serve_checkpoint, tmp_path):
 
 def test_cache_is_wal_and_shared_between_connections(serve_checkpoint, tmp_path):
     path = tmp_path / "cache.sqlite"
-    writer, reader = ResultCache(path), ResultCache(path)
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    writer.put([("k", [1, 2, 3], "stop")], [("e", np.ones(4, np.float32), [1, 2, 3], "stop", 1)])
-    assert reader.get_trace("k") == ([1, 2, 3], "stop")
-    emb, ids, reason, n = reader.get_embedding("e")
-    assert emb.tolist() == [1.0] * 4 and ids == [1, 2, 3] and reason == "stop" and n == 1
-    writer.put([("k", [9], None)], [])  # entries are immutable: the first write wins
-    assert reader.get_trace("k") == ([1, 2, 3], "stop")
+    with closing(ResultCache(path)) as writer, closing(ResultCache(path)) as reader, closing(sqlite3.connect(path)) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        writer.put([("k", [1, 2, 3], "stop")], [("e", np.ones(4, np.float32), [1, 2, 3], "stop", 1)])
+        assert reader.get_trace("k") == ([1, 2, 3], "stop")
+        emb, ids, reason, n = reader.get_embedding("e")
+        assert emb.tolist() == [1.0] * 4 and ids == [1, 2, 3] and reason == "stop" and n == 1
+        writer.put([("k", [9], None)], [])  # entries are immutable: the first write wins
+        assert reader.get_trace("k") == ([1, 2, 3], "stop")
 
 
 def test_parquet_output_matches_npy(corpus, serve_checkpoint, uninterrupted, tmp_path):
@@ -223,3 +238,78 @@ def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
     inside.write_text('{"text": "a"}\n')
     assert main([str(inside), "--checkpoint", str(serve_checkpoint), "--output", str(tmp_path / "q"), "--no-cache"]) == 2
     assert "overwrite the input" in capsys.readouterr().err
+
+
+def test_a_failed_step_leaves_the_engine_usable(serve_checkpoint, mixed_items, store, monkeypatch):
+    """One batch's device error raises, writes nothing to the cache, and the next batch runs (a Ray worker lives on)."""
+    engine = Engine(serve_checkpoint)
+    view = EngineCache(store, engine)
+    runner = engine.stages[0].runner
+    real_run, calls = runner.run, itertools.count(1)
+
+    def run_failing_on_the_third_step(step):
+        if next(calls) == 3:  # mid-batch
+            raise RuntimeError("simulated device failure")
+        return real_run(step)
+
+    monkeypatch.setattr(runner, "run", run_failing_on_the_third_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        embed_items(engine, mixed_items, cache=view)
+    assert not engine.has_unfinished() and engine.stages[0].blocks.reserved == 0
+    assert engine.stages[0].blocks.num_free == engine.stages[0].blocks.num_blocks
+    assert store.counts() == {"traces": 0, "embeddings": 0}  # nothing of the failed batch was cached
+    results = embed_items(engine, mixed_items, cache=view)
+    assert [r.error for r in results] == [None] * len(mixed_items) and [r.cached for r in results] == [None] * len(mixed_items)
+    expected = engine.embed(mixed_items)
+    got = torch.from_numpy(np.stack([r.embedding for r in results]))
+    assert float(torch.cosine_similarity(got, expected.embeddings).min()) >= 0.99999
+
+
+def test_a_finished_output_is_taken_over_only_with_the_same_settings(serve_checkpoint, make_checkpoint, reference, tmp_path, capsys):
+    """The settings are recorded next to the final files: another --no-think or checkpoint is refused, not mixed in."""
+    lines = ["a first line about cats", "a second line about dogs"]
+    src, out = tmp_path / "in.txt", tmp_path / "out"
+    src.write_text("\n".join(lines) + "\n")
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0
+    finished = {ext: Path(f"{out}{ext}").read_bytes() for ext in (".npy", ".jsonl")}
+    capsys.readouterr()
+
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 2  # it used to keep the think=True vectors
+    assert "other settings (think differ)" in capsys.readouterr().err
+    manifest = Path(f"{out}.manifest.json")
+    assert not (tmp_path / "out.parts").exists() and json.loads(manifest.read_text())["think"] is True
+    finished[".manifest.json"] = manifest.read_bytes()
+    other = make_checkpoint("reasoner", seed=7, head="last_token", think_max_tokens=8)
+    assert run(src, other, out, "--no-cache") == 2
+    assert "other settings (checkpoint, engine differ)" in capsys.readouterr().err
+    assert {ext: Path(f"{out}{ext}").read_bytes() for ext in finished} == finished  # refused runs leave the output as it was
+    assert not (tmp_path / "out.parts").exists()
+
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0  # the same settings: nothing left to do
+    assert "resuming: 2 of 2" in capsys.readouterr().err
+    assert {ext: Path(f"{out}{ext}").read_bytes() for ext in finished} == finished
+
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think", "--overwrite") == 0
+    vectors, records = read(out)
+    assert json.loads(manifest.read_text())["think"] is False and [r["trace_tokens"] for r in records] == [0, 0]
+    expected = reference.embed(lines, think=False)
+    assert float(torch.cosine_similarity(torch.from_numpy(vectors), expected.embeddings).min()) >= 0.99999
+
+    manifest.unlink()  # finished files that record no settings are not taken over either
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 2
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_a_finished_parquet_output_records_its_settings(serve_checkpoint, tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    src, out = tmp_path / "in.txt", tmp_path / "out"
+    src.write_text("one line\nanother line\n")
+    assert run(src, serve_checkpoint, out, "--no-cache", "--format", "parquet") == 0
+    before = Path(f"{out}.parquet").read_bytes()
+    capsys.readouterr()
+    assert run(src, serve_checkpoint, out, "--no-cache", "--format", "parquet", "--no-think") == 2
+    assert "other settings (think differ)" in capsys.readouterr().err
+    assert Path(f"{out}.parquet").read_bytes() == before
+    assert json.loads(pq.read_schema(f"{out}.parquet").metadata[b"tte_engine.manifest"])["think"] is True
+    assert run(src, serve_checkpoint, out, "--no-cache", "--format", "parquet") == 0
+    assert "resuming: 2 of 2" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 import asyncio
 import base64
 import json
+import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import httpx
 import numpy as np
@@ -12,8 +14,9 @@ import pytest
 import torch
 
 from tte_engine import Engine
-from tte_engine.result_cache import ResultCache
+from tte_engine.result_cache import EngineCache, ResultCache, embed_items
 from tte_engine.serve import ServerSettings
+from tte_engine.serve.protocol import RequestError, resolve_image
 
 from .conftest import data_url, png_bytes, start_server
 
@@ -235,6 +238,7 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "cat.png").write_bytes(images[0])
     (tmp_path / "outside.png").write_bytes(images[0])
+    (tmp_path / "ok" / "link.png").symlink_to(tmp_path / "outside.png")
     settings = ServerSettings(api_key="s3cret", max_queue=2, local_files_root=(tmp_path / "ok").resolve(), prep_threads=2)
     cache = ResultCache(tmp_path / "cache.sqlite")
     srv = start_server(Engine(serve_checkpoint, max_num_seqs=2), settings, cache)
@@ -260,12 +264,17 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
             assert local.status_code == 200
             assert cos(vectors(local.json())[0], reference.embed([{"image": images[0]}]).embeddings[0]) >= 0.99999
             _error(c.post("/v1/embeddings", json={"input": [{"image": str(tmp_path / "outside.png")}]}), 400, "input[0].image", "must lie under")
+            for escape in (str(tmp_path / "ok" / ".." / "outside.png"), str(tmp_path / "ok" / "link.png")):
+                _error(c.post("/v1/embeddings", json={"input": [{"image": escape}]}), 400, "input[0].image", "must lie under")
+            for unusable in (str(tmp_path / "ok" / "cat\x00.png"), "~no-such-tte-user/cat.png"):  # 400, not a 500
+                _error(c.post("/v1/embeddings", json={"input": ["x", {"image": unusable}]}), 400, "input[1].image", "not a usable local image path")
 
             # 429: 2 running + 2 queued fill the server; one more item is refused until they finish
             busy = {}
 
             def occupy():
-                busy["r"] = srv.client(headers=auth).post("/v1/embeddings", json={"input": [f"busy {i}" for i in range(4)], "max_trace_tokens": 40})
+                with srv.client(headers=auth) as busy_client:
+                    busy["r"] = busy_client.post("/v1/embeddings", json={"input": [f"busy {i}" for i in range(4)], "max_trace_tokens": 40})
 
             t = threading.Thread(target=occupy)
             t.start()
@@ -320,7 +329,8 @@ def test_two_model_checkpoint_serves_concurrent_think_and_no_think(make_checkpoi
     reasoner = make_checkpoint("reasoner", seed=7, head="last_token", think_max_tokens=8)
     embedder = make_checkpoint("embedder", seed=3, head="last_token", mode="two_model", reasoner=str(reasoner), think_max_tokens=8)
     reference = Engine(embedder)
-    srv = start_server(Engine(embedder), cache=ResultCache(tmp_path / "cache.sqlite"))
+    cache = ResultCache(tmp_path / "cache.sqlite")
+    srv = start_server(Engine(embedder), cache=cache)
     try:
         bodies = [{"input": [f"two model {i}"], "think": i % 2 == 0, "return_trace": True} for i in range(8)]
 
@@ -341,3 +351,81 @@ def test_two_model_checkpoint_serves_concurrent_think_and_no_think(make_checkpoi
         assert m['tte_items_total{source="embedding_cache"}'] == 8
     finally:
         srv.stop()
+        cache.close()
+
+
+def test_local_image_paths_stay_under_the_root(tmp_path):
+    root = tmp_path / "ok"
+    root.mkdir()
+    (root / "cat.png").write_bytes(b"png")
+    (tmp_path / "outside.png").write_bytes(b"png")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    (root / "up").symlink_to(tmp_path)
+    root = root.resolve()
+    assert resolve_image(str(root / "cat.png"), "p", root) == str(root / "cat.png")
+    assert resolve_image("file://" + str(root / "cat.png"), "p", root) == str(root / "cat.png")
+    refused = {
+        str(root / ".." / "outside.png"): "must lie under",  # traversal
+        str(root / "link.png"): "must lie under",  # a symlink to a file outside
+        str(root / "up" / "outside.png"): "must lie under",  # through a symlinked directory
+        "/etc/passwd": "must lie under",
+        str(root / "cat\x00.png"): "not a usable local image path",  # ValueError: embedded null byte
+        "~no-such-tte-user/cat.png": "not a usable local image path",  # RuntimeError: no such home directory
+    }
+    for url, message in refused.items():
+        with pytest.raises(RequestError) as caught:
+            resolve_image(url, "input[0].image", root)
+        assert caught.value.status == 400 and caught.value.param == "input[0].image" and message in caught.value.message, url
+
+
+def test_a_dead_engine_loop_fails_requests_instead_of_hanging(serve_checkpoint, monkeypatch):
+    """A bug outside the guarded engine step kills the loop thread: the request in flight gets an error, later ones a fast 503."""
+    engine = Engine(serve_checkpoint)
+    srv = start_server(engine)
+    loop = srv.app.state.server.loop
+    try:
+        with srv.client() as c:
+            assert c.post("/v1/embeddings", json={"input": "before"}).status_code == 200
+
+            def broken(done, began):
+                raise RuntimeError("simulated bug in the loop")
+
+            monkeypatch.setattr(loop, "_observe", broken)
+            _error(c.post("/v1/embeddings", json={"input": ["a", "b"]}, timeout=30), 500, contains="simulated bug in the loop")
+            loop._thread.join(10)
+            assert not loop.alive
+            assert not engine.has_unfinished() and engine.stages[0].blocks.reserved == 0
+            start = time.monotonic()
+            _error(c.post("/v1/embeddings", json={"input": "after"}, timeout=30), 503, contains="not running")
+            assert time.monotonic() - start < 5
+            _error(c.get("/health"), 503, contains="not running")
+            m = srv.metrics()
+            assert m["tte_queue_depth"] == 0 and m["tte_running_items"] == 0
+    finally:
+        srv.stop()
+
+
+def test_a_cached_trace_is_reused_by_the_server(serve_checkpoint, reference, tmp_path):
+    """A cached trace with no cached embedding: the server generates no trace and answers what Engine.embed does."""
+    items = ["a trace cached earlier", {"text": "and one with a picture", "image": data_url(png_bytes(50, 70, 9))}]
+    path = tmp_path / "cache.sqlite"
+    with closing(ResultCache(path)) as store:
+        embed_items(reference, items, cache=EngineCache(store, reference))
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DELETE FROM embeddings")  # keep the traces only
+    expected = reference.embed(items)
+    with closing(ResultCache(path)) as cache:
+        srv = start_server(Engine(serve_checkpoint), cache=cache)
+        try:
+            with srv.client() as c:
+                body = c.post("/v1/embeddings", json={"input": items, "return_trace": True}).json()
+            u = body["usage"]
+            assert u["trace_tokens"] == 0 and u["cached_trace_tokens"] == expected.usage["trace_tokens"] > 0
+            assert u["prompt_tokens"] == expected.usage["prompt_tokens"]
+            assert [d["trace"] for d in body["data"]] == expected.traces
+            for got, want in zip(vectors(body), expected.embeddings):
+                assert cos(got, want) >= 0.99999
+            assert srv.metrics()['tte_items_total{source="trace_cache"}'] == 2
+            assert cache.counts() == {"traces": 2, "embeddings": 2}  # the new embeddings were cached
+        finally:
+            srv.stop()

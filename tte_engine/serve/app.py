@@ -248,7 +248,7 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
         except QueueFull as exc:
             raise RequestError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error", headers={"Retry-After": "1"}) from exc
         except ShuttingDown as exc:
-            raise RequestError(503, "the server is shutting down", type="server_error") from exc
+            raise RequestError(503, str(exc) or "the server is shutting down", type="server_error") from exc
         work = asyncio.gather(*futures)
         gone = asyncio.ensure_future(_disconnected(request))
         try:

@@ -25,11 +25,11 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The loop is stopping and takes no new work."""
+    """The loop is stopping (or has died) and takes no new work."""
 
 
 class EngineFailure(Exception):
-    """An engine step raised; the sequences in flight were dropped."""
+    """An engine step raised, or the loop thread died; the sequences in flight were dropped."""
 
 
 @dataclass(eq=False)
@@ -65,6 +65,7 @@ class EngineLoop:
         self._running: dict[int, _Live] = {}  # started: at most the engine's batch, so scanning it each step is cheap
         self._in_flight = 0
         self._stopping = False
+        self._failure: str | None = None  # why the loop thread died, once it has
         self._thread = threading.Thread(target=self._run, name="tte-engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -82,6 +83,8 @@ class EngineLoop:
         """Queue sequences for the engine (call from the event loop); one future per sequence."""
         loop = asyncio.get_running_loop()
         with self._cv:
+            if self._failure is not None or (self._thread.ident is not None and not self._thread.is_alive()):
+                raise ShuttingDown(f"the engine loop is not running ({self._failure or 'it ended'})")
             if self._stopping:
                 raise ShuttingDown()
             if self._in_flight + len(seqs) > self.max_items:
@@ -110,6 +113,34 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the loop thread
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug outside the guarded step: nothing may wait forever on a dead thread
+            logger.exception("the engine loop failed; failing the requests in flight and refusing new ones")
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """Stop taking work and fail every sequence the loop holds (the inbox, queued and running ones)."""
+        reason = f"the engine loop failed: {type(exc).__name__}: {exc}"
+        with self._cv:
+            self._failure, self._stopping = reason, True
+            lost = [*self._inbox, *self._queued.values(), *self._running.values()]
+            self._inbox, self._aborts = [], []
+            self._queued, self._running = {}, {}
+            self._in_flight = 0
+        self.metrics.queue_depth.set(0)
+        self.metrics.running.set(0)
+        try:
+            self.engine.scheduler.abort_all()  # frees the blocks (an engine shared with others stays usable)
+        except Exception:
+            logger.exception("could not drop the engine's sequences")
+        for x in lost:
+            try:
+                x.loop.call_soon_threadsafe(_resolve, x.future, None, EngineFailure(reason))
+            except RuntimeError:  # that event loop is closed: nobody is waiting
+                pass
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._inbox or self._aborts or self._queued or self._running or self._stopping):
@@ -134,8 +165,7 @@ class EngineLoop:
             except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
                 failed = [*self._queued.values(), *self._running.values()]
                 logger.exception("engine step failed; dropping %d sequence(s) in flight", len(failed))
-                for x in failed:
-                    self.engine.abort(x.seq)
+                self.engine.scheduler.abort_all()
                 for x in failed:
                     self._retire(x, None, EngineFailure(f"engine step failed: {exc}"))
                 continue

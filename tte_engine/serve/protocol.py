@@ -71,7 +71,10 @@ def resolve_image(url: str, param: str, local_root: Path | None) -> str:
         raise RequestError(400, "remote images are never fetched: send the image as a data: URL", param)
     if local_root is None:
         raise RequestError(400, "local image paths are disabled (start tte-serve with --allow-local-files); send a data: URL", param)
-    path = Path(url.removeprefix("file://")).expanduser().resolve()
+    try:
+        path = Path(url.removeprefix("file://")).expanduser().resolve()
+    except (ValueError, RuntimeError, OSError) as exc:  # a NUL byte, an unknown ~user, a symlink loop
+        raise RequestError(400, f"not a usable local image path: {exc}", param) from exc
     if not path.is_relative_to(local_root):
         raise RequestError(400, f"local image paths must lie under {local_root}", param)
     return str(path)
