@@ -8,7 +8,6 @@ second full copy in memory.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -61,7 +60,9 @@ def write_weights(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, progre
     def flush():
         nonlocal shard, size
         name = f"weights-{len(files) + 1:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt", "producer": "tte-export"})
+        # one metadata key only: safetensors writes the metadata map in a per-process random order, so
+        # a second key would make the same export's bytes (and its fingerprint) differ from run to run
+        save_file(shard, str(out / name), metadata={"format": "pt"})
         readable(out / name)
         files.append(name)
         shard, size = {}, 0
@@ -116,11 +117,11 @@ def write_engine_dir(
     spec = {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
+        # nothing run-specific here (the export time is in export_report.json): the same export writes the same engine.json
         "producer": {
             "name": "tte-export",
             "tte_engine_version": __version__,
             "torch_version": torch.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
         "architecture": "Qwen2VLForConditionalGeneration",
         "model": model_dict,

@@ -38,7 +38,7 @@ from ..kernels.activations import swiglu_torch
 from ..kernels.norms import rms_norm_torch
 from ..model.decoder import DecoderLayer
 from ..model.qwen2_vl import Qwen2VL
-from ..model.rope import prompt_positions, text_inv_freq
+from ..model.rope import prompt_positions, text_inv_freq, vision_angles, vision_inv_freq, vision_position_ids
 from ..model.vision_tower import rotate_fp32
 
 logger = logging.getLogger("tte_engine")
@@ -105,16 +105,13 @@ class VisionGraph(nn.Module):
         super().__init__()
         self.visual = model.visual
         c = model.visual.cfg
-        quarter = c.head_dim // 2
-        self.register_buffer("inv_freq", 1.0 / (c.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter)), persistent=False)
+        self.register_buffer("inv_freq", vision_inv_freq(c.head_dim, c.rope_theta), persistent=False)
 
     def forward(self, patches: torch.Tensor, pos_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         v, c = self.visual, self.visual.cfg
         x = v.patch_embed(patches)
-        ids = pos_ids.float()
-        freqs = torch.cat([ids[:, :1] * self.inv_freq, ids[:, 1:] * self.inv_freq], dim=-1)
-        freqs = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+        cos, sin = vision_angles(pos_ids, self.inv_freq)
+        cos, sin = cos[:, None], sin[:, None]
         mask = (segment_ids[:, None] == segment_ids[None, :])[None, None]
         n = x.shape[0]
         for block in v.blocks:
@@ -175,19 +172,11 @@ class EmbedGraph(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- inputs
-def vision_position_ids(grids: list[tuple[int, int, int]], merge: int) -> tuple[np.ndarray, np.ndarray]:
+def vision_graph_ids(grids: list[tuple[int, int, int]], merge: int) -> tuple[np.ndarray, np.ndarray]:
     """(pos_ids [N, 2], segment_ids [N]) for packed patches, in the block-major order of the preprocessing."""
-    pos, seg, s = [], [], 0
-    for t, h, w in grids:
-        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        shape = (h // merge, merge, w // merge, merge)
-        hh = hh.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-        ww = ww.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-        for _ in range(t):
-            pos.append(np.stack([hh, ww], axis=-1))
-            seg.append(np.full(h * w, s))
-            s += 1
-    return np.concatenate(pos).astype(np.int64), np.concatenate(seg).astype(np.int64)
+    frames = [h * w for t, h, w in grids for _ in range(t)]
+    seg = torch.repeat_interleave(torch.arange(len(frames)), torch.tensor(frames))
+    return vision_position_ids(grids, merge).numpy(), seg.numpy()
 
 
 def prepare_inputs(engine, item: Any, *, instruction: str | None = None) -> dict[str, dict[str, np.ndarray]]:
@@ -207,7 +196,7 @@ def prepare_inputs(engine, item: Any, *, instruction: str | None = None) -> dict
     out: dict[str, dict[str, np.ndarray]] = {}
     if prompt.images:
         grids = [i.grid_thw for i in prompt.images]
-        pos_ids, seg = vision_position_ids(grids, cfg.vision.spatial_merge_size)
+        pos_ids, seg = vision_graph_ids(grids, cfg.vision.spatial_merge_size)
         out["vision"] = {
             "patches": torch.cat([i.patches for i in prompt.images]).numpy().astype(np.float32),
             "pos_ids": pos_ids,

@@ -8,6 +8,7 @@ written last within the temporary directory).
 
 from __future__ import annotations
 
+import datetime
 import gc
 import importlib.util
 import json
@@ -28,7 +29,7 @@ from ..engine import Engine
 from ..engine_dir import ENGINE_FILE, is_engine_dir
 from ..errors import CheckpointError, ExportError
 from ..model.fp8 import decoder_linear_names, scaled_mm_supported
-from ..random_checkpoint import ARCH_SPECS, SPECS, RandomSpec, build_random_checkpoint, ensure_random_alias, tte_home
+from ..random_checkpoint import ARCH_SPECS, SPECS, ensure_random_alias, ensure_random_checkpoint, random_checkpoint_bytes, tte_home
 from .calibration import accuracy_report, calibration_items, run_calibration
 from .native import copy_aux_files, write_engine_dir
 
@@ -115,6 +116,13 @@ def default_out(name: str, fp8: bool) -> Path:
     return tte_home() / "engines" / (base + ("-fp8" if fp8 else ""))
 
 
+def check_not_inside(source: Path, out: Path) -> None:
+    """Refuse an output directory that holds the source checkpoint (replacing it would delete the source)."""
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise ExportError(f"the checkpoint {source} lies inside the output directory {out}: choose another --out")
+
+
 def prepare_output(out: Path, force: bool) -> Path:
     """Refuse a taken output, make sure its parent is writable; returns the temporary directory to fill."""
     out = out.expanduser().absolute()
@@ -140,22 +148,17 @@ def commit_output(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)  # put the previous export back: a failed export must not cost the old one
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- source
-def _estimate_bytes(spec: RandomSpec, itemsize: int) -> int:
-    d, i, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size or 1024
-    kv = d // spec.num_heads * spec.num_kv_heads
-    layer = d * (d + 2 * kv) + d * d + 3 * d * i
-    e = spec.vision_embed_dim
-    vision = spec.vision_depth * (4 * e * e + 2 * e * e * spec.vision_mlp_ratio) + 16 * e * e + 4 * e * d
-    embed = v * d * (1 if spec.tie_word_embeddings else 2)
-    return itemsize * (embed + spec.num_layers * layer + vision)
-
-
 def resolve_source(opts: ExportOptions, reporter: Reporter) -> tuple[Path, bool]:
     """(checkpoint directory, built with random weights?) for --checkpoint / --random-init."""
     name = opts.checkpoint
@@ -176,11 +179,10 @@ def resolve_source(opts: ExportOptions, reporter: Reporter) -> tuple[Path, bool]
     path = tte_home() / "models" / "random" / f"{name}-seed{opts.seed}"
     if not (path / TTE_CONFIG_NAME).exists():
         spec = ARCH_SPECS[name]
-        shards = max(1, math.ceil(_estimate_bytes(spec, 2) / (2 << 30)))
-        reporter.say(f"building {name} with random weights (seed {opts.seed}, bfloat16, ~{_estimate_bytes(spec, 2) / 2**30:.1f} GiB) in {path}")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_random_checkpoint(tmp, spec, seed=opts.seed, dtype="bfloat16", shards=shards)
-        tmp.rename(path)
+        model_bytes, head_bytes = random_checkpoint_bytes(spec, 2)
+        shards = max(1, math.ceil(model_bytes / (2 << 30)))
+        reporter.say(f"building {name} with random weights (seed {opts.seed}, bfloat16, ~{(model_bytes + head_bytes) / 2**30:.1f} GiB) in {path}")
+        ensure_random_checkpoint(path, spec, seed=opts.seed, dtype="bfloat16", shards=shards)
     return path, True
 
 
@@ -207,6 +209,7 @@ def run_export(opts: ExportOptions, reporter: Reporter | None = None) -> dict[st
     with reporter.step("resolve"):
         source, random_weights = resolve_source(opts, reporter)
     out = (opts.out or default_out(opts.checkpoint, opts.fp8)).expanduser().absolute()
+    check_not_inside(source, out)
     tmp = prepare_output(out, opts.force)
     try:
         summary = _export_into(tmp, out, source, random_weights, targets, opts, reporter)
@@ -235,6 +238,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     runtime_dtype = str(ref.dtype).replace("torch.", "")
     summary: dict[str, Any] = {
         "checkpoint": opts.checkpoint,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": str(source),
         "random_init": random_weights,
         "out": str(out),

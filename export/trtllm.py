@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..engine_dir import ENGINE_FILE, QUANT_FP8, EngineDir
 from ..errors import CheckpointError
 from ..model.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows, quantize_tensor
+from ..model.loader import iter_tensors
 from ..model.qwen2_vl import Qwen2VL
 from .native import readable
 
@@ -211,8 +211,7 @@ def read_checkpoint(trt_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise CheckpointError(f"cannot read {trt_dir / 'config.json'}: {exc}") from exc
     if config.get("mapping", {}).get("world_size", 1) != 1:
         raise CheckpointError(f"{trt_dir}: only single-rank checkpoints are read (world_size 1)")
-    with safe_open(str(trt_dir / "rank0.safetensors"), framework="pt", device="cpu") as handle:
-        src = {name: handle.get_tensor(name) for name in handle.keys()}
+    src = dict(iter_tensors([trt_dir / "rank0.safetensors"]))
 
     def linear(prefix: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = src.pop(prefix + ".weight")
@@ -265,12 +264,8 @@ def to_engine_dir(trt_dir: Path, base: Path, out: Path) -> Path:
                       ("num_key_value_heads", t.num_kv_heads), ("intermediate_size", t.intermediate_size)):
         if config.get(key) != want:
             raise CheckpointError(f"{trt_dir}: {key}={config.get(key)} does not match {base} ({want})")
-    state: dict[str, torch.Tensor] = {}
-    for fname in spec.weight_files:
-        with safe_open(str(base / fname), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                if not name.startswith(("layers.", "embed_tokens.", "lm_head.")) and name != "norm":
-                    state[name] = handle.get_tensor(name)
+    not_lm = lambda name: not name.startswith(("layers.", "embed_tokens.", "lm_head.")) and name != "norm"  # noqa: E731
+    state: dict[str, torch.Tensor] = dict(iter_tensors([base / f for f in spec.weight_files], not_lm))
     stored = getattr(torch, spec.dtype)
     for name, tensor in lm.items():
         if name.startswith("trtllm:"):

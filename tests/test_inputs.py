@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from tte_engine.model.rope import prompt_positions
+from tte_engine.model.rope import prompt_positions, vision_cos_sin, vision_inv_freq, vision_position_ids
 from tte_engine.vision import ImageError, ImageProcessorConfig, load_image, preprocess_image
 
 CFG = ImageProcessorConfig(min_pixels=56 * 56, max_pixels=28 * 28 * 16)
@@ -100,6 +100,25 @@ def test_positions_match_transformers_rope_index(make_checkpoint):
     assert torch.equal(ours, ref[:, 0]) and delta == int(ref_delta)
     text_only, d0 = prompt_positions([3, 4, 5], [], cfg.image_token_id, 2)
     assert torch.equal(text_only, torch.arange(3).expand(3, -1)) and d0 == 0
+
+
+def test_vision_rotary_matches_transformers():
+    """The vision tower's (row, col) ids (block-major over merge windows, repeated per frame) and its cos/sin, bit for bit."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding, get_vision_position_ids
+
+    cfg = Qwen2VLVisionConfig(embed_dim=64, num_heads=4, spatial_merge_size=2)
+    theta, head_dim = cfg.rope_parameters["rope_theta"], 64 // 4
+    rotary = Qwen2VLVisionRotaryEmbedding(cfg)
+    grids = [(1, 6, 10), (2, 4, 4), (1, 14, 2)]
+    ref_ids = get_vision_position_ids(torch.tensor(grids), 2)
+    ids = vision_position_ids(grids, 2)
+    assert ids.dtype == torch.int64 and torch.equal(ids, ref_ids)
+    assert torch.equal(vision_inv_freq(head_dim, theta), rotary.inv_freq)
+    ref_cos, ref_sin = rotary(torch.zeros(1), ref_ids)
+    cos, sin = vision_cos_sin(grids, head_dim, theta, 2)
+    assert cos.shape == (6 * 10 + 2 * 4 * 4 + 14 * 2, head_dim)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -75,19 +75,34 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     )
 
 
+# What an export writes next to the engine that the runtime never loads: the export's own report
+# (timings, the output path, the export time) and the other targets' folders. A fingerprint leaves
+# them out, so re-exporting the same checkpoint with the same options gives the same fingerprint.
+NOT_LOADED_FILES = ("export_report.json",)
+NOT_LOADED_DIRS = ("onnx", "trtllm")
+
+
 def fingerprint(path: str | Path, *, sample_bytes: int = 1 << 16, samples: int = 32, exclude: tuple[str, ...] = ()) -> str:
     """A content hash of a checkpoint directory, cheap enough to take on every load.
 
     Files up to 16 MiB are hashed whole; larger ones (weights) by their size plus `samples`
     evenly spaced windows of `sample_bytes`, which tells apart any two real or random checkpoints.
-    `exclude` names files (relative paths) left out, e.g. the embedding head for a trace cache key.
+    `exclude` names files (relative paths) left out, e.g. the embedding head for a trace cache key;
+    the export artefacts in NOT_LOADED_FILES and the top-level NOT_LOADED_DIRS are always left out.
     """
     import hashlib
 
+    root = Path(path)
+
+    def hashed(f: Path) -> bool:
+        rel = f.relative_to(root)
+        return (f.is_file() and rel.as_posix() not in exclude and rel.as_posix() not in NOT_LOADED_FILES
+                and not (len(rel.parts) > 1 and rel.parts[0] in NOT_LOADED_DIRS))
+
     h = hashlib.blake2b(digest_size=16)
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in exclude):
+    for f in sorted(p for p in root.rglob("*") if hashed(p)):
         size = f.stat().st_size
-        h.update(f"{f.relative_to(path)}\0{size}\0".encode())
+        h.update(f"{f.relative_to(root)}\0{size}\0".encode())
         with open(f, "rb") as handle:
             if size <= 16 << 20:
                 h.update(handle.read())

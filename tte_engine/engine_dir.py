@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .config import HeadConfig, ModelConfig, TTEConfig
 from .errors import CheckpointError
 from .model.fp8 import FP8_DTYPE, swap_in_fp8
+from .model.loader import check_complete, iter_tensors
 from .model.qwen2_vl import Qwen2VL
 
 logger = logging.getLogger("tte_engine")
@@ -117,22 +117,17 @@ class EngineDir:
             expected.pop("lm_head.weight", None)
         state: dict[str, torch.Tensor] = {}
         for fname in self.weight_files:
-            with safe_open(str(self.path / fname), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    if name not in expected:
-                        raise CheckpointError(f"{self.path / fname}: unexpected tensor {name}")
-                    tensor = handle.get_tensor(name)
-                    want = expected[name]
-                    if tuple(tensor.shape) != tuple(want.shape):
-                        raise CheckpointError(f"{self.path / fname}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
-                    # fp8 weights and their fp32 scales keep their dtype; everything else runs in `dtype`
-                    target = want.dtype if want.dtype in (FP8_DTYPE, torch.float32) and tensor.dtype == want.dtype else dtype
-                    if want.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
-                        raise CheckpointError(f"{self.path / fname}: {name} should be float8_e4m3fn, got {tensor.dtype}")
-                    state[name] = tensor.to(device=device, dtype=target)
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise CheckpointError(f"{self.path}: {len(missing)} weight(s) missing: {shown}")
+            for name, tensor in iter_tensors([self.path / fname]):
+                if name not in expected:
+                    raise CheckpointError(f"{self.path / fname}: unexpected tensor {name}")
+                want = expected[name]
+                if tuple(tensor.shape) != tuple(want.shape):
+                    raise CheckpointError(f"{self.path / fname}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}")
+                # fp8 weights and their fp32 scales keep their dtype; everything else runs in `dtype`
+                target = want.dtype if want.dtype in (FP8_DTYPE, torch.float32) and tensor.dtype == want.dtype else dtype
+                if want.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
+                    raise CheckpointError(f"{self.path / fname}: {name} should be float8_e4m3fn, got {tensor.dtype}")
+                state[name] = tensor.to(device=device, dtype=target)
+        check_complete(set(expected), set(state), str(self.path))
         model.load_state_dict(state, strict=not tied, assign=True)
         return model.finalize()

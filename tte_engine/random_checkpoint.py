@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig, TextConfig, VisionConfig
+from .config import TTE_CONFIG_NAME, ModelConfig, TextConfig, VisionConfig
+from .errors import CheckpointError
 from .model.names import checkpoint_shapes, head_shapes
 
 logger = logging.getLogger("tte_engine")
@@ -178,6 +181,21 @@ def model_config_for(spec: RandomSpec, vocab_size: int, token_ids: dict[str, int
     )
 
 
+def random_checkpoint_bytes(spec: RandomSpec, itemsize: int) -> tuple[int, int]:
+    """(bytes of the model weights, bytes of the mhsa head's weight file) of a checkpoint built from `spec`.
+
+    Without `spec.vocab_size` the vocabulary comes from the tokenizer, which is not built here; the
+    estimate then assumes 1024 tokens (the tiny BPE vocabulary is smaller).
+    """
+    ids = {s: i for i, s in enumerate(SPECIAL_TOKENS)}  # only shapes matter here
+    cfg = model_config_for(spec, spec.vocab_size or 1024, ids)
+
+    def nbytes(shapes: dict[str, tuple[int, ...]]) -> int:
+        return itemsize * sum(math.prod(shape) for shape in shapes.values())
+
+    return nbytes(checkpoint_shapes(cfg)), nbytes(head_shapes(cfg, spec.head_layers)) if spec.head == "mhsa" else 0
+
+
 def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int], dtype: str, layout: str) -> dict:
     """config.json in the flat hub layout ("hub") or the nested transformers-5 layout ("transformers5")."""
     t, v = cfg.text, cfg.vision
@@ -335,18 +353,34 @@ def build_random_checkpoint(
     return path
 
 
+def ensure_random_checkpoint(path: str | Path, spec: RandomSpec, *, seed: int = 0, dtype: str = "float32", shards: int = 1) -> Path:
+    """The random checkpoint at `path`, built there first if it is not complete yet.
+
+    It is built in a temporary sibling directory, removed again whatever stops the build (an error,
+    Ctrl-C), and renamed into place only when complete; if another process finished the same
+    checkpoint first, its copy is kept (same spec and seed: the same bytes) and ours dropped.
+    """
+    path = Path(path)
+    if (path / TTE_CONFIG_NAME).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        build_random_checkpoint(tmp, spec, seed=seed, dtype=dtype, shards=shards)
+        try:
+            tmp.rename(path)  # atomic; fails if another builder's complete directory is already there
+        except OSError as exc:
+            if not (path / TTE_CONFIG_NAME).exists():
+                raise CheckpointError(f"cannot move the built checkpoint into {path}: {exc.strerror or exc}") from exc
+            logger.info("%s was built by another process meanwhile; keeping its copy", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return path
+
+
 def ensure_random_alias(name: str) -> Path:
     """Build a named random checkpoint under $TTE_HOME/models on first use (seeded, so identical everywhere)."""
     path = tte_home() / "models" / name
-    if (path / "tte_config.json").exists():
-        return path
-    logger.info("building the %s checkpoint in %s (first use)", name, path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    build_random_checkpoint(tmp, SPECS[name], seed=0)
-    if path.exists():  # another process won the race; its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp)
-    else:
-        tmp.replace(path)
-    return path
+    if not (path / TTE_CONFIG_NAME).exists():
+        logger.info("building the %s checkpoint in %s (first use)", name, path)
+    return ensure_random_checkpoint(path, SPECS[name], seed=0)

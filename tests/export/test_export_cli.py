@@ -154,3 +154,75 @@ def _numel(shape):
     for s in shape:
         n *= s
     return n
+
+
+def test_checkpoint_inside_the_output_is_refused(make_checkpoint, tmp_path):
+    """--out holding the source checkpoint is refused even with --force (replacing it would delete the source)."""
+    out = tmp_path / "out"
+    shutil.copytree(make_checkpoint("inside", head="last_token"), out / "ckpt")
+    for source in (out / "ckpt", out / "ckpt" / ".." / "ckpt"):
+        with pytest.raises(ExportError, match="lies inside the output directory") as exc:
+            run_export(ExportOptions(checkpoint=str(source), out=out, force=True, calibration=0))
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ExportError, match="lies inside the output directory"):
+        run_export(ExportOptions(checkpoint=str(out / "ckpt"), out=out / "ckpt", force=True, calibration=0))
+    assert (out / "ckpt" / "tte_config.json").is_file() and (out / "ckpt" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["ckpt"]
+
+
+def test_a_failed_commit_puts_the_old_export_back(tmp_path):
+    from tte_engine.export.pipeline import commit_output
+
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "engine.json").write_text("old")
+    with pytest.raises(OSError):
+        commit_output(tmp_path / ".engine.tmp-missing", out)  # the rename of the new export fails
+    assert (out / "engine.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["engine"]
+    new = tmp_path / ".engine.tmp-1"
+    new.mkdir()
+    (new / "engine.json").write_text("new")
+    commit_output(new, out)
+    assert (out / "engine.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_random_checkpoint_builds_clean_up_and_tolerate_a_concurrent_builder(tmp_path, monkeypatch):
+    """--random-init / random aliases build into a temporary sibling: removed on failure or Ctrl-C, dropped if another process won."""
+    import tte_engine.random_checkpoint as rc
+
+    target = tmp_path / "models" / "random" / "unified-2b-seed0"
+    spec = rc.ARCH_SPECS["unified-2b"]
+
+    def interrupted(path, *_a, **_k):
+        path.mkdir(parents=True)
+        (path / "model-00001-of-00003.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rc, "build_random_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rc.ensure_random_checkpoint(target, spec, seed=0, dtype="bfloat16", shards=3)
+    assert list(target.parent.iterdir()) == []
+
+    def loses_the_race(path, *_a, **_k):
+        for d, text in ((path, "ours"), (target, "theirs")):  # the other process finishes while we build
+            d.mkdir(parents=True)
+            (d / "tte_config.json").write_text(text)
+
+    monkeypatch.setattr(rc, "build_random_checkpoint", loses_the_race)
+    assert rc.ensure_random_checkpoint(target, spec, seed=0, dtype="bfloat16", shards=3) == target
+    assert (target / "tte_config.json").read_text() == "theirs" and [p.name for p in target.parent.iterdir()] == [target.name]
+    monkeypatch.setattr(rc, "build_random_checkpoint", interrupted)  # complete already: nothing is built again
+    assert rc.ensure_random_checkpoint(target, spec) == target
+
+
+def test_random_init_goes_through_the_safe_builder(monkeypatch):
+    """--random-init unified-2b: built (bf16, sharded by its parameter count) by ensure_random_checkpoint, not built twice."""
+    import tte_engine.export.pipeline as pipeline
+    from tte_engine.random_checkpoint import ARCH_SPECS, tte_home
+
+    calls, said = [], []
+    monkeypatch.setattr(pipeline, "ensure_random_checkpoint", lambda path, spec, **kw: calls.append((path, spec, kw)) or path)
+    path, random_weights = pipeline.resolve_source(ExportOptions(checkpoint="unified-2b", random_init=True, seed=3), pipeline.Reporter(say=said.append))
+    assert random_weights and path == tte_home() / "models" / "random" / "unified-2b-seed3"
+    assert calls == [(path, ARCH_SPECS["unified-2b"], {"seed": 3, "dtype": "bfloat16", "shards": 3})]  # 4.1 GiB of model weights
+    assert len(said) == 1 and "~4.8 GiB" in said[0]  # + the 8-layer mhsa head

@@ -74,10 +74,61 @@ def test_accuracy_report(fp8_all_export):
     # numerics: the FP8 engine given the same traces, and without traces
     assert acc["cosine"]["mean"] >= 0.99 and acc["cosine_no_think"]["mean"] >= 0.99
     assert acc["cosine"]["min"] <= acc["cosine"]["mean"] < 1.0  # it really is a quantized model
-    for key in ("trace_exact_match", "trace_token_agreement", "retrieval_top1_agreement"):
-        assert 0.0 <= acc[key] <= 1.0
-    assert -1.0 <= acc["cosine_end_to_end"]["min"] <= acc["cosine_end_to_end"]["mean"] <= 1.0
+    assert acc["cosine_no_think"]["min"] <= acc["cosine_no_think"]["mean"] < 1.0
+    assert acc["cosine_end_to_end"]["min"] <= acc["cosine_end_to_end"]["mean"]
+    for key in ("trace_exact_match", "retrieval_top1_agreement"):  # shares of the 4 items
+        assert acc[key] * 4 == round(acc[key] * 4) and 0 <= acc[key] <= 1, (key, acc[key])
+    # an identical trace agrees on every token, so token agreement is at least the exact-match share
+    assert acc["trace_exact_match"] <= acc["trace_token_agreement"] <= 1
+    if acc["trace_exact_match"] == 1:  # then "own traces" are the reference's traces
+        assert acc["cosine_end_to_end"]["mean"] >= 0.99
     assert "embedding cosine, same traces" in proc.stdout and "retrieval top-1 agreement" in proc.stdout
+
+
+def test_accuracy_report_figures_are_computed_from_the_runs():
+    """Each figure of the report recomputed from the embeddings and traces it was given."""
+    from tte_engine.export.calibration import CalibrationRun, accuracy_report
+
+    gen = torch.Generator().manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)  # noqa: E731
+    ref = CalibrationRun(unit(4, 32), [[1, 2, 3], [4, 5], [6], []], unit(4, 32), None)
+    ref.on_reference_traces = ref.embeddings
+    noisy = lambda x: torch.nn.functional.normalize(x + 0.05 * torch.randn(x.shape, generator=gen), dim=-1)  # noqa: E731
+    test = CalibrationRun(noisy(ref.embeddings), [[1, 2, 3], [4, 7], [6, 8], []], noisy(ref.plain), noisy(ref.embeddings))
+    rep = accuracy_report(ref, test)
+    cos = (ref.embeddings * test.on_reference_traces).sum(-1)
+    assert rep["items"] == 4
+    assert rep["cosine"] == {"min": float(cos.min()), "mean": float(cos.mean())}
+    assert rep["cosine"]["min"] < rep["cosine"]["mean"] < 1.0
+    assert rep["cosine_end_to_end"]["mean"] == float((ref.embeddings * test.embeddings).sum(-1).mean())
+    assert rep["cosine_no_think"]["min"] == float((ref.plain * test.plain).sum(-1).min())
+    assert rep["trace_exact_match"] == 0.5  # items 0 and 3 (both empty)
+    assert rep["trace_token_agreement"] == (1 + 1 / 2 + 1 / 2 + 1) / 4
+    top_ref, top_test = (ref.embeddings @ ref.plain.T).argmax(-1), (test.embeddings @ test.plain.T).argmax(-1)
+    assert rep["retrieval_top1_agreement"] == float((top_ref == top_test).float().mean())
+
+
+def test_fp8_linear_decides_the_matmul_path_once(monkeypatch):
+    """The tensor-core check (a device capability query) runs on the first forward, not on every call."""
+    import tte_engine.model.fp8 as fp8_mod
+
+    calls = []
+
+    def supported(device):
+        calls.append(device)
+        return False
+
+    monkeypatch.setattr(fp8_mod, "scaled_mm_supported", supported)
+    fp8 = Fp8Linear.from_linear(nn.Linear(64, 32))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    first = fp8(x)
+    for _ in range(3):
+        assert torch.equal(fp8(x), first)
+    assert calls == [torch.device("cpu")]
+    fp8(x.float())  # another dtype: decided for it (fp32 never takes the tensor cores: no device query needed)
+    fp8(x)
+    assert calls == [torch.device("cpu")]
+    assert fp8._auto_scaled_mm == {(torch.device("cpu"), torch.bfloat16): False, (torch.device("cpu"), torch.float32): False}
 
 
 def test_fp8_engine_runs_on_cpu_close_to_float(fp8_all_export, float_engine, mixed_items):

@@ -135,3 +135,21 @@ def test_bf16_export_halves_the_weights_and_still_runs(cli, native_export, float
     res = eng.embed(mixed_items, think=False)
     ref = float_engine.embed(mixed_items, think=False)
     assert _row_cos(res.embeddings, ref.embeddings).min() >= 0.999
+
+
+def test_reexporting_gives_the_same_fingerprint(native_export, tmp_path):
+    """Nothing run-specific goes into what the runtime loads: the same checkpoint and options give the same fingerprint."""
+    from tte_engine.export.pipeline import ExportOptions, run_export
+
+    first, _ = native_export  # tte-export --checkpoint tiny-random --calibration 0 (native target)
+    again = tmp_path / "again"
+    summary = run_export(ExportOptions(checkpoint="tiny-random", out=again, calibration=0))
+    assert fingerprint(again) == fingerprint(first)
+    assert "created" in summary and "created" not in json.loads((again / "engine.json").read_text())["producer"]
+    # the export's report and the other targets' folders are not part of it; what the runtime loads is
+    (again / "export_report.json").write_text("{}")
+    (again / "onnx").mkdir()
+    (again / "onnx" / "vision.onnx").write_bytes(b"graph")
+    assert fingerprint(again) == fingerprint(first)
+    (again / "tokenizer_config.json").write_text((again / "tokenizer_config.json").read_text() + " ")
+    assert fingerprint(again) != fingerprint(first)

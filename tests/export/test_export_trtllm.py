@@ -112,10 +112,21 @@ def test_fp8_per_channel_round_trips_bit_exactly(fp8_all_export, mixed_items, tm
     assert "the engine was NOT built" in proc.stdout
 
 
-def test_fp8_per_tensor_and_kv_cache_scales(tmp_path, float_engine, mixed_items):
+def test_fp8_per_tensor_and_kv_cache_scales(tmp_path, float_engine, mixed_items, monkeypatch):
     """quant_algo FP8: per-tensor weights_scaling_factor and static activation_scaling_factor, plus FP8 KV scales."""
+    import tte_engine.export.trtllm as trtllm
+
+    recorded = []  # the calibration's statistics, as the export collected them
+
+    class RecordingStats(trtllm.ActivationStats):
+        def __init__(self, model):
+            super().__init__(model)
+            recorded.append(self)
+
+    monkeypatch.setattr(trtllm, "ActivationStats", RecordingStats)
     out = tmp_path / "pt"
     run_export(ExportOptions(checkpoint="tiny-random", out=out, target="trtllm", fp8=True, kv_cache_fp8=True, calibration=2))
+    [stats] = recorded
     assert not (out / "engine.json").exists()  # trtllm only: no native engine at the root
     trt = out / "trtllm"
     cfg = json.loads((trt / "config.json").read_text())
@@ -130,6 +141,16 @@ def test_fp8_per_tensor_and_kv_cache_scales(tmp_path, float_engine, mixed_items)
         assert scale.shape == (1,) and torch.equal(scale, (weight.abs().amax() / FP8_MAX).reshape(1))
         assert raw[p + "weight"].dtype == FP8_DTYPE
         assert raw[p + "activation_scaling_factor"].shape == (1,) and raw[p + "activation_scaling_factor"] > 0
+    model_linears = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert set(stats.inputs) == {f"layers.{i}.{a}" for i in range(len(model.layers)) for a in model_linears}
+    assert set(stats.kv) == set(range(len(model.layers)))
+    for i in range(len(model.layers)):
+        p = f"transformer.layers.{i}."
+        for name, attr in (("attention.qkv", "qkv_proj"), ("attention.dense", "o_proj"), ("mlp.fc", "gate_up_proj"),
+                           ("mlp.gate", "gate_up_proj"), ("mlp.proj", "down_proj")):
+            amax = stats.inputs[f"layers.{i}.{attr}"]
+            assert amax > 0 and torch.equal(raw[p + name + ".activation_scaling_factor"], torch.tensor([amax / FP8_MAX])), (i, name)
+        assert stats.kv[i] > 0 and torch.equal(raw[p + "attention.kv_cache_scaling_factor"], torch.tensor([stats.kv[i] / FP8_MAX])), i
     assert raw["transformer.layers.1.attention.kv_cache_scaling_factor"] > 0
     _, ours = read_checkpoint(trt)
     fc_scale, gate_scale = raw["transformer.layers.0.mlp.fc.weights_scaling_factor"], raw["transformer.layers.0.mlp.gate.weights_scaling_factor"]

@@ -67,7 +67,8 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.quantize_activations = True
-        self.use_scaled_mm: bool | None = None  # None: decide per call from the device
+        self.use_scaled_mm: bool | None = None  # None: decided from the input's device and dtype (once per pair)
+        self._auto_scaled_mm: dict[tuple[torch.device, torch.dtype], bool] = {}  # those decisions, cached
         self._cpu_weight: torch.Tensor | None = None  # dequantized weight, cached on CPU only
 
     @classmethod
@@ -93,12 +94,14 @@ class Fp8Linear(nn.Module):
     def _tensor_cores(self, x: torch.Tensor) -> bool:
         if self.use_scaled_mm is not None:
             return self.use_scaled_mm
-        return (
-            x.dtype == torch.bfloat16
-            and scaled_mm_supported(x.device)
-            and self.in_features % 16 == 0
-            and self.out_features % 16 == 0
-        )
+        key = (x.device, x.dtype)
+        use = self._auto_scaled_mm.get(key)
+        if use is None:
+            # decided on the first forward with this device and dtype: querying the device
+            # capability on every call of every linear would cost host time on every step
+            use = x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and self.out_features % 16 == 0 and scaled_mm_supported(x.device)
+            self._auto_scaled_mm[key] = use
+        return use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

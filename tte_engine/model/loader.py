@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -100,13 +100,15 @@ def safetensors_files(checkpoint: Path) -> list[Path]:
     raise CheckpointError(f"{checkpoint}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(files: list[Path], select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in the safetensors `files`, read one at a time (only those `select` keeps)."""
     for f in files:
         if not f.exists():
             raise CheckpointError(f"missing weight shard {f}")
         with safe_open(str(f), framework="pt", device="cpu") as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                if select is None or select(name):
+                    yield name, handle.get_tensor(name)
 
 
 def _part_bounds(model: Qwen2VL, param: str, part: int) -> tuple[int, int]:
@@ -157,8 +159,19 @@ def _expected(model: Qwen2VL, prefix_filter) -> set[tuple[str, int | None]]:
     return out
 
 
-def _check_complete(expected: set, filled: set, source: str) -> None:
-    missing = sorted(f"{p}" + ("" if part is None else f"[part {part}]") for p, part in expected - filled)
+def _weight_label(key: str | tuple[str, int | None]) -> str:
+    if isinstance(key, str):
+        return key
+    name, part = key
+    return name + ("" if part is None else f"[part {part}]")
+
+
+def check_complete(expected: set, filled: set, source: str) -> None:
+    """Raise a CheckpointError naming the weights of `expected` not in `filled`.
+
+    Elements are parameter names, or (name, part of a fused parameter or None) pairs.
+    """
+    missing = sorted(_weight_label(key) for key in expected - filled)
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{source}: {len(missing)} weight(s) missing: {shown}")
@@ -182,10 +195,10 @@ def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConf
 
     filled = copy_tensors(model, iter_tensors(safetensors_files(checkpoint)), resolve, source)
     not_head = lambda n: not n.startswith("head.") and not (tied and n == "lm_head.weight")  # noqa: E731
-    _check_complete(_expected(model, not_head), filled, source)
+    check_complete(_expected(model, not_head), filled, source)
     if model.head is not None:
         head_file = checkpoint / head_cfg.weights
         if not head_file.exists():
             raise CheckpointError(f"{checkpoint}: the mhsa head's weights {head_cfg.weights} are missing")
         filled = copy_tensors(model, iter_tensors([head_file]), head_target_of, str(head_file))
-        _check_complete(_expected(model, lambda n: n.startswith("head.")), filled, str(head_file))
+        check_complete(_expected(model, lambda n: n.startswith("head.")), filled, str(head_file))

@@ -43,14 +43,18 @@ def text_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def vision_cos_sin(grids: list[tuple[int, int, int]], head_dim: int, theta: float, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [num_patches, head_dim] for the vision tower's axial (h, w) rotary.
+def vision_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies of the vision tower's axial rotary: head_dim / 4 of them, shared by the row and column axes
+    (each axis rotates half the head, so they are the 1-D rotary's over head_dim / 2)."""
+    return text_inv_freq(head_dim // 2, theta)
+
+
+def vision_position_ids(grids: list[tuple[int, int, int]], merge_size: int) -> torch.Tensor:
+    """(row, col) [num_patches, 2] int64 of packed patches (every frame of every grid, in order).
 
     Patches are laid out block-major over merge windows, so the (row, col) ids are permuted the
     same way the preprocessing permuted the pixels.
     """
-    quarter = head_dim // 2
-    inv_freq = 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
     rows = []
     for t, h, w in grids:
         hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -58,7 +62,18 @@ def vision_cos_sin(grids: list[tuple[int, int, int]], head_dim: int, theta: floa
         hh = hh.reshape(shape).transpose(1, 2).flatten()
         ww = ww.reshape(shape).transpose(1, 2).flatten()
         rows.append(torch.stack([hh, ww], dim=-1).repeat(t, 1))
-    ids = torch.cat(rows).float()  # [N, 2]
+    return torch.cat(rows)
+
+
+def vision_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, head_dim] for (row, col) ids [N, 2]: angles [:head_dim/4] follow the row, [head_dim/4:head_dim/2] the
+    column, and the second half repeats the first (rotate-half pairs)."""
+    ids = position_ids.float()
     freqs = torch.cat([ids[:, :1] * inv_freq, ids[:, 1:] * inv_freq], dim=-1)  # [N, head_dim/2]
     freqs = torch.cat([freqs, freqs], dim=-1)
     return freqs.cos(), freqs.sin()
+
+
+def vision_cos_sin(grids: list[tuple[int, int, int]], head_dim: int, theta: float, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [num_patches, head_dim] for the vision tower's axial (h, w) rotary over packed patches."""
+    return vision_angles(vision_position_ids(grids, merge_size), vision_inv_freq(head_dim, theta))
