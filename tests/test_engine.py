@@ -247,3 +247,18 @@ def test_triton_kernels_drive_the_engine_like_the_references(make_checkpoint, mi
     assert res.trace_token_ids == ref.trace_token_ids
     for i in range(len(items)):
         assert cosine(res.embeddings[i], ref.embeddings[i]) >= 0.99999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_matches_cpu(make_checkpoint, mixed_items):
+    """On a GPU: the Triton path in fp32 reproduces the CPU references; bf16 stays close."""
+    path = make_checkpoint("engine", think_max_tokens=10)
+    cpu = Engine(path).embed(mixed_items)
+    gpu = Engine(path, device="cuda", dtype="float32").embed(mixed_items)
+    assert gpu.trace_token_ids == cpu.trace_token_ids
+    for i in range(len(mixed_items)):
+        assert cosine(gpu.embeddings[i], cpu.embeddings[i]) >= 0.99999
+    plain_cpu = Engine(path).embed(mixed_items, think=False)
+    plain_bf16 = Engine(path, device="cuda", dtype="bfloat16").embed(mixed_items, think=False)
+    for i in range(len(mixed_items)):
+        assert cosine(plain_bf16.embeddings[i], plain_cpu.embeddings[i]) >= 0.99
