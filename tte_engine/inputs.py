@@ -66,7 +66,7 @@ def as_query(item: Any, index: int) -> Query:
 
 def _single_or_sequence(tokenizer, text: str) -> list[int]:
     ids = tokenizer.convert_tokens_to_ids(text)
-    if isinstance(ids, int) and ids != tokenizer.unk_token_id and ids is not None:
+    if isinstance(ids, int) and ids != tokenizer.unk_token_id:
         return [ids]
     return tokenizer(text, add_special_tokens=False).input_ids
 

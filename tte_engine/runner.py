@@ -52,18 +52,23 @@ class Runner:
 
     def _encode_images(self, seqs: list[Sequence]) -> None:
         """Run the vision tower over the images of `seqs`, a bounded number of patches per call."""
-        pending = list(seqs)
+        pending = [(seq, sum(i.patches.shape[0] for i in seq.prompt.images)) for seq in seqs]
         while pending:
             group, patches = [], 0
-            while pending and (not group or patches + sum(i.patches.shape[0] for i in pending[0].prompt.images) <= self.max_vision_patches):
-                seq = pending.pop(0)
+            while pending and (not group or patches + pending[0][1] <= self.max_vision_patches):
+                seq, count = pending.pop(0)
                 group.append(seq)
-                patches += sum(i.patches.shape[0] for i in seq.prompt.images)
+                patches += count
             images = [img for s in group for img in s.prompt.images]
             pixels = torch.cat([img.patches for img in images]).to(self.device)
             merged = self.model.encode_images(pixels, [img.grid_thw for img in images])
             for seq, part in zip(group, merged.split([sum(i.num_tokens for i in s.prompt.images) for s in group])):
                 seq.image_embeds = part
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1 of a sequence with block table `table`."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _pack(self, step: Step) -> StepBatch:
         ids, positions, slots, image_rows = [], [], [], []
@@ -73,8 +78,7 @@ class Runner:
             chunk = seq.token_ids[start:end]
             ids += chunk
             positions.append(seq.positions_for(start, end))
-            table, bs = seq.block_table, self.block_size
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += self._slots(seq.block_table, start, end)
             if step.is_prefill and seq.image_embeds is not None and start < seq.num_prompt_tokens:
                 first = seq.token_ids[:start].count(image_token)
                 image_rows.append(seq.image_embeds[first : first + chunk.count(image_token)])
@@ -103,11 +107,10 @@ class Runner:
     def _pool_mhsa(self, seqs: list[Sequence]) -> torch.Tensor:
         """Gather each finished sequence's stored source-layer states and run the head over them."""
         hidden = self.cache.hidden.view(-1, self.cache.hidden.shape[-1])
-        bs, rows, positions, lens = self.block_size, [], [], []
+        rows, positions, lens = [], [], []
         for seq in seqs:
             n = len(seq)
-            slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(n)], device=self.device)
-            rows.append(hidden[slots])
+            rows.append(hidden[torch.tensor(self._slots(seq.block_table, 0, n), device=self.device)])
             positions.append(seq.positions_for(0, n))
             lens.append(n)
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
