@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tte-export", description="Export a TTE checkpoint to an optimized engine (native, TensorRT-LLM, ONNX).")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, alias (tiny-random, unified-2b, unified-7b, ...) or cached HF repo id")
     p.add_argument("--out", type=Path, help="output directory (default: $TTE_HOME/engines/<name>[-fp8])")
-    p.add_argument("--target", default="native", choices=["native", "trtllm", "onnx", "all"], help="what to write (default: native)")
+    p.add_argument("--target", default="native", choices=["native", "trtllm", "trtllm-legacy", "hf", "onnx", "all"],
+                   help="native engine dir; trtllm: HF checkpoint + launch config for TensorRT-LLM's PyTorch backend; trtllm-legacy: "
+                        "TensorRT-LLM 1.x checkpoint + build.sh; hf: Hugging Face checkpoint (FP8: compressed-tensors); onnx; "
+                        "all = native, trtllm, hf, onnx (default: native)"),
     p.add_argument("--fp8", action="store_true", help="E4M3 weights with per-channel scales for the decoder and head linears")
     p.add_argument("--fp8-vision", action="store_true", help="with --fp8: quantize the vision tower's linears too")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="dtype of the float weights (auto: the checkpoint's)")
@@ -34,10 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty output directory")
     p.add_argument("--device", default="cpu", help="device to load and calibrate on (cpu, cuda, cuda:1)")
     p.add_argument("--trtllm-fp8", default="per-tensor", choices=["per-tensor", "per-channel"],
-                   help="TensorRT-LLM FP8 flavour: per-tensor (quant_algo FP8, static activation scales) or per-channel (FP8_PER_CHANNEL_PER_TOKEN, = the native scheme)")
-    p.add_argument("--kv-cache-fp8", action="store_true", help="TensorRT-LLM: FP8 KV cache (kv_cache_quant_algo FP8, calibrated scales)")
+                   help="TensorRT-LLM FP8 flavour: per-tensor (quant_algo FP8, static activation scales) or per-channel "
+                        "(FP8_PER_CHANNEL_PER_TOKEN, = the native scheme; refused for trtllm-legacy)")
+    p.add_argument("--kv-cache-fp8", action="store_true", help="trtllm-legacy: FP8 KV cache (kv_cache_quant_algo FP8, calibrated scales)")
     p.add_argument("--max-batch-size", type=int, default=32, help="TensorRT-LLM build: max batch size (default 32)")
-    p.add_argument("--max-input-len", type=int, default=2048, help="TensorRT-LLM build: max prompt tokens (default 2048)")
+    p.add_argument("--max-input-len", type=int, default=2048,
+                   help="TensorRT-LLM: longest prompt in tokens (default 2048); the engine limits add the trace budget and the embed tail"),
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step lines")
     p.add_argument("-v", "--verbose", action="store_true", help="log tte_engine's INFO messages")
     return p
@@ -52,34 +57,44 @@ def _size(n: int) -> str:
 
 
 def print_summary(summary: dict) -> None:
+    """One screen: what was written where, how big, how accurate, what was not done."""
     print(f"\nexported {summary['checkpoint']} ({'random weights, ' if summary['random_init'] else ''}{summary['dtype']}"
           f"{', FP8' if summary['fp8'] else ''}) -> {summary['out']}")
-    groups: dict[str, int] = {}
+    groups: dict[str, list[int]] = {}
     for f in summary["files"]:
         top = f["path"].split("/")[0] if "/" in f["path"] else "."
-        groups[top] = groups.get(top, 0) + f["bytes"]
-    for f in summary["files"]:
-        if f["bytes"] >= 1 << 20 or f["path"].endswith((".json", ".onnx", ".sh")):
-            print(f"  {f['path']:<40} {_size(f['bytes']):>10}")
-    print(f"  total {_size(summary['total_bytes'])} in {len(summary['files'])} files; "
-          + ", ".join(f"{k}/ {_size(v)}" for k, v in sorted(groups.items()) if k != "."))
-    print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
-    acc = summary.get("accuracy")
-    if acc:
-        print(f"  FP8 vs {acc['reference']} on {acc['items']} calibration items ({acc['activations']}):")
-        for label, key in (("same traces", "cosine"), ("think=False", "cosine_no_think"), ("own traces", "cosine_end_to_end")):
-            print(f"    embedding cosine, {label:<12} min {acc[key]['min']:.5f}  mean {acc[key]['mean']:.5f}")
-        print(f"    traces identical {acc['trace_exact_match']:.0%}, token agreement {acc['trace_token_agreement']:.0%}"
-              f" (first {acc['trace_tokens_max']} tokens); retrieval top-1 agreement {acc['retrieval_top1_agreement']:.0%}")
-    elif summary["fp8"]:
-        print("  FP8 accuracy report: not computed (needs --calibration > 0 and the native target)")
+        groups.setdefault(top, [0, 0])
+        groups[top][0] += f["bytes"]
+        groups[top][1] += 1
+    what = {".": "native engine (Engine(path))", "trtllm": "TensorRT-LLM PyTorch backend: HF checkpoint + tte_trtllm.json",
+            "trtllm-legacy": "TensorRT-LLM 1.x checkpoint + build.sh", "hf": "Hugging Face checkpoint", "onnx": "ONNX graphs"}
+    for top, (nbytes, count) in sorted(groups.items()):
+        label = what.get(top, top)
+        if top == "hf" and summary.get("hf", {}).get("format") not in (None, "float"):
+            label += f" ({summary['hf']['format']} FP8)"
+        if top == "trtllm" and summary.get("trtllm", {}).get("quant_algo"):
+            label += f" (ModelOpt {summary['trtllm']['quant_algo']})"
+        print(f"  {top + '/':<15} {_size(nbytes):>10} in {count:>3} files  {label}")
+    secs = summary["seconds"]
+    slowest = sorted(((v, k) for k, v in secs.items() if k != "total"), reverse=True)[:2]
+    print(f"  total {_size(summary['total_bytes'])} in {secs['total']:.1f}s (slowest: " + ", ".join(f"{k} {v:.1f}s" for v, k in slowest)
+          + "; all steps in export_report.json)")
+    acc, pt = summary.get("accuracy"), summary.get("accuracy_per_tensor")
+    for name, a in (("FP8 per-channel (native)", acc), ("FP8 per-tensor (static scales)", pt)):
+        if a:
+            print(f"  {name} vs {a['reference']}, {a['items']} calibration items:")
+            print(f"    embedding cosine min {a['cosine']['min']:.5f} mean {a['cosine']['mean']:.5f}; think=False min "
+                  f"{a['cosine_no_think']['min']:.5f}; traces identical {a['trace_exact_match']:.0%}; "
+                  f"top-1 agreement {a['retrieval_top1_agreement']:.0%}")
+    if summary["fp8"] and not acc and not pt:
+        print("  FP8 accuracy: not measured (needs --calibration > 0)")
     if "trtllm" in summary:
-        t = summary["trtllm"]
-        print(f"  TensorRT-LLM: quant_algo {t['quant_algo']}, kv_cache_quant_algo {t['kv_cache_quant_algo']}")
-        print(f"    {'engine built in ' + t['build']['engine_dir'] if t['build']['built'] else t['build']['reason']}")
+        print("  trtllm/: NOT run here (TensorRT-LLM is not installed); load with tte_engine.export.trtllm_runtime.TrtllmTTE")
+    if "trtllm-legacy" in summary:
+        print("  trtllm-legacy/: engine NOT built; run trtllm-legacy/build.sh with TensorRT-LLM 1.x")
     if "onnx" in summary:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in summary["onnx"]["max_abs_error_vs_torch"].items())
-        print(f"  ONNX (opset {summary['onnx']['opset']}): max |onnxruntime - torch| {errs}")
+        print(f"  onnx/ (opset {summary['onnx']['opset']}): max |onnxruntime - torch| {errs}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,23 +228,41 @@ def run_pipeline(onnx_dir: Path, inputs: dict[str, dict[str, np.ndarray]], sessi
 
 
 # ---------------------------------------------------------------------------------------- export
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weight bytes keep them outside the .onnx file (protobuf's 2 GiB limit)
+
+
 def _export(module: nn.Module, args: tuple, path: Path, names: list[str], output: str, dynamic: dict[str, dict[int, str]]) -> None:
-    """torch.onnx.export with named dynamic axes; large graphs keep their weights in an external data file."""
-    big = sum(p.numel() * p.element_size() for p in module.parameters()) > (1 << 30)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter is chatty about deprecations we cannot act on
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=names,
-            output_names=[output],
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            dynamo=False,  # the TorchScript exporter: ~50x faster here than dynamo, and its graphs pass onnx.checker
-            do_constant_folding=True,
-            external_data=big,
-        )
+    """torch.onnx.export with named dynamic axes; a large graph keeps its weights in ONE external file, `<name>.onnx.data`.
+
+    The TorchScript exporter writes one loose file per tensor (hundreds for a 2B vision tower), so
+    a large graph is exported into a scratch directory and re-saved with onnx's
+    `all_tensors_to_one_file`.
+    """
+    import tempfile
+
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        target = Path(scratch) / path.name if big else path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter is chatty about deprecations we cannot act on
+            torch.onnx.export(
+                module,
+                args,
+                str(target),
+                input_names=names,
+                output_names=[output],
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
+                dynamo=False,  # the TorchScript exporter: ~50x faster here than dynamo, and its graphs pass onnx.checker
+                do_constant_folding=True,
+                external_data=big,
+            )
+        if big:
+            import onnx
+
+            graph = onnx.load(str(target), load_external_data=True)
+            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
 
 
 def _check_and_compare(path: Path, module: nn.Module, feeds: dict[str, np.ndarray]) -> float:

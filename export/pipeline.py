@@ -35,7 +35,8 @@ from .native import copy_aux_files, write_engine_dir
 
 logger = logging.getLogger("tte_engine")
 
-TARGETS = ("native", "trtllm", "onnx", "all")
+TARGETS = ("native", "trtllm", "trtllm-legacy", "hf", "onnx", "all")
+ALL_TARGETS = {"native", "trtllm", "hf", "onnx"}  # `all`: trtllm-legacy (TensorRT-LLM 1.x engines) is opt-in
 CALIBRATION_TRACE_TOKENS = 64  # trace budget of the calibration run (the report's trace agreement covers this many)
 
 
@@ -90,22 +91,28 @@ def validate(opts: ExportOptions) -> set[str]:
     """Option mixes that cannot work, refused before any work; returns the set of targets."""
     if opts.target not in TARGETS:
         raise ExportError(f"unknown target {opts.target!r}; choose one of {', '.join(TARGETS)}")
-    targets = {"native", "trtllm", "onnx"} if opts.target == "all" else {opts.target}
+    targets = set(ALL_TARGETS) if opts.target == "all" else {opts.target}
     if opts.fp8_vision and not opts.fp8:
         raise ExportError("--fp8-vision needs --fp8")
     if opts.trtllm_fp8 not in ("per-tensor", "per-channel"):
         raise ExportError(f"--trtllm-fp8 must be per-tensor or per-channel, got {opts.trtllm_fp8!r}")
     if opts.calibration < 0:
         raise ExportError("--calibration must be >= 0")
-    needs_stats = "trtllm" in targets and ((opts.fp8 and opts.trtllm_fp8 == "per-tensor") or opts.kv_cache_fp8)
+    trt = targets & {"trtllm", "trtllm-legacy"}
+    needs_stats = bool(trt) and ((opts.fp8 and opts.trtllm_fp8 == "per-tensor") or opts.kv_cache_fp8)
     if needs_stats and opts.calibration == 0:
         raise ExportError("per-tensor FP8 and --kv-cache-fp8 for TensorRT-LLM need activation statistics: use --calibration N > 0")
-    if opts.kv_cache_fp8 and "trtllm" not in targets:
-        raise ExportError("--kv-cache-fp8 applies to the TensorRT-LLM target only (--target trtllm or all)")
+    if opts.kv_cache_fp8 and "trtllm-legacy" not in targets:
+        raise ExportError("--kv-cache-fp8 applies to the legacy TensorRT-LLM target only (--target trtllm-legacy)")
+    if "trtllm-legacy" in targets and opts.fp8 and opts.trtllm_fp8 == "per-channel":
+        raise ExportError("--trtllm-fp8 per-channel cannot build for Qwen2-VL on TensorRT-LLM 1.x (its Fp8RowwiseAttention takes no "
+                          "M-RoPE inputs): use --trtllm-fp8 per-tensor for trtllm-legacy, or --target trtllm (PyTorch backend)")
     if opts.dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ExportError(f"--dtype must be auto, bfloat16, float16 or float32, got {opts.dtype!r}")
-    if targets & {"trtllm", "onnx"} and not (importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime")):
-        raise ExportError("the trtllm and onnx targets need onnx and onnxruntime: pip install 'tte-engine[export]'")
+    if "onnx" in targets and not (importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime")):
+        raise ExportError("the onnx target needs onnx and onnxruntime: pip install 'tte-engine[export]'")
+    if opts.fp8 and "hf" in targets and not importlib.util.find_spec("compressed_tensors"):
+        raise ExportError("--target hf with --fp8 writes the compressed-tensors layout: pip install 'tte-engine[export]'")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExportError(f"--device {opts.device}: CUDA is not available here")
     return targets
@@ -228,10 +235,10 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     on_cpu = torch.device(opts.device).type == "cpu"
     dtype = _export_dtype(opts, source)
     items = calibration_items(opts.calibration)
-    needs_stats = "trtllm" in targets and ((opts.fp8 and opts.trtllm_fp8 == "per-tensor") or opts.kv_cache_fp8)
-    calibrating = bool(items) and (needs_stats or (opts.fp8 and "native" in targets))
+    # FP8 exports are calibrated: the native accuracy report, the per-tensor variant's accuracy and its static scales
+    calibrating = bool(items) and ((opts.fp8 and bool(targets - {"onnx"})) or opts.kv_cache_fp8)
     # CPU calibration and the ONNX graphs run in float32; otherwise the model is held in the export dtype
-    load_dtype = torch.float32 if on_cpu and (calibrating or targets & {"trtllm", "onnx"}) else dtype
+    load_dtype = torch.float32 if on_cpu and (calibrating or "onnx" in targets) else dtype
     with rep.step("load"):
         ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""))
     model = ref.stages[-1].runner.model
@@ -256,11 +263,10 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     if calibrating:
         from .trtllm import ActivationStats
 
-        stats = ActivationStats(model) if needs_stats else None
+        stats = ActivationStats(model)
         with rep.step("calibrate (reference)"):
             ref_run = run_calibration(ref, items, trace_tokens, progress=rep.bars)
-        if stats:
-            stats.close()
+        stats.close()
 
     fp8_modules = decoder_linear_names(model, include_vision=opts.fp8_vision) if opts.fp8 else []
     if "native" in targets:
@@ -270,34 +276,64 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
                 spec = write_engine_dir(ref, tmp, dtype=dtype, fp8_modules=fp8_modules, source=source_info, progress=bar.update)
         summary["native"] = {"dir": str(out), "quantized_modules": len(fp8_modules)}
 
-    onnx_engine = None
-    if targets & {"trtllm", "onnx"}:
-        onnx_engine = ref if (on_cpu and ref.dtype == torch.float32) else Engine(source, device="cpu", dtype="float32")
+    if "hf" in targets:
+        from .hf_checkpoint import write_hf_checkpoint
+
+        with rep.step("write Hugging Face checkpoint" + (" (FP8, compressed-tensors)" if opts.fp8 else "")):
+            info = write_hf_checkpoint(ref, tmp / "hf", dtype=dtype, fp8="compressed-tensors" if opts.fp8 else None)
+        summary["hf"] = dict(info, dir=str(out / "hf"))
 
     if "trtllm" in targets:
-        from .onnx_export import export_onnx
-        from .trtllm import build_command, try_build, write_build_files, write_checkpoint
+        from .hf_checkpoint import MODELOPT_ALGOS, write_hf_checkpoint
+        from .trtllm_plan import VARIANT_ARCHITECTURE, launch_config, write_launch_config
 
-        trt = tmp / "trtllm"
-        with rep.step("write TensorRT-LLM checkpoint"):
+        algo = MODELOPT_ALGOS[opts.trtllm_fp8] if opts.fp8 else None
+        with rep.step("write TensorRT-LLM (PyTorch backend) checkpoint"):
+            info = write_hf_checkpoint(ref, tmp / "trtllm", dtype=dtype, fp8="modelopt" if opts.fp8 else None,
+                                       modelopt_algo=algo or "FP8_PER_CHANNEL_PER_TOKEN", input_amax=stats.inputs if stats else None)
+            cfg_path = tmp / "trtllm" / "config.json"
+            hf_cfg = json.loads(cfg_path.read_text())
+            hf_cfg.update(architectures=[VARIANT_ARCHITECTURE], tte_source_layer=model.head_source_layer)
+            cfg_path.write_text(json.dumps(hf_cfg, indent=2))
+            max_seq = context_budget(ref, opts.max_input_len) + 1
+            write_launch_config(tmp / "trtllm", launch_config(ref, max_batch_size=opts.max_batch_size, max_seq_len=max_seq,
+                                                             fp8=algo, kv_cache_fp8=False))
+            (tmp / "trtllm" / "README.md").write_text(TRTLLM_TORCH_README)
+        summary["trtllm"] = dict(info, dir=str(out / "trtllm"), backend="pytorch", quant_algo=algo, max_seq_len=max_seq,
+                                 runtime="never run here (TensorRT-LLM is not installable on this machine)")
+
+    per_tensor_dir = None
+    spec_head_mhsa = ref.tte.head.type == "mhsa"
+    if opts.fp8 and ref_run is not None and stats is not None:
+        from .hf_checkpoint import write_hf_checkpoint
+
+        # the per-tensor variant (static activation scales), measured below like the native one
+        per_tensor_dir = tmp / ".per-tensor-check"
+        write_hf_checkpoint(ref, per_tensor_dir, dtype=dtype, fp8="modelopt", modelopt_algo="FP8", input_amax=stats.inputs)
+
+    if "trtllm-legacy" in targets:
+        from .trtllm import build_command, write_build_files, write_checkpoint
+
+        legacy = tmp / "trtllm-legacy"
+        with rep.step("write TensorRT-LLM 1.x checkpoint"):
             fp8_mode = opts.trtllm_fp8 if opts.fp8 else None
-            write_checkpoint(model, trt, dtype=dtype, fp8=fp8_mode, stats=stats, kv_fp8=opts.kv_cache_fp8)
-            (trt / "tokenizer").mkdir()  # the HF config.json must not clobber TensorRT-LLM's
-            copy_aux_files(source, trt / "tokenizer")
-            (trt / "tokenizer" / TTE_CONFIG_NAME).write_text(json.dumps(ref.tte.to_dict(), indent=2))
-        with rep.step("export vision tower / head to ONNX (TensorRT-LLM)"):
-            graphs = export_onnx(onnx_engine, trt, graphs=("vision", "head"))
-        merge = ref.model_cfg.vision.spatial_merge_size
-        max_image_tokens = ref.image_cfg.max_pixels // (ref.image_cfg.patch_size * merge) ** 2
-        max_seq = opts.max_input_len + ref.tte.think.max_tokens + 16
-        cmd = build_command(max_batch_size=opts.max_batch_size, max_input_len=opts.max_input_len, max_seq_len=max_seq,
-                            max_multimodal_len=opts.max_batch_size * max_image_tokens, kv_fp8=opts.kv_cache_fp8)
-        write_build_files(trt, cmd, model_cfg=ref.model_cfg, tte=ref.tte, fp8=fp8_mode, kv_fp8=opts.kv_cache_fp8, head=ref.tte.head.type)
-        with rep.step("trtllm-build"):
-            build = try_build(trt)
-        summary["trtllm"] = {"dir": str(out / "trtllm"), "quant_algo": fp8_mode and {"per-tensor": "FP8", "per-channel": "FP8_PER_CHANNEL_PER_TOKEN"}[fp8_mode],
-                             "kv_cache_quant_algo": "FP8" if opts.kv_cache_fp8 else None, "build": build,
-                             "onnx_max_abs_error": {k: v["max_abs_error_vs_torch"] for k, v in graphs["graphs"].items()}}
+            write_checkpoint(model, legacy, dtype=dtype, fp8=fp8_mode, stats=stats, kv_fp8=opts.kv_cache_fp8)
+            (legacy / "tokenizer").mkdir()  # the HF config.json must not clobber TensorRT-LLM's
+            copy_aux_files(source, legacy / "tokenizer")
+            (legacy / "tokenizer" / TTE_CONFIG_NAME).write_text(json.dumps(ref.tte.to_dict(), indent=2))
+            merge = ref.model_cfg.vision.spatial_merge_size
+            max_image_tokens = ref.image_cfg.max_pixels // (ref.image_cfg.patch_size * merge) ** 2
+            context = context_budget(ref, opts.max_input_len)
+            cmd = build_command(max_batch_size=opts.max_batch_size, max_input_len=context, max_seq_len=context + 1,
+                                max_multimodal_len=opts.max_batch_size * max_image_tokens, kv_fp8=opts.kv_cache_fp8)
+            write_build_files(legacy, cmd, model_cfg=ref.model_cfg, tte=ref.tte, fp8=fp8_mode, kv_fp8=opts.kv_cache_fp8, head=ref.tte.head.type)
+        summary["trtllm-legacy"] = {"dir": str(out / "trtllm-legacy"), "quant_algo": fp8_mode and "FP8",
+                                    "kv_cache_quant_algo": "FP8" if opts.kv_cache_fp8 else None, "max_input_len": context,
+                                    "built": False, "next": "bash build.sh on a machine with TensorRT-LLM 1.x (not run by tte-export)"}
+
+    onnx_engine = None
+    if "onnx" in targets:
+        onnx_engine = ref if (on_cpu and ref.dtype == torch.float32) else Engine(source, device="cpu", dtype="float32")
 
     if "onnx" in targets:
         from .onnx_export import export_onnx
@@ -310,19 +346,63 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
         summary["onnx"] = {"dir": str(out / "onnx"), "opset": graphs["opset"],
                            "max_abs_error_vs_torch": {k: v["max_abs_error_vs_torch"] for k, v in graphs["graphs"].items()}}
 
-    if "native" in targets and opts.fp8 and ref_run is not None:
-        del ref, model, onnx_engine  # the reference results are in ref_run: free its weights before loading the FP8 engine
+    if opts.fp8 and ref_run is not None:
+        del ref, model, onnx_engine  # the reference results are in ref_run: free its weights before loading the FP8 engines
         gc.collect()
         tensor_cores = runtime_dtype == "bfloat16" and scaled_mm_supported(torch.device(opts.device))
-        with rep.step("calibrate (fp8)"):
-            test = Engine(tmp, device=opts.device, dtype=runtime_dtype)
-            report = accuracy_report(ref_run, run_calibration(test, items, trace_tokens, progress=rep.bars, reference=ref_run))
-            del test
-        report.update(reference=f"{runtime_dtype} weights on {opts.device}", trace_tokens_max=trace_tokens,
-                      activations="FP8 tensor cores, per-token scales" if tensor_cores else f"per-token E4M3, fake-quantized ({opts.device})")
-        spec["accuracy"] = summary["accuracy"] = report
-        (tmp / ENGINE_FILE).write_text(json.dumps(spec, indent=2))
+        if "native" in targets:
+            with rep.step("calibrate (fp8)"):
+                test = Engine(tmp, device=opts.device, dtype=runtime_dtype)
+                report = accuracy_report(ref_run, run_calibration(test, items, trace_tokens, progress=rep.bars, reference=ref_run))
+                del test
+            report.update(reference=f"{runtime_dtype} weights on {opts.device}", trace_tokens_max=trace_tokens,
+                          activations="FP8 tensor cores, per-token scales" if tensor_cores else f"per-token E4M3, fake-quantized ({opts.device})")
+            spec["accuracy"] = summary["accuracy"] = report
+            (tmp / ENGINE_FILE).write_text(json.dumps(spec, indent=2))
+        if per_tensor_dir is not None:
+            with rep.step("calibrate (fp8 per-tensor)"):
+                test = Engine(per_tensor_dir, device=opts.device, dtype=runtime_dtype)
+                pt = accuracy_report(ref_run, run_calibration(test, items, trace_tokens, progress=rep.bars, reference=ref_run))
+                del test
+            pt.update(reference=f"{runtime_dtype} weights on {opts.device}", trace_tokens_max=trace_tokens,
+                      activations="static per-tensor E4M3 (calibrated amax / 448), fake-quantized",
+                      weights="per-tensor E4M3 (ModelOpt FP8 / TensorRT-LLM quant_algo FP8)",
+                      head="the mhsa head stays float in Hugging Face-format checkpoints" if spec_head_mhsa else None)
+            summary["accuracy_per_tensor"] = pt
+            shutil.rmtree(per_tensor_dir)
+    elif per_tensor_dir is not None:
+        shutil.rmtree(per_tensor_dir)
     return summary
+
+
+def context_budget(engine, max_prompt: int) -> int:
+    """Longest context a TensorRT-LLM engine must take: prompt + trace budget + think-end + embed suffix."""
+    p = engine.prompts
+    return max_prompt + engine.tte.think.max_tokens + len(p.think_end_ids) + len(p.suffix_ids)
+
+
+TRTLLM_TORCH_README = """# TensorRT-LLM (PyTorch backend) export, written by tte-export
+
+This directory is a Hugging Face Qwen2-VL checkpoint (config.json names the TTE model variant in
+`architectures`; transformers still reads it as `qwen2_vl`), FP8 in ModelOpt's layout when
+exported with `--fp8` (`hf_quant_config.json`), plus `tte_config.json`, the mhsa head's weights
+when the model has one, and `tte_trtllm.json` (the launch configuration).
+
+Run it where TensorRT-LLM is installed (a GPU machine):
+
+    from tte_engine.export.trtllm_runtime import TrtllmTTE
+    tte = TrtllmTTE("path/to/this/dir")
+    vectors = tte.embed(["a cat on a chair", {"text": "what is this?", "image": "cat.jpg"}])
+
+or check it against tte_engine: `python -m tte_engine.export.trtllm_runtime path/to/this/dir`.
+
+One request per item generates the trace and pools from the same KV cache: a per-request logits
+processor applies tte_engine's stop rules, forces the embed tail (think-end if missing, then the
+suffix) and a sentinel end token; the model variant returns the final-norm state of each step
+(`tte_pooled`) and, for the mhsa head, the layer L-K stream (`tte_source`) as additional model
+outputs. NEVER RUN: written against TensorRT-LLM's source (see tte_engine/export/trtllm_runtime.py
+for the files read); the request plan, weight layout and output contract are tested on CPU.
+"""
 
 
 def options_dict(opts: ExportOptions) -> dict[str, Any]:

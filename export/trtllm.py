@@ -1,4 +1,14 @@
-"""TensorRT-LLM checkpoint of the language model, the build script, and a reader back into our engine.
+"""Legacy TensorRT-LLM 1.x checkpoint (`--target trtllm-legacy`): the language model, the build script, and a reader back into our engine.
+
+For TensorRT-LLM releases that still have the TensorRT-engine backend (`trtllm-build`); it was
+removed later (PRs #11723, #15763, #15767, #15907, #15918), and current releases run Hugging Face
+checkpoints through the PyTorch backend (`--target trtllm`: hf_checkpoint.py + trtllm_runtime.py).
+What this target does not do, because it cannot be made right on 1.x: per-channel FP8
+(`FP8_PER_CHANNEL_PER_TOKEN`) is refused — 1.x's `Fp8RowwiseAttention.forward` takes no
+`mrope_params`, so a Qwen2-VL engine with it does not build; the vision tower is not exported
+(build it with TensorRT-LLM's own multimodal builder, whose graph takes `input`,
+`rotary_pos_emb`, `attention_mask` -> `encoder_output`); pooling is not possible inside a 1.x
+engine (it returns logits only, TensorRT-LLM issue #4414), so this target serves trace generation.
 
 What was followed (read for the format; the code here is our own):
 - TensorRT-LLM docs, "TensorRT LLM Checkpoint" (docs/source/architecture/checkpoint.md): a
@@ -31,11 +41,9 @@ exported next to it as ONNX (TensorRT-LLM's multimodal flow builds the vision en
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +134,8 @@ def trtllm_config(cfg: ModelConfig, *, dtype: torch.dtype, fp8: str | None, kv_f
         "quantization": {
             "quant_algo": FP8_MODES[fp8] if fp8 else None,
             "kv_cache_quant_algo": "FP8" if kv_fp8 else None,
-            "exclude_modules": ["lm_head"] if fp8 else None,
+            # TensorRT-LLM's default list starts with these; an explicit list replaces the default, so name them all
+            "exclude_modules": ["lm_head", "*ln_f", "*vocab_embedding", "*position_embedding"] if fp8 else None,
         },
     }
 
@@ -155,6 +164,8 @@ def write_checkpoint(
     """Write config.json + rank0.safetensors for the backbone of `model` (float weights) into `out`."""
     if fp8 not in (None, *FP8_MODES):
         raise ValueError(f"fp8 must be one of {list(FP8_MODES)} or None, got {fp8!r}")
+    if fp8 == "per-channel":
+        raise ValueError("per-channel FP8 does not build for Qwen2-VL on TensorRT-LLM 1.x (Fp8RowwiseAttention takes no mrope_params)")
     if (fp8 == "per-tensor" or kv_fp8) and (stats is None or not stats.inputs):
         raise ValueError("per-tensor FP8 and an FP8 KV cache need calibration statistics (--calibration > 0)")
     cfg = model.cfg
@@ -292,7 +303,10 @@ def to_engine_dir(trt_dir: Path, base: Path, out: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------- build
 def build_command(*, max_batch_size: int, max_input_len: int, max_seq_len: int, max_multimodal_len: int, kv_fp8: bool) -> list[str]:
-    """The `trtllm-build` invocation (paged KV + paged context FMHA, so the embed request reuses the trace's KV blocks)."""
+    """The `trtllm-build` invocation (paged KV + paged context FMHA, so an embed request can reuse the trace's KV blocks).
+
+    max_input_len must cover the embed request: prompt + trace + think-end + suffix.
+    """
     cmd = [
         "trtllm-build",
         "--checkpoint_dir", ".",
@@ -300,7 +314,7 @@ def build_command(*, max_batch_size: int, max_input_len: int, max_seq_len: int, 
         "--gemm_plugin", "auto",
         "--gpt_attention_plugin", "auto",
         "--remove_input_padding", "enable",
-        "--paged_kv_cache", "enable",
+        "--kv_cache_type", "paged",
         "--context_fmha", "enable",
         "--use_paged_context_fmha", "enable",
         "--max_batch_size", str(max_batch_size),
@@ -333,50 +347,36 @@ def write_build_files(out: Path, cmd: list[str], *, model_cfg: ModelConfig, tte,
     )
 
 
-def try_build(out: Path) -> dict[str, Any]:
-    """Run build.sh where TensorRT-LLM is installed; otherwise say plainly that it was not run."""
-    if importlib.util.find_spec("tensorrt_llm") is None:
-        return {"built": False, "reason": "tensorrt_llm is not installed here: the checkpoint was written, the engine was NOT built (run build.sh on a machine with TensorRT-LLM)"}
-    proc = subprocess.run(["bash", str(out / "build.sh")], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"trtllm-build failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-    return {"built": True, "engine_dir": str(out / "engine")}
+TRTLLM_README = """# TensorRT-LLM 1.x export (written by tte-export)
 
-
-TRTLLM_README = """# TensorRT-LLM export (written by tte-export)
+For TensorRT-LLM releases with the TensorRT-engine backend (`trtllm-build`, 0.x and 1.x); current
+releases removed it: use the `trtllm/` target (PyTorch backend) there.
 
 | file | what |
 |---|---|
 | `config.json`, `rank0.safetensors` | TensorRT-LLM checkpoint of the language model (Qwen2-VL backbone, M-RoPE), quantization: {quant}; KV cache: {kv} |
-| `vision.onnx` | the vision tower (patches, pos_ids, segment_ids -> image embeddings); build it with TensorRT (`trtexec --onnx=vision.onnx`) as in TensorRT-LLM's multimodal flow |
-| `head.onnx` | the `mhsa` embedding head, when the model has one (head type here: {head}) |
-| `build.sh` | the exact `trtllm-build` command for the language model |
-| `tokenizer/` | tokenizer, chat template, image-processor config, HF `config.json` and `tte_config.json` (`--tokenizer_dir` for TensorRT-LLM's runners) |
+| `build.sh` | the exact `trtllm-build` command for the language model (NOT run by tte-export) |
+| `tokenizer/` | tokenizer, chat template, image-processor config, HF `config.json` and `tte_config.json` (`--tokenizer_dir`) |
 
 Build: `bash build.sh` runs
 
     {cmd}
 
-Paged KV cache and paged context FMHA are on, so a request whose prompt extends an earlier one
-reuses that one's KV blocks (enable block reuse in the runtime's KV cache config).
+`--max_input_len` covers prompt + trace + think-end + suffix, so an embed request over the whole
+sequence fits; enable KV block reuse in the runtime so it reuses the trace's blocks.
 
-## Runtime flow of one TTE query
+What you must supply at run time (TensorRT-LLM's Qwen2-VL runtime, not this export):
+- the vision engine: build it with TensorRT-LLM's multimodal builder from the Hugging Face
+  checkpoint (its graph takes `input`, `rotary_pos_emb`, `attention_mask` -> `encoder_output`);
+  tte-export does not write one for 1.x (our ONNX vision graph has another signature);
+- the M-RoPE inputs of each request (`mrope_rotary_cos_sin`, `mrope_position_deltas`, computed from
+  the image grids), and the prompt-table rows for the image tokens;
+- for KV block reuse with images: per-token extra ids (`input_token_extra_ids`, e.g. an image
+  hash) on the image tokens, or two images with the same token count share cached blocks.
 
-1. Build the prompt with the chat template and the task instruction, ending in the think-start
-   token (`tte_engine`'s `PromptBuilder`, or the same template by hand).
-2. Preprocess the image (Qwen2-VL smart resize, 14x14 patches, 2x2 merge) and run the vision
-   engine; its output rows replace the image placeholder tokens (pass them as the prompt
-   embedding table, `max_multimodal_len` rows at most), with M-RoPE positions from the image grid.
-3. Generate the trace greedily with the language-model engine until `{think_end}` or EOS
-   (suppress the vision special tokens).
-4. Embed: send prompt + trace + `{suffix}` as a new context request. With block reuse its prefix
-   hits the cached blocks of step 3, so only the last trace token and the suffix are computed.
-5. Pool: the embedding is the final-norm hidden state of the last token (L2-normalized, width {hidden}).
-
-Limits: TensorRT-LLM returns logits, not hidden states, so step 5 needs the final hidden state
-exposed (e.g. gathering it via a custom output, or an lm_head replaced by the identity on the
-first {hidden} rows in a second engine, which forgoes the KV reuse); the `mhsa` head further
-needs the residual stream entering layer L-K, which TensorRT-LLM does not expose at all. This
-is why tte_engine's own runtime exists; this export is for deployments that already run
-TensorRT-LLM for trace generation.
+Runtime flow of one TTE query: prompt (chat template + instruction + `<think>`) -> vision engine ->
+greedy trace until `{think_end}` or EOS (vision tokens suppressed) -> a second context request over
+prompt + trace + `{suffix}`. Head type: {head}. The embedding is the final-norm hidden state of the
+last token (width {hidden}), which a 1.x engine does not return (logits only, TensorRT-LLM issue
+#4414): this target serves trace generation; pool with tte_engine or use the `trtllm/` target.
 """

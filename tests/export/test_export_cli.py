@@ -65,20 +65,35 @@ def test_existing_output_needs_force(cli, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary or old directories left behind
 
 
-@pytest.mark.parametrize("target", ["trtllm", "onnx"])
+@pytest.mark.parametrize("target", ["trtllm", "trtllm-legacy", "hf", "onnx"])
 def test_single_targets_write_only_their_directory(cli, tmp_path, target):
     out = tmp_path / target
     proc = cli("--checkpoint", "tiny-random", "--out", out, "--target", target, "--calibration", "0")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted([target, "export_report.json"])
-    main_file = {"trtllm": "rank0.safetensors", "onnx": "embed.onnx"}[target]
+    main_file = {"trtllm": "tte_trtllm.json", "trtllm-legacy": "rank0.safetensors", "hf": "model.safetensors", "onnx": "embed.onnx"}[target]
     assert (out / target / main_file).is_file()
     report = json.loads((out / "export_report.json").read_text())
     assert report["targets"] == [target] and target in report and "native" not in report
+    # no step is announced that did not run: nothing is built, and the summary says so
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("tte-export: ")]
+    assert not any("build" in line for line in steps), steps
+    assert set(report["seconds"]) - {"total"} == {line[len("tte-export: "):-len(" ...")] for line in steps}
+    summary = proc.stdout[proc.stdout.index("exported "):].splitlines()
+    assert len(summary) <= 24 and max(len(line) for line in summary) <= 200  # one screen
     if target == "trtllm":
-        assert "the engine was NOT built" in proc.stdout
-    else:
+        assert "NOT run here" in proc.stdout
+    elif target == "trtllm-legacy":
+        assert "engine NOT built" in proc.stdout
+    elif target == "onnx":
         assert "max |onnxruntime - torch|" in proc.stdout
+
+
+def test_legacy_per_channel_fp8_is_refused(cli, tmp_path):
+    """TensorRT-LLM 1.x cannot build Qwen2-VL with FP8_PER_CHANNEL_PER_TOKEN: refused up front, nothing written."""
+    proc = cli("--checkpoint", "tiny-random", "--out", tmp_path / "o", "--target", "trtllm-legacy", "--fp8", "--trtllm-fp8", "per-channel")
+    _one_line_error(proc, "per-channel cannot build for Qwen2-VL")
+    assert not (tmp_path / "o").exists()
 
 
 def test_failed_export_leaves_nothing_that_loads(tmp_path, monkeypatch):

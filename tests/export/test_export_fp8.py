@@ -82,7 +82,7 @@ def test_accuracy_report(fp8_all_export):
     assert acc["trace_exact_match"] <= acc["trace_token_agreement"] <= 1
     if acc["trace_exact_match"] == 1:  # then "own traces" are the reference's traces
         assert acc["cosine_end_to_end"]["mean"] >= 0.99
-    assert "embedding cosine, same traces" in proc.stdout and "retrieval top-1 agreement" in proc.stdout
+    assert "FP8 per-channel (native)" in proc.stdout and "FP8 per-tensor (static scales)" in proc.stdout and "top-1 agreement" in proc.stdout
 
 
 def test_accuracy_report_figures_are_computed_from_the_runs():

@@ -43,7 +43,7 @@ def test_engine_json_describes_the_engine(native_export):
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "weights.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not owner-only like safetensors' default
-    assert "exported tiny-random" in proc.stdout and "weights.safetensors" in proc.stdout
+    assert "exported tiny-random" in proc.stdout and "native engine (Engine(path))" in proc.stdout
 
 
 def test_weights_are_the_runtime_state_dict(native_export, float_engine):

@@ -76,3 +76,19 @@ def test_head_graph_matches_the_runtime_head(fp8_all_export, float_engine):
             wrapper = HeadGraph(model)(hidden, positions)
         got = sess.run(None, {"hidden": hidden.numpy(), "positions": positions.numpy()})[0]
         assert np.abs(got - want.numpy()).max() <= TOL and torch.allclose(wrapper, want, atol=TOL)
+
+
+def test_large_graphs_keep_their_weights_in_one_external_file(float_engine, tmp_path, monkeypatch):
+    """The TorchScript exporter writes one loose file per tensor (391 for the 2B vision tower): re-saved as ONE
+    `<graph>.onnx.data` per graph, which onnx.checker and onnxruntime load."""
+    import tte_engine.export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 0)  # every graph counts as large
+    report = ox.export_onnx(float_engine, tmp_path / "g", graphs=("vision", "head"))
+    files = sorted(p.name for p in (tmp_path / "g").iterdir())
+    assert files == sorted(["head.onnx", "head.onnx.data", "vision.onnx", "vision.onnx.data", "onnx.json", "README.md"]), files
+    for name in ("vision.onnx", "head.onnx"):
+        assert report["graphs"][name]["max_abs_error_vs_torch"] <= TOL
+        inits = onnx.load(str(tmp_path / "g" / name), load_external_data=False).graph.initializer
+        big = [t for t in inits if np.prod(t.dims) * 4 >= 1024]
+        assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)  # the weights live in the one .data file

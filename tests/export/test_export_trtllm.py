@@ -1,5 +1,6 @@
-"""The TensorRT-LLM target: config and tensor naming, and a reader that loads the checkpoint back into
-our engine (TensorRT-LLM itself is not installable here), which must reproduce traces and embeddings."""
+"""The legacy TensorRT-LLM 1.x target (`trtllm-legacy`): config and tensor naming, the build command, the
+defects an audit found (each has a test here), and a reader that loads the checkpoint back into our engine
+(TensorRT-LLM itself is not installable here), which must reproduce traces and embeddings."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from export_fixtures import float_engine, fp8_all_export  # noqa: F401  (pytest fixtures)
+from export_fixtures import float_engine  # noqa: F401  (pytest fixtures)
 from tte_engine import Engine
 from tte_engine.export.pipeline import ExportOptions, run_export
 from tte_engine.export.trtllm import read_checkpoint, to_engine_dir
@@ -28,14 +29,16 @@ def _assert_same_engine(a: Engine, b: Engine, items):
 
 @pytest.fixture(scope="module", params=["untied-mhsa", "tied-last-token"])
 def float_export(request, make_checkpoint, tmp_path_factory):
-    """(checkpoint, export dir) of a float32 `--target all` export, in process."""
+    """(checkpoint, native export dir whose `trtllm` is the `--target trtllm-legacy` output), float32, in process."""
     if request.param == "untied-mhsa":
         ckpt = make_checkpoint("trt-mhsa", head="mhsa", head_layers=2, think_max_tokens=8)
     else:
         ckpt = make_checkpoint("trt-tied", head="last_token", tie_word_embeddings=True, think_max_tokens=8)
     out = tmp_path_factory.mktemp("trt") / request.param
-    run_export(ExportOptions(checkpoint=str(ckpt), out=out, target="all", calibration=0))
-    return ckpt, out
+    run_export(ExportOptions(checkpoint=str(ckpt), out=out / "legacy", target="trtllm-legacy", calibration=0))
+    run_export(ExportOptions(checkpoint=str(ckpt), out=out / "native", calibration=0))
+    (out / "native" / "trtllm").symlink_to(out / "legacy" / "trtllm-legacy")  # the tests read out/trtllm next to the native dir
+    return ckpt, out / "native"
 
 
 def test_config_follows_the_trtllm_qwen2_vl_format(float_export):
@@ -78,38 +81,40 @@ def test_reader_reproduces_the_original_engine(float_export, mixed_items, tmp_pa
     _assert_same_engine(Engine(back), Engine(ckpt), mixed_items)
 
 
-def test_build_files_and_onnx_parts(float_export):
+def test_build_files_and_the_audited_defects(float_export):
+    """--kv_cache_type paged (not the ignored --paged_kv_cache), max_input_len covering prompt + trace + tail, no vision
+    ONNX whose signature TensorRT-LLM's builder does not take, the run-time inputs documented, no pretend build."""
     ckpt, out = float_export
     trt = out / "trtllm"
     script = (trt / "build.sh").read_text()
-    assert "trtllm-build" in script and "--use_paged_context_fmha enable" in script and "--paged_kv_cache enable" in script
+    assert "trtllm-build" in script and "--use_paged_context_fmha enable" in script and "--kv_cache_type paged" in script
+    assert "--paged_kv_cache" not in script
     assert "--max_multimodal_len" in script and (trt / "build.sh").stat().st_mode & 0o111
+    tte = json.loads((ckpt / "tte_config.json").read_text())
+    eng = Engine(ckpt)
+    tail = len(eng.prompts.think_end_ids) + len(eng.prompts.suffix_ids)
+    words = script.split()
+    flags = dict(zip(words, words[1:]))
+    assert int(flags["--max_input_len"]) == 2048 + tte["think"]["max_tokens"] + tail
+    assert int(flags["--max_seq_len"]) == int(flags["--max_input_len"]) + 1
     readme = (trt / "README.md").read_text()
-    assert "Runtime flow of one TTE query" in readme and "trtllm-build" in readme
-    assert (trt / "vision.onnx").is_file() and (trt / "tokenizer" / "tokenizer.json").is_file()
+    for needed in ("mrope_rotary_cos_sin", "mrope_position_deltas", "input_token_extra_ids", "rotary_pos_emb", "NOT run"):
+        assert needed in readme, needed
+    assert not list(trt.glob("*.onnx")) and (trt / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((trt / "tokenizer" / "config.json").read_text())["model_type"] == "qwen2_vl"
-    mhsa = json.loads((ckpt / "tte_config.json").read_text())["head"]["type"] == "mhsa"
-    assert (trt / "head.onnx").is_file() == mhsa and not (trt / "embed.onnx").exists()
-    report = json.loads((out / "export_report.json").read_text())["trtllm"]
-    assert report["build"]["built"] is False and "NOT built" in report["build"]["reason"]
+    report = json.loads((out.parent / "legacy" / "export_report.json").read_text())["trtllm-legacy"]
+    assert report["built"] is False and report["max_input_len"] == int(flags["--max_input_len"])
 
 
-def test_fp8_per_channel_round_trips_bit_exactly(fp8_all_export, mixed_items, tmp_path):
-    """per-channel TensorRT-LLM FP8 is the native scheme: weights and scales come back bit for bit."""
-    out, proc = fp8_all_export
-    cfg = json.loads((out / "trtllm" / "config.json").read_text())
-    assert cfg["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN" and cfg["quantization"]["exclude_modules"] == ["lm_head"]
-    with safe_open(str(out / "trtllm" / "rank0.safetensors"), framework="pt") as f:
-        assert f.get_tensor("transformer.layers.0.mlp.fc.weight").dtype == FP8_DTYPE
-        assert f.get_tensor("transformer.layers.0.mlp.fc.per_channel_scale").dtype == torch.float32
-    _, ours = read_checkpoint(out / "trtllm")
-    native = load_file(str(out / "weights.safetensors"))
-    for name, tensor in ours.items():
-        if name.startswith("layers.") and name.endswith((".weight", ".weight_scale")):
-            assert tensor.dtype == native[name].dtype and torch.equal(tensor.view(torch.uint8), native[name].view(torch.uint8)), name
-    back = to_engine_dir(out / "trtllm", out, tmp_path / "fp8-back")
-    _assert_same_engine(Engine(back), Engine(out), mixed_items)
-    assert "the engine was NOT built" in proc.stdout
+def test_per_channel_is_refused_for_qwen2_vl(float_engine, tmp_path):
+    from tte_engine.errors import ExportError
+    from tte_engine.export.trtllm import write_checkpoint
+
+    with pytest.raises(ValueError, match="mrope_params"):
+        write_checkpoint(float_engine.stages[0].runner.model, tmp_path / "x", dtype=torch.float32, fp8="per-channel")
+    with pytest.raises(ExportError, match="per-channel cannot build"):
+        run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "y", target="trtllm-legacy", fp8=True, trtllm_fp8="per-channel"))
+    assert not (tmp_path / "y").exists()
 
 
 def test_fp8_per_tensor_and_kv_cache_scales(tmp_path, float_engine, mixed_items, monkeypatch):
@@ -125,12 +130,15 @@ def test_fp8_per_tensor_and_kv_cache_scales(tmp_path, float_engine, mixed_items,
 
     monkeypatch.setattr(trtllm, "ActivationStats", RecordingStats)
     out = tmp_path / "pt"
-    run_export(ExportOptions(checkpoint="tiny-random", out=out, target="trtllm", fp8=True, kv_cache_fp8=True, calibration=2))
+    run_export(ExportOptions(checkpoint="tiny-random", out=out, target="trtllm-legacy", fp8=True, kv_cache_fp8=True, calibration=2))
     [stats] = recorded
-    assert not (out / "engine.json").exists()  # trtllm only: no native engine at the root
-    trt = out / "trtllm"
+    assert not (out / "engine.json").exists()  # trtllm-legacy only: no native engine at the root
+    trt = out / "trtllm-legacy"
     cfg = json.loads((trt / "config.json").read_text())
     assert cfg["quantization"]["quant_algo"] == "FP8" and cfg["quantization"]["kv_cache_quant_algo"] == "FP8"
+    # an explicit exclude list replaces TensorRT-LLM's default: ln_f and the embeddings must stay in it
+    assert {"lm_head", "*ln_f", "*vocab_embedding"} <= set(cfg["quantization"]["exclude_modules"])
+    assert load_file(str(trt / "rank0.safetensors"))["transformer.ln_f.weight"].dtype == torch.float32
     assert "--use_fp8_context_fmha enable" in (trt / "build.sh").read_text()
     raw = load_file(str(trt / "rank0.safetensors"))
     model = float_engine.stages[0].runner.model

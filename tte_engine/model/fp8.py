@@ -14,6 +14,11 @@ Where the matmul runs:
   dequantized weight is kept after first use (dequantizing per call made a 2B model's decode
   ~10x slower), so an FP8 engine on CPU holds float weights too; on GPUs it is redone per call,
   keeping FP8's memory saving.
+
+Static per-tensor activation scales (ModelOpt's `FP8` recipe, TensorRT-LLM's `quant_algo: FP8`):
+set `input_scale` (a 0-d fp32 tensor, amax / 448 from calibration) and the input is fake-quantized
+with that one scale instead (always on the dequantized path), so a CPU run reproduces what a
+per-tensor FP8 engine computes, clipping included. Checkpoints that carry such scales load this way.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def fake_quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x rounded through E4M3 with one fixed scale (values beyond 448 * scale clip), back in x's dtype."""
+    s = scale.to(device=x.device, dtype=torch.float32)
+    return ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s).to(x.dtype)
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale.float()[:, None]).to(dtype)
 
@@ -67,6 +78,7 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.quantize_activations = True
+        self.input_scale: torch.Tensor | None = None  # static per-tensor activation scale (not a parameter: see module doc)
         self.use_scaled_mm: bool | None = None  # None: decided from the input's device and dtype (once per pair)
         self._auto_scaled_mm: dict[tuple[torch.device, torch.dtype], bool] = {}  # those decisions, cached
         self._cpu_weight: torch.Tensor | None = None  # dequantized weight, cached on CPU only
@@ -82,7 +94,8 @@ class Fp8Linear(nn.Module):
         return mod
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3/per-channel"
+        acts = "per-token" if self.input_scale is None else "static per-tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3/per-channel, activations={acts}"
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight.device.type != "cpu":
@@ -106,7 +119,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self._tensor_cores(x2):
+        if self.quantize_activations and self.input_scale is None and self._tensor_cores(x2):
             xq, xs = quantize_rows(x2)
             y = torch._scaled_mm(
                 xq, self.weight.t(), scale_a=xs[:, None], scale_b=self.weight_scale[None, :], out_dtype=torch.bfloat16
@@ -114,7 +127,12 @@ class Fp8Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
-            xin = fake_quantize_rows(x2) if self.quantize_activations else x2
+            if not self.quantize_activations:
+                xin = x2
+            elif self.input_scale is not None:
+                xin = fake_quantize_static(x2, self.input_scale)
+            else:
+                xin = fake_quantize_rows(x2)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             y = F.linear(xin, self.dequantized_weight(x.dtype), bias)
         return y.reshape(*shape[:-1], self.out_features)

@@ -4,6 +4,23 @@ Our layers fuse q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj`, a
 vision patch Conv3d as a linear; the table below says where each checkpoint tensor lands. Tensors
 are read one at a time from memory-mapped safetensors and copied into place, so peak memory is
 the model plus one tensor.
+
+FP8 checkpoints written by the ecosystem's tools load as they are (`checkpoint_quantization` says
+which): every module with a `weight_scale` tensor becomes an `Fp8Linear` holding the E4M3 weight
+and one scale per output row (a per-tensor scale is repeated over the rows of its part, so fused
+q/k/v or gate/up with different scales stay exact). Formats, as their producers define them:
+- `compressed-tensors` (llm-compressor, e.g. the `FP8_DYNAMIC` scheme; config.json
+  `quantization_config.quant_method == "compressed-tensors"`, format `float-quantized` or
+  `naive-quantized`): `weight` float8_e4m3fn [out, in], `weight_scale` [out, 1] (channel) or [1]
+  (tensor); activations dynamic per token, static per tensor (`input_scale`), or none (weight-only).
+- ModelOpt (`hf_quant_config.json`, legacy `{"quantization": {...}}` or flat `quant_method:
+  modelopt` shape, as TensorRT-LLM's `tensorrt_llm/quantization/modelopt_config.py` reads it):
+  `quant_algo` `FP8` (scalar `weight_scale`, static scalar `input_scale`) or
+  `FP8_PER_CHANNEL_PER_TOKEN` (`weight_scale` [out], dynamic per-token activations).
+Static activation scales are kept (`Fp8Linear.input_scale`, the max over fused parts as
+TensorRT-LLM takes it), so the numerics follow the checkpoint's recipe. FP8 KV-cache scales
+(`k_scale`/`v_scale`) are ignored: our cache holds the model dtype. Any other scheme (block-scaled
+FP8, INT4/INT8, NVFP4, ...) raises a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ from safetensors import safe_open
 
 from ..config import HeadConfig, ModelConfig
 from ..errors import CheckpointError
+from .fp8 import FP8_DTYPE, Fp8Linear, decoder_linear_names, swap_in_fp8
 from .names import canonical_name
 from .qwen2_vl import Qwen2VL
 
@@ -138,6 +156,10 @@ def copy_tensors(model: Qwen2VL, tensors: Iterator[tuple[str, torch.Tensor]], re
         if part is not None:
             lo, hi = _part_bounds(model, pname, part)
             dst = dst[lo:hi]
+        if pname.endswith(".weight_scale") and tensor.numel() == 1:
+            tensor = tensor.reshape(()).expand(dst.shape)  # a per-tensor scale, repeated over its rows
+        elif pname.endswith(".weight") and dst.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
+            raise CheckpointError(f"{source}: {raw_name} has a weight_scale but is stored as {tensor.dtype}, not float8_e4m3fn")
         if dst.numel() != tensor.numel():
             raise CheckpointError(f"{source}: {raw_name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(tensor.reshape(dst.shape))
@@ -184,16 +206,142 @@ def build_model(cfg: ModelConfig, head_cfg: HeadConfig, *, dtype: torch.dtype, d
     return model.to(dtype).to_empty(device=device)
 
 
+_QUANT_SUFFIXES = (".weight_scale", ".input_scale")
+_IGNORED_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")  # FP8 KV-cache scales: our cache is not FP8
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def _compressed_tensors_scheme(qc: dict, source: str) -> dict:
+    fmt = qc.get("format")
+    if fmt not in ("float-quantized", "naive-quantized"):
+        raise CheckpointError(f"{source}: compressed-tensors format {fmt!r} is not supported (FP8 float-quantized only)")
+    activations = set()
+    for name, group in (qc.get("config_groups") or {}).items():
+        w, a = group.get("weights") or {}, group.get("input_activations")
+        if (w.get("type"), w.get("num_bits"), w.get("strategy")) not in (("float", 8, "channel"), ("float", 8, "tensor")):
+            raise CheckpointError(f"{source}: compressed-tensors group {name!r} quantizes weights as {w.get('type')}{w.get('num_bits')}/"
+                                  f"{w.get('strategy')}; only FP8 per channel or per tensor loads")
+        if a is None:
+            activations.add("none")
+        elif (a.get("type"), a.get("num_bits")) == ("float", 8) and a.get("dynamic") is True and a.get("strategy") == "token":
+            activations.add("dynamic")
+        elif (a.get("type"), a.get("num_bits")) == ("float", 8) and not a.get("dynamic") and a.get("strategy") == "tensor":
+            activations.add("static")
+        else:
+            raise CheckpointError(f"{source}: compressed-tensors group {name!r} quantizes activations as {a}; "
+                                  "only FP8 dynamic per token, static per tensor or none load")
+    if len(activations) != 1:
+        raise CheckpointError(f"{source}: compressed-tensors groups mix activation schemes {sorted(activations)}")
+    return {"producer": "compressed-tensors", "activations": activations.pop()}
+
+
+def _modelopt_scheme(raw: dict, source: str) -> dict:
+    inner = raw["quantization"] if isinstance(raw.get("quantization"), dict) else raw  # legacy nested or flat shape
+    algo = inner.get("quant_algo")
+    if algo not in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+        raise CheckpointError(f"{source}: ModelOpt quant_algo {algo!r} is not supported (FP8 or FP8_PER_CHANNEL_PER_TOKEN load)")
+    if inner.get("kv_cache_quant_algo") or inner.get("kv_cache_scheme"):
+        logger.warning("%s: the checkpoint's FP8 KV-cache scales are ignored (the KV cache holds the model dtype)", source)
+    return {"producer": "modelopt", "activations": "static" if algo == "FP8" else "dynamic", "quant_algo": algo}
+
+
+def checkpoint_quantization(checkpoint: Path) -> dict | None:
+    """The FP8 scheme of a Hugging Face checkpoint directory, or None when its weights are float.
+
+    Returns {"producer": "compressed-tensors" | "modelopt", "activations": "dynamic" | "static" |
+    "none", ...}. Reads `hf_quant_config.json` (ModelOpt) first, then config.json's
+    `quantization_config`. Raises CheckpointError for a quantization scheme we cannot run.
+    """
+    checkpoint = Path(checkpoint)
+    source = str(checkpoint)
+    if (checkpoint / "hf_quant_config.json").is_file():
+        return _modelopt_scheme(_read_config(checkpoint / "hf_quant_config.json"), source)
+    qc = _read_config(checkpoint / "config.json").get("quantization_config") if (checkpoint / "config.json").is_file() else None
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return _compressed_tensors_scheme(qc, source)
+    if method.startswith("modelopt"):
+        return _modelopt_scheme(qc, source)
+    raise CheckpointError(f"{source}: quantization method {qc.get('quant_method')!r} is not supported "
+                          "(FP8 checkpoints in compressed-tensors or ModelOpt format load)")
+
+
+def _module_of(name: str) -> str | None:
+    """Our module for a checkpoint tensor `<module>.<weight_scale|input_scale>` (None when it has none)."""
+    stem = name.rsplit(".", 1)[0]
+    target = target_of(canonical_name(stem + ".weight"))
+    return None if target is None else target[0].rsplit(".", 1)[0]
+
+
+def _fp8_modules(files: list[Path]) -> list[str]:
+    names = set()
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"missing weight shard {f}")
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            names |= {m for n in handle.keys() if n.endswith(".weight_scale") and (m := _module_of(n))}
+    return sorted(names)
+
+
 def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConfig) -> None:
-    """Fill every parameter from a Hugging Face checkpoint dir (+ the mhsa head's weight file)."""
+    """Fill every parameter from a Hugging Face checkpoint dir (+ the mhsa head's weight file).
+
+    An FP8 checkpoint (see `checkpoint_quantization`) first turns its quantized linears into
+    `Fp8Linear`s. Raises CheckpointError for missing, misshapen or unsupported weights.
+    """
     source = str(checkpoint)
     tied = model.cfg.text.tie_word_embeddings
+    files = safetensors_files(checkpoint)
+    quant = checkpoint_quantization(checkpoint)
+    input_scales: dict[str, float] = {}
+    if quant:
+        fp8 = _fp8_modules(files)
+        if not fp8:
+            raise CheckpointError(f"{source}: declares {quant['producer']} FP8 but holds no weight_scale tensors")
+        unsupported = sorted(set(fp8) - set(decoder_linear_names(model, include_vision=True)))
+        if unsupported:  # the LM head / embeddings are read as plain weights by the runtime
+            raise CheckpointError(f"{source}: FP8 is supported on decoder and vision linears only; quantized: {unsupported[:4]}")
+        swap_in_fp8(model, fp8)
+        logger.info("%s: %d FP8 linears (%s, activations %s)", source, len(fp8), quant["producer"], quant["activations"])
+
+    def tensors():
+        for name, tensor in iter_tensors(files):
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name.endswith(".input_scale"):
+                module = _module_of(name)
+                if module is None:
+                    logger.warning("%s: ignoring unexpected tensor %s", source, name)
+                else:  # fused parts share one input: TensorRT-LLM takes the max of their scales too
+                    input_scales[module] = max(input_scales.get(module, 0.0), float(tensor.float().max()))
+                continue
+            yield name, tensor
 
     def resolve(name: str):
+        if name.endswith(".weight_scale"):
+            target = target_of(canonical_name(name[: -len("_scale")]))
+            return None if target is None else (target[0] + "_scale", target[1])
         target = target_of(canonical_name(name))
         return None if tied and target and target[0] == "lm_head.weight" else target
 
-    filled = copy_tensors(model, iter_tensors(safetensors_files(checkpoint)), resolve, source)
+    filled = copy_tensors(model, tensors(), resolve, source)
+    if quant:
+        for name, mod in model.named_modules():
+            if isinstance(mod, Fp8Linear):
+                if quant["activations"] == "none":
+                    mod.quantize_activations = False
+                elif quant["activations"] == "static":
+                    if name not in input_scales:
+                        raise CheckpointError(f"{source}: {name} has static FP8 activations but no input_scale")
+                    mod.input_scale = torch.tensor(input_scales[name], dtype=torch.float32, device=mod.weight.device)
     not_head = lambda n: not n.startswith("head.") and not (tied and n == "lm_head.weight")  # noqa: E731
     check_complete(_expected(model, not_head), filled, source)
     if model.head is not None:
