@@ -1,9 +1,16 @@
 """Rotary positions: Qwen2-VL's M-RoPE position ids for a prompt, and the vision tower's 2-D angles.
 
-Prompt positions follow transformers' `get_rope_index`: text tokens count up on all three axes;
-an image's tokens get (t, h, w) = (start, start + row, start + col) over its merged grid, and the
-text after it resumes at start + max(rows, cols). Every later token (trace, suffix) sits at
+Prompt positions follow transformers' `get_rope_index` for Qwen2-VL (5.17): text tokens count up
+on all three axes; an image's or video's tokens get (t, h, w) = (start + frame, start + row,
+start + col) over its merged grid (a frame here is a temporal patch: 2 video frames), and the text
+after it resumes at start + max(rows, cols). Every later token (trace, suffix) sits at
 `index + rope_delta` on all three axes, where rope_delta = max position + 1 - prompt length.
+
+Qwen2-VL's temporal axis steps by 1 per temporal patch: `second_per_grid_ts` and
+`tokens_per_second` belong to Qwen2.5-VL and are not used. Note: transformers 4.x (and Qwen's
+original code) resumed text after a vision block at its max position + 1, i.e. start +
+max(frames, rows, cols); 5.x resumes at start + max(rows, cols). The two differ only for a video
+with more temporal patches than merged rows and columns; we follow the pinned oracle (5.17).
 """
 
 from __future__ import annotations
@@ -12,11 +19,16 @@ import torch
 
 
 def prompt_positions(
-    token_ids: list[int], grids: list[tuple[int, int, int]], image_token_id: int, merge_size: int
+    token_ids: list[int], grids: list[tuple[int, int, int]], vision_token_ids: int | tuple[int, ...], merge_size: int
 ) -> tuple[torch.Tensor, int]:
-    """([3, len(token_ids)] int64 positions, rope_delta) for one prompt."""
+    """([3, len(token_ids)] int64 positions, rope_delta) for one prompt.
+
+    `vision_token_ids`: the placeholder token id(s) (image pad, video pad); each maximal run of them
+    is one image or video, and `grids` lists their (t, h, w) patch grids in prompt order.
+    """
     ids = torch.tensor(token_ids, dtype=torch.long)
-    is_image = ids == image_token_id
+    vision = torch.tensor([vision_token_ids] if isinstance(vision_token_ids, int) else list(vision_token_ids), dtype=torch.long)
+    is_image = torch.isin(ids, vision)
     pos = torch.empty(3, len(token_ids), dtype=torch.long)
     cursor, i, n, grid_iter = 0, 0, len(token_ids), iter(grids)
     while i < n:
