@@ -5,8 +5,11 @@
     tte-embed --demo            # a few text and image queries on tiny-random, printed
 
 A `.txt` input has one text per line; a `.jsonl` input has objects with `text`, `image` (a path,
-relative to the file, or a data: URL), `instruction` and an optional `id` (default: the item's
-number). Bad lines become error rows (NaN vectors) and are counted at the end.
+relative to the file, or a data: URL), `images` (a list of them), `video` (a video file or a list
+of frame images, paths relative to the file or data: URLs), `videos`, `video_options` (see
+`tte_engine.video.VideoOptions`; `{"num_frames": 8}` is MMEB-V2's convention), `instruction` and
+an optional `id` (default: the item's number). Bad lines become error rows (NaN vectors) and are
+counted at the end.
 
 Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` shard and its
 `.jsonl` records, each renamed into place whole); the final files are assembled from the shards
@@ -52,30 +55,58 @@ class MalformedLine:
     reason: str
 
 
+def read_lines(path: Path) -> list[tuple[int, str | None]]:
+    """(line number, text) per line of `path`: bytes split on "\n" only (a "\r" before it is dropped),
+    a leading UTF-8 BOM removed, each line decoded on its own (None when it is not UTF-8). So
+    U+2028, U+0085, form feeds and the like inside a record never split it."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    out = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            out.append((n, raw.removesuffix(b"\r").decode("utf-8")))
+        except UnicodeDecodeError:
+            out.append((n, None))
+    if out and out[-1][1] == "":
+        out.pop()  # the newline that ends the last line
+    return out
+
+
+def _relative_to(corpus: Path, value):
+    """A relative media path in a corpus file names a file beside it; data: URLs and other values stay."""
+    if isinstance(value, str) and not value.startswith("data:") and not Path(value).is_absolute():
+        return str(corpus.parent / value)
+    return value
+
+
 def read_items(path: Path) -> tuple[list, list]:
-    """(items, ids) from a .txt or .jsonl file; malformed JSON lines become MalformedLine items."""
+    """(items, ids) from a .txt or .jsonl file; a line that is not UTF-8 (or, in .jsonl, not a JSON
+    object) becomes a MalformedLine item naming its line number. Blank lines are skipped."""
     items, ids = [], []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
+    jsonl = path.suffix == ".jsonl"
+    for n, line in read_lines(path):
+        if line is not None and not line.strip():
+            continue
+        ids.append(None)
+        try:
+            if line is None:
+                raise ValueError("not valid UTF-8")
+            if not jsonl:
+                items.append(line)
                 continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("each line must be a JSON object")
-            except ValueError as exc:
-                items.append(MalformedLine(f"line {n}: {exc}"))
-                ids.append(None)
-                continue
-            ids.append(obj.pop("id", None))
-            image = obj.get("image")
-            if isinstance(image, str) and not image.startswith("data:") and not Path(image).is_absolute():
-                obj["image"] = str(path.parent / image)
-            items.append(obj)
-    else:
-        items = [line for line in lines if line.strip()]
-        ids = [None] * len(items)
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("each line must be a JSON object")
+        except ValueError as exc:
+            items.append(MalformedLine(f"line {n}: {exc}"))
+            continue
+        ids[-1] = obj.pop("id", None)
+        for name in ("image", "video", "images", "videos"):  # paths are relative to the file
+            value = obj.get(name)
+            if isinstance(value, list):
+                obj[name] = [_relative_to(path, v) for v in value]
+            elif value is not None:
+                obj[name] = _relative_to(path, value)
+        items.append(obj)
     return items, ids
 
 
@@ -110,6 +141,16 @@ def run_demo(engine) -> None:
     print(f"\nusage: {res.usage}")
 
 
+def engine_switches(args) -> dict:
+    """EngineConfig overrides of the --enforce-eager / --no-prefix-caching flags (shared with tte-serve)."""
+    switches = {}
+    if args.enforce_eager:
+        switches["cuda_graphs"] = False
+    if args.no_prefix_caching:
+        switches["enable_prefix_caching"] = False
+    return switches
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tte-embed", description="Think-Then-Embed: embed a .txt or .jsonl file.")
     parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (text/image/instruction/id)")
@@ -122,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instruction", help="task instruction or a named instruction of the checkpoint")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt instead of reusing cached prefix blocks")
     parser.add_argument("--batch-size", type=int, default=256, help="items handed to the engine at a time, and written together (default 256)")
     parser.add_argument("--cache", type=Path, help="SQLite trace/embedding cache (default: $TTE_HOME/cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -137,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .engine import Engine
 
-        engine = Engine(args.checkpoint, device=args.device, dtype=args.dtype)
+        engine = Engine(args.checkpoint, device=args.device, dtype=args.dtype, **engine_switches(args))
         if args.demo:
             run_demo(engine)
             return 0
@@ -174,7 +217,7 @@ class Shards:
         return sorted(p.stem for p in self.dir.glob("[0-9]*.jsonl") if (self.dir / f"{p.stem}.npy").exists())
 
     def records(self, name: str) -> list[dict]:
-        return [json.loads(line) for line in (self.dir / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        return [json.loads(line) for _, line in read_lines(self.dir / f"{name}.jsonl")]
 
     def load(self, name: str) -> tuple[list[dict], np.ndarray]:
         return self.records(name), np.load(self.dir / f"{name}.npy", mmap_mode="r")
@@ -234,7 +277,7 @@ def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
         for r in records:
             r["id"] = json.loads(r["id"])
         return records, vectors
-    records = [json.loads(line) for line in Path(f"{prefix}.jsonl").read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for _, line in read_lines(Path(f"{prefix}.jsonl"))]
     return records, np.load(f"{prefix}.npy")
 
 

@@ -1,21 +1,28 @@
 """Request types, validation, and prompt building with the checkpoint's chat template.
 
-An item is a `str`, a dict, or a `Query` with `text`, `image` and an optional `instruction`.
-The prompt is the chat template applied to one user turn (image placeholder first, then
-"{instruction}\\n{text}"), the generation prompt, and in think mode the think-start token. Each
-image placeholder is then expanded to the number of tokens the vision tower will produce.
+An item is a `str`, a dict, or a `Query` with `text`, `image` / `images`, `video` / `videos`
+(see `tte_engine.video`) and an optional `instruction`. The prompt is the chat template applied
+to one user turn (image placeholders first, then video placeholders, each in its own vision
+block, then "{instruction}\\n{text}"), the generation prompt, and in think mode the think-start
+token. Each placeholder is then expanded to the number of tokens the vision tower will produce.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import ModelConfig, TTEConfig
 from .errors import CheckpointError, InvalidInputError
-from .vision import ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+from .sampling import SamplingParams
+from .video import VideoError, VideoOptions, preprocess_video
+from .vision import MAX_DECODE_PIXELS, ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+
+FIELDS = ("text", "image", "images", "video", "videos", "video_options", "instruction", "trace")
 
 
 @dataclass
@@ -30,6 +37,10 @@ class Query:
     image: Any = None
     instruction: str | None = None
     trace: str | list[int] | None = None
+    images: list[Any] | None = None  # several images, each in its own vision block, in this order (after `image`)
+    video: Any = None  # a video file (path, bytes, data: URL; PyAV) or a list of frames / uint8 array [T, H, W, 3]
+    videos: list[Any] | None = None  # several videos, each in its own vision block, in this order (after `video`)
+    video_options: VideoOptions | dict | None = None  # sampling and pixel budgets (tte_engine.video.VideoOptions fields)
 
 
 @dataclass
@@ -37,30 +48,78 @@ class Prompt:
     """A validated, tokenized request: what the scheduler needs and nothing else."""
 
     token_ids: list[int]
-    images: list[ProcessedImage] = field(default_factory=list)
+    images: list[ProcessedImage] = field(default_factory=list)  # images and videos, in prompt order
     given_trace_ids: list[int] | None = None  # a supplied trace (not generated)
 
 
+def check_text(value: Any, name: str, index: int | None) -> None:
+    """Raise InvalidInputError unless `value` is None or a str that is valid Unicode (no lone surrogates)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, got {type(value).__name__}", index, name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{name} is not valid Unicode (a lone surrogate at character {exc.start})", index, name) from None
+
+
+def check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, index) -> None:
+    """Type-check the per-call settings of Engine.embed / make_sequence (a bool is not a count,
+    "yes" is not True); raises InvalidInputError naming `index` (None: the whole call)."""
+    def bad(reason):
+        return InvalidInputError(reason, index)
+
+    if not isinstance(think, bool):
+        raise bad(f"think must be a bool, got {type(think).__name__}")
+    for name, value, least in (("max_trace_tokens", max_trace_tokens, 0), ("truncate_prompt_tokens", truncate_prompt_tokens, 1)):
+        if value is not None and not _is_int(value):
+            raise bad(f"{name} must be an int, got {type(value).__name__}")
+        if value is not None and value < least and not (name == "truncate_prompt_tokens" and value == -1):
+            raise bad(f"{name} must be >= {least}{' or -1' if name == 'truncate_prompt_tokens' else ''}, got {value}")
+    check_text(instruction, "instruction", index)
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise bad(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+
+
+def _is_int(t: Any) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
 def as_query(item: Any, index: int) -> Query:
+    """A validated Query for one item: a str (the text), a dict with keys among FIELDS, or a Query.
+
+    Every field is type-checked: text and instruction are str (valid Unicode), trace a str or a
+    list/tuple of int token ids, an item has text or an image. Raises InvalidInputError naming
+    `index` (and the bad field); nothing else.
+    """
     if isinstance(item, Query):
         query = item
     elif isinstance(item, str):
         query = Query(text=item)
     elif isinstance(item, dict):
-        unknown = set(item) - {"text", "image", "instruction", "trace"}
+        unknown = [k for k in item if k not in FIELDS]
         if unknown:
-            raise InvalidInputError(f"unknown field(s) {sorted(unknown)}; expected text, image, instruction, trace", index)
+            names = ", ".join(repr(k) if isinstance(k, str) else f"a key of type {type(k).__name__}" for k in unknown)
+            raise InvalidInputError(f"unknown field(s) {names}; expected {', '.join(FIELDS)}", index)
         query = Query(**item)
     else:
         raise InvalidInputError(f"expected a str, dict or Query, got {type(item).__name__}", index)
-    if query.text is not None and not isinstance(query.text, str):
-        raise InvalidInputError(f"text must be a string, got {type(query.text).__name__}", index)
-    if query.instruction is not None and not isinstance(query.instruction, str):
-        raise InvalidInputError(f"instruction must be a string, got {type(query.instruction).__name__}", index)
-    if query.trace is not None and not (isinstance(query.trace, str) or all(isinstance(t, int) for t in query.trace)):
-        raise InvalidInputError("trace must be a string or a list of token ids", index)
-    if not (query.text or "").strip() and query.image is None:
-        raise InvalidInputError("empty item: no text and no image", index)
+    check_text(query.text, "text", index)
+    check_text(query.instruction, "instruction", index)
+    if isinstance(query.trace, str):
+        check_text(query.trace, "trace", index)
+    elif query.trace is not None:  # bytes, dicts, sets or bools are not token ids, even though they iterate to ints
+        if not (isinstance(query.trace, (list, tuple)) and all(_is_int(t) for t in query.trace)):
+            raise InvalidInputError(f"trace must be a string or a list of int token ids, got {type(query.trace).__name__}", index, "trace")
+        query = replace(query, trace=[int(t) for t in query.trace])
+    for name in ("images", "videos"):
+        if getattr(query, name) is not None and not isinstance(getattr(query, name), (list, tuple)):
+            raise InvalidInputError(f"{name} must be a list, got {type(getattr(query, name)).__name__}", index, name)
+    if query.video_options is not None and not isinstance(query.video_options, (dict, VideoOptions)):
+        raise InvalidInputError(f"video_options must be a dict, got {type(query.video_options).__name__}", index, "video_options")
+    if not (query.text or "").strip() and query.image is None and not query.images and query.video is None and not query.videos:
+        raise InvalidInputError("empty item: no text, image or video", index)
     return query
 
 
@@ -93,6 +152,41 @@ class PromptBuilder:
             model_cfg.vision_end_token_id,
         ]
         self._reserved = [tokenizer.convert_ids_to_tokens(i) for i in self.suppressed_ids]
+        # No token spans more characters than its vocabulary string has (a byte-level token's string
+        # has one character per byte), so a text of more than max_tokens * max_token_chars characters
+        # cannot fit max_tokens tokens: refused before it is tokenized.
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()))
+        self.max_image_pixels = MAX_DECODE_PIXELS  # larger images are refused before decoding (servers lower it)
+        self.video_options = VideoOptions()  # defaults for items without video_options (VideoOptions.mmeb_v2(): 8 frames)
+
+    def check_size(self, query: Query, instruction: str | None, max_tokens: int, index: int, *, text: bool = True) -> None:
+        """Refuse, before any tokenizing, a text/instruction/trace too long for `max_tokens` tokens
+        (`text=False`: the text is cut instead). Raises InvalidInputError naming the field."""
+        cap = max_tokens * self.max_token_chars
+        fields = [("instruction", self.instruction_for(query, instruction)), ("trace", query.trace)] + ([("text", query.text)] if text else [])
+        for name, value in fields:
+            if isinstance(value, str) and len(value) > cap:
+                raise InvalidInputError(f"{name} of {len(value)} characters cannot fit the model limit of {max_tokens} tokens", index, name)
+            if isinstance(value, list) and len(value) > max_tokens:
+                raise InvalidInputError(f"{name} of {len(value)} tokens exceeds the model limit of {max_tokens} tokens", index, name)
+
+    def truncate(self, query: Query, prompt: Prompt, max_tokens: int, index: int, *, think: bool, instruction: str | None) -> Prompt:
+        """`prompt` rebuilt with the end of `query.text` cut so it holds at most `max_tokens` tokens
+        (the image, instruction and template are kept whole). Raises InvalidInputError when even
+        an empty text does not fit."""
+        for _ in range(4):  # re-tokenizing a decoded cut can differ by a token at the boundary
+            excess = len(prompt.token_ids) - max_tokens
+            if excess <= 0:
+                return prompt
+            text_ids = self.tokenizer(query.text or "", add_special_tokens=False).input_ids
+            if excess >= len(text_ids):
+                raise InvalidInputError(f"the prompt holds {len(prompt.token_ids) - len(text_ids)} tokens besides its text; "
+                                        f"it cannot be truncated to {max_tokens}", index)
+            images = [i for i in prompt.images if not i.video]  # keep the processed images and videos as they are
+            videos = [i for i in prompt.images if i.video]
+            query = replace(query, text=self.tokenizer.decode(text_ids[: len(text_ids) - excess]), image=None, images=images, video=None, videos=videos)
+            prompt = self.build(query, index, think=think, instruction=instruction)
+        raise InvalidInputError(f"the prompt cannot be truncated to {max_tokens} tokens", index)
 
     def _eos_ids(self, checkpoint: Path) -> list[int]:
         ids: list[int] = []
@@ -111,19 +205,14 @@ class PromptBuilder:
         return self.tte.instructions.get(chosen, chosen)  # a named task instruction, or the literal text
 
     def build(self, query: Query, index: int, *, think: bool, instruction: str | None = None) -> Prompt:
-        images = []
-        if query.image is not None:
-            try:
-                images.append(preprocess_image(query.image, self.image_cfg))
-            except ImageError as exc:
-                raise InvalidInputError(f"image: {exc}", index) from exc
+        images = self._vision_inputs(query, index)
         text = self.instruction_for(query, instruction)
         if (query.text or "").strip():
             text = f"{text}\n{query.text}" if text else query.text
         for token in self._reserved:
             if token in text:
-                raise InvalidInputError(f"text contains the reserved vision token {token!r}", index)
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+                raise InvalidInputError(f"text contains the reserved vision token {token!r}", index, "text")
+        content = [{"type": "video" if i.video else "image"} for i in images] + [{"type": "text", "text": text}]
         rendered = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
@@ -138,19 +227,49 @@ class PromptBuilder:
             given = self.tokenizer(query.trace, add_special_tokens=False).input_ids if isinstance(query.trace, str) else list(query.trace)
             vocab = self.model_cfg.text.vocab_size
             if any(not 0 <= t < vocab for t in given):
-                raise InvalidInputError(f"trace token ids must lie in [0, {vocab})", index)
+                raise InvalidInputError(f"trace token ids must lie in [0, {vocab})", index, "trace")
         return Prompt(token_ids=ids, images=images, given_trace_ids=given)
 
+    def _vision_inputs(self, query: Query, index: int) -> list[ProcessedImage]:
+        """Preprocess the item's images (`image`, then `images`) and videos (`video`, then `videos`), in prompt order.
+
+        Already processed entries (a prompt rebuilt for truncation) are kept as they are. Raises
+        InvalidInputError naming the field ("image", "images[i]", "video", "videos[i]", "video_options").
+        """
+        sources = ([("image", query.image)] if query.image is not None else [])
+        sources += [(f"images[{i}]", img) for i, img in enumerate(query.images or [])]
+        out: list[ProcessedImage] = []
+        for name, image in sources:
+            try:
+                out.append(image if isinstance(image, ProcessedImage) else preprocess_image(image, self.image_cfg, self.max_image_pixels))
+            except ImageError as exc:
+                raise InvalidInputError(f"{name}: {exc}", index, name) from exc
+        videos = ([("video", query.video)] if query.video is not None else []) + [(f"videos[{i}]", v) for i, v in enumerate(query.videos or [])]
+        if not videos:
+            return out
+        try:
+            opts = self.video_options.updated(query.video_options)
+        except VideoError as exc:
+            raise InvalidInputError(f"video_options: {exc}", index, "video_options") from exc
+        for name, video in videos:
+            try:
+                out.append(video if isinstance(video, ProcessedImage) else preprocess_video(video, self.image_cfg, opts))
+            except VideoError as exc:
+                raise InvalidInputError(f"{name}: {exc}", index, name) from exc
+        return out
+
     def _expand_image_tokens(self, ids: list[int], images: list[ProcessedImage], index: int) -> list[int]:
-        pad = self.model_cfg.image_token_id
-        if ids.count(pad) != len(images):
-            raise InvalidInputError(
-                f"the chat template produced {ids.count(pad)} image placeholders for {len(images)} image(s)", index
-            )
+        """Expand each image / video placeholder to the number of tokens its vision block produces."""
+        pads = {False: self.model_cfg.image_token_id, True: self.model_cfg.video_token_id}
+        for is_video, pad in pads.items():
+            want = sum(i.video == is_video for i in images)
+            if ids.count(pad) != want:
+                kind = "video" if is_video else "image"
+                raise InvalidInputError(f"the chat template produced {ids.count(pad)} {kind} placeholders for {want} {kind}(s)", index)
         out: list[int] = []
         remaining = iter(images)
         for tok in ids:
-            out += [pad] * next(remaining).num_tokens if tok == pad else [tok]
+            out += [tok] * next(remaining).num_tokens if tok in (pads[False], pads[True]) else [tok]
         return out
 
     def decode(self, ids: list[int]) -> str:

@@ -14,6 +14,8 @@ Two layers, so corpus-side traces are generated once and re-used:
 
 Unseeded sampling is never cached (its results are not a function of the input). The file is in
 WAL mode, so several readers (a server, a batch job) can share it with one writer at a time.
+A file that is not a usable cache raises CacheError when opened; one that fails later (a corrupt
+page) is logged once and the run goes on without the cache.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ import numpy as np
 
 from .checkpoint import fingerprint
 from .config import TTE_CONFIG_NAME, TTEConfig
-from .errors import InvalidInputError
+from .errors import CacheError, InvalidInputError
+from .prep import run_prepared
 from .random_checkpoint import tte_home
 from .sampling import SamplingParams
 from .sequence import Sequence
 
 logger = logging.getLogger("tte_engine")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: image digests cover shape, dtype, grid and preprocessing settings (1 keyed pixels only)
 
 
 def default_cache_path() -> Path:
@@ -59,6 +62,7 @@ class ItemResult:
     embed_tokens: int
     cached: str | None = None  # None, "trace" or "embedding": which cache layer answered
     error: str | None = None
+    prefix_cached_tokens: int = 0  # prompt tokens whose KV the engine's prefix cache supplied
 
 
 @dataclass
@@ -80,52 +84,85 @@ class Plan:
 
 
 class ResultCache:
-    """The SQLite file. Thread-safe (one connection behind a lock); processes share it via WAL."""
+    """The SQLite file. Thread-safe (one connection behind a lock); processes share it via WAL.
+
+    Raises CacheError when the file is not a usable cache (not SQLite, corrupt, a newer schema);
+    entries of an older schema are discarded (their keys no longer say everything they depend on).
+    """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path).expanduser() if path is not None else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self._conn.execute("CREATE TABLE IF NOT EXISTS traces (key TEXT PRIMARY KEY, trace_ids BLOB NOT NULL, stop_reason TEXT, created REAL)")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, embedding BLOB NOT NULL, "
-                "trace_ids BLOB NOT NULL, stop_reason TEXT, embed_tokens INTEGER, created REAL)"
-            )
-            row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise ValueError(f"{self.path}: cache schema {row[0]}, this tte_engine writes {SCHEMA_VERSION}; use another --cache path")
+        self._failed = False
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+            with self._lock:
+                self._open()
+        except sqlite3.DatabaseError as exc:
+            raise CacheError(f"{self.path} is not a usable tte_engine cache ({exc}); delete it or use another cache path") from exc
+
+    def _open(self) -> None:
+        """Create the tables, and start over when the file holds an older schema."""
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS traces (key TEXT PRIMARY KEY, trace_ids BLOB NOT NULL, stop_reason TEXT, created REAL)")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, embedding BLOB NOT NULL, "
+            "trace_ids BLOB NOT NULL, stop_reason TEXT, embed_tokens INTEGER, created REAL)"
+        )
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        version = int(row[0]) if row is not None and str(row[0]).isdigit() else None
+        if row is not None and (version is None or version > SCHEMA_VERSION):
+            raise CacheError(f"{self.path}: cache schema {row[0]!r} is not one this tte_engine reads ({SCHEMA_VERSION}); use another cache path")
+        if version != SCHEMA_VERSION:
+            if version is not None:
+                logger.warning("%s: discarding the entries of cache schema %d (this tte_engine writes %d)", self.path, version, SCHEMA_VERSION)
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("DELETE FROM traces")
+            self._conn.execute("DELETE FROM embeddings")
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple) -> tuple | None:
+        """One row, or None (also when the file has gone bad: then logged once, and the cache is skipped from then on)."""
+        if self._failed:
+            return None
+        try:
+            with self._lock:
+                return self._conn.execute(sql, args).fetchone()
+        except sqlite3.DatabaseError as exc:
+            self._fail(exc)
+            return None
+
+    def _fail(self, exc: sqlite3.DatabaseError) -> None:
+        if not self._failed:
+            self._failed = True
+            logger.warning("the result cache %s failed (%s); continuing without it (delete the file to start a new one)", self.path, exc)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
     def get_embedding(self, key: str) -> tuple[np.ndarray, list[int], str | None, int] | None:
-        with self._lock:
-            row = self._conn.execute("SELECT embedding, trace_ids, stop_reason, embed_tokens FROM embeddings WHERE key = ?", (key,)).fetchone()
+        row = self._query("SELECT embedding, trace_ids, stop_reason, embed_tokens FROM embeddings WHERE key = ?", (key,))
         if row is None:
             return None
         return np.frombuffer(row[0], dtype=np.float32).copy(), _ids(row[1]), row[2], row[3]
 
     def get_trace(self, key: str) -> tuple[list[int], str | None] | None:
-        with self._lock:
-            row = self._conn.execute("SELECT trace_ids, stop_reason FROM traces WHERE key = ?", (key,)).fetchone()
+        row = self._query("SELECT trace_ids, stop_reason FROM traces WHERE key = ?", (key,))
         return None if row is None else (_ids(row[0]), row[1])
 
     def put(self, traces: list[tuple[str, list[int], str | None]], embeddings: list[tuple[str, np.ndarray, list[int], str | None, int]]) -> None:
         """Write a batch of entries in one transaction (first writer wins: entries are immutable)."""
-        if not traces and not embeddings:
+        if (not traces and not embeddings) or self._failed:
             return
         now = time.time()
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
+                self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(
                     "INSERT OR IGNORE INTO traces VALUES (?, ?, ?, ?)", [(k, _blob(ids), reason, now) for k, ids, reason in traces]
                 )
@@ -134,9 +171,18 @@ class ResultCache:
                     [(k, np.asarray(e, dtype=np.float32).tobytes(), _blob(ids), reason, n, now) for k, e, ids, reason, n in embeddings],
                 )
                 self._conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                self._rollback()
+                self._fail(exc)
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            pass  # no transaction was open (BEGIN failed) or the file is gone bad
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -177,17 +223,20 @@ class EngineCache:
         if not sampling.greedy and sampling.seed is None:
             return None
         prompt = seq.prompt
+        # image digests cover pixels, shape, dtype, grid and the preprocessing settings (vision.preprocess_image)
         common = [prompt.token_ids, [img.digest for img in prompt.images], seq.think, seq.max_trace_tokens,
                   [sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed], self._rules]
-        trace = _digest("trace", self.trace_fp, common) if seq.think and given_trace is None else None
-        return Keys(embedding=_digest("embedding", self.engine_fp, common, given_trace), trace=trace)
+        trace = _digest("trace", SCHEMA_VERSION, self.trace_fp, common) if seq.think and given_trace is None else None
+        return Keys(embedding=_digest("embedding", SCHEMA_VERSION, self.engine_fp, common, given_trace), trace=trace)
 
 
 def plan_item(engine, item: Any, index: int, *, cache: EngineCache | None = None, think: bool = True, max_trace_tokens: int | None = None,
-              instruction: str | None = None, sampling: SamplingParams | None = None, tag: object = None) -> Plan:
-    """Validate one item and consult the cache; raises InvalidInputError (naming `index`) for a bad item."""
+              instruction: str | None = None, sampling: SamplingParams | None = None, tag: object = None,
+              truncate_prompt_tokens: int | None = None) -> Plan:
+    """Validate one item (Engine.make_sequence) and consult the cache; raises InvalidInputError (naming `index`) for a bad item."""
     sampling = sampling or SamplingParams()
-    settings = dict(think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, tag=tag)
+    settings = dict(think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, tag=tag,
+                    truncate_prompt_tokens=truncate_prompt_tokens)
     seq = engine.make_sequence(item, index, **settings)
     given = seq.prompt.given_trace_ids
     keys = cache.keys(seq, sampling, given) if cache is not None else None
@@ -209,7 +258,8 @@ def finish_item(plan: Plan, seq: Sequence) -> tuple[ItemResult, list, list]:
     """The result of a finished sequence, and the (traces, embeddings) cache rows it adds."""
     reason = plan.trace_stop_reason if plan.cached == "trace" else seq.stop_reason
     emb = seq.embedding.numpy().astype(np.float32, copy=False) if seq.embedding is not None else None
-    result = ItemResult(emb, list(seq.trace_ids), reason, seq.num_prompt_tokens, seq.generated_trace_tokens, len(seq.embed_ids), cached=plan.cached)
+    result = ItemResult(emb, list(seq.trace_ids), reason, seq.num_prompt_tokens, seq.generated_trace_tokens, len(seq.embed_ids), cached=plan.cached,
+                        prefix_cached_tokens=seq.num_cached_tokens)
     traces, embeddings = [], []
     if plan.keys is not None and emb is not None:
         if plan.keys.trace is not None and plan.cached != "trace":
@@ -223,24 +273,21 @@ def embed_items(engine, items: list[Any], *, cache: EngineCache | None = None, t
                 progress: Callable[[int], None] | None = None) -> list[ItemResult]:
     """`Engine.embed(errors="return")` with a cache in front; cache rows are written once, at the end
     (a crash mid-call leaves the cache as it was, so a re-run repeats exactly the same batch, and the
-    engine idle: the next call runs normally)."""
-    if engine.has_unfinished():
-        raise RuntimeError("the engine is already running requests")
-    plans: list[Plan | None] = []
+    engine idle: the next call runs normally). Items are prepared (validated, images decoded, cache
+    consulted) in a thread pool while the engine steps the ones already prepared (`prep.run_prepared`)."""
+    plans: list[Plan | None] = [None] * len(items)
     results: list[ItemResult | None] = [None] * len(items)
-    for i, item in enumerate(items):
+
+    def prepare(i: int) -> Sequence | None:
         try:
-            plan = plan_item(engine, item, i, cache=cache, think=think, max_trace_tokens=max_trace_tokens,
-                             instruction=instruction, sampling=sampling, tag=i)
+            plans[i] = plan_item(engine, items[i], i, cache=cache, think=think, max_trace_tokens=max_trace_tokens,
+                                 instruction=instruction, sampling=sampling, tag=i)
         except InvalidInputError as exc:
             results[i] = ItemResult(None, [], None, 0, 0, 0, error=exc.reason)
-            plan = None
-        plans.append(plan)
-        if plan is not None and plan.result is not None:
-            results[i] = plan.result
-    answered = sum(r is not None for r in results)
-    if progress and answered:
-        progress(answered)
+            return None
+        results[i] = plans[i].result
+        return plans[i].seq
+
     traces, embeddings = [], []
 
     def on_done(done: list[Sequence]) -> None:
@@ -252,8 +299,11 @@ def embed_items(engine, items: list[Any], *, cache: EngineCache | None = None, t
         if progress:
             progress(len(done))
 
-    # Engine.run drops every sequence if a step fails, so the engine stays usable for the next call
-    engine.run([p.seq for p in plans if p is not None and p.seq is not None], on_done=on_done)
+    # run_prepared drops every sequence if a step fails, so the engine stays usable for the next call
+    run_prepared(engine, len(items), prepare, on_done=on_done)
+    answered = sum(p is None or p.seq is None for p in plans)  # failed, or answered by the cache
+    if progress and answered:
+        progress(answered)
     if cache is not None:
         cache.cache.put(traces, embeddings)
     return results
@@ -270,4 +320,5 @@ def usage(results: list[ItemResult]) -> dict[str, int]:
         "cached_trace_tokens": sum(len(r.trace_ids) for r in ok if r.cached),
         "embed_tokens": embed,
         "total_tokens": prompt + trace + embed,
+        "prompt_tokens_details": {"cached_tokens": sum(r.prefix_cached_tokens for r in ok)},  # OpenAI's field
     }

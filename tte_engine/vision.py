@@ -5,6 +5,9 @@ Steps (the same arithmetic as transformers, so pixel values agree bit for bit): 
 lies in [min_pixels, max_pixels], rescale by 1/255 in float64 then cast to float32, normalize
 with the CLIP mean/std, and cut into flat patches laid out block-major over merge windows
 (the order the vision tower and its 2-D rotary expect). A still image fills both temporal slots.
+
+Every source (PIL image, path, bytes, data: URL) goes through one decode path that applies the
+EXIF orientation (as transformers' `load_image` does), so a phone photo is embedded upright.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from .errors import describe
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 # Largest image decoded (8192x8192): bounds the memory one item can take, whatever its file size.
@@ -64,16 +69,25 @@ class ImageProcessorConfig:
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """One preprocessed image: flat patches [grid_h * grid_w, C*T*P*P] and its grid."""
+    """One preprocessed image or video: flat patches [grid_t * grid_h * grid_w, C*T*P*P] and its grid.
+
+    `video` marks a clip (its placeholder is the video pad token; see `tte_engine.video`).
+    """
 
     patches: torch.Tensor
     grid_thw: tuple[int, int, int]
-    num_tokens: int  # LLM placeholder tokens = grid_h * grid_w / merge_size**2
+    num_tokens: int  # LLM placeholder tokens = grid_t * grid_h * grid_w / merge_size**2
     digest: str  # content hash, for caches keyed by image content
+    video: bool = False
 
 
-def load_image(image: Any) -> Image.Image:
-    """Open a PIL image, file path, `data:` URL, raw bytes, or uint8 numpy array as RGB."""
+def load_image(image: Any, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
+    """Open a PIL image, file path, `data:` URL, raw bytes, or uint8 numpy array as an upright RGB image.
+
+    The EXIF orientation (tags 2-8) is applied. An image of more than `max_pixels` pixels is refused
+    before it is decoded. Raises ImageError (never another exception) with a message that holds no
+    object reprs, so error rows are the same on every run.
+    """
     try:
         if isinstance(image, Image.Image):
             img = image
@@ -96,14 +110,21 @@ def load_image(image: Any) -> Image.Image:
         else:
             raise ImageError(f"unsupported image type {type(image).__name__}")
         width, height = img.size
-        if width * height > MAX_DECODE_PIXELS:  # checked before decoding: a tiny file can hold a huge image
-            raise ImageError(f"image of {width}x{height} pixels exceeds the {MAX_DECODE_PIXELS} pixel decode limit")
+        if width * height > max_pixels:  # checked before decoding: a tiny file can hold a huge image
+            raise ImageError(f"image of {width}x{height} pixels exceeds the {max_pixels} pixel decode limit")
         img.load()
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+            img = ImageOps.exif_transpose(img)
+        img = img if img.mode == "RGB" else img.convert("RGB")
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, binascii.Error, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot decode image ({exc})") from exc
-    return img if img.mode == "RGB" else img.convert("RGB")
+    except UnidentifiedImageError as exc:  # its message holds the repr of the file object
+        raise ImageError("cannot decode image (not an image, or a format Pillow cannot read)") from exc
+    except binascii.Error as exc:
+        raise ImageError(f"cannot decode image (bad base64: {exc})") from exc
+    except Exception as exc:  # whatever a decoder raises on a malformed file is this image's error
+        raise ImageError(f"cannot decode image ({describe(exc)})") from exc
+    return img
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -123,8 +144,14 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def preprocess_image(image: Any, cfg: ImageProcessorConfig) -> ProcessedImage:
-    img = load_image(image)
+def preprocess_image(image: Any, cfg: ImageProcessorConfig, max_pixels: int = MAX_DECODE_PIXELS) -> ProcessedImage:
+    """Load (see `load_image`) and preprocess one image; raises ImageError.
+
+    `digest` identifies the result: it hashes the resized pixels together with their shape and
+    dtype, the grid and every preprocessing setting, so two images share it only when the model
+    would see the same thing (caches and prefix blocks are keyed by it).
+    """
+    img = load_image(image, max_pixels)
     width, height = img.size
     if min(width, height) < 1:
         raise ImageError("image has no pixels")
@@ -138,5 +165,6 @@ def preprocess_image(image: Any, cfg: ImageProcessorConfig) -> ProcessedImage:
     x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p)).reshape(gh * gw, 3 * t * p * p)
     patches = torch.from_numpy(np.ascontiguousarray(x))
-    digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+    header = repr(("image", arr.shape, str(arr.dtype), (1, gh, gw), cfg)).encode()
+    digest = hashlib.blake2b(header + arr.tobytes(), digest_size=16).hexdigest()
     return ProcessedImage(patches=patches, grid_thw=(1, gh, gw), num_tokens=gh * gw // (m * m), digest=digest)

@@ -34,7 +34,7 @@ def vectors(body) -> list:
 
 @pytest.fixture(scope="module")
 def server(serve_checkpoint):
-    s = start_server(Engine(serve_checkpoint), ServerSettings(prep_threads=2, max_body_bytes=256 << 10))
+    s = start_server(Engine(serve_checkpoint), ServerSettings(prep_threads=2, max_body_bytes=256 << 10, max_trace_tokens=4000))
     yield s
     s.stop()
 
@@ -58,7 +58,7 @@ def test_health_and_models(client, reference):
 
 
 def test_text_inputs_match_the_engine(client, reference):
-    single = client.post("/v1/embeddings", json={"input": "a cat on a chair", "model": "anything"}).json()
+    single = client.post("/v1/embeddings", json={"input": "a cat on a chair", "model": reference.checkpoint.name}).json()
     batch = client.post("/v1/embeddings", json={"input": ["a cat on a chair", "two dogs in a park"]}).json()
     expected = reference.embed(["a cat on a chair", "two dogs in a park"])
     assert single["model"] == reference.checkpoint.name and len(single["data"]) == 1
@@ -117,10 +117,11 @@ def test_base64_encoding(client):
         assert np.array_equal(decoded, np.asarray(f, dtype=np.float32))
 
 
-def _error(response, status: int, param=None, contains: str = "") -> dict:
+def _error(response, status: int, param=None, contains: str = "", code=None) -> dict:
+    """The response is an OpenAI error body: this status, `param` (when given), `code` a string or null."""
     assert response.status_code == status, response.text
     err = response.json()["error"]
-    assert err["code"] == status and contains in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and contains in err["message"], err
     if param is not None:
         assert err["param"] == param, err
     return err
@@ -131,14 +132,14 @@ def test_error_codes_name_the_bad_field_or_item(client, images, tmp_path):
     # malformed bodies
     _error(client.post("/v1/embeddings", content=b'{"input": "x",', headers={"content-type": "application/json"}), 400, contains="not valid JSON")
     _error(post({"input": 5}), 422, "input")
-    _error(post({"input": ["ok", 7]}), 422, "input[1]")
-    _error(post({"inptu": "typo"}), 422, "inptu", "Extra inputs")
+    _error(post({"input": ["ok", {"txt": "x"}]}), 422, "input[1].txt", "Extra inputs")
     _error(post({"input": "x", "messages": [{"role": "user", "content": "y"}]}), 422, "input", "exactly one")
     _error(post({}), 422, "input", "exactly one")
     _error(post({"input": "x", "max_trace_tokens": -1}), 422, "max_trace_tokens")
     _error(post({"input": "x", "encoding_format": "int8"}), 422, "encoding_format")
     _error(post({"messages": [{"role": "assistant", "content": "x"}]}), 422, "messages[0].role")
-    _error(post({"input": "x", "dimensions": 7}), 400, "dimensions")
+    _error(post({"input": "x", "dimensions": 10**6}), 400, "dimensions")
+    _error(post({"input": "x", "dimensions": 0}), 422, "dimensions")
     # bad items, named by index
     _error(post({"input": []}), 400, "input", "empty")
     _error(post({"input": ["fine", "   "]}), 400, "input[1]", "empty item")
@@ -149,7 +150,9 @@ def test_error_codes_name_the_bad_field_or_item(client, images, tmp_path):
     (tmp_path / "cat.png").write_bytes(images[0])
     _error(post({"input": [{"image": str(tmp_path / "cat.png")}]}), 400, "input[0].image", "--allow-local-files")
     two = [{"type": "image_url", "image_url": {"url": data_url(images[0])}}, {"type": "image_url", "image_url": {"url": data_url(images[1])}}]
-    _error(post({"messages": [{"role": "user", "content": two}]}), 400, "messages", "at most one image")
+    three = two + [{"type": "image_url", "image_url": data_url(images[2])}] * 7
+    _error(post({"messages": [{"role": "user", "content": three}]}), 400, "messages", "9 images in one item; this server takes at most 8")
+    _error(post({"input": [{"images": [data_url(images[0])] * 9}]}), 400, "input[0]", "at most 8")
     # oversized bodies: declared length, and a chunked body without one
     big = {"input": "x" * (300 << 10)}
     _error(post(big), 413, contains="exceeds the limit")
@@ -233,22 +236,39 @@ def test_metrics_counters_move(server, client):
     assert "# TYPE tte_latency_seconds histogram" in text and "# TYPE tte_batch_size histogram" in text
 
 
+def test_prefix_cache_reuse_is_reported(server, client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens and the Prometheus prefix-cache counters."""
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(70, 90, 4242)).decode()  # an image no other test sends
+    body = {"input": [{"text": "what is this?", "image": url}], "think": False}
+    before = server.metrics()
+    first = client.post("/v1/embeddings", json=body).json()
+    second = client.post("/v1/embeddings", json=body).json()
+    after = server.metrics()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert second["data"][0]["embedding"] == pytest.approx(first["data"][0]["embedding"], abs=1e-5)
+    assert after["tte_prefix_cache_hits_total"] > before.get("tte_prefix_cache_hits_total", 0)
+    assert after["tte_prefix_cache_queries_total"] >= after["tte_prefix_cache_hits_total"]
+    assert 0 < after["tte_prefix_cache_hit_rate"] <= 1
+
+
 def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, images, tmp_path):
     """A second server: API key, a small queue (429), a result cache, and local files under one root."""
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "cat.png").write_bytes(images[0])
     (tmp_path / "outside.png").write_bytes(images[0])
     (tmp_path / "ok" / "link.png").symlink_to(tmp_path / "outside.png")
-    settings = ServerSettings(api_key="s3cret", max_queue=2, local_files_root=(tmp_path / "ok").resolve(), prep_threads=2)
+    settings = ServerSettings(api_key="s3cret", max_queue=2, local_files_root=(tmp_path / "ok").resolve(), prep_threads=2, max_trace_tokens=40)
     cache = ResultCache(tmp_path / "cache.sqlite")
     srv = start_server(Engine(serve_checkpoint, max_num_seqs=2), settings, cache)
     try:
         auth = {"Authorization": "Bearer s3cret"}
         with srv.client() as anon, srv.client(headers=auth) as c:
-            _error(anon.post("/v1/embeddings", json={"input": "x"}), 401, contains="API key")
-            _error(anon.get("/v1/models"), 401)
-            _error(anon.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer wrong"}), 401)
-            assert anon.get("/health").status_code == 200  # probes need no key
+            _error(anon.post("/v1/embeddings", json={"input": "x"}), 401, contains="API key", code="invalid_api_key")
+            for path in ("/v1/models", "/docs", "/redoc", "/openapi.json", "/no-such-path"):  # everything but the probes needs the key
+                _error(anon.get(path), 401, code="invalid_api_key")
+            _error(anon.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+            assert anon.get("/health").status_code == 200 and anon.get("/metrics").status_code == 200  # probes and scrapers need no key
+            assert c.get("/openapi.json").status_code == 200
 
             # the cache: the second identical request generates no trace
             first = c.post("/v1/embeddings", json={"input": ["cache me", "and me"], "return_trace": True}).json()
@@ -283,7 +303,7 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             refused = c.post("/v1/embeddings", json={"input": "one more"})
-            _error(refused, 429, contains="busy")
+            _error(refused, 429, contains="busy", code="rate_limit_exceeded")
             assert refused.headers["retry-after"] == "1"
             _error(c.post("/v1/embeddings", json={"input": ["x"] * 5}), 422, "input", "at most 4")
             t.join(60)

@@ -19,7 +19,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(serve_checkpoint):
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tte_engine.serve.main", "--checkpoint", str(serve_checkpoint), "--port", str(port), "--device", "cpu",
-         "--log-level", "warning"],
+         "--log-level", "warning", "--max-trace-tokens", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

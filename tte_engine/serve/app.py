@@ -3,7 +3,8 @@
 A request is validated and tokenized in a small thread pool (images are decoded there too, and
 the cache consulted), its sequences go to the one engine loop thread, and the handler awaits
 them; so concurrent requests share the engine's continuous batch. Errors use OpenAI's body,
-`{"error": {"message", "type", "param", "code"}}`, naming the bad field or item.
+`{"error": {"message", "type", "param", "code"}}` (`code` a string such as "model_not_found", or
+null), naming the bad field or item. A client that leaves stops its work, validation included.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import json
 import logging
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -32,6 +34,8 @@ from .loop import EngineFailure, EngineLoop, QueueFull, ShuttingDown
 from .metrics import Metrics
 from .protocol import EmbeddingRequest, RequestError, request_items
 
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes and scrapers), as vLLM does
+
 logger = logging.getLogger("tte_engine")
 
 
@@ -44,14 +48,19 @@ class ServerSettings:
     local_files_root: Path | None = None  # image paths allowed under this directory; None: data: URLs only
     prep_threads: int = 4  # threads that validate, tokenize and decode images
     think: bool | None = None  # default for requests that do not say; None: think when the checkpoint has a trace budget
+    model_aliases: tuple[str, ...] = ()  # other names `model` may give (the checkpoint's directory name is always one)
+    max_trace_tokens: int | None = None  # the largest max_trace_tokens a request may ask for; None: the checkpoint's budget
+    max_image_pixels: int = 1 << 25  # larger images are refused before they are decoded (decode time and memory grow with pixels)
+    limit_mm_per_prompt: dict[str, int] | None = None  # most images / videos per item (vLLM's name); None: protocol.DEFAULT_MM_LIMITS
 
 
-def _error_body(status: int, message: str, param: str | None = None, type: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": status}}
+def _error_body(message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _error(status: int, message: str, param: str | None = None, type: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(status, message, param, type), status_code=status, headers=headers)
+def _error(status: int, message: str, param: str | None = None, type: str = "invalid_request_error", headers: dict | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(message, param, type, code), status_code=status, headers=headers)
 
 
 class _BodyTooLarge(HTTPException):
@@ -78,9 +87,9 @@ class _Guard:
         try:
             headers = dict(scope["headers"])
             limit = s.settings.max_body_bytes
-            if s.settings.api_key and path.startswith("/v1/") and not self._authorized(headers):
+            if s.settings.api_key and path not in OPEN_PATHS and not self._authorized(headers):
                 response = _error(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", type="authentication_error",
-                                  headers={"WWW-Authenticate": "Bearer"})
+                                  headers={"WWW-Authenticate": "Bearer"}, code="invalid_api_key")
                 return await response(scope, receive, send_tracking)
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
@@ -113,6 +122,9 @@ class _Server:
     def __init__(self, engine, settings: ServerSettings, cache: ResultCache | None):
         self.engine, self.settings = engine, settings
         self.model_name = settings.model_name or Path(engine.checkpoint).name
+        self.model_names = {self.model_name, Path(engine.checkpoint).name, *settings.model_aliases}
+        self.max_trace_tokens = engine.tte.think.max_tokens if settings.max_trace_tokens is None else settings.max_trace_tokens
+        engine.prompts.max_image_pixels = settings.max_image_pixels
         self.think = settings.think if settings.think is not None else engine.tte.think.max_tokens > 0
         self.metrics = Metrics()
         self.cache = EngineCache(cache, engine) if cache is not None else None
@@ -122,16 +134,47 @@ class _Server:
         self.created = int(time.time())
         self.stopped = False
 
-    def plan(self, req: EmbeddingRequest, items: list, field: str, think: bool) -> list[Plan]:
-        start = time.perf_counter()
-        plans = []
-        for i, item in enumerate(items):
-            try:
-                plans.append(plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens, instruction=req.instruction))
-            except InvalidInputError as exc:
-                raise RequestError(400, exc.reason, f"input[{i}]" if field == "input" else "messages") from exc
+    async def plan(self, req: EmbeddingRequest, items: list, params: list[dict], think: bool, left: threading.Event) -> list[Plan] | None:
+        """Validate every item and consult the cache, the items spread over the prep threads (so a
+        request's images decode in parallel, while the engine loop steps); None once the client has
+        `left` (items not started by then are skipped). Raises RequestError(400) naming the first
+        bad item (or the part of `messages` to blame)."""
+        start, aio = time.perf_counter(), asyncio.get_running_loop()
+        jobs = [aio.run_in_executor(self.prep, self._plan_one, req, item, i, params[i], think, left) for i, item in enumerate(items)]
+        plans = await asyncio.gather(*jobs, return_exceptions=True)
+        for p in plans:
+            if isinstance(p, BaseException):
+                raise p
+        if left.is_set():
+            return None
         self.metrics.latency.labels("validate").observe(time.perf_counter() - start)
         return plans
+
+    def _plan_one(self, req: EmbeddingRequest, item, i: int, params: dict, think: bool, left: threading.Event) -> Plan | None:
+        if left.is_set():
+            return None
+        truncate = req.truncate_prompt_tokens if req.truncate_prompt_tokens is not None else -1 if req.truncate else None
+        try:
+            return plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
+                             instruction=req.instruction, truncate_prompt_tokens=truncate)
+        except InvalidInputError as exc:
+            raise RequestError(400, exc.reason, params.get(exc.field) or params[None]) from exc
+
+    def check(self, req: EmbeddingRequest) -> None:
+        """The request-wide checks: the model's name, the server's limits, what this model can return."""
+        if req.model is not None and req.model not in self.model_names:
+            raise RequestError(404, f"The model '{req.model}' does not exist (this server serves '{self.model_name}')", "model",
+                               code="model_not_found")
+        if req.model_extra:
+            logger.warning("ignoring unknown request field(s): %s", ", ".join(sorted(req.model_extra)))
+        dim = self.engine.embedding_dim
+        if req.dimensions is not None and req.dimensions > dim:
+            raise RequestError(400, f"this model's embeddings have {dim} dimensions; got dimensions={req.dimensions}", "dimensions")
+        if req.max_trace_tokens is not None and req.max_trace_tokens > self.max_trace_tokens:
+            raise RequestError(400, f"max_trace_tokens={req.max_trace_tokens} exceeds this server's limit of {self.max_trace_tokens} "
+                                    "(tte-serve --max-trace-tokens)", "max_trace_tokens")
+        if req.normalize is False:
+            raise RequestError(400, "normalize=false is not supported: this model's embeddings are always L2-normalized", "normalize")
 
     def respond(self, plans: list[Plan], seqs: dict[int, object], req: EmbeddingRequest) -> bytes:
         """The response body (built off the event loop: large batches take a while to serialize)."""
@@ -139,6 +182,9 @@ class _Server:
         data = []
         for i, r in enumerate(results):
             vec = np.asarray(r.embedding, dtype="<f4")
+            if req.dimensions is not None and req.dimensions < vec.shape[0]:  # Matryoshka-style: the first d, re-normalized
+                vec = vec[: req.dimensions]
+                vec = (vec / np.linalg.norm(vec)).astype("<f4")
             row = {"object": "embedding", "index": i,
                    "embedding": base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()}
             if texts is not None:
@@ -192,7 +238,7 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return _error(exc.status, exc.message, exc.param, exc.type, exc.headers)
+        return _error(exc.status, exc.message, exc.param, exc.type, exc.headers, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -221,12 +267,21 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
             return _error(503, "shutting down" if server.stopped else "the engine loop is not running", type="server_error")
         return {"status": "ok", "model": server.model_name}
 
+    def card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "tte_engine",
+                "embedding_dim": engine.embedding_dim, "think": server.think, "max_trace_tokens": server.max_trace_tokens,
+                "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "tte_engine",
-                "embedding_dim": engine.embedding_dim, "think": server.think, "max_trace_tokens": engine.tte.think.max_tokens,
-                "max_model_len": engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model not in server.model_names:
+            raise RequestError(404, f"The model '{model}' does not exist (this server serves '{server.model_name}')", "model",
+                               code="model_not_found")
+        return card()
 
     @app.get("/metrics")
     async def metrics():
@@ -234,28 +289,36 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request):
-        items, field = request_items(req, settings.local_files_root)
-        if req.dimensions is not None and req.dimensions != engine.embedding_dim:
-            raise RequestError(400, f"this model's embeddings have {engine.embedding_dim} dimensions; got dimensions={req.dimensions}", "dimensions")
+        server.check(req)
+        items, params = request_items(req, settings.local_files_root, settings.limit_mm_per_prompt)
         if len(items) > server.max_items:
-            raise RequestError(422, f"{len(items)} items in one request; this server takes at most {server.max_items}", field)
+            raise RequestError(422, f"{len(items)} items in one request; this server takes at most {server.max_items}", "input")
         think = server.think if req.think is None else req.think
         aio = asyncio.get_running_loop()
-        plans = await aio.run_in_executor(server.prep, server.plan, req, items, field, think)
-        runnable = [p for p in plans if p.seq is not None]
-        try:
-            futures = server.loop.submit([p.seq for p in runnable]) if runnable else []
-        except QueueFull as exc:
-            raise RequestError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error", headers={"Retry-After": "1"}) from exc
-        except ShuttingDown as exc:
-            raise RequestError(503, str(exc) or "the server is shutting down", type="server_error") from exc
-        work = asyncio.gather(*futures)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            server.loop.abort([p.seq for p in runnable])
-            raise
+            left = threading.Event()
+            prep = asyncio.ensure_future(server.plan(req, items, params, think, left))
+            await asyncio.wait([prep, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not prep.done():  # the client went away while its items were validated: stop there
+                left.set()
+                prep.add_done_callback(lambda f: f.cancelled() or f.exception())
+                return _error(499, "client closed the request")
+            plans = prep.result()
+            runnable = [p for p in plans if p.seq is not None]
+            try:
+                futures = server.loop.submit([p.seq for p in runnable]) if runnable else []
+            except QueueFull as exc:
+                raise RequestError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error", headers={"Retry-After": "1"},
+                                   code="rate_limit_exceeded") from exc
+            except ShuttingDown as exc:
+                raise RequestError(503, str(exc) or "the server is shutting down", type="server_error") from exc
+            work = asyncio.gather(*futures)
+            try:
+                await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                server.loop.abort([p.seq for p in runnable])
+                raise
         finally:
             gone.cancel()
         if not work.done():  # the client went away: free the engine for others

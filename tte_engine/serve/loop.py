@@ -56,6 +56,7 @@ def _resolve(future: asyncio.Future, value: object, error: BaseException | None)
 class EngineLoop:
     def __init__(self, engine, *, max_items: int, metrics: Metrics):
         self.engine = engine
+        self._prefix_seen = (0, 0)  # prefix-cache (hits, queries) already counted in the metrics
         self.max_items = max_items  # items accepted and unfinished (running + waiting)
         self.metrics = metrics
         self._cv = threading.Condition()
@@ -196,6 +197,18 @@ class EngineLoop:
         if stepped:
             self.metrics.steps.inc()
             self.metrics.batch_size.observe(stepped)
+            self._count_prefix_cache()
+
+    def _count_prefix_cache(self) -> None:
+        """Carry the engine's prefix-cache counters (all stages) into the Prometheus metrics."""
+        hits = sum(s.blocks.hits for s in self.engine.stages)
+        queries = sum(s.blocks.queries for s in self.engine.stages)
+        seen_hits, seen_queries = self._prefix_seen
+        self.metrics.prefix_cache_hits.inc(hits - seen_hits)
+        self.metrics.prefix_cache_queries.inc(queries - seen_queries)
+        if queries:
+            self.metrics.prefix_cache_hit_rate.set(hits / queries)
+        self._prefix_seen = (hits, queries)
 
     def _start(self, x: _Live, began: float) -> None:
         del self._queued[x.seq.seq_id]

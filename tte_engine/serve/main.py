@@ -7,6 +7,7 @@ On SIGINT/SIGTERM uvicorn stops accepting connections and lets in-flight request
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -20,10 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $TTE_API_KEY, else open)")
-    p.add_argument("--served-model-name", help="the model name in responses and /v1/models (default: the checkpoint's directory name)")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model name in responses and /v1/models, then other names requests may use (default: the checkpoint's "
+                        "directory name; that and the --checkpoint argument are always accepted; other names get 404)")
     p.add_argument("--max-batch-size", type=int, help="sequences the engine runs together (default: the engine's max_num_seqs, 256)")
     p.add_argument("--max-queue", type=int, default=1024, help="items waiting beyond the batch before requests get 429 (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
+    p.add_argument("--max-trace-tokens", type=int, help="largest max_trace_tokens a request may ask for; above it 400 (default: the checkpoint's budget)")
+    p.add_argument("--max-image-pixels", type=int, default=1 << 25, help="larger images get 400 before they are decoded (default 33554432)")
+    p.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
+                   help='most images and videos per item, e.g. \'{"image": 8, "video": 1}\' (the default); more get 400')
     p.add_argument("--allow-local-files", nargs="?", const="/", metavar="DIR",
                    help="accept image paths (under DIR, default anywhere) besides data: URLs")
     p.add_argument("--cache", nargs="?", const="", metavar="PATH",
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, help="longest prompt + trace + suffix, in tokens")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt instead of reusing cached prefix blocks")
     p.add_argument("--prep-threads", type=int, default=4, help="threads that validate requests and decode images (default 4)")
     p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -55,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import Engine
     from ..result_cache import ResultCache
 
+    from ..cli import engine_switches
+
     overrides = {k: v for k, v in (("max_num_seqs", args.max_batch_size), ("max_model_len", args.max_model_len)) if v is not None}
+    overrides.update(engine_switches(args))
     try:
         engine = Engine(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype, **overrides)
         cache = ResultCache(args.cache or None) if args.cache is not None else None
@@ -63,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tte-serve: error: {exc}", file=sys.stderr)
         return 2
     settings = ServerSettings(
-        model_name=args.served_model_name,
+        model_name=args.served_model_name[0] if args.served_model_name else None,
+        model_aliases=(*(args.served_model_name or [])[1:], args.checkpoint),
+        max_trace_tokens=args.max_trace_tokens,
+        max_image_pixels=args.max_image_pixels,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
         api_key=args.api_key or os.environ.get("TTE_API_KEY") or None,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,

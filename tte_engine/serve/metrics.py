@@ -17,6 +17,10 @@ class Metrics:
         self.running = Gauge("tte_running_items", "Items the engine has started and not finished.", registry=r)
         self.batch_size = Histogram("tte_batch_size", "Sequences in each engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.steps = Counter("tte_engine_steps", "Engine steps run.", registry=r)
+        # vLLM's pair: hit rate = rate(hits) / rate(queries)
+        self.prefix_cache_queries = Counter("tte_prefix_cache_queries", "Prompt KV blocks looked up in the prefix cache.", registry=r)
+        self.prefix_cache_hits = Counter("tte_prefix_cache_hits", "Prompt KV blocks found in the prefix cache.", registry=r)
+        self.prefix_cache_hit_rate = Gauge("tte_prefix_cache_hit_rate", "Blocks found / looked up in the prefix cache since start.", registry=r)
         self.latency = Histogram(
             "tte_latency_seconds",
             "Latency by phase: validate (parse, tokenize, images, cache look-up), queue (until the engine starts the item), "

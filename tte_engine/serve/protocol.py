@@ -1,10 +1,16 @@
 """The `/v1/embeddings` request body and its translation into engine items.
 
 OpenAI's shape (`input`: a string or a list of strings) plus two extensions: an `input` element
-may be an object `{"text", "image", "instruction"}` (the tte-embed JSONL form, so one request can
-mix text and image items), and vLLM's chat form (`messages`, one item per request: user text and
-`image_url` parts; a system message becomes the instruction). Images come as `data:` URLs; local
-paths only when the server allows them, under the allowed root; remote URLs are never fetched.
+may be an object `{"text", "image", "images", "video", "videos", "video_options", "instruction"}`
+(the tte-embed JSONL form, so one request can mix text, image and video items), and vLLM's chat
+form (`messages`, one item per request: user text, `image_url` and `video_url` parts, images
+before videos, each kind in the order given; a system message becomes the instruction). Images
+come as `data:` URLs; local paths only when the server allows them, under the allowed root;
+remote URLs are never fetched.
+Token-id inputs (OpenAI allows them) are refused with a 400 that says how to turn them off.
+
+Values are typed strictly (`"think": "yes"` is an error, not True). Unknown top-level fields are
+ignored with a logged warning, as vLLM does; unknown fields inside an item or a message are errors.
 """
 
 from __future__ import annotations
@@ -12,19 +18,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 class RequestError(Exception):
     """A request the server refuses; rendered as an OpenAI-style error body with this status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", headers: dict | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type, self.headers = status, message, param, type, headers
+        self.status, self.message, self.param, self.type, self.headers, self.code = status, message, param, type, headers, code
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(_Strict):
@@ -33,38 +40,62 @@ class ImageURL(_Strict):
 
 
 class ContentPart(_Strict):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | str | None = None
+    video_url: ImageURL | str | None = None  # vLLM's video part
 
 
 class Message(_Strict):
     role: Literal["system", "user"]
     content: str | list[ContentPart]
+    name: str | None = None  # OpenAI's optional participant name; not used
 
 
 class InputItem(_Strict):
     text: str | None = None
     image: str | None = None  # a data: URL (or a local path when allowed)
+    images: list[str] | None = None
+    video: str | None = None  # a data: URL of a video file (or a local path when allowed)
+    videos: list[str] | None = None
+    video_options: dict | None = None  # tte_engine.video.VideoOptions fields
     instruction: str | None = None
 
 
-class EmbeddingRequest(_Strict):
-    model: str | None = None
-    input: str | list[str | InputItem] | None = None
+DEFAULT_MM_LIMITS = {"image": 8, "video": 1}  # per item, as vLLM's --limit-mm-per-prompt
+
+
+TOKEN_IDS_REFUSED = (
+    "'input' holds token ids; this server embeds text and images, not token ids. LangChain's "
+    "OpenAIEmbeddings sends token ids by default: pass check_embedding_ctx_length=False"
+)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # vLLM's way: unknown fields are ignored (and logged)
+
+    model: StrictStr | None = None
+    input: StrictStr | list[StrictStr | InputItem | StrictInt | list[StrictInt]] | None = None  # ints: token ids (refused)
     messages: list[Message] | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+    user: StrictStr | None = None
+    # vLLM / TEI
+    truncate_prompt_tokens: StrictInt | None = Field(default=None, ge=-1)
+    truncate: StrictBool | None = None
+    normalize: StrictBool | None = None
     # tte extensions
-    think: bool | None = None
-    instruction: str | None = None
-    max_trace_tokens: int | None = Field(default=None, ge=0)
-    return_trace: bool = False
+    think: StrictBool | None = None
+    instruction: StrictStr | None = None
+    max_trace_tokens: StrictInt | None = Field(default=None, ge=0)
+    return_trace: StrictBool = False
+    video_options: dict | None = None  # for the videos of `messages` and of items that give none
 
 
 def resolve_image(url: str, param: str, local_root: Path | None) -> str:
-    """A `data:` URL passes through; a local path must lie under `local_root`; nothing is fetched."""
+    """A `data:` URL passes through; a local path (absolute, or relative to `local_root`) must name a
+    file under `local_root`; nothing is fetched. Raises RequestError(400, param); messages never
+    show the server's directories."""
     if url.startswith("data:"):
         return url
     if url.startswith(("http://", "https://", "ftp://")):
@@ -72,37 +103,65 @@ def resolve_image(url: str, param: str, local_root: Path | None) -> str:
     if local_root is None:
         raise RequestError(400, "local image paths are disabled (start tte-serve with --allow-local-files); send a data: URL", param)
     try:
-        path = Path(url.removeprefix("file://")).expanduser().resolve()
+        path = (local_root / Path(url.removeprefix("file://")).expanduser()).resolve()
+        is_file = path.is_file()
     except (ValueError, RuntimeError, OSError) as exc:  # a NUL byte, an unknown ~user, a symlink loop
-        raise RequestError(400, f"not a usable local image path: {exc}", param) from exc
+        raise RequestError(400, f"not a usable local image path ({type(exc).__name__})", param) from exc
     if not path.is_relative_to(local_root):
-        raise RequestError(400, f"local image paths must lie under {local_root}", param)
+        raise RequestError(400, "local image paths must lie under the directory the server allows (--allow-local-files)", param)
+    if not is_file:
+        raise RequestError(400, f"no image file at {url!r}", param)
     return str(path)
 
 
-def request_items(req: EmbeddingRequest, local_root: Path | None) -> tuple[list[dict | str], str]:
-    """(items for the engine, the body field their errors are reported under: "input" or "messages")."""
+def request_items(req: EmbeddingRequest, local_root: Path | None, limits: dict[str, int] | None = None) -> tuple[list[dict | str], list[dict]]:
+    """(items for the engine, for each item the body paths its errors are reported under: the key
+    None for the item, and for `messages` also the item field to blame ("text", "instruction",
+    "images[k]", "videos[k]") mapped to its part). `limits`: most images / videos per item.
+    Raises RequestError for a request that names no usable items, or more media than the limits."""
+    limits = {**DEFAULT_MM_LIMITS, **(limits or {})}
     if (req.input is None) == (req.messages is None):
         raise RequestError(422, "give exactly one of 'input' or 'messages'", "input")
     if req.messages is not None:
-        return [_conversation_item(req.messages, local_root)], "messages"
+        item, params = _conversation_item(req.messages, local_root)
+        if req.video_options is not None and "videos" in item:
+            item["video_options"] = req.video_options
+        _check_media(item, limits, "messages")
+        return [item], [params]
     raw = [req.input] if isinstance(req.input, str) else req.input
     if not raw:
         raise RequestError(400, "'input' must not be empty", "input")
+    if any(isinstance(e, (int, list)) for e in raw):
+        raise RequestError(400, TOKEN_IDS_REFUSED, "input")
     items: list[dict | str] = []
     for i, element in enumerate(raw):
         if isinstance(element, str):
             items.append(element)
         else:
             item = element.model_dump(exclude_none=True)
-            if "image" in item:
-                item["image"] = resolve_image(item["image"], f"input[{i}].image", local_root)
+            for name in ("image", "video"):
+                if name in item:
+                    item[name] = resolve_image(item[name], f"input[{i}].{name}", local_root)
+            for name in ("images", "videos"):
+                if name in item:
+                    item[name] = [resolve_image(u, f"input[{i}].{name}[{k}]", local_root) for k, u in enumerate(item[name])]
+            if req.video_options is not None and ("video" in item or "videos" in item):
+                item.setdefault("video_options", req.video_options)
+            _check_media(item, limits, f"input[{i}]")
             items.append(item)
-    return items, "input"
+    return items, [{None: f"input[{i}]"} for i in range(len(items))]
 
 
-def _conversation_item(messages: list[Message], local_root: Path | None) -> dict:
-    texts, images, system = [], [], []
+def _check_media(item: dict, limits: dict[str, int], param: str) -> None:
+    for kind in ("image", "video"):
+        n = (kind in item) + len(item.get(kind + "s", []))
+        if n > limits[kind]:
+            raise RequestError(400, f"{n} {kind}s in one item; this server takes at most {limits[kind]} (--limit-mm-per-prompt)", param)
+
+
+def _conversation_item(messages: list[Message], local_root: Path | None) -> tuple[dict, dict]:
+    texts, system, media = [], [], {"images": [], "videos": []}
+    params: dict = {None: "messages"}
     if not messages:
         raise RequestError(400, "'messages' must not be empty", "messages")
     for m, message in enumerate(messages):
@@ -113,18 +172,19 @@ def _conversation_item(messages: list[Message], local_root: Path | None) -> dict
                 if part.text is None:
                     raise RequestError(422, "a text part needs 'text'", where)
                 (system if message.role == "system" else texts).append(part.text)
+                params.setdefault("instruction" if message.role == "system" else "text", where)
             else:
                 if message.role != "user":
-                    raise RequestError(400, "images belong in user messages", where)
-                url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                    raise RequestError(400, "images and videos belong in user messages", where)
+                ref = part.image_url if part.type == "image_url" else part.video_url
+                url = ref.url if isinstance(ref, ImageURL) else ref
                 if not url:
-                    raise RequestError(422, "an image_url part needs 'image_url.url'", where)
-                images.append(resolve_image(url, where + ".image_url", local_root))
-    if len(images) > 1:
-        raise RequestError(400, f"at most one image per item, got {len(images)}", "messages")
+                    raise RequestError(422, f"an {part.type} part needs '{part.type}.url'", where)
+                found = media["images" if part.type == "image_url" else "videos"]
+                params[f"{'images' if part.type == 'image_url' else 'videos'}[{len(found)}]"] = where
+                found.append(resolve_image(url, f"{where}.{part.type}", local_root))
     item: dict = {"text": "\n".join(texts)} if texts else {}
-    if images:
-        item["image"] = images[0]
+    item.update({k: v for k, v in media.items() if v})
     if system:
         item["instruction"] = "\n".join(system)
-    return item
+    return item, params

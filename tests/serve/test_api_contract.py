@@ -1,0 +1,198 @@
+"""The API contract of tte-serve and tte-embed (issue 10): OpenAI/vLLM conformance, per-item 400s
+for whatever is wrong with an item, server-side limits on client-chosen cost, corpus files read
+line by line, and a bad cache file reported in one line."""
+
+import asyncio
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tte_engine import Engine
+from tte_engine.cli import main as tte_embed
+from tte_engine.cli import read_items
+from tte_engine.serve import ServerSettings
+from tte_engine.serve.main import main as tte_serve
+
+from .conftest import data_url, png_bytes, start_server
+from .test_server import _error
+
+
+@pytest.fixture(scope="module")
+def server(serve_checkpoint):
+    settings = ServerSettings(prep_threads=2, model_aliases=("tte-small",), max_image_pixels=200 * 200)
+    s = start_server(Engine(serve_checkpoint), settings)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def post(client, body):
+    return client.post("/v1/embeddings", json=body)
+
+
+def test_model_names_and_retrieve(client, reference):
+    name = reference.checkpoint.name
+    for model in (name, "tte-small", None):
+        assert post(client, {"input": "x", "model": model}).status_code == 200, model
+    err = _error(post(client, {"input": "x", "model": "text-embedding-3-small"}), 404, "model", "does not exist", code="model_not_found")
+    assert err["type"] == "invalid_request_error"
+    card = client.get(f"/v1/models/{name}").json()
+    assert card["id"] == name and card["object"] == "model" and card["embedding_dim"] == reference.embedding_dim
+    assert client.get("/v1/models/tte-small").json()["id"] == name
+    _error(client.get("/v1/models/gpt-4"), 404, "model", code="model_not_found")
+
+
+def test_token_id_inputs_get_a_400_that_says_what_to_do(client):
+    for tokens in ([1, 2, 3], [[1, 2, 3]], ["text", 7]):
+        _error(post(client, {"input": tokens}), 400, "input", "check_embedding_ctx_length=False")
+
+
+def test_vllm_and_tei_fields(client, server, reference, caplog):
+    from tte_engine.serve.protocol import EmbeddingRequest
+
+    long_text = " ".join(f"w{i}" for i in range(3000))
+    _error(post(client, {"input": long_text}), 400, "input[0]", "exceeds the model limit")
+    # TEI's truncate=true is vLLM's truncate_prompt_tokens=-1: as many tokens as fit (planned only: a full-length prefill is slow here)
+    fits = reference.make_sequence(long_text, truncate_prompt_tokens=-1).prompt.token_ids
+    for extra in ({"truncate": True}, {"truncate_prompt_tokens": -1}):
+        req = EmbeddingRequest(input=[long_text], **extra)
+        plans = asyncio.run(server.app.state.server.plan(req, [long_text], [{None: "input[0]"}], True, threading.Event()))
+        assert plans[0].seq.prompt.token_ids == fits, extra
+    cut = post(client, {"input": [long_text], "think": False, "truncate_prompt_tokens": 80}).json()
+    want = reference.embed([long_text], think=False, truncate_prompt_tokens=80)
+    assert cut["usage"]["prompt_tokens"] == len(want.prompt_token_ids[0]) <= 80
+    assert np.allclose(cut["data"][0]["embedding"], want.embeddings[0].numpy(), atol=1e-5)
+    assert post(client, {"input": "x", "normalize": True}).status_code == 200
+    _error(post(client, {"input": "x", "normalize": False}), 400, "normalize", "always L2-normalized")
+    with caplog.at_level(logging.WARNING, logger="tte_engine"):
+        ok = post(client, {"input": "x", "add_special_tokens": True, "priority": 1})
+    assert ok.status_code == 200
+    assert any("add_special_tokens, priority" in r.getMessage() for r in caplog.records)
+
+
+def test_dimensions_truncates_and_renormalizes(client):
+    full = np.asarray(post(client, {"input": "matryoshka"}).json()["data"][0]["embedding"], dtype=np.float32)
+    for d in (1, 7, full.shape[0]):
+        got = np.asarray(post(client, {"input": "matryoshka", "dimensions": d}).json()["data"][0]["embedding"], dtype=np.float32)
+        assert got.shape == (d,) and np.allclose(got, full[:d] / np.linalg.norm(full[:d]), atol=1e-6)
+
+
+def test_strict_types(client):
+    for field, value in (("think", "yes"), ("return_trace", 1), ("max_trace_tokens", 2.0), ("max_trace_tokens", "3"),
+                         ("dimensions", True), ("model", 5)):
+        _error(post(client, {"input": "x", field: value}), 422, field)
+
+
+def test_per_item_failures_are_400s_naming_the_item(client, server):
+    raw = '{"input": ["fine", "a \\ud800 b"]}'.encode()  # a lone surrogate, as JSON allows
+    _error(client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 400, "input[1]", "not valid Unicode")
+    _error(post(client, {"input": ["fine", {"text": "x", "instruction": "y" * 10**6}]}), 400, "input[1]", "characters cannot fit")
+    _error(post(client, {"input": ["fine", {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1]", "not an image, or a format")
+    image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image_part]}]
+    _error(post(client, {"messages": messages}), 400, "messages[0].content[1]", "cannot decode image")
+    # a client-chosen cost beyond the server's limits
+    _error(post(client, {"input": [{"image": data_url(png_bytes(300, 300, 1))}]}), 400, "input[0]", "pixel decode limit")
+    _error(post(client, {"input": "x", "max_trace_tokens": 9}), 400, "max_trace_tokens", "--max-trace-tokens")
+    assert post(client, {"input": "x", "max_trace_tokens": 8}).status_code == 200
+    m = server.metrics()
+    assert m.get('tte_requests_total{status="500"}', 0) == 0
+
+
+def test_a_departed_client_stops_validation(server, serve_checkpoint):
+    """The prep thread checks, between items, whether the client has left: then nothing more is tokenized."""
+    from tte_engine.serve.protocol import EmbeddingRequest
+
+    s = server.app.state.server
+    left = threading.Event()
+    left.set()
+    req = EmbeddingRequest(input=["a", "b"])
+    assert asyncio.run(s.plan(req, ["a", "b"], [{None: "input[0]"}, {None: "input[1]"}], True, left)) is None
+
+
+def test_messages_name_no_server_directories(tmp_path, serve_checkpoint):
+    root = tmp_path / "allowed-root"
+    root.mkdir()
+    (root / "cat.png").write_bytes(png_bytes(40, 40, 2))
+    srv = start_server(Engine(serve_checkpoint), ServerSettings(prep_threads=1, local_files_root=root.resolve()))
+    try:
+        with srv.client() as c:
+            assert post(c, {"input": [{"image": "cat.png"}]}).status_code == 200  # relative to the allowed directory
+            for path in ("../outside.png", str(tmp_path / "x.png"), "missing.png"):
+                err = _error(post(c, {"input": [{"image": path}]}), 400, "input[0].image")
+                assert str(root) not in err["message"] and str(tmp_path) not in err["message"].replace(path, ""), err
+    finally:
+        srv.stop()
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3), max_leaves=8)
+_item_json = st.one_of(_json, st.fixed_dictionaries({}, optional={k: _json for k in ("text", "image", "images", "instruction", "video_options")}))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+@given(body=st.fixed_dictionaries({"input": st.one_of(_item_json, st.lists(_item_json, min_size=1, max_size=3))},
+                                  optional={"think": _json, "dimensions": _json, "model": _json, "max_trace_tokens": _json}))
+def test_no_generated_body_gets_a_500(client, body):
+    r = client.post("/v1/embeddings", json={**body, "think": body.get("think", False)})
+    assert r.status_code in (200, 400, 404, 422), (body, r.text)
+    err = r.json().get("error")
+    assert (r.status_code == 200) == (err is None)
+    if r.status_code == 200:
+        assert len(r.json()["data"]) == (len(body["input"]) if isinstance(body["input"], list) else 1)
+
+
+# ---------------------------------------------------------------------- tte-embed: corpus files
+ODD = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r"]
+
+
+def test_corpus_lines_split_on_newline_only(tmp_path, serve_checkpoint):
+    lines = [json.dumps({"id": f"r{i}", "text": f"record{sep}{i} with an odd separator"}, ensure_ascii=False).encode() for i, sep in enumerate(ODD)]
+    lines.insert(3, b'{"id": "latin1", "text": "caf\xe9"}')  # not UTF-8: an error row naming its line
+    lines += [b'{"id": "surrogate", "text": "a \\ud800 b"}', b'{"id": "int-trace", "text": "hi", "trace": 5}']  # error rows, not a crash
+    data = b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\n"
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(data)
+    items, ids = read_items(path)
+    assert len(items) == len(ODD) + 3
+    assert ids == ["r0", "r1", "r2", None, *[f"r{i}" for i in range(3, len(ODD))], "surrogate", "int-trace"]
+    assert items[0]["text"] == "record\u20280 with an odd separator"  # the BOM is gone, the record whole
+    assert tte_embed([str(path), "--checkpoint", str(serve_checkpoint), "--output", str(tmp_path / "out"), "--no-cache", "--no-think"]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().split("\n") if line]
+    assert [r["id"] for r in out] == ["r0", "r1", "r2", 3, *[f"r{i}" for i in range(3, len(ODD))], "surrogate", "int-trace"]
+    assert [r["error"] for r in out].count(None) == len(ODD) and out[3]["error"] == "line 4: not valid UTF-8"
+    assert "not valid Unicode" in out[-2]["error"] and "trace must be" in out[-1]["error"]
+    vectors = np.load(tmp_path / "out.npy")
+    bad = [3, len(out) - 2, len(out) - 1]
+    assert vectors.shape[0] == len(ODD) + 3 and np.isnan(vectors[bad]).all() and np.isfinite(np.delete(vectors, bad, 0)).all()
+
+
+def test_txt_corpus_with_a_bad_byte(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"\xef\xbb\xbfone\r\ntwo\xff\n\n" + "three\u2028still three\n".encode())
+    items, ids = read_items(path)
+    assert items[0] == "one" and items[1].reason == "line 2: not valid UTF-8" and items[2] == "three\u2028still three"
+    assert ids == [None, None, None]
+
+
+def test_a_bad_cache_file_is_one_line_and_exit_2(tmp_path, serve_checkpoint, capsys):
+    bad = tmp_path / "cache.sqlite"
+    bad.write_bytes(b"not a database" * 64)
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("one\n")
+    assert tte_embed([str(corpus), "--checkpoint", str(serve_checkpoint), "--cache", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("tte-embed: error: ") and "not a usable tte_engine cache" in err and "delete it" in err
+    assert tte_serve(["--checkpoint", str(serve_checkpoint), "--cache", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tte-serve: error: ") and "not a usable tte_engine cache" in err

@@ -1,0 +1,305 @@
+"""The per-item input contract of Engine.embed (issue 10): whatever is wrong with one item is that
+item's error (a typed, deterministic message), cheap bounds come before expensive work, images are
+upright, and cache keys say everything a result depends on."""
+
+import base64
+import io
+import os
+import sqlite3
+from contextlib import closing
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import random_image
+from PIL import Image
+
+from tte_engine import Engine
+from tte_engine.errors import CacheError, InvalidInputError, describe
+from tte_engine.result_cache import SCHEMA_VERSION, EngineCache, ResultCache, embed_items
+from tte_engine.vision import ImageProcessorConfig, load_image, preprocess_image
+
+
+@pytest.fixture(scope="module")
+def engine(make_checkpoint):
+    return Engine(make_checkpoint("contract", think_max_tokens=4))
+
+
+def png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------- kinds 1, 2: every field typed, every failure per item
+BAD_ITEMS = [
+    ("a \ud800 b", "text is not valid Unicode"),
+    ({"text": "hi", "instruction": "x \udfff"}, "instruction is not valid Unicode"),
+    ({"text": "hi", "trace": "\ud83d"}, "trace is not valid Unicode"),
+    ({"text": "hi", "trace": 5}, "trace must be a string or a list of int token ids, got int"),
+    ({"text": "hi", "trace": b"abc"}, "got bytes"),  # bytes iterate to ints: not token ids
+    ({"text": "hi", "trace": {}}, "got dict"),
+    ({"text": "hi", "trace": [1, True]}, "got list"),
+    ({"text": "hi", "trace": [1.0]}, "got list"),
+    ({"text": "hi", "trace": [-1]}, "token ids must lie in"),
+    ({1: "x", "text": "hi"}, "unknown field(s) a key of type int"),
+    ({"text": "hi", "colour": "red"}, "unknown field(s) 'colour'"),
+    ({"text": 5}, "text must be a string, got int"),
+    ({"text": b"hi"}, "text must be a string, got bytes"),
+    ({"text": "hi", "instruction": ["a"]}, "instruction must be a string, got list"),
+    ({"image": 3.5}, "unsupported image type float"),
+    ({"image": b"junk"}, "cannot decode image (not an image"),
+    ({"image": png(random_image(20, 20, 1))[:60]}, "cannot decode image"),
+    ({"image": "data:image/png;base64,\u00e9\u00e9"}, "cannot decode image"),
+    ({"text": "   "}, "empty item"),
+    (None, "expected a str, dict or Query, got NoneType"),
+    ({"text": "hi <|image_pad|>"}, "reserved vision token"),
+]
+
+
+def test_each_bad_item_is_an_error_row_and_good_neighbours_are_unchanged(engine):
+    good = ["a cat on a chair", {"text": "what is this?", "image": random_image(40, 60, 2)}]
+    items = [good[0]] + [bad for bad, _ in BAD_ITEMS] + [good[1]]
+    res = engine.embed(items, errors="return")
+    alone = engine.embed(good)
+    assert len(res.errors) == len(items) == res.embeddings.shape[0]
+    for (bad, expected), error, row in zip(BAD_ITEMS, res.errors[1:-1], res.embeddings[1:-1]):
+        assert error is not None and expected in error, (bad, error)
+        assert torch.isnan(row).all()
+    assert res.errors[0] is None and res.errors[-1] is None
+    assert float(torch.cosine_similarity(res.embeddings[[0, -1]], alone.embeddings).min()) >= 0.99999  # batch invariance
+    with pytest.raises(InvalidInputError) as caught:
+        engine.embed(["fine", {"text": "hi", "trace": b"abc"}])
+    assert caught.value.index == 1 and caught.value.field == "trace"
+
+
+def test_a_foreign_exception_while_preparing_an_item_is_that_items_error(engine, monkeypatch):
+    real = engine.prompts.build
+
+    def build(query, index, **kw):
+        if query.text == "boom":
+            raise RuntimeError(f"tokenizer exploded at {object()!r}")
+        return real(query, index, **kw)
+
+    monkeypatch.setattr(engine.prompts, "build", build)
+    res = engine.embed(["fine", "boom"], errors="return", think=False)
+    assert res.errors[0] is None and res.errors[1] == "cannot prepare this item (RuntimeError: tokenizer exploded at <object>)"
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"think": "yes"}, "think must be a bool, got str"),
+    ({"max_trace_tokens": True}, "max_trace_tokens must be an int, got bool"),
+    ({"max_trace_tokens": 2.5}, "max_trace_tokens must be an int, got float"),
+    ({"max_trace_tokens": -1}, "max_trace_tokens must be >= 0"),
+    ({"instruction": "\ud800"}, "instruction is not valid Unicode"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be >= 1 or -1"),
+])
+def test_wrong_call_settings_raise_once_even_with_errors_return(engine, kw, message):
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        engine.embed(["a", "b"], errors="return", **kw)
+    assert caught.value.index is None
+
+
+# ---------------------------------------------------------------------- kind 3: cheap bounds first
+class _Spy:
+    """The engine's tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.longest = tokenizer, 0
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_oversized_text_is_refused_before_tokenizing_and_positions(engine, monkeypatch):
+    import tte_engine.engine as engine_module
+
+    spy = _Spy(engine.prompts.tokenizer)
+    monkeypatch.setattr(engine.prompts, "tokenizer", spy)
+    positions = []
+    real_positions = engine_module.prompt_positions
+    monkeypatch.setattr(engine_module, "prompt_positions", lambda *a, **k: positions.append(1) or real_positions(*a, **k))
+    cap = engine.max_model_len * engine.prompts.max_token_chars
+    res = engine.embed(["word " * (cap // 5 + 1), {"text": "x", "instruction": "y" * (cap + 1)}, {"text": "x", "trace": "z" * (cap + 1)}],
+                       errors="return")
+    assert [e.split(" of ")[0] for e in res.errors] == ["text", "instruction", "trace"]
+    assert spy.longest == 0 and positions == []
+    # fits the character bound but not the token limit: tokenized, refused before rotary positions are computed
+    res = engine.embed(["word " * engine.max_model_len], errors="return")
+    assert "exceeds the model limit" in res.errors[0] and positions == []
+
+
+def test_truncate_prompt_tokens_cuts_the_end_of_the_text(engine):
+    long_text = " ".join(f"w{i}" for i in range(3000))
+    cut = engine.embed([long_text], think=False, truncate_prompt_tokens=60)
+    ids = cut.prompt_token_ids[0]
+    assert cut.errors == [None] and 58 <= len(ids) <= 60
+    decoded = engine.prompts.decode(ids)
+    kept = decoded[decoded.index("w0 "):].split("\n")[0]
+    assert len(kept) > 5 and long_text.startswith(kept)  # the start of the text is kept, the template whole
+    assert engine.embed([kept], think=False).prompt_token_ids[0] == ids
+    with pytest.raises(InvalidInputError, match="cannot be truncated to 40"):
+        engine.embed([{"text": "x y z", "instruction": "a long instruction " * 3}], truncate_prompt_tokens=40)
+
+
+def test_truncate_to_the_model_leaves_room_for_the_trace(make_checkpoint):
+    short = Engine(make_checkpoint("contract", think_max_tokens=4), max_model_len=160)
+    res = short.embed(["word " * 1000], truncate_prompt_tokens=-1)
+    room = 160 - len(short.prompts.think_end_ids) - len(short.prompts.suffix_ids) - 4  # the model, less the stop, suffix and trace budget
+    assert res.errors == [None] and room - 2 <= len(res.prompt_token_ids[0]) <= room
+
+
+# ---------------------------------------------------------------------- kind 5: EXIF orientation
+UNDO = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_exif_orientation_is_applied_for_every_source(engine, orientation, tmp_path):
+    upright = random_image(56, 112, 5)  # landscape: a missed rotation changes the grid
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = png(upright.transpose(UNDO[orientation]), exif=exif)  # as a camera stores it
+    path = tmp_path / "photo.png"
+    path.write_bytes(stored)
+    url = "data:image/png;base64," + base64.b64encode(stored).decode()
+    for source in (stored, str(path), url, Image.open(io.BytesIO(stored))):
+        assert np.array_equal(np.asarray(load_image(source)), np.asarray(upright)), (orientation, type(source))
+    res = engine.embed([{"image": stored}, {"image": upright}], think=False)
+    assert res.prompt_token_ids[0] == res.prompt_token_ids[1]
+    assert float(torch.cosine_similarity(res.embeddings[0], res.embeddings[1], dim=0)) >= 0.99999
+
+
+def test_jpeg_orientation_matches_transformers_load_image():
+    from transformers.image_utils import load_image as hf_load_image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    random_image(64, 96, 6).save(buf, format="JPEG", exif=exif, quality=95)
+    data = buf.getvalue()
+    ref = hf_load_image(base64.b64encode(data).decode())
+    ours = load_image(data)
+    assert ours.size == ref.size == (64, 96) and np.array_equal(np.asarray(ours), np.asarray(ref))
+    cfg = ImageProcessorConfig()
+    hf_grid = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)(images=[ref])["image_grid_thw"][0].tolist()
+    assert list(preprocess_image(data, cfg).grid_thw) == hf_grid
+
+
+# ---------------------------------------------------------------------- kind 6: content keys
+def test_same_pixel_bytes_in_another_shape_is_another_image(engine, tmp_path):
+    wide = np.random.default_rng(0).integers(0, 256, (56, 112, 3), dtype=np.uint8)
+    tall = wide.reshape(112, 56, 3)  # the same bytes
+    cfg = engine.image_cfg
+    assert preprocess_image(wide, cfg).digest != preprocess_image(tall, cfg).digest
+    assert preprocess_image(wide, cfg).digest != preprocess_image(wide, ImageProcessorConfig(image_mean=(0.5, 0.5, 0.5))).digest
+    with closing(ResultCache(tmp_path / "c.sqlite")) as store:
+        cache = EngineCache(store, engine)
+        first = embed_items(engine, [{"image": wide}], cache=cache)[0]
+        second = embed_items(engine, [{"image": tall}], cache=cache)[0]
+    assert first.cached is None and second.cached is None
+    expected = engine.embed([{"image": tall}]).embeddings[0]
+    assert np.array_equal(second.embedding, expected.numpy())
+
+
+def test_entries_of_an_older_cache_schema_are_ignored(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with closing(ResultCache(path)) as store:
+        store.put([("k", [1, 2], "stop")], [("e", np.ones(4, np.float32), [1], None, 1)])
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    with closing(ResultCache(path)) as store:
+        assert store.counts() == {"traces": 0, "embeddings": 0} and store.get_trace("k") is None
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+# ---------------------------------------------------------------------- kind 8: deterministic messages
+def test_error_messages_hold_no_object_reprs(engine):
+    junk = [b"junk", b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, io.BytesIO(b"x")]
+    first = engine.embed([{"image": j} for j in junk], errors="return").errors
+    again = engine.embed([{"image": j} for j in junk], errors="return").errors
+    assert first == again and all(e and "0x" not in e and " at " not in e for e in first), first
+    assert describe(ValueError(f"bad {object()!r} and {hex(id(engine))}")) == "ValueError: bad <object> and <object>"
+
+
+# ---------------------------------------------------------------------- kind 9: a bad cache file
+def test_a_file_that_is_not_a_cache_is_a_cache_error(tmp_path):
+    path = tmp_path / "broken.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(CacheError, match="not a usable tte_engine cache .*delete it"):
+        ResultCache(path)
+    with closing(ResultCache(tmp_path / "good.sqlite")) as store:
+        store.put([(f"k{i}", list(range(40)), None) for i in range(500)], [])
+    data = bytearray((tmp_path / "good.sqlite").read_bytes())
+    data[4096:-4096] = os.urandom(len(data) - 8192)
+    (tmp_path / "good.sqlite").write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="malformed"):
+        ResultCache(tmp_path / "good.sqlite")
+
+
+def test_a_cache_that_fails_later_is_skipped_with_a_warning(engine, tmp_path, caplog):
+    class Failing:
+        def execute(self, *a):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+    store = ResultCache(tmp_path / "c.sqlite")
+    real = store._conn
+    store._conn = Failing()
+    results = embed_items(engine, ["a cat"], cache=EngineCache(store, engine))
+    assert results[0].error is None and np.array_equal(results[0].embedding, engine.embed(["a cat"]).embeddings[0].numpy())
+    assert sum("continuing without it" in r.message for r in caplog.records) == 1
+    real.close()
+
+
+# ---------------------------------------------------------------------- the rule, as a property
+_bad_text = st.one_of(
+    st.text(alphabet=st.characters(categories=["Cs"]), min_size=1, max_size=3).map(lambda s: f"a {s} b"),  # lone surrogates
+    st.integers(), st.binary(max_size=8), st.lists(st.integers(), max_size=3), st.just("  \n\t "),
+)
+_bad_item = st.one_of(
+    _bad_text,
+    st.builds(lambda t: {"text": t}, _bad_text),
+    st.builds(lambda t: {"text": "ok", "instruction": t}, _bad_text.filter(lambda t: not isinstance(t, str) or not t.isspace())),
+    st.builds(lambda t: {"text": "ok", "trace": t}, st.one_of(st.binary(max_size=6), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+                                                              st.integers(), st.floats(), st.lists(st.booleans(), min_size=1, max_size=3))),
+    st.builds(lambda k: {k: "x", "text": "ok"}, st.one_of(st.integers(), st.text(min_size=1, max_size=4).filter(lambda k: k not in
+                                                                                                          ("text", "image", "images", "video", "video_options", "instruction", "trace")))),
+    st.builds(lambda b: {"image": b}, st.binary(max_size=40)),
+    st.none(), st.floats(), st.lists(st.text(max_size=3), max_size=2),
+)
+_good_item = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", categories=["L", "N", "P", "Zs"]), min_size=1, max_size=30).filter(lambda t: t.strip()),
+    st.builds(lambda h, w, seed: {"image": random_image(h, w, seed), "text": "x"}, st.integers(8, 40), st.integers(8, 40), st.integers(0, 9)),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+@given(items=st.lists(st.tuples(st.booleans(), _bad_item, _good_item).map(lambda t: (t[0], t[1] if t[0] else t[2])), min_size=1, max_size=5))
+def test_no_bad_item_escapes_or_gets_a_vector(engine, items):
+    anchor = "the anchor item"
+    res = engine.embed([anchor] + [it for _, it in items], errors="return", think=False)
+    assert len(res.errors) == res.embeddings.shape[0] == len(items) + 1
+    assert res.errors[0] is None
+    assert float(torch.cosine_similarity(res.embeddings[0], _alone(engine, anchor), dim=0)) >= 0.99999
+    for (bad, item), error, row in zip(items, res.errors[1:], res.embeddings[1:]):
+        if bad:
+            assert error is not None and torch.isnan(row).all(), item
+        else:
+            assert error is None and torch.isfinite(row).all(), (item, error)
+
+
+_ALONE = {}
+
+
+def _alone(engine, item):
+    if item not in _ALONE:
+        _ALONE[item] = engine.embed([item], think=False).embeddings[0]
+    return _ALONE[item]
