@@ -4,7 +4,9 @@ Cache layout (per layer): `k_cache`, `v_cache` are [num_blocks, block_size, KVH,
 A sequence owns a list of blocks (its row of `block_tables`, int32 [B, max_blocks]); token at
 position p lives in slot `block_tables[b, p // block_size] * block_size + p % block_size`.
 
-- `store_kv` writes the k/v of a packed batch into the slots of `slot_mapping` (-1 skips).
+- `store_kv` writes the k/v of a packed batch into the slots of `slot_mapping`. Every row is
+  written: a row that must not land in a sequence's cache (a padded batch row) is sent to a
+  scratch slot its caller owns (the engine keeps one block for that), so no op needs a mask.
 - `decode_attention`: one query token per sequence against its `context_lens[b]` cached tokens
   (the new token's k/v already stored). GQA: query head h reads KV head h // (H // KVH).
 - `prefill_attention`: the packed queries of each sequence (`cu_seqlens_q`) are its last
@@ -40,47 +42,107 @@ from ._dispatch import HAS_TRITON, interpreting, next_pow2, use_triton
 
 
 def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence: [length, KVH, hd]."""
-    num_blocks = -(-length // cache.shape[1])
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The first `width` cached positions of each sequence of `block_tables`: [B, KVH, width, hd].
+
+    Positions at or past a sequence's context length read as zeros, never as cache memory: a
+    block's unwritten tail or a padding entry of the table may hold NaN, which a masked score
+    alone would not stop (0 * NaN = NaN). `context_lens` None: every context is `width` long.
+    """
+    bs = cache.shape[1]
+    pos = torch.arange(width, device=cache.device)
+    slots = block_tables[:, : -(-width // bs)].long()[:, pos // bs] * bs + pos % bs  # [B, width]
+    if context_lens is None:
+        return cache.view(-1, *cache.shape[2:])[slots].transpose(1, 2)
+    valid = pos[None, :] < context_lens.to(cache.device, torch.long)[:, None]
+    kv = cache.view(-1, *cache.shape[2:])[torch.where(valid, slots, 0)]  # [B, width, KVH, hd], a copy
+    return kv.masked_fill_(~valid[:, :, None, None], 0).transpose(1, 2)
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
     bsz, max_blocks = block_tables.shape
-    span = max_blocks * k_cache.shape[1]
-    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # [B, KVH, span, hd]
-    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
-    mask = torch.arange(span, device=q.device)[None, :] < context_lens[:, None]
+    block_size, kvh, hd = k_cache.shape[1:]
+    span = max_blocks * block_size
+    pos = torch.arange(span, device=q.device)[None, :]
+    valid = pos < context_lens[:, None]  # [B, span]
+    # Read only slots this sequence wrote: a position past its context (a block's unwritten tail, a
+    # padding entry of the table) reads position 0's slot instead, and its score is masked. Masking
+    # the score alone is not enough where the value is still multiplied (0 * NaN = NaN).
+    src = torch.where(valid, pos, 0)
+    slots = (block_tables.long().gather(1, src // block_size) * block_size + src % block_size).view(-1)
+    k = k_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, span, kvh, hd).transpose(1, 2)  # [B, KVH, span, hd]
+    v = v_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, span, kvh, hd).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return out[:, :, 0, :]
+        q[:, :, None, :], k.to(q.dtype), v.to(q.dtype), attn_mask=(valid | (pos == 0))[:, None, None, :], scale=scale, enable_gqa=True
+    )[:, :, 0, :]
+    return torch.where((context_lens > 0)[:, None, None], out, 0)  # an empty context (a padded row) gives zeros
+
+
+def varlen_groups(q_lens: list[int], ctxs: list[int], max_padding: float = 0.5) -> list[tuple[list[int], bool]]:
+    """Batches of a varlen step's sequences for padded 4-D SDPA calls (a batch dimension is what
+    reaches CPU SDPA's fused kernel): [(sequence indices, causal)].
+
+    Fresh prompts (q_len == ctx: plain causal) and continued prefixes (an explicit mask) never
+    share a batch. Within each kind, sequences are taken in order of context length and a batch is
+    closed when padding would exceed `max_padding` of its real query x key work.
+    """
+    groups: list[tuple[list[int], bool]] = []
+    for causal in (True, False):
+        order = sorted((b for b in range(len(q_lens)) if (q_lens[b] == ctxs[b]) == causal), key=lambda b: (ctxs[b], q_lens[b]))
+        group: list[int] = []
+        real = 0
+        for b in order:
+            width = ctxs[b]  # the largest context so far (ascending order)
+            rows = width if causal else max([q_lens[b]] + [q_lens[g] for g in group])
+            work = real + q_lens[b] * ctxs[b]
+            if group and (len(group) + 1) * rows * width > (1 + max_padding) * work:
+                groups.append((group, causal))
+                group, work = [], q_lens[b] * ctxs[b]
+            group.append(b)
+            real = work
+        if group:
+            groups.append((group, causal))
+    return groups
 
 
 def prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    """Packed prefill attention through padded 4-D SDPA calls (see `varlen_groups`): [T, H, hd]."""
     out = torch.empty_like(q)
-    starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
-    for b, ctx in enumerate(lens):
-        s, e = starts[b], starts[b + 1]
-        n = e - s
-        k = _gather_context(k_cache, block_tables[b], ctx).transpose(0, 1)  # [KVH, ctx, hd]
-        v = _gather_context(v_cache, block_tables[b], ctx).transpose(0, 1)
-        if ctx == n:  # a fresh prompt: plain causal, which lets SDPA take its fused kernel
-            mask, causal = None, True
-        else:  # continuing a cached prefix: query i sits at absolute position ctx - n + i
-            qpos = torch.arange(ctx - n, ctx, device=q.device)
-            mask, causal = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None], False
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
-        )
-        out[s:e] = o.transpose(0, 1)
+    starts, ctxs = cu_seqlens_q.tolist(), context_lens.tolist()
+    q_lens = [e - s for s, e in zip(starts[:-1], starts[1:])]
+    dev, heads, hd = q.device, q.shape[1], q.shape[2]
+    for group, causal in varlen_groups(q_lens, ctxs):
+        width = max(ctxs[b] for b in group)
+        rows = width if causal else max(q_lens[b] for b in group)
+        idx = torch.tensor(group, device=block_tables.device)
+        lens = None if all(ctxs[b] == width for b in group) else context_lens[idx]
+        k = _gather_context(k_cache, block_tables[idx], lens, width).to(q.dtype)
+        v = _gather_context(v_cache, block_tables[idx], lens, width).to(q.dtype)
+        mask = None
+        if not causal:  # key j is visible to query row i when j <= ctx - n + i
+            qpos = torch.tensor([ctxs[b] - q_lens[b] for b in group], device=dev)[:, None] + torch.arange(rows, device=dev)
+            mask = (torch.arange(width, device=dev)[None, None, :] <= qpos[:, :, None])[:, None]
+        if len(group) == 1 and q_lens[group[0]] == rows:  # the chunk is the padded layout: no copies
+            s, e = starts[group[0]], starts[group[0] + 1]
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+            out[s:e] = o[0].transpose(0, 1)
+            continue
+        n = torch.tensor([q_lens[b] for b in group])
+        # row of each packed query in the padded [G * rows] layout: query i of a chunk of n sits at
+        # absolute position ctx - n + i (right-aligned when causal), or at row i (masked)
+        first = torch.tensor([g * rows + (ctxs[b] - q_lens[b] if causal else 0) for g, b in enumerate(group)])
+        rel = torch.arange(int(n.sum())) - (n.cumsum(0) - n).repeat_interleave(n)
+        src = (torch.tensor([starts[b] for b in group]).repeat_interleave(n) + rel).to(dev)
+        dst = (first.repeat_interleave(n) + rel).to(dev)
+        qp = q.new_zeros(len(group) * rows, heads, hd).index_copy_(0, dst, q[src])
+        qp = qp.view(len(group), rows, heads, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        out[src] = o.transpose(1, 2).reshape(-1, heads, hd)[dst]
     return out
 
 
@@ -96,14 +158,12 @@ if HAS_TRITON:
         num_kv_heads, block_size,
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One token: copy its k and v heads into cache slot SLOTS[t] (skip when -1).
+        """One token: copy its k and v heads into cache slot SLOTS[t].
 
         Bytes: 2*KVH*hd*b read, 2*KVH*hd*c written. No flops.
         """
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(SLOTS + t).to(tl.int64)
-        if slot < 0:
-            return
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < num_kv_heads) & (d < HEAD_DIM)
@@ -299,10 +359,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _decode_splits(batch: int, kv_heads: int, span: int, block_n: int, device: torch.device) -> int:
-    """Splits per sequence: enough programs for two waves over the GPU, but two key tiles or more
-    per split, so a program's fixed cost (q in, partial out) stays small next to its K/V stream.
-    (A first guess, to be tuned on a GPU with benchmarks/gpu_check.py.)"""
+def decode_splits(batch: int, kv_heads: int, span: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Splits per sequence for a decode batch whose contexts reach `span` tokens: enough programs for
+    two waves over the GPU, but two key tiles or more per split, so a program's fixed cost (q in,
+    partial out) stays small next to its K/V stream. (A first guess, to be tuned on a GPU with
+    benchmarks/gpu_check.py.)"""
+    block_n = _tile_and_warps(dtype)[0]
     want = -(-2 * _num_sms(device) // (batch * kv_heads))
     return max(1, min(want, -(-span // (2 * block_n))))
 
@@ -330,15 +392,20 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     )
 
 
-def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=None):
-    """Triton decode attention; `out` ([B, H, hd], unit last stride) is an optional output."""
+def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=None, num_splits=None):
+    """Triton decode attention; `out` ([B, H, hd], unit last stride) is an optional output.
+
+    num_splits: splits per sequence (None: sized from the batch and the table's width). A CUDA graph
+    fixes it per batch bucket, with the table as wide as the longest allowed context, so one graph
+    (grid and scratch included) serves every context length.
+    """
     _check_caches(k_cache, v_cache)
     q = _unit_last(q)
     bsz, heads, hd = q.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     group = heads // kvh
     block_n, warps = _tile_and_warps(q.dtype)
-    splits = _decode_splits(bsz, kvh, block_tables.shape[1] * block_size, block_n, q.device)
+    splits = num_splits or decode_splits(bsz, kvh, block_tables.shape[1] * block_size, q.dtype, q.device)
     mid_o = torch.empty(bsz, heads, splits, hd, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
     if out is None:
@@ -392,7 +459,7 @@ def store_kv(
     *,
     impl: str = "auto",
 ) -> None:
-    """Write k, v [T, KVH, hd] into the cache slots `slot_mapping` [T] (int; -1 = skip)."""
+    """Write k, v [T, KVH, hd] into the cache slots `slot_mapping` [T] (int64 or int32, each in range)."""
     if use_triton(impl, k):
         return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     store_kv_torch(k, v, k_cache, v_cache, slot_mapping)
@@ -406,11 +473,16 @@ def decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    num_splits: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """q [B, H, hd] (one token per sequence) -> [B, H, hd]."""
+    """q [B, H, hd] (one token per sequence) -> [B, H, hd].
+
+    block_tables [B, W] int32 may be wider than any context; context_lens [B] int32 (0 = a padded
+    row, whose output is zeros). num_splits: see `decode_attention_triton` (ignored by the reference).
+    """
     if use_triton(impl, q):
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits)
     return decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

@@ -18,16 +18,34 @@ def _stop_ids(eng):
     return eng.prompts.think_end_ids + eng.prompts.eos_ids
 
 
-@pytest.mark.parametrize("variant", ["untied", "tied", "stops_on_think_end", "stops_on_eos"])
-def test_think_traces_and_embeddings_match_transformers(make_checkpoint, boosted_checkpoint, mixed_items, variant):
+PREFIX_CACHING = pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+
+
+def _embed_twice(eng: Engine, items, **kwargs):
+    """Embed once to fill the prefix cache, then again: with prefix caching on, the second run reuses
+    every cached full prompt block (and skips the vision tower for cached images)."""
+    first = eng.embed(items, **kwargs)
+    second = eng.embed(items, **kwargs)
+    if eng.config.enable_prefix_caching:
+        assert second.usage["cached_tokens"] > first.usage["cached_tokens"]
+    else:
+        assert second.usage["cached_tokens"] == 0
+    return second
+
+
+@pytest.mark.parametrize(
+    "variant,prefix_caching",
+    [("untied", True), ("untied", False), ("tied", True), ("stops_on_think_end", True), ("stops_on_eos", True)],
+)
+def test_think_traces_and_embeddings_match_transformers(make_checkpoint, boosted_checkpoint, mixed_items, variant, prefix_caching):
     if variant == "stops_on_think_end":
         path = boosted_checkpoint("</think>")
     elif variant == "stops_on_eos":
         path = boosted_checkpoint("<|im_end|>")
     else:
         path = make_checkpoint("parity", head="last_token", tie_word_embeddings=variant == "tied", think_max_tokens=12)
-    eng = Engine(path)
-    res = eng.embed(mixed_items)
+    eng = Engine(path, enable_prefix_caching=prefix_caching)
+    res = _embed_twice(eng, mixed_items)
     image_tok = eng.model_cfg.image_token_id
     assert res.errors == [None] * len(mixed_items)
     for i, item in enumerate(mixed_items):
@@ -43,10 +61,11 @@ def test_think_traces_and_embeddings_match_transformers(make_checkpoint, boosted
         assert "stop" in res.stop_reasons
 
 
-def test_no_think_matches_transformers(make_checkpoint, mixed_items):
+@PREFIX_CACHING
+def test_no_think_matches_transformers(make_checkpoint, mixed_items, prefix_caching):
     path = make_checkpoint("parity", head="last_token", think_max_tokens=12)
-    eng = Engine(path)
-    res = eng.embed(mixed_items, think=False)
+    eng = Engine(path, enable_prefix_caching=prefix_caching)
+    res = _embed_twice(eng, mixed_items, think=False)
     think_start = eng.prompts.think_start_ids
     for i, item in enumerate(mixed_items):
         assert res.trace_token_ids[i] == [] and res.traces[i] == ""
@@ -97,7 +116,7 @@ def test_mhsa_head_matches_transformers_layers(make_checkpoint, mixed_items):
     eng = Engine(path)
     assert eng.tte.head.type == "mhsa"
     items = mixed_items[:4]
-    res = eng.embed(items)
+    res = _embed_twice(eng, items)  # the head also reads source states of cached prefix blocks
     for i, item in enumerate(items):
         ref_trace = hf_generate(
             path, item, res.prompt_token_ids[i], max_new_tokens=10, stop_ids=_stop_ids(eng),
@@ -117,7 +136,7 @@ def test_two_model_matches_running_both_models_by_hand(make_checkpoint, mixed_it
     eng = Engine(embedder)
     assert len(eng.stages) == 2
     items = mixed_items[:4]
-    res = eng.embed(items)
+    res = _embed_twice(eng, items)  # both models' caches serve cached prefixes
     image_tok = eng.model_cfg.image_token_id
     for i, item in enumerate(items):
         trace = hf_generate(

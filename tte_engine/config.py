@@ -230,3 +230,8 @@ class EngineConfig:
     max_vision_patches: int = 65536  # vision-tower patches per call
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     impl: str = "auto"  # op implementations: "auto" | "triton" | "torch"
+    # Decode steps replayed from CUDA graphs, one per batch bucket (None: on for CUDA, off elsewhere).
+    # True on CPU runs the graph path's padded static-buffer code eagerly (how the tests check it).
+    cuda_graphs: bool | None = None
+    # Reuse the KV of full prompt blocks already computed (same tokens, same images), as vLLM does.
+    enable_prefix_caching: bool = True

@@ -22,8 +22,9 @@ from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cac
 from .checkpoint import fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
 from .engine_dir import EngineDir, is_engine_dir
-from .errors import CheckpointError, InvalidInputError
-from .inputs import PromptBuilder, as_query
+from .errors import CheckpointError, InvalidInputError, describe
+from .inputs import PromptBuilder, as_query, check_settings
+from .prep import prepare_all, run_prepared
 from .model.loader import build_model, load_checkpoint_weights
 from .model.rope import prompt_positions
 from .runner import Runner
@@ -115,6 +116,7 @@ class Engine:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             stop_sequences=self.prompts.stop_sequences,
+            vision_token_ids=(self.model_cfg.image_token_id, self.model_cfg.video_token_id),
         )
         logger.info("loaded %s (%s, %s head) on %s in %s", self.checkpoint, self.tte.mode, self.tte.head.type, self.device, self.dtype)
 
@@ -147,9 +149,13 @@ class Engine:
         per_block = bytes_per_block(cfg, self.config.block_size, self.dtype, with_hidden)
         num_blocks = blocks_in(budget_bytes, per_block)
         cache = allocate_cache(cfg, num_blocks, self.config.block_size, self.dtype, self.device, with_hidden)
-        runner = Runner(model, cache, self.config.block_size, self.prompts.suppressed_ids, self.config.max_vision_patches)
+        max_blocks_per_seq = -(-self.max_model_len // self.config.block_size)
+        blocks = BlockManager(num_blocks, self.config.block_size, self.config.max_num_seqs, max_blocks_per_seq,
+                              enable_prefix_caching=self.config.enable_prefix_caching)
+        graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
+        runner = Runner(model, cache, blocks, self.prompts.suppressed_ids, self.config.max_vision_patches, cuda_graphs=graphs)
         logger.info("%s: KV cache of %d blocks x %d tokens (%.1f MiB)", checkpoint.name, num_blocks, self.config.block_size, num_blocks * per_block / 2**20)
-        return _Stage(checkpoint, cfg, runner, BlockManager(num_blocks, self.config.block_size))
+        return _Stage(checkpoint, cfg, runner, blocks)
 
     @property
     def embedding_dim(self) -> int:
@@ -173,15 +179,36 @@ class Engine:
         sampling: SamplingParams | None = None,
         embed: bool = True,
         tag: object = None,
+        truncate_prompt_tokens: int | None = None,
     ) -> Sequence:
-        """Validate and tokenize one item; raises InvalidInputError naming `index` if it cannot run."""
-        query = as_query(item, index)
-        prompt = self.prompts.build(query, index, think=think, instruction=instruction)
+        """Validate and tokenize one item into a Sequence for `add_request`.
+
+        Cheap checks run first: field types and character counts before any tokenizing or image
+        decoding, the token count before rotary positions. `truncate_prompt_tokens`: cut the end of the item's
+        text so its prompt holds at most that many tokens (-1: as many as fit the model with the
+        trace budget); None (default): a prompt that does not fit is an error.
+        Raises InvalidInputError naming `index` for whatever goes wrong while preparing the item
+        (bad field, undecodable image, too long, a tokenizer error, ...), never another exception.
+        """
+        check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, index)
         budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
-        if budget < 0:
-            raise InvalidInputError(f"max_trace_tokens must be >= 0, got {budget}", index)
-        positions, delta = prompt_positions(prompt.token_ids, [i.grid_thw for i in prompt.images], self.model_cfg.image_token_id, self.model_cfg.vision.spatial_merge_size)
-        return self._sequence(prompt, positions, delta, index, budget=budget, think=think, sampling=sampling or SamplingParams(), embed=embed, tag=tag)
+        try:
+            query = as_query(item, index)
+            fit = self.max_model_len - len(self.prompts.think_end_ids) - len(self.prompts.suffix_ids)  # the most a prompt may take
+            if truncate_prompt_tokens is not None:
+                reserve = len(query.trace) if isinstance(query.trace, list) else budget if think and query.trace is None else 0
+                fit = max(1, min(fit - reserve, fit if truncate_prompt_tokens == -1 else truncate_prompt_tokens))
+                if query.text is not None:  # a prefix this long already holds more than `fit` tokens
+                    query = replace(query, text=query.text[: fit * self.prompts.max_token_chars])
+            self.prompts.check_size(query, instruction, fit, index, text=truncate_prompt_tokens is None)
+            prompt = self.prompts.build(query, index, think=think, instruction=instruction)
+            if truncate_prompt_tokens is not None:
+                prompt = self.prompts.truncate(query, prompt, fit, index, think=think, instruction=instruction)
+            return self._sequence(prompt, None, None, index, budget=budget, think=think, sampling=sampling or SamplingParams(), embed=embed, tag=tag)
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # whatever goes wrong while preparing one item is that item's error
+            raise InvalidInputError(f"cannot prepare this item ({describe(exc)})", index) from exc
 
     def with_trace(self, seq: Sequence, trace_ids: list[int], index: int = 0) -> Sequence:
         """`seq` (not run yet) with a supplied trace instead of a generated one; reuses its prompt,
@@ -192,13 +219,17 @@ class Engine:
         return self._sequence(prompt, seq.positions, seq.rope_delta, index, budget=seq.max_trace_tokens, think=True, sampling=seq.sampling, embed=seq.embed, tag=seq.tag)
 
     def _sequence(self, prompt, positions, rope_delta, index, *, budget, think, sampling, embed, tag) -> Sequence:
-        """A Sequence for a built prompt, once it is known to fit the model and the cache."""
+        """A Sequence for a built prompt, once it is known to fit the model and the cache
+        (positions None: computed here, after the length check)."""
         tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids) + len(prompt.given_trace_ids or [])
         room = self.max_model_len - len(prompt.token_ids) - tail
         if room < 0:
             raise InvalidInputError(
                 f"prompt of {len(prompt.token_ids)} tokens (+{tail} trace/suffix) exceeds the model limit of {self.max_model_len} tokens", index
             )
+        if positions is None:
+            grids = [i.grid_thw for i in prompt.images]
+            positions, rope_delta = prompt_positions(prompt.token_ids, grids, (self.model_cfg.image_token_id, self.model_cfg.video_token_id), self.model_cfg.vision.spatial_merge_size)
         seq = Sequence(
             prompt=prompt,
             positions=positions,
@@ -225,8 +256,23 @@ class Engine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        tokens, embeddings = self.stages[step.stage].runner.run(step)
+        try:
+            tokens, embeddings = self.stages[step.stage].runner.run(step)
+        except BaseException:
+            self.scheduler.forget_registrations(step)
+            raise
         return self.scheduler.update(step, tokens, embeddings)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache's unused entries (e.g. before timing a cold run); results do not change."""
+        for stage in self.stages:
+            stage.blocks.reset_prefix_cache()
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture the decode graphs now (otherwise the first decode step does); no-op without graphs."""
+        for stage in self.stages:
+            if stage.runner.graphs is not None:
+                stage.runner.graphs.capture()
 
     def abort(self, seq: Sequence) -> bool:
         """Drop a request (a server whose client went away, or whose step failed); frees its cache."""
@@ -264,14 +310,19 @@ class Engine:
         errors: str = "raise",
         sampling: SamplingParams | None = None,
         progress: bool | Callable[[int], None] = False,
+        truncate_prompt_tokens: int | None = None,
     ) -> EmbedResult:
         """Think (generate a trace) and embed each item; see EmbedResult for what comes back.
 
         errors="raise": the first bad item raises InvalidInputError before any model work.
-        errors="return": bad items get NaN rows and a reason in `errors`; the rest complete.
+        errors="return": bad items get NaN rows and a reason in `errors`; the rest complete
+        (whatever goes wrong while preparing an item is that item's error). Wrong call-level
+        settings (think, max_trace_tokens, ...) raise InvalidInputError (index None) either way.
         progress: True for a tqdm bar, or a callback given the number of items finished per step.
+        truncate_prompt_tokens: see `make_sequence`.
         """
-        seqs = self._run(items, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, errors=errors, sampling=sampling, embed=True, progress=progress)
+        seqs = self._run(items, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, errors=errors, sampling=sampling,
+                         embed=True, progress=progress, truncate_prompt_tokens=truncate_prompt_tokens)
         n, dim = len(seqs), self.embedding_dim
         emb = torch.full((n, dim), math.nan, dtype=torch.float32)
         for i, s in enumerate(seqs):
@@ -294,29 +345,42 @@ class Engine:
         seqs = self._run(items, think=True, max_trace_tokens=max_trace_tokens, instruction=instruction, errors="raise", sampling=sampling, embed=False, progress=False)
         return [self.prompts.decode(s.trace_ids) for s in seqs]
 
-    def _run(self, items, *, think, max_trace_tokens, instruction, errors, sampling, embed, progress) -> list[Sequence | str]:
+    def _run(self, items, *, think, max_trace_tokens, instruction, errors, sampling, embed, progress, truncate_prompt_tokens=None) -> list[Sequence | str]:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+        check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, None)
         if self.has_unfinished():
             raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
         items = list(items) if isinstance(items, (list, tuple)) else [items]
-        seqs: list[Sequence | str] = []
-        for i, item in enumerate(items):
+        settings = dict(think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, embed=embed,
+                        truncate_prompt_tokens=truncate_prompt_tokens)
+        seqs: list[Sequence | str | None] = [None] * len(items)
+
+        def prepare(i: int) -> Sequence | None:  # in a prep thread: tokenizing and image work stay off this thread
             try:
-                seqs.append(self.make_sequence(item, i, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, embed=embed, tag=i))
+                seqs[i] = self.make_sequence(items[i], i, tag=i, **settings)
+                return seqs[i]
             except InvalidInputError as exc:
                 if errors == "raise":
                     raise
-                seqs.append(exc.reason)
-        live = [s for s in seqs if isinstance(s, Sequence)]
+                seqs[i] = exc.reason
+                return None
+
         bar = None
         if progress is True:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(live), desc="embed" if embed else "think", unit="item")
+            bar = tqdm(total=len(items), desc="embed" if embed else "think", unit="item")
             progress = bar.update
+        on_done = (lambda done: progress(len(done))) if progress else None
         try:
-            self.run(live, on_done=(lambda done: progress(len(done))) if progress else None)
+            if errors == "raise":  # every item is checked before any model work
+                prepare_all(len(items), prepare)
+                self.run([s for s in seqs if isinstance(s, Sequence)], on_done=on_done)
+            else:  # bad items become rows: preparing and stepping overlap
+                run_prepared(self, len(items), prepare, on_done=on_done)
+            if progress:
+                progress(sum(isinstance(s, str) for s in seqs))
         finally:
             if bar is not None:
                 bar.close()
@@ -331,6 +395,7 @@ def _usage(seqs: list[Sequence], image_token_id: int) -> dict[str, int]:
         "trace_tokens": sum(s.generated_trace_tokens for s in seqs),
         "given_trace_tokens": sum(len(s.trace_ids) - s.generated_trace_tokens for s in seqs),
         "embed_tokens": sum(len(s.embed_ids) for s in seqs),
+        "cached_tokens": sum(s.num_cached_tokens for s in seqs),  # prompt tokens served by the prefix cache
         "total_tokens": sum(len(s) for s in seqs),
     }
 

@@ -1,117 +1,319 @@
-"""Runs one scheduler step on one model: packs the step's tokens, runs the forward, and turns the
+"""Runs one scheduler step on one model: builds the step's inputs, runs the forward, and turns the
 rows that matter into sampled tokens (thinking sequences) or embeddings (finished sequences).
 
-The runner owns a model and its KV cache; it knows nothing about queues or phases beyond what
-a step says. Tensors are built on the CPU and moved once per step.
+The runner owns a model, its KV cache and the device copy of its block tables; it knows nothing
+about queues or phases beyond what a step says. Step inputs are integer arrays built in one
+numpy pass and sent with one copy (`step_inputs.py`). A pure decode step touches the host once,
+reading back the sampled tokens; it runs from a CUDA graph per batch bucket when graphs are on
+(`cuda_graphs.py`), and on CPU the same padded static-buffer code runs eagerly.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+from operator import attrgetter
+
+import numpy as np
 import torch
 
+from . import kernels
+from .cache import BlockManager
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import sample
+from .sampling import sample, suppression_bias
 from .scheduler import Step
 from .sequence import Phase, Sequence
+from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
+
+logger = logging.getLogger("tte_engine")
+
+_DECODE_STATE = attrgetter("row", "num_computed", "rope_delta", "last_token")
+_GREEDY = attrgetter("greedy")
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes a graph is captured for: 1, 2, 4, 8, then every 16 up to max_num_seqs."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16)) + [max_num_seqs]
+    return sorted(set(sizes))
+
+
+def readback(tokens: torch.Tensor) -> list[int]:
+    """The one device-to-host transfer of a decode step: the sampled token ids."""
+    return tokens.tolist()
 
 
 class Runner:
-    def __init__(self, model: Qwen2VL, cache: KVCache, block_size: int, suppressed_ids: list[int], max_vision_patches: int):
-        self.model, self.cache, self.block_size = model, cache, block_size
-        self.suppressed_ids = suppressed_ids
+    def __init__(
+        self,
+        model: Qwen2VL,
+        cache: KVCache,
+        blocks: BlockManager,
+        suppressed_ids: list[int],
+        max_vision_patches: int,
+        *,
+        cuda_graphs: bool = False,
+    ):
+        self.model, self.cache, self.blocks = model, cache, blocks
+        self.block_size = blocks.block_size
         self.max_vision_patches = max_vision_patches
         self.device = model.norm.device
+        self.bias = suppression_bias(model.cfg.text.vocab_size, suppressed_ids, self.device)
+        self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
+        self.max_rows = blocks.padding_row  # = max_num_seqs
+        self.buckets = graph_buckets(self.max_rows)
+        self.layout = DecodeLayout(self.max_rows)
+        self.decode_staging = StagingBuffer(self.layout.size, self.device)
+        self.prefill_staging = StagingBuffer(1 << 14, self.device)
+        self.padding_slot = blocks.scratch_block * self.block_size
+        self.vision_ids = (model.cfg.image_token_id, model.cfg.video_token_id)
+        self.graphs = None
+        if cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
 
+            self.graphs = DecodeGraphs(self)
+
+    # ------------------------------------------------------------------ entry
     @torch.inference_mode()
-    def run(self, step: Step) -> tuple[dict[int, int], dict[int, torch.Tensor]]:
-        """Execute a step; returns ({seq_id: next token}, {seq_id: embedding [D] fp32})."""
-        if step.is_prefill:
-            self._encode_images([s for s in step.seqs if s.prompt.images and s.image_embeds is None and s.num_computed < s.num_prompt_tokens])
-        batch = self._pack(step)
+    def run(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
+        """Execute a step; returns (tokens for step.sample_idx, embeddings [len(pool_idx), D] fp32 on CPU)."""
+        if not step.is_prefill:
+            return self._run_decode(step.seqs), None
+        return self._run_prefill(step)
+
+    # ------------------------------------------------------------------ decode
+    def _run_decode(self, seqs: list[Sequence]) -> list[int]:
+        batch = len(seqs)
+        bucket = self.bucket_for(batch) if self.graphs is not None else batch
+        host = self.decode_staging.host(self.layout.size)
+        sampling, updates = self._fill_decode(host, seqs, bucket)
+        self.decode_staging.send(self.layout.size)
+        if self.graphs is not None:
+            greedy, normed = self.graphs.replay(bucket)
+        else:
+            width = int(host[self.layout.field("context_lens", batch)].max() - 1) // self.block_size + 1
+            greedy, normed = self.decode_forward(batch, width, None, updates)
+        tokens = greedy[:batch]
+        if sampling:
+            buf = self.decode_staging.device_buffer
+            logits = self.model.lm_head(normed[:batch]).float() + self.bias
+            tokens = sample(logits, *_sampling_params(lambda name: buf[self.layout.field(name, batch)]))
+        return readback(tokens)
+
+    def bucket_for(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def _fill_decode(self, host: np.ndarray, seqs: list[Sequence], bucket: int) -> tuple[bool, bool]:
+        """Write a decode batch into the fixed layout, padded to `bucket` rows; returns (any row
+        samples, any block-table update).
+
+        Padded rows read the padding table row (all scratch block) with context 0 and write their
+        k/v to the scratch slot: they touch no sequence's cache.
+        """
+        n, bs = len(seqs), self.block_size
+        f = lambda name: host[self.layout.field(name)]  # noqa: E731
+        # one C-level pass over the sequences; then everything is array arithmetic
+        rows, index, deltas, last = np.array(list(map(_DECODE_STATE, seqs)), dtype=np.int64).reshape(n, 4).T
+        f("input_ids")[:n] = last
+        f("positions")[:n] = index + deltas  # index: the token computed now, past the prompt
+        f("slot_mapping")[:n] = self.blocks.tables[rows, index // bs].astype(np.int64) * bs + index % bs
+        f("context_lens")[:n] = index + 1
+        f("table_rows")[:n] = rows
+        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.padding_slot), ("context_lens", 0), ("table_rows", self.max_rows)):
+            f(name)[n:bucket] = value
+        updates = self._fill_updates(f("update_index"), f("update_value"), bucket)
+        sampling = not all(map(_GREEDY, seqs))
+        if sampling:
+            self._fill_sampling(seqs, *(f(name) for name in SAMPLING_FIELDS))
+        return sampling, updates
+
+    def _fill_updates(self, index: np.ndarray, value: np.ndarray, count: int) -> bool:
+        """Block-table changes since the last step, padded to `count` with no-op rewrites of the
+        padding row; False when there were none."""
+        updates = self.blocks.take_updates()
+        if len(updates) > count:
+            raise RuntimeError(f"{len(updates)} block-table updates in a decode step of {count} rows (a scheduler bug)")
+        if updates:
+            index[: len(updates)], value[: len(updates)] = np.asarray(updates, dtype=np.int64).T
+        index[len(updates) : count] = self.max_rows * self.blocks.tables.shape[1]
+        value[len(updates) : count] = self.blocks.scratch_block
+        return bool(updates)
+
+    @staticmethod
+    def _fill_sampling(seqs: list[Sequence], seeds, counters, top_k, temperature_bits, top_p_bits) -> None:
+        """Write the sampling fields (SAMPLING_FIELDS order) of `seqs` into the given int64 arrays."""
+        n = len(seqs)
+        seeds[:n] = np.fromiter((s.seed for s in seqs), np.int64, n)
+        counters[:n] = np.fromiter((len(s.trace_ids) for s in seqs), np.int64, n)
+        top_k[:n] = np.fromiter((s.sampling.top_k for s in seqs), np.int64, n)
+        temperature_bits[:n] = float_bits(np.fromiter((s.sampling.temperature for s in seqs), np.float32, n))
+        top_p_bits[:n] = float_bits(np.fromiter((s.sampling.top_p for s in seqs), np.float32, n))
+
+    def decode_forward(self, batch: int, width: int, num_splits: int | None, updates: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step on the device, reading the first `batch` rows of the decode buffer:
+        block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
+        head, suppression and argmax. Returns (greedy tokens [batch] int64, normed last states
+        [batch, D]). Static shapes and no host sync: this is what a CUDA graph captures (with
+        `updates` True; an eager step without new blocks skips that op)."""
+        buf = self.decode_staging.device_buffer
+        view = lambda name: buf[self.layout.field(name, batch)]  # noqa: E731
+        if updates:
+            self.tables.view(-1).index_copy_(0, view("update_index"), view("update_value").to(torch.int32))
+        step = StepBatch(
+            input_ids=view("input_ids"),
+            positions=view("positions"),
+            slot_mapping=view("slot_mapping"),
+            block_tables=self.tables.index_select(0, view("table_rows"))[:, :width],
+            context_lens=view("context_lens").to(torch.int32),
+            cu_seqlens_q=None,
+            is_prefill=False,
+            num_splits=num_splits,
+        )
+        h, residual = self.model(step, self.cache)
+        normed = self.model.final_norm(h, residual)
+        logits = self.model.lm_head(normed).float() + self.bias
+        return logits.argmax(dim=-1), normed
+
+    # ------------------------------------------------------------------ prefill (and mixed) steps
+    def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
+        seqs = step.seqs
+        self._encode_images([s for s in seqs if s.prompt.images and s.image_embeds is None and s.num_computed < s.num_prompt_tokens])
+        n, bs = len(seqs), self.block_size
+        counts = np.asarray(step.num_tokens, dtype=np.int64)
+        starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        seg = np.repeat(np.arange(n), counts)
+        index = np.arange(cu[-1]) - cu[:-1][seg] + starts[seg]  # each packed token's index in its sequence
+        rows = np.fromiter((s.row for s in seqs), np.int64, n)
+        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[a : a + c] for s, a, c in zip(seqs, starts.tolist(), step.num_tokens)), np.int64, int(cu[-1]))
+        positions = self._positions(seqs, starts, counts, index, seg)
+        slots = self.blocks.tables[rows[seg], index // bs].astype(np.int64) * bs + index % bs
+        # the rows read after the forward: the last layer computes only these (see StepBatch.out_rows)
+        out_idx = sorted(step.sample_idx + step.pool_idx)
+        out_rows, out_seqs = (cu[1:] - 1)[out_idx], np.asarray(out_idx, dtype=np.int64)
+        sample_rows = np.searchsorted(out_seqs, step.sample_idx).astype(np.int64)
+        pool_rows = np.searchsorted(out_seqs, step.pool_idx).astype(np.int64)
+        updates = np.asarray(self.blocks.take_updates(), dtype=np.int64).reshape(-1, 2).T
+        sampled = [seqs[i] for i in step.sample_idx]
+        sampling = not all(map(_GREEDY, sampled))
+        params = np.zeros((len(SAMPLING_FIELDS), len(sampled)), dtype=np.int64)
+        if sampling:
+            self._fill_sampling(sampled, *params)
+        arrays = [ids, positions, slots, starts + counts, rows, cu, sample_rows, pool_rows, updates[0], updates[1], params, out_rows, out_seqs]
+        host = self.prefill_staging.host(sum(a.size for a in arrays))
+        parts = pack(arrays, host)
+        dev = self.prefill_staging.send(parts[-1].stop)
+        d_ids, d_pos, d_slots, d_ctx, d_rows, d_cu, d_sample, d_pool, d_uidx, d_uval, d_params, d_out_rows, d_out_seqs = (dev[p] for p in parts)
+        num_layers = self.layers_needed(step)
+        if updates.shape[1]:
+            self.tables.view(-1).index_copy_(0, d_uidx, d_uval.to(torch.int32))
+        width = int((starts + counts).max() - 1) // bs + 1
+        batch = StepBatch(
+            input_ids=d_ids,
+            positions=d_pos.view(3, -1),
+            slot_mapping=d_slots,
+            block_tables=self.tables.index_select(0, d_rows)[:, :width],
+            context_lens=d_ctx.to(torch.int32),
+            cu_seqlens_q=d_cu.to(torch.int32),
+            is_prefill=True,
+            image_embeds=self._image_rows(seqs, starts, step.num_tokens),
+            num_layers=num_layers,
+            num_decode=step.num_decode,
+            out_rows=d_out_rows if num_layers is None else None,  # an early stop (mhsa) reads no row of h
+            out_seqs=d_out_seqs,
+        )
         h, residual = self.model(batch, self.cache)
-        ends = torch.tensor(step.num_tokens).cumsum(0) - 1  # last packed row of each sequence
-        thinking = [i for i, s in enumerate(step.seqs) if step.completes(i) and s.phase == Phase.THINK]
-        pooling = [i for i, s in enumerate(step.seqs) if step.completes(i) and s.phase == Phase.EMBED]
-        tokens, embeddings = {}, {}
-        if thinking:
-            rows = ends[thinking].to(self.device)
-            logits = self.model.logits(h[rows], residual[rows])
-            seqs = [step.seqs[i] for i in thinking]
-            chosen = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs], self.suppressed_ids)
-            tokens = {s.seq_id: t for s, t in zip(seqs, chosen)}
-        if pooling:
-            seqs = [step.seqs[i] for i in pooling]
-            if self.model.head is None:
-                rows = ends[pooling].to(self.device)
-                unit = torch.arange(len(rows) + 1, dtype=torch.int32, device=self.device)
-                pooled = self.model.pool_last_token(h[rows], residual[rows], unit)
+        tokens: list[int] = []
+        if sampled:
+            logits = self.model.logits(h[d_sample], residual[d_sample]) + self.bias
+            if sampling:
+                by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
+                chosen = sample(logits, *_sampling_params(by_name.__getitem__))
             else:
-                pooled = self._pool_mhsa(seqs)
-            embeddings = {s.seq_id: e for s, e in zip(seqs, pooled.cpu())}
+                chosen = logits.argmax(dim=-1)
+            tokens = readback(chosen)
+        embeddings = None
+        if step.pool_idx:
+            if self.model.head is None:
+                unit = torch.arange(len(step.pool_idx) + 1, dtype=torch.int32, device=self.device)
+                embeddings = self.model.pool_last_token(h[d_pool], residual[d_pool], unit).cpu()
+            else:
+                embeddings = self._pool_mhsa([seqs[i] for i in step.pool_idx]).cpu()
         return tokens, embeddings
 
+    @staticmethod
+    def _positions(seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray, index: np.ndarray, seg: np.ndarray) -> np.ndarray:
+        """[3, T] M-RoPE positions: index + rope_delta after the prompt, the prompt's own positions inside it."""
+        deltas = np.fromiter((s.rope_delta for s in seqs), np.int64, len(seqs))
+        positions = np.broadcast_to(index + deltas[seg], (3, index.size)).copy()
+        at = 0
+        for seq, start, count in zip(seqs, starts.tolist(), counts.tolist()):
+            prompt_end = min(start + count, seq.num_prompt_tokens)
+            if start < prompt_end:
+                positions[:, at : at + prompt_end - start] = seq.positions[:, start:prompt_end].numpy()
+            at += count
+        return positions
+
+    def _image_rows(self, seqs: list[Sequence], starts: np.ndarray, counts: list[int]) -> torch.Tensor | None:
+        """Vision-tower outputs for the image and video placeholders of this step, in token order."""
+        parts = []
+        for seq, start, n in zip(seqs, starts.tolist(), counts):
+            if seq.image_embeds is not None and start < seq.num_prompt_tokens:
+                spans = seq.vision_spans(self.vision_ids)
+                first = _vision_tokens_before(spans, start) - seq.image_embeds_offset
+                parts.append(seq.image_embeds[first : first + _vision_tokens_before(spans, start + n) - _vision_tokens_before(spans, start)])
+        return torch.cat(parts) if parts else None
+
     def _encode_images(self, seqs: list[Sequence]) -> None:
-        """Run the vision tower over the images of `seqs`, a bounded number of patches per call."""
-        pending = [(seq, sum(i.patches.shape[0] for i in seq.prompt.images)) for seq in seqs]
+        """Run the vision tower over the images of `seqs` that still have tokens to compute (an image
+        wholly inside a cached prefix is skipped), a bounded number of patches per call."""
+        pending = []
+        for seq in seqs:
+            spans = seq.vision_spans(self.vision_ids)
+            keep = [k for k, (_, end) in enumerate(spans) if end > seq.num_computed]
+            if keep:
+                seq.image_embeds_offset = _vision_tokens_before(spans, spans[keep[0]][0])
+                images = [seq.prompt.images[k] for k in keep]
+                pending.append((seq, images, sum(i.patches.shape[0] for i in images)))
         while pending:
             group, patches = [], 0
-            while pending and (not group or patches + pending[0][1] <= self.max_vision_patches):
-                seq, count = pending.pop(0)
-                group.append(seq)
-                patches += count
-            images = [img for s in group for img in s.prompt.images]
+            while pending and (not group or patches + pending[0][2] <= self.max_vision_patches):
+                group.append(pending.pop(0))
+                patches += group[-1][2]
+            images = [img for _, imgs, _ in group for img in imgs]
             pixels = torch.cat([img.patches for img in images]).to(self.device)
             merged = self.model.encode_images(pixels, [img.grid_thw for img in images])
-            for seq, part in zip(group, merged.split([sum(i.num_tokens for i in s.prompt.images) for s in group])):
+            for (seq, imgs, _), part in zip(group, merged.split([sum(i.num_tokens for i in imgs) for _, imgs, _ in group])):
                 seq.image_embeds = part
 
-    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
-        """Cache slots of positions start..end-1 of a sequence with block table `table`."""
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def _pack(self, step: Step) -> StepBatch:
-        ids, positions, slots, image_rows = [], [], [], []
-        image_token = self.model.cfg.image_token_id
-        for seq, n in zip(step.seqs, step.num_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
-            chunk = seq.token_ids[start:end]
-            ids += chunk
-            positions.append(seq.positions_for(start, end))
-            slots += self._slots(seq.block_table, start, end)
-            if step.is_prefill and seq.image_embeds is not None and start < seq.num_prompt_tokens:
-                first = seq.token_ids[:start].count(image_token)
-                image_rows.append(seq.image_embeds[first : first + chunk.count(image_token)])
-        max_blocks = max(len(s.block_table) for s in step.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in step.seqs]
-        pos = torch.cat(positions, dim=1)
-        to = dict(device=self.device)
-        return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, **to),
-            positions=(pos if step.is_prefill else pos[0]).to(**to),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, **to),
-            block_tables=torch.tensor(tables, dtype=torch.int32, **to),
-            context_lens=torch.tensor([s.num_computed + n for s, n in zip(step.seqs, step.num_tokens)], dtype=torch.int32, **to),
-            cu_seqlens_q=torch.tensor([0] + step.num_tokens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(**to),
-            is_prefill=step.is_prefill,
-            image_embeds=torch.cat(image_rows) if image_rows else None,
-            num_layers=self._layers_needed(step),
-        )
-
-    def _layers_needed(self, step: Step) -> int | None:
-        """With the mhsa head, an all-embed step only needs the layers below the head's source layer."""
-        if self.model.head is not None and all(s.phase == Phase.EMBED for s in step.seqs):
+    def layers_needed(self, step: Step) -> int | None:
+        """With the mhsa head, an all-embed step only needs the layers below the head's source layer,
+        unless it makes prefix-cache blocks findable: a later prompt may need their every layer."""
+        if self.model.head is not None and not step.registers and all(s.phase == Phase.EMBED for s in step.seqs):
             return self.model.head.source_layer
         return None
 
     def _pool_mhsa(self, seqs: list[Sequence]) -> torch.Tensor:
         """Gather each finished sequence's stored source-layer states and run the head over them."""
-        hidden = self.cache.hidden.view(-1, self.cache.hidden.shape[-1])
-        rows, positions, lens = [], [], []
-        for seq in seqs:
-            n = len(seq)
-            rows.append(hidden[torch.tensor(self._slots(seq.block_table, 0, n), device=self.device)])
-            positions.append(seq.positions_for(0, n))
-            lens.append(n)
-        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-        return self.model.pool_mhsa(torch.cat(rows), torch.cat(positions, dim=1).to(self.device), cu.to(self.device))
+        n, bs = len(seqs), self.block_size
+        lens = np.fromiter((len(s) for s in seqs), np.int64, n)
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        seg = np.repeat(np.arange(n), lens)
+        index = np.arange(cu[-1]) - cu[:-1][seg]
+        rows = np.fromiter((s.row for s in seqs), np.int64, n)
+        slots = self.blocks.tables[rows[seg], index // bs].astype(np.int64) * bs + index % bs
+        positions = self._positions(seqs, np.zeros(n, dtype=np.int64), lens, index, seg)
+        to = dict(device=self.device)
+        hidden = self.cache.hidden.view(-1, self.cache.hidden.shape[-1]).index_select(0, torch.from_numpy(slots).to(**to))
+        return self.model.pool_mhsa(hidden, torch.from_numpy(positions).to(**to), torch.from_numpy(cu).to(torch.int32).to(**to))
+
+
+def _vision_tokens_before(spans: list[tuple[int, int]], position: int) -> int:
+    """How many image/video placeholder tokens of a prompt come before `position`."""
+    return sum(min(end, position) - start for start, end in spans if start < position)
+
+
+def _sampling_params(field) -> tuple[torch.Tensor, ...]:
+    """`sample`'s (temperature, top_k, top_p, seeds, counters) from int64 device fields by name."""
+    return bits_float(field("temperature_bits")), field("top_k"), bits_float(field("top_p_bits")), field("seeds"), field("counters")

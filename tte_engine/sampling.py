@@ -1,12 +1,20 @@
-"""Choosing the next trace token: greedy by default, optional temperature / top-k / top-p sampling.
+"""Choosing the next trace token for a whole batch on the device: greedy by default, optional
+temperature / top-k / top-p sampling.
 
-Greedy decoding keeps embeddings deterministic. Vision placeholder tokens are masked out before
-the choice (a trace never contains an image), and a seeded sequence samples from its own
-generator, so its trace does not depend on what else is in the batch.
+Greedy decoding keeps embeddings deterministic. Vision placeholder tokens are never generated:
+`suppression_bias` is a precomputed additive mask (-inf at their ids) added to the logits before
+the choice, so no step indexes by a Python list.
+
+Sampling is Gumbel-max: token = argmax(filtered logits / T + g), with g ~ Gumbel(0, 1) drawn per
+(request seed, trace position, vocab id) by a counter-based hash. So a request's trace depends
+only on its seed and its own logits, whatever else is in the batch and in whatever order, with
+no per-request generator object and nothing read back from the device. A request without a seed
+gets a fresh random one when its sequence is made.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -27,36 +35,63 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def draw_seed(self) -> int:
+        """The seed a sequence samples with: the request's, or a fresh random one (31 bits)."""
+        return (self.seed if self.seed is not None else random.getrandbits(31)) & _MASK31
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+
+_MASK31 = (1 << 31) - 1
+_MASK32 = (1 << 32) - 1
+
+
+def suppression_bias(vocab_size: int, suppressed_ids: list[int], device) -> torch.Tensor:
+    """[vocab_size] fp32: -inf at the ids a trace must never contain, 0 elsewhere."""
+    bias = torch.zeros(vocab_size, dtype=torch.float32)
+    bias[[i for i in suppressed_ids if 0 <= i < vocab_size]] = float("-inf")
+    return bias.to(device)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (murmur3's finalizer structure) on int64 tensors holding values < 2**32.
+
+    Multipliers stay below 2**31 so no product overflows int64: exact on every device."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x446CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, N] fp32 for token_ids [B, N] of rows with seeds [B] at counters [B] (int64)."""
+    key = _hash32(seeds[:, None] * 0x3C6EF35F + counters[:, None])
+    bits = _hash32(key * 0x2545F491 + token_ids)
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
 
 
 def sample(
     logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    suppressed_ids: list[int],
-) -> list[int]:
-    """One token per row of `logits` [B, V] (fp32)."""
-    if suppressed_ids:
-        logits[:, suppressed_ids] = float("-inf")
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
-        gen = generators[i]
-        tokens[i] = int(torch.multinomial(probs.to("cpu" if gen is not None else probs.device), 1, generator=gen))
-    return tokens
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+) -> torch.Tensor:
+    """Tokens [B] int64 for logits [B, V] fp32 (suppression already added).
+
+    temperature [B] fp32 (0 = greedy row), top_k [B] int64 (0 = off), top_p [B] fp32, seeds [B] and
+    counters [B] int64 (the request's seed, and how many trace tokens it has): all on the logits'
+    device. Everything is vectorized over the batch; nothing syncs with the host.
+    """
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = ((top_k[:, None] > 0) & (rank >= top_k[:, None])) | (probs.cumsum(-1) - probs > top_p[:, None])
+    noisy = ordered.masked_fill(drop, float("-inf")) + gumbel_noise(seeds, counters, order)
+    sampled = order.gather(1, noisy.argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(temperature > 0, sampled, greedy)
 
 
 def ends_with_stop(generated: list[int], stop_sequences: list[list[int]]) -> bool:

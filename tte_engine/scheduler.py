@@ -1,35 +1,35 @@
 """Continuous batching: which sequences run in the next step, and what their results do to them.
 
-Each step is one forward of one model: either a prefill step (new prompts, chunks of long
-prompts, embed suffixes: up to `max_num_batched_tokens` tokens) or a decode step (one token for
-every thinking sequence). Prefill work goes first so the decode batch stays full; in two-model
-mode the embedder's work goes before the reasoner's, since it finishes requests and frees
-memory. Sequences are admitted in arrival order while their worst case fits the cache.
+Each step is one forward of one model. Every thinking sequence whose prompt is done decodes one
+token, and the rest of the `max_num_batched_tokens` budget goes to prefill chunks (new prompts,
+chunks of long prompts, embed suffixes), so a step may mix both and decoders never wait out a
+whole prefill step. A step with no prefill chunk is a pure decode step (the runner's CUDA-graph
+path). In two-model mode the embedder's work goes before the reasoner's, since it finishes
+requests and frees memory. Sequences are admitted in arrival order while their worst case fits
+the cache.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .cache import BlockManager
-from .sampling import ends_with_stop
 from .sequence import Phase, Sequence
 
 
 @dataclass
 class Step:
     stage: int
-    is_prefill: bool
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens of each sequence computed in this step
-
-    def completes(self, i: int) -> bool:
-        """Whether sequence i reaches the end of its known tokens in this step (so it has an output)."""
-        seq = self.seqs[i]
-        return seq.num_computed + self.num_tokens[i] == len(seq)
+    is_prefill: bool = True  # False: one token per sequence, all decoding (the graph path)
+    num_decode: int = 0  # the first num_decode sequences decode one token each; the rest prefill
+    registers: bool = False  # it makes prefix-cache blocks findable: it must compute every layer
+    sample_idx: list[int] = field(default_factory=list)  # seqs that end the step with a new trace token
+    pool_idx: list[int] = field(default_factory=list)  # seqs that end the step with their embedding
 
 
 class Scheduler:
@@ -40,12 +40,17 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         stop_sequences: list[list[int]],
+        vision_token_ids: tuple[int, ...] = (),
+        mixed_steps: bool = True,
     ):
         self.blocks = block_managers
+        self.mixed_steps = mixed_steps  # False: a step is all prefill or all decode, prefill first (the old policy)
+        self.vision_token_ids = vision_token_ids
         self.two_model = len(block_managers) == 2
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.stop_sequences = stop_sequences
+        self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
+        self.stop_sequences = [s for s in stop_sequences if len(s) > 1]
         self.waiting: list[deque[Sequence]] = [deque() for _ in block_managers]
         self.running: list[list[Sequence]] = [[] for _ in block_managers]
 
@@ -74,7 +79,7 @@ class Scheduler:
         """None if the sequence can run once the caches are empty, else the tokens it would need."""
         for stage, bm in enumerate(self.blocks):
             need = self._worst_case(seq, stage)
-            if need and bm.blocks_for(need) > bm.num_blocks:
+            if need and need > bm.capacity_tokens:
                 return need
         return None
 
@@ -93,59 +98,99 @@ class Scheduler:
             if not bm.can_admit(need):
                 break
             waiting.popleft()
-            seq.reservation = bm.admit(seq.block_table, need)
+            bm.admit(seq, need)
             running.append(seq)
 
     def schedule(self) -> Step | None:
-        stages = range(len(self.blocks) - 1, -1, -1)
-        for stage in stages:
+        for stage in range(len(self.blocks) - 1, -1, -1):
             self._admit(stage)
-        for stage in stages:
-            seqs, counts, budget = [], [], self.max_num_batched_tokens
+            decoding = [s for s in self.running[stage] if not s.needs_prefill]  # thinking, prompt done
+            if not self.mixed_steps and len(decoding) < len(self.running[stage]):
+                decoding = []  # prefill work waits for nobody: decoders wait for it
+            seqs, counts = list(decoding), [1] * len(decoding)
+            budget = self.max_num_batched_tokens - len(decoding)
+            bm = self.blocks[stage]
             for seq in self.running[stage]:
-                if budget == 0:
+                if budget <= 0:
                     break
                 if seq.needs_prefill:
+                    hashes = seq.prompt_block_hashes(bm.block_size, self.vision_token_ids) if bm.enable_prefix_caching else []
+                    if not seq.block_table:  # its first chunk in this stage: start from the cached prefix
+                        self._reuse_prefix(seq, bm, hashes)
                     n = min(seq.num_pending, budget)
+                    # blocks now, and registered now: a sequence later in this same step may reuse them,
+                    # since every layer stores the step's k/v before any of its attention reads them
+                    bm.grow(seq, seq.num_computed + n)
+                    bm.register(seq, hashes, seq.num_computed + n)
                     seqs.append(seq)
                     counts.append(n)
                     budget -= n
             if seqs:
-                return self._prepare(Step(stage, True, seqs, counts))
-        decoding = [s for s in self.running[0] if s.phase == Phase.THINK][: self.max_num_seqs]
-        if decoding:
-            return self._prepare(Step(0, False, decoding, [1] * len(decoding)))
+                step = Step(stage, seqs, counts, is_prefill=len(seqs) > len(decoding), num_decode=len(decoding), registers=bool(bm.pending))
+                return self._prepare(step)
         return None
 
+    @staticmethod
+    def _reuse_prefix(seq: Sequence, bm: BlockManager, hashes: list[int]) -> None:
+        """Take the cached blocks the prompt starts with; at least its last token is still computed."""
+        usable = hashes[: (len(seq) - 1) // bm.block_size]
+        found = bm.reuse_prefix(seq, usable)
+        seq.num_computed = found * bm.block_size
+        seq.num_cached_tokens += found * bm.block_size
+
     def _prepare(self, step: Step) -> Step:
-        bm = self.blocks[step.stage]
+        """Give each sequence the blocks its tokens need, and note which rows end with an output."""
+        bm, bs = self.blocks[step.stage], self.blocks[step.stage].block_size
         for seq, n in zip(step.seqs, step.num_tokens):
-            seq.reservation = bm.grow(seq.block_table, seq.num_computed + n, seq.reservation)
+            if seq.num_computed + n > len(seq.block_table) * bs:
+                bm.grow(seq, seq.num_computed + n)
+        if not step.is_prefill:  # every decoding sequence samples its next token
+            step.sample_idx = list(range(len(step.seqs)))
+            return step
+        for i, (seq, n) in enumerate(zip(step.seqs, step.num_tokens)):
+            if seq.num_computed + n == len(seq):  # reaches its last known token: it has an output
+                (step.sample_idx if seq.phase == Phase.THINK else step.pool_idx).append(i)
         return step
 
-    def update(self, step: Step, tokens: dict[int, int], embeddings: dict[int, torch.Tensor]) -> list[Sequence]:
-        """Apply a step's results (sampled tokens, pooled embeddings by seq_id); returns the finished."""
-        finished = []
+    def update(self, step: Step, tokens: list[int], embeddings: torch.Tensor | None) -> list[Sequence]:
+        """Apply a step's results: `tokens` for step.sample_idx, `embeddings` [len(pool_idx), D] for
+        step.pool_idx, in that order; returns the sequences that finished."""
+        finished: list[Sequence] = []
+        self.blocks[step.stage].commit()
+        if not step.is_prefill:  # the hot path: one token for every sequence, stops are rare
+            stop_tokens, multi = self.stop_tokens, self.stop_sequences
+            for seq, token in zip(step.seqs, tokens):
+                seq.num_computed += 1
+                seq.append_trace_token(token)
+                if token in stop_tokens or len(seq.trace_ids) >= seq.max_trace_tokens or multi:
+                    self._end_trace(seq, step.stage, finished)
+            return finished
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
-            if seq.seq_id in embeddings:
-                seq.embedding = embeddings[seq.seq_id]
-                finished.append(self._finish(seq, step.stage))
-            elif seq.seq_id in tokens:
-                seq.append_trace_token(tokens[seq.seq_id])
-                reason = self._trace_stop(seq)
-                if reason is None:
-                    continue
-                if not seq.embed:
-                    seq.stop_reason = reason
-                    finished.append(self._finish(seq, step.stage))
-                    continue
-                seq.start_embed(reason)
-                if self.two_model:  # the embedder re-reads query + trace in its own cache
-                    self._release(seq, 0)
-                    seq.stage, seq.num_computed, seq.image_embeds = 1, 0, None
-                    self.waiting[1].append(seq)
+        for i, embedding in zip(step.pool_idx, embeddings if embeddings is not None else []):
+            seq = step.seqs[i]
+            seq.embedding = embedding
+            finished.append(self._finish(seq, step.stage))
+        for i, token in zip(step.sample_idx, tokens):
+            seq = step.seqs[i]
+            seq.append_trace_token(token)
+            self._end_trace(seq, step.stage, finished)
         return finished
+
+    def _end_trace(self, seq: Sequence, stage: int, finished: list[Sequence]) -> None:
+        """After a new trace token: if the trace is over, finish it (generate_traces) or start embedding."""
+        reason = self._trace_stop(seq, seq.last_token)
+        if reason is None:
+            return
+        if not seq.embed:
+            seq.stop_reason = reason
+            finished.append(self._finish(seq, stage))
+            return
+        seq.start_embed(reason)
+        if self.two_model:  # the embedder re-reads query + trace in its own cache
+            self._release(seq, 0)
+            seq.stage, seq.num_computed, seq.image_embeds = 1, 0, None
+            self.waiting[1].append(seq)
 
     def abort_all(self) -> list[Sequence]:
         """Drop every queued and running sequence, returning their blocks; returns what was dropped."""
@@ -154,17 +199,21 @@ class Scheduler:
             self.abort(seq)
         return dropped
 
-    def _trace_stop(self, seq: Sequence) -> str | None:
-        if ends_with_stop(seq.trace_ids, self.stop_sequences):
+    def forget_registrations(self, step: Step) -> None:
+        """The step raised: the prefix-cache entries it registered may hold unwritten KV; make them unfindable."""
+        self.blocks[step.stage].forget_pending()
+
+    def _trace_stop(self, seq: Sequence, token: int) -> str | None:
+        trace = seq.trace_ids
+        if token in self.stop_tokens or (self.stop_sequences and any(trace[-len(s) :] == s for s in self.stop_sequences)):
             return "stop"
-        if len(seq.trace_ids) >= seq.max_trace_tokens:
+        if len(trace) >= seq.max_trace_tokens:
             return "max_tokens"
         return None
 
     def _release(self, seq: Sequence, stage: int) -> None:
         self.running[stage].remove(seq)
-        self.blocks[stage].free(seq.block_table, seq.reservation)
-        seq.reservation = 0
+        self.blocks[stage].free(seq)
 
     def _finish(self, seq: Sequence, stage: int) -> Sequence:
         self._release(seq, stage)

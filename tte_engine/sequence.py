@@ -12,6 +12,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .inputs import Prompt
@@ -47,18 +48,23 @@ class Sequence:
     stage: int = 0  # which model's cache the sequence lives in (two-model: 0 reasoner, 1 embedder)
     num_computed: int = 0  # tokens whose KV is in the current stage's cache
     block_table: list[int] = field(default_factory=list)
+    row: int | None = None  # this sequence's row of its stage's block-table array (while admitted)
     reservation: int = 0
-    admitted: bool = False
+    num_registered: int = 0  # leading blocks of block_table made findable by prefix caching
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (all stages)
     image_embeds: torch.Tensor | None = None  # vision-tower output of the current stage's model
+    image_embeds_offset: int = 0  # placeholder tokens before the first image in image_embeds (cached prefix)
     embedding: torch.Tensor | None = None
     stop_reason: str | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0  # what sampling draws its noise from (see sampling.py)
+    greedy: bool = True  # sampling.greedy, kept as a plain attribute for the decode hot path
+    last_token: int = 0  # token_ids[-1]
 
     def __post_init__(self):
         self.token_ids = list(self.prompt.token_ids)
         self.num_prompt_tokens = len(self.token_ids)
-        if self.sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling.seed)
+        self.seed = self.sampling.draw_seed()
+        self.greedy = self.sampling.greedy
         if self.prompt.given_trace_ids is not None:
             self.trace_ids = list(self.prompt.given_trace_ids)
             self.token_ids += self.trace_ids
@@ -88,18 +94,36 @@ class Sequence:
         trace = self.max_trace_tokens + len(self.think_end_ids)
         return self.num_prompt_tokens + trace + (len(self.suffix_ids) if stage_keeps_suffix else 0)
 
-    def positions_for(self, start: int, end: int) -> torch.Tensor:
-        """[3, end - start] positions of tokens start..end-1 (after the prompt: index + rope_delta)."""
-        p = self.num_prompt_tokens
-        if end <= p:
-            return self.positions[:, start:end]
-        tail = torch.arange(max(start, p), end) + self.rope_delta
-        head = self.positions[:, start:p] if start < p else self.positions[:, :0]
-        return torch.cat([head, tail.expand(3, -1)], dim=1)
+    def vision_spans(self, vision_token_ids: tuple[int, ...]) -> list[tuple[int, int]]:
+        """[start, end) token ranges of the prompt's images and videos, in order (one run each)."""
+        if "_spans" not in self.__dict__:
+            ids = np.asarray(self.prompt.token_ids)
+            is_vision = np.isin(ids, vision_token_ids)
+            edges = np.flatnonzero(np.diff(np.concatenate([[False], is_vision, [False]]).astype(np.int8)))
+            self.__dict__["_spans"] = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+        return self.__dict__["_spans"]
+
+    def prompt_block_hashes(self, block_size: int, vision_token_ids: tuple[int, ...]) -> list[int]:
+        """Prefix-cache keys of the prompt's full blocks: block i's key chains block i-1's key, its
+        token ids and the content digests of the images and videos its tokens belong to, so equal
+        token ids of different images never share a block (DESIGN §8)."""
+        key = ("_hashes", block_size)
+        if key not in self.__dict__:
+            spans = self.vision_spans(vision_token_ids)
+            digests = [img.digest for img in self.prompt.images]
+            ids, hashes, prev = self.prompt.token_ids, [], 0
+            for b in range(self.num_prompt_tokens // block_size):
+                lo, hi = b * block_size, (b + 1) * block_size
+                images = tuple(d for (s, e), d in zip(spans, digests) if s < hi and e > lo)
+                prev = hash((prev, tuple(ids[lo:hi]), images))
+                hashes.append(prev)
+            self.__dict__[key] = hashes
+        return self.__dict__[key]
 
     def append_trace_token(self, token: int) -> None:
         self.trace_ids.append(token)
         self.token_ids.append(token)
+        self.last_token = token
 
     def start_embed(self, reason: str) -> None:
         """The trace is over: append the think-end marker (if the trace did not write it) and the suffix."""

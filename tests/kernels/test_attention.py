@@ -14,12 +14,13 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[
 HEAD_DIMS = pytest.mark.parametrize("head_dim", [64, 128])
 
 
-def _paged_cache(lens, head_dim, dtype, device):
-    """NaN caches holding random k/v for the first lens[b] positions of each sequence, in shuffled blocks."""
+def _paged_cache(lens, head_dim, dtype, device, poison=float("nan")):
+    """Caches holding random k/v for the first lens[b] positions of each sequence, in shuffled blocks;
+    every other slot (block tails, spare blocks, the table's padding column) holds `poison`."""
     max_blocks = max(-(-n // BLOCK_SIZE) for n in lens) + 1  # one spare column, as a padded table has
     num_blocks = len(lens) * max_blocks + 3
     tables = torch.randperm(num_blocks)[: len(lens) * max_blocks].view(len(lens), max_blocks)
-    k_cache = torch.full((num_blocks, BLOCK_SIZE, KV_HEADS, head_dim), float("nan"), dtype=dtype)
+    k_cache = torch.full((num_blocks, BLOCK_SIZE, KV_HEADS, head_dim), poison, dtype=dtype)
     v_cache = k_cache.clone()
     for b, n in enumerate(lens):
         pos = torch.arange(n)
@@ -31,8 +32,11 @@ def _paged_cache(lens, head_dim, dtype, device):
 
 
 def _fp32(cache):
-    """The reference reads whole blocks and masks scores, so it needs finite values in unused slots."""
-    return torch.nan_to_num(cache.float())
+    """The references read the poisoned caches as they are: never-written slots must not reach a result."""
+    return cache.float()
+
+
+POISONS = pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "huge"])
 
 
 @DTYPES
@@ -43,7 +47,6 @@ def test_store_kv(tokens, head_dim, dtype, device):
     v = torch.randn(tokens, KV_HEADS, head_dim, device=device).to(dtype)
     num_blocks = tokens // BLOCK_SIZE + 2
     slots = torch.randperm(num_blocks * BLOCK_SIZE, device=device)[:tokens]
-    slots[::3] = -1  # padding tokens: not stored
     k_cache = torch.full((num_blocks, BLOCK_SIZE, KV_HEADS, head_dim), float("nan"), device=device, dtype=dtype)
     v_cache = k_cache.clone()
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
@@ -70,6 +73,26 @@ def test_decode_attention(lens, head_dim, dtype, device, assert_matches):
     assert_matches(out, ref, dtype)
 
 
+@POISONS
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_decode_attention_ignores_never_written_slots(poison, splits, device, assert_matches):
+    """Unwritten block tails and padding columns hold NaN, Inf or huge values: both implementations give
+    the output of a clean cache (issue 12: a masked score times a NaN value is still NaN), whatever the
+    split count a CUDA graph bucket fixes. A padded row (context 0) gives zeros."""
+    lens = [1, 17, 5, 0, 40]
+    k_cache, v_cache, tables, ctx = _paged_cache(lens, 64, torch.float32, device, poison=poison)
+    clean_k, clean_v = torch.nan_to_num(k_cache, posinf=0.0, neginf=0.0), torch.nan_to_num(v_cache, posinf=0.0, neginf=0.0)
+    clean_k[clean_k.abs() > 1e20], clean_v[clean_v.abs() > 1e20] = 0, 0
+    q = torch.randn(len(lens), HEADS, 64, device=device)
+    want = attention.decode_attention_torch(q, clean_k, clean_v, tables, ctx, 0.125)
+    ref = attention.decode_attention_torch(q, k_cache, v_cache, tables, ctx, 0.125)
+    out = attention.decode_attention_triton(q, k_cache, v_cache, tables, ctx, 0.125, num_splits=splits)
+    assert ref.isfinite().all() and out.isfinite().all()
+    assert ref[3].eq(0).all() and out[3].eq(0).all()
+    assert_matches(ref, want, torch.float32)
+    assert_matches(out, want, torch.float32)
+
+
 def test_decode_attention_of_an_empty_context_is_zero(device):
     """A padded batch slot (context length 0) gives zeros, as the reference's SDPA does."""
     k_cache, v_cache, tables, ctx = _paged_cache([5, 0], 64, torch.float32, device)
@@ -85,6 +108,10 @@ PREFILL_CASES = {
     "fresh300": [(300, 300)],
     "suffix17after283": [(17, 300)],
     "batch7": [(1, 1), (17, 17), (300, 300), (5, 40), (1, 300), (17, 150), (64, 64)],
+    # odd sizes, several sequences continuing cached prefixes, mixed with fresh ones: the reference
+    # batches them into padded calls of both kinds (right-aligned causal and masked)
+    "continued6": [(3, 45), (33, 33), (7, 7), (19, 130), (2, 2), (50, 77)],
+    "suffixes5": [(3, 97), (3, 61), (2, 150), (5, 33), (1, 17)],
 }
 
 
@@ -103,6 +130,43 @@ def test_prefill_attention(case, head_dim, dtype, device, assert_matches):
     assert_matches(out, ref, dtype)
 
 
+def _prefill_per_sequence(q, k_cache, v_cache, tables, cu_q, ctx, scale):
+    """Plain fp64 softmax attention, one sequence at a time, reading only each context's slots."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b, (s, e) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist())):
+        n, c = e - s, int(ctx[b])
+        pos = torch.arange(c)
+        slots = tables[b, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+        k = k_cache.view(-1, KV_HEADS, k_cache.shape[-1])[slots].double().repeat_interleave(HEADS // KV_HEADS, 1)
+        v = v_cache.view(-1, KV_HEADS, v_cache.shape[-1])[slots].double().repeat_interleave(HEADS // KV_HEADS, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].double(), k) * scale
+        scores = scores.masked_fill(pos[None, None, :] > (c - n + torch.arange(n))[None, :, None], float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+@POISONS
+@pytest.mark.parametrize("case", ["batch7", "continued6", "suffixes5", "one_long_many_short"])
+def test_prefill_reference_batches_exactly(case, poison):
+    """The PyTorch reference packs sequences into padded 4-D SDPA calls (grouped, causal or masked):
+    it must equal per-sequence attention, whatever the never-written slots hold."""
+    cases = {**PREFILL_CASES, "one_long_many_short": [(700, 700), (1, 650), *[(n, n) for n in (5, 9, 13, 31)], (4, 29)]}
+    q_lens, lens = zip(*cases[case])
+    k_cache, v_cache, tables, ctx = _paged_cache(lens, 64, torch.float32, "cpu", poison=poison)
+    cu_q = torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), HEADS, 64)
+    ref = attention.prefill_attention_torch(q, k_cache, v_cache, tables, cu_q, ctx, 0.125)
+    assert ref.isfinite().all()
+    torch.testing.assert_close(ref.double(), _prefill_per_sequence(q, k_cache, v_cache, tables, cu_q, ctx, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_groups_cover_every_sequence_once():
+    groups = attention.varlen_groups([700, 1, 5, 9, 4, 2048, 3], [700, 650, 5, 9, 29, 2048, 2051])
+    assert sorted(b for g, _ in groups for b in g) == list(range(7))
+    modes = {tuple(g): causal for g, causal in groups}
+    assert len(groups) > 1 and any(modes.values()) and not all(modes.values())
+
+
 def test_prefill_reads_q_from_a_fused_projection(device, assert_matches):
     """q as a strided view of a [T, (H + 2 KVH) * hd] qkv output, as the decoder passes it."""
     head_dim = 64
@@ -113,3 +177,21 @@ def test_prefill_reads_q_from_a_fused_projection(device, assert_matches):
     out = attention.prefill_attention_triton(q, k_cache, v_cache, tables, cu_q, ctx, 0.125)
     ref = attention.prefill_attention_torch(q, _fp32(k_cache), _fp32(v_cache), tables, cu_q, ctx, 0.125)
     assert_matches(out, ref, torch.float32)
+
+
+@POISONS
+def test_prefill_attention_ignores_never_written_slots(poison, device, assert_matches):
+    """Prefill (fresh prompts and continued prefixes) over caches whose unused slots are poisoned
+    gives the clean cache's output in both implementations (issue 12)."""
+    q_lens, lens = (3, 17, 1, 9), (3, 30, 16, 40)
+    k_cache, v_cache, tables, ctx = _paged_cache(lens, 64, torch.float32, device, poison=poison)
+    clean_k = torch.where(k_cache.isfinite() & (k_cache.abs() < 1e20), k_cache, 0)
+    clean_v = torch.where(v_cache.isfinite() & (v_cache.abs() < 1e20), v_cache, 0)
+    cu_q = torch.tensor([0, *q_lens], device=device).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), HEADS, 64, device=device)
+    want = attention.prefill_attention_torch(q, clean_k, clean_v, tables, cu_q, ctx, 0.125)
+    ref = attention.prefill_attention_torch(q, k_cache, v_cache, tables, cu_q, ctx, 0.125)
+    out = attention.prefill_attention_triton(q, k_cache, v_cache, tables, cu_q, ctx, 0.125)
+    assert ref.isfinite().all() and out.isfinite().all()
+    assert_matches(ref, want, torch.float32)
+    assert_matches(out, want, torch.float32)

@@ -29,7 +29,7 @@ def _calls(device):
 
     def store(impl):
         kc, vc = k_cache.clone(), v_cache.clone()
-        kernels.store_kv(k, v, kc, vc, torch.tensor([0, 3, -1, 9, 12], device=device), impl=impl)
+        kernels.store_kv(k, v, kc, vc, torch.tensor([0, 3, 5, 9, 12], device=device), impl=impl)
         return kc, vc
 
     return {

@@ -54,8 +54,12 @@ class DecoderLayer(nn.Module):
         rotary: Rotary,
         attend: Attend,
         impl: str = "auto",
+        keep_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layer output, residual stream): their sum is the hidden state after this layer."""
+        """(layer output, residual stream): their sum is the hidden state after this layer.
+
+        keep_rows (int64 [R]): return only these rows; `attend` then returns attention for them alone
+        (after storing every row's k/v), and the rest of the layer runs on R rows instead of T."""
         if residual is None:
             x, residual = kernels.rms_norm(h, self.input_norm, self.eps, impl=impl), h
         else:
@@ -68,6 +72,9 @@ class DecoderLayer(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         rotary(q, k, positions, impl)
-        h = self.o_proj(attend(q, k, v).reshape(t, -1))
+        out = attend(q, k, v)
+        if keep_rows is not None:
+            residual = residual.index_select(0, keep_rows)
+        h = self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
         x, residual = kernels.add_rms_norm(h, residual, self.post_attention_norm, self.eps, impl=impl)
         return self.down_proj(kernels.swiglu(self.gate_up_proj(x), impl=impl)), residual

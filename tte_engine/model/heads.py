@@ -17,18 +17,41 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..config import HeadConfig, TextConfig
+from ..kernels.attention import varlen_groups
 from .decoder import DecoderLayer, Rotary
 
 
 def causal_attend_packed(cu_seqlens: list[int]):
-    """Dense causal attention inside each packed sequence (the head has no KV cache)."""
+    """Dense causal attention inside each packed sequence (the head has no KV cache).
+
+    Sequences are padded into batched 4-D SDPA calls (grouped by length as the paged prefill does:
+    a batch dimension is what reaches CPU SDPA's fused kernel). Padding rows sit after each
+    sequence's last row, so causality keeps them out of every real row; they are zero and dropped.
+    """
+    lens = [e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    plans: dict[torch.device, list] = {}
+
+    def plan(device: torch.device) -> list:
+        if device not in plans:
+            plans[device] = []
+            for group, _ in varlen_groups(lens, lens):
+                width, n = max(lens[b] for b in group), torch.tensor([lens[b] for b in group])
+                rel = torch.arange(int(n.sum())) - (n.cumsum(0) - n).repeat_interleave(n)
+                src = torch.tensor([cu_seqlens[b] for b in group]).repeat_interleave(n) + rel
+                dst = (torch.arange(len(group)) * width).repeat_interleave(n) + rel
+                plans[device].append((len(group), width, src.to(device), dst.to(device)))
+        return plans[device]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
-        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            out[s:e] = F.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True
-            ).transpose(0, 1)
+        for count, width, src, dst in plan(q.device):
+
+            def padded(t: torch.Tensor) -> torch.Tensor:
+                rows = t.new_zeros(count * width, *t.shape[1:]).index_copy_(0, dst, t[src])
+                return rows.view(count, width, *t.shape[1:]).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, enable_gqa=True)
+            out[src] = o.transpose(1, 2).reshape(-1, *q.shape[1:])[dst]
         return out
 
     return attend

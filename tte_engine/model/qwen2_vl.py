@@ -29,10 +29,16 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [T] cache slot of each token
     block_tables: torch.Tensor  # [B, max_blocks] int32
     context_lens: torch.Tensor  # [B] int32: tokens in the cache for each sequence after this step
-    cu_seqlens_q: torch.Tensor  # [B+1] int32: packed rows of each sequence
+    cu_seqlens_q: torch.Tensor | None  # [B+1] int32: packed rows of each sequence (prefill)
     is_prefill: bool
-    image_embeds: torch.Tensor | None = None  # [num_image_tokens_in_step, D], in token order
+    image_embeds: torch.Tensor | None = None  # [num_image_and_video_tokens_in_step, D], in token order
     num_layers: int | None = None  # stop early (the mhsa head only needs layers < source_layer)
+    num_splits: int | None = None  # decode attention's split count, fixed per CUDA-graph bucket
+    num_decode: int = 0  # prefill steps: the first num_decode sequences are decoding (one token each)
+    # Prefill steps: the packed rows whose output is read (each its sequence's last row in the step) and
+    # their sequences. The last layer stores every row's k/v but computes only these rows past that.
+    out_rows: torch.Tensor | None = None
+    out_seqs: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,6 +75,10 @@ class Qwen2VL(nn.Module):
         return self.eval().requires_grad_(False)
 
     @property
+    def _layer_list(self) -> list[DecoderLayer]:
+        return list(self.layers._modules.values())
+
+    @property
     def head_source_layer(self) -> int | None:
         return None if self.head is None else self.head.source_layer
 
@@ -78,7 +88,7 @@ class Qwen2VL(nn.Module):
     def embed(self, batch: StepBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         if batch.image_embeds is not None and batch.image_embeds.shape[0]:
-            mask = batch.input_ids == self.cfg.image_token_id
+            mask = (batch.input_ids == self.cfg.image_token_id) | (batch.input_ids == self.cfg.video_token_id)
             x[mask] = batch.image_embeds.to(x.dtype)
         return x
 
@@ -86,21 +96,43 @@ class Qwen2VL(nn.Module):
         """Run the decoder layers; returns (output, residual) of the last layer run, [T, D] each."""
         h, residual = self.embed(batch), None
         capture = self.head_source_layer if cache.hidden is not None else None
-        layers = self.layers[: batch.num_layers]
-        for i, layer in enumerate(layers):
+        num_layers = len(self.layers) if batch.num_layers is None else batch.num_layers
+        last = len(self.layers) - 1 if batch.out_rows is not None else None
+        for i, layer in enumerate(self._layer_list[:num_layers]):  # a plain list: slicing a ModuleList costs ~2 us a layer
             if i == capture:
                 self._record_head_source(h, residual, batch, cache)
-            h, residual = layer(h, residual, batch.positions, self.rotary, self._paged_attend(i, batch, cache), self.impl)
-        if capture == len(layers):
+            if i == last:  # only the rows someone reads go past the k/v store
+                attend = self._paged_attend_rows(i, batch, cache)
+                h, residual = layer(h, residual, batch.positions, self.rotary, attend, self.impl, keep_rows=batch.out_rows)
+            else:
+                h, residual = layer(h, residual, batch.positions, self.rotary, self._paged_attend(i, batch, cache), self.impl)
+        if capture == num_layers:
             self._record_head_source(h, residual, batch, cache)
         return h, residual
 
+    def _paged_attend_rows(self, i: int, batch: StepBatch, cache: KVCache):
+        """Store every row's k/v, then attend only for `batch.out_rows`: each is its sequence's last
+        position, so this is decode attention over those sequences."""
+        k_cache, v_cache = cache.k[i], cache.v[i]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, impl=self.impl)
+            rows, seqs = batch.out_rows, batch.out_seqs
+            if rows.numel() == 0:
+                return q[:0]
+            return kernels.decode_attention(
+                q.index_select(0, rows), k_cache, v_cache, batch.block_tables.index_select(0, seqs),
+                batch.context_lens.index_select(0, seqs), self.scale, impl=self.impl,
+            )
+
+        return attend
+
     @staticmethod
     def _record_head_source(h, residual, batch: StepBatch, cache: KVCache) -> None:
-        """Store the residual stream the mhsa head will read, in the same slots as the KV."""
+        """Store the residual stream the mhsa head will read, in the same slots as the KV (padded
+        rows go to the scratch slot, like their KV: no mask, no data-dependent shape)."""
         stream = h if residual is None else h + residual
-        keep = batch.slot_mapping >= 0
-        cache.hidden.view(-1, cache.hidden.shape[-1]).index_copy_(0, batch.slot_mapping[keep].long(), stream[keep])
+        cache.hidden.view(-1, cache.hidden.shape[-1]).index_copy_(0, batch.slot_mapping.long(), stream.to(cache.hidden.dtype))
 
     def _paged_attend(self, i: int, batch: StepBatch, cache: KVCache):
         k_cache, v_cache = cache.k[i], cache.v[i]
@@ -108,10 +140,23 @@ class Qwen2VL(nn.Module):
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, impl=self.impl)
             if batch.is_prefill:
-                return kernels.prefill_attention(
-                    q, k_cache, v_cache, batch.block_tables, batch.cu_seqlens_q, batch.context_lens, self.scale, impl=self.impl
+                nd = batch.num_decode  # a mixed step: decoding rows first, through the decode kernel
+                out = torch.empty_like(q) if nd else None
+                if nd:
+                    out[:nd] = kernels.decode_attention(
+                        q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], self.scale, impl=self.impl
+                    )
+                rest = kernels.prefill_attention(
+                    q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.cu_seqlens_q[nd:] - nd, batch.context_lens[nd:],
+                    self.scale, impl=self.impl,
                 )
-            return kernels.decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, impl=self.impl)
+                if not nd:
+                    return rest
+                out[nd:] = rest
+                return out
+            return kernels.decode_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, num_splits=batch.num_splits, impl=self.impl
+            )
 
         return attend
 

@@ -1,0 +1,196 @@
+"""The decode step as a GPU sees it, checked on CPU (issue 8) — and memory it never wrote (issue 12).
+
+- A dispatch mode around every decode step fails on any op that would synchronize a CUDA stream
+  with the host or give a data-dependent shape. The one allowed device-to-host transfer is the
+  sampled token ids, read by `runner.readback` exactly once per step.
+- The CUDA-graph path's code (static buffers padded to a bucket, full-width block tables, fixed
+  split counts) runs eagerly on CPU with `cuda_graphs=True` and must give what the plain eager
+  path gives; its padded rows must write nothing but the scratch block.
+- Every buffer the engine allocates but should not read (KV caches, the mhsa head's state cache,
+  the scratch block) is poisoned with NaN or huge values before a run: results must not change.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from oracle import cosine
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tte_engine import Engine, SamplingParams
+from tte_engine import runner as runner_module
+
+aten = torch.ops.aten
+
+# Ops that make the host wait for the device, or whose output shape depends on tensor values.
+SYNCING = {
+    aten._local_scalar_dense.default,  # .item(), int(t), bool(t)
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+    aten.masked_scatter.default,
+    aten.masked_scatter_.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten.allclose.default,
+}
+
+
+class SyncDetector(TorchDispatchMode):
+    """Records every op of `SYNCING`, boolean-mask indexing, and repeat_interleave without output_size."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNCING:
+            self.found.append(str(func))
+        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+                self.found.append(f"{func} with a boolean mask")
+        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self.found.append(f"{func} without output_size")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def watch_decode_steps(engine: Engine):
+    """Run every decode step of `engine` under a SyncDetector; yields a report dict."""
+    report = {"decode_steps": 0, "readbacks": 0, "found": [], "in_decode": False}
+    runners = [s.runner for s in engine.stages]
+    originals = [r._run_decode for r in runners]
+    real_readback = runner_module.readback
+
+    def counting_readback(tokens):
+        report["readbacks"] += report["in_decode"]
+        return real_readback(tokens)
+
+    def wrap(original):
+        def run_decode(seqs):
+            report["decode_steps"] += 1
+            report["in_decode"] = True
+            detector = SyncDetector()
+            try:
+                with detector:
+                    out = original(seqs)
+            finally:
+                report["in_decode"] = False
+            report["found"] += detector.found
+            return out
+
+        return run_decode
+
+    runner_module.readback = counting_readback
+    for r, original in zip(runners, originals):
+        r._run_decode = wrap(original)
+    try:
+        yield report
+    finally:
+        runner_module.readback = real_readback
+        for r, original in zip(runners, originals):
+            r._run_decode = original
+
+
+SAMPLINGS = {"greedy": None, "seeded": SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5)}
+
+
+@pytest.mark.parametrize("head", ["last_token", "mhsa"])
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, batch, graphs):
+    """One device-to-host transfer per decode step (the token ids) and no data-dependent shapes,
+    for both heads, greedy and seeded sampling, batch 1 and 7, eager and graph paths."""
+    overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
+    engine = Engine(make_checkpoint("syncs", think_max_tokens=6, **overrides), cuda_graphs=graphs, max_model_len=512)
+    items = (mixed_items * 2)[:batch]
+    with watch_decode_steps(engine) as report:
+        engine.embed(items, sampling=SAMPLINGS[sampling])
+    assert report["decode_steps"] >= 3
+    assert report["found"] == []
+    assert report["readbacks"] == report["decode_steps"]  # the single allowed sync of each step
+
+
+@pytest.mark.parametrize("head", ["last_token", "mhsa"])
+def test_graph_path_matches_eager(make_checkpoint, mixed_items, head):
+    """Static buffers padded to buckets, full-width tables and fixed splits give the eager results."""
+    overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
+    path = make_checkpoint("syncs", think_max_tokens=6, **overrides)
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=3)
+    for params in (None, sampling):
+        eager = Engine(path, cuda_graphs=False, max_model_len=512).embed(mixed_items, sampling=params)
+        graphed = Engine(path, cuda_graphs=True, max_model_len=512).embed(mixed_items, sampling=params)
+        assert graphed.trace_token_ids == eager.trace_token_ids
+        for i in range(len(mixed_items)):
+            assert cosine(graphed.embeddings[i], eager.embeddings[i]) >= 0.99999
+
+
+def _poison(engine: Engine, value: float) -> None:
+    """Fill every cache block with `value`, except blocks the prefix cache holds (memory that was
+    written, and that a later prompt may rightly reuse)."""
+    for stage in engine.stages:
+        cache, keep = stage.runner.cache, list(stage.blocks.block_hash)
+        for t in (cache.k, cache.v, cache.hidden):
+            if t is not None:
+                blocks = t if t is cache.hidden else t.transpose(0, 1)  # [num_blocks + 1, ...]
+                saved = blocks[keep].clone()
+                t.fill_(value)
+                blocks[keep] = saved
+
+
+ENGINES = {
+    "last_token": dict(head="last_token"),
+    "mhsa": dict(head="mhsa", head_layers=2),
+}
+
+
+@pytest.mark.parametrize("kind", ["last_token", "mhsa", "two_model"])
+def test_never_written_memory_does_not_reach_results(make_checkpoint, mixed_items, kind):
+    """Issue 12: caches full of NaN or huge values (never-written slots, block tails, padding, the
+    scratch block, stale blocks) change nothing. Block size 16 with 11-token chunks leaves partial
+    blocks everywhere; think on and off; graph path on, so padded rows are exercised too."""
+    if kind == "two_model":
+        reasoner = make_checkpoint("reasoner", seed=7, head="last_token", think_max_tokens=8)
+        path = make_checkpoint("embedder", seed=3, head="last_token", mode="two_model", reasoner=str(reasoner), think_max_tokens=8)
+    else:
+        path = make_checkpoint("poison", think_max_tokens=8, **ENGINES[kind])
+    items = mixed_items[1:5]  # image + text, image only, long text, image + text + instruction
+    settings = dict(max_num_batched_tokens=11, cuda_graphs=True, max_model_len=512)
+    clean = Engine(path, **settings)
+    _poison(clean, 0.0)
+    want = {think: clean.embed(items, think=think) for think in (True, False)}
+    dirty = Engine(path, **settings)
+    for poison in (float("nan"), 3e38):
+        for think in (True, False):
+            _poison(dirty, poison)
+            got = dirty.embed(items, think=think)
+            assert got.trace_token_ids == want[think].trace_token_ids, (poison, think)
+            assert got.embeddings.isfinite().all(), (poison, think)
+            for i in range(len(items)):
+                assert cosine(got.embeddings[i], want[think].embeddings[i]) >= 0.99999, (poison, think, i)
+
+
+def test_padded_rows_write_only_the_scratch_block(make_checkpoint, mixed_items):
+    """7 sequences decode in the bucket of 8: the padded row's k/v go to the scratch block, and no
+    block that was never handed to a sequence is written."""
+    engine = Engine(make_checkpoint("poison", think_max_tokens=8, head="last_token"), cuda_graphs=True, max_model_len=512)
+    blocks = engine.stages[0].blocks
+    handed_out: set[int] = set()
+    grow = blocks.grow
+
+    def recording_grow(seq, num_tokens):
+        grow(seq, num_tokens)
+        handed_out.update(seq.block_table)
+
+    blocks.grow = recording_grow
+    _poison(engine, float("nan"))
+    engine.embed((mixed_items * 2)[:7])
+    k = engine.stages[0].runner.cache.k
+    written = {b for b in range(k.shape[1]) if not k[:, b].isnan().all()}
+    assert blocks.scratch_block in written  # padded rows did run
+    assert written - handed_out == {blocks.scratch_block}

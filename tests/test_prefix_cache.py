@@ -1,0 +1,122 @@
+"""Prefix caching (issue 9): content-addressed full blocks, reference counts, LRU eviction.
+
+Results with and without prefix caching are the same (the parity suite also runs both ways); these
+tests check what the cache itself promises: equal token ids of different images never share a
+block, cached blocks give way before admission fails, a failed step leaves no entry behind, and an
+image whose blocks are all cached is not encoded again.
+"""
+
+import numpy as np
+import pytest
+import torch
+from oracle import cosine
+
+from tte_engine import Engine
+from tte_engine.cache import bytes_per_block
+
+
+@pytest.fixture(scope="module")
+def path(make_checkpoint):
+    return make_checkpoint("prefix", head="last_token", think_max_tokens=6)
+
+
+def _image(seed: int, h: int = 120, w: int = 160) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _same(a, b) -> None:
+    assert a.trace_token_ids == b.trace_token_ids
+    for i in range(len(a.traces)):
+        assert cosine(a.embeddings[i], b.embeddings[i]) >= 0.99999
+
+
+def test_questions_on_one_image_reuse_its_blocks(path):
+    items = [{"text": f"question {i}: what is in the picture?", "image": _image(0)} for i in range(8)]
+    cached = Engine(path)
+    encoded = []
+    model = cached.stages[0].runner.model
+    real = model.encode_images
+    model.encode_images = lambda pixels, grids: encoded.append(len(grids)) or real(pixels, grids)
+    res = cached.embed(items)
+    _same(res, Engine(path, enable_prefix_caching=False).embed(items))
+    # the first item computes the shared prefix (system prompt + image); the other 7 reuse its full blocks
+    image_tokens = res.usage["image_tokens"] // len(items)
+    assert res.usage["cached_tokens"] >= 7 * (image_tokens // 16) * 16
+    assert sum(encoded) == 1  # the vision tower ran for the first item only
+    blocks = cached.stages[0].blocks
+    assert blocks.hits > 0 and blocks.reserved == 0 and blocks.num_free == blocks.num_blocks
+
+
+def test_different_images_with_equal_token_counts_never_share_blocks(path):
+    a, b = _image(1), _image(2)  # same size: same grid, same number of placeholder tokens
+    engine = Engine(path)
+    engine.embed([{"text": "describe it", "image": a}])
+    res = engine.embed([{"text": "describe it", "image": b}])
+    alone = Engine(path, enable_prefix_caching=False).embed([{"text": "describe it", "image": b}])
+    _same(res, alone)
+    first_image_token = res.prompt_token_ids[0].index(engine.model_cfg.image_token_id)
+    assert res.usage["cached_tokens"] <= first_image_token  # only the blocks before the image matched
+
+
+def test_cached_blocks_are_evicted_before_admission_fails(path):
+    """A cache of 12 blocks: after a run leaves cached blocks behind, a batch that needs every block still runs."""
+    per_block = bytes_per_block(Engine(path).model_cfg, 16, torch.float32, with_hidden=False)
+    engine = Engine(path, cache_memory=13 * per_block, max_num_seqs=2)
+    blocks = engine.stages[0].blocks
+    assert blocks.num_blocks == 12  # + the scratch block
+    engine.embed([{"text": "first", "image": _image(3)}])
+    assert blocks.evictable  # cached blocks nobody holds
+    items = [{"text": f"other {i}", "image": _image(10 + i)} for i in range(3)]
+    worst = blocks.blocks_for(engine.make_sequence(items[0]).worst_case_tokens(stage_keeps_suffix=True))
+    assert 2 * worst > len(blocks.free_blocks)  # two running at once need evicted blocks
+    res = engine.embed(items, errors="return")
+    assert res.errors == [None] * 3
+    _same(res, Engine(path, enable_prefix_caching=False).embed(items))
+    assert blocks.reserved == 0 and blocks.num_free == 12
+
+
+def test_a_failed_step_leaves_no_cache_entry(path):
+    """Blocks registered for a step that raised may hold unwritten KV: they must not be found later."""
+    items = [{"text": f"q{i}", "image": _image(4)} for i in range(3)]
+    engine = Engine(path)
+    runner = engine.stages[0].runner
+    real = runner.run
+    runner.run = lambda step: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.embed(items)
+    runner.run = real
+    assert not engine.stages[0].blocks.cached
+    _same(engine.embed(items), Engine(path, enable_prefix_caching=False).embed(items))
+
+
+def test_prefix_caching_off_reuses_nothing(path):
+    engine = Engine(path, enable_prefix_caching=False)
+    items = [{"text": "same", "image": _image(5)}] * 3
+    assert engine.embed(items).usage["cached_tokens"] == 0
+    assert not engine.stages[0].blocks.cached and engine.stages[0].blocks.hits == 0
+
+
+def test_block_hashes_chain_tokens_and_image_digests(path):
+    engine = Engine(path)
+    seq_a = engine.make_sequence({"text": "x", "image": _image(6)})
+    seq_b = engine.make_sequence({"text": "x", "image": _image(7)})
+    ids = engine.scheduler.vision_token_ids
+    ha, hb = seq_a.prompt_block_hashes(16, ids), seq_b.prompt_block_hashes(16, ids)
+    assert seq_a.prompt.token_ids == seq_b.prompt.token_ids and len(ha) == len(hb) > 1
+    first_image_block = seq_a.prompt.token_ids.index(engine.model_cfg.image_token_id) // 16
+    assert ha[:first_image_block] == hb[:first_image_block]
+    assert all(x != y for x, y in zip(ha[first_image_block:], hb[first_image_block:]))  # and every later block, by the chain
+    assert torch.equal(seq_a.positions, seq_b.positions)
+
+
+def test_steps_that_register_blocks_compute_every_layer(make_checkpoint, mixed_items):
+    """With the mhsa head a step of only embed-phase sequences may stop below the head's source
+    layer, but not when it makes blocks findable: a later prompt that thinks needs every layer's KV."""
+    path = make_checkpoint("prefix-mhsa", head="mhsa", head_layers=2, think_max_tokens=6)
+    fresh = Engine(path, enable_prefix_caching=False).embed(mixed_items)
+    engine = Engine(path)
+    engine.embed([{**(item if isinstance(item, dict) else {"text": item}), "trace": "a given trace"} for item in mixed_items])
+    assert engine.stages[0].blocks.cached
+    again = engine.embed(mixed_items)
+    assert again.usage["cached_tokens"] > 0
+    _same(again, fresh)

@@ -1,0 +1,85 @@
+"""CUDA graphs of the decode step, one per batch bucket (as nano-vllm and vLLM do).
+
+A decode step of a 2B model is ~450 small kernels; launched one by one from Python they cost
+more than the 0.73 ms it takes an H200 to read the weights (DESIGN §6, §8). Replaying a graph
+launches them all at once. What makes the step capturable (`Runner.decode_forward`): inputs sit
+at fixed addresses (the runner's decode buffer, padded to the bucket), the block table is as wide
+as the longest allowed context, decode attention's split count is fixed per bucket, padded rows
+write only the scratch slot, and nothing syncs with the host.
+
+Buckets are warmed up eagerly first (so every Triton variant is compiled outside the capture),
+then captured largest first into one shared memory pool. If capture fails the engine keeps
+running eagerly, with one warning saying why. On a CPU engine with `cuda_graphs=True` nothing
+is captured: `replay` runs the same padded, fixed-width code eagerly, which is how the test
+suite checks the graph path without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kernels.attention import decode_splits
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+logger = logging.getLogger("tte_engine")
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "Runner"):
+        self.runner = runner
+        self.width = runner.blocks.tables.shape[1]  # block-table columns: the longest allowed context
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.eager_reason: str | None = None if runner.device.type == "cuda" else "not a CUDA device"
+        self._fill_padding()
+        if self.eager_reason is None:
+            self.capture()
+
+    def num_splits(self, bucket: int) -> int:
+        """Decode attention's split count for a bucket, sized for the longest allowed context."""
+        cfg, r = self.runner.model.cfg.text, self.runner
+        return decode_splits(bucket, cfg.num_kv_heads, self.width * r.block_size, r.cache.k.dtype, r.device)
+
+    def _fill_padding(self) -> None:
+        """Every row of the decode buffer a padded row, so a warm-up of any bucket touches no real slot."""
+        r = self.runner
+        host = r.decode_staging.host(r.layout.size)
+        host[:] = 0
+        for name, value in (("slot_mapping", r.padding_slot), ("table_rows", r.max_rows),
+                            ("update_index", r.max_rows * self.width), ("update_value", r.blocks.scratch_block)):
+            host[r.layout.field(name)] = value
+        r.decode_staging.send(r.layout.size)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        r = self.runner
+        try:
+            for bucket in reversed(r.buckets):  # warm-up: compiles every kernel variant outside the capture
+                r.decode_forward(bucket, self.width, self.num_splits(bucket))
+            torch.cuda.synchronize(r.device)
+            pool = None
+            for bucket in reversed(r.buckets):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    outputs = r.decode_forward(bucket, self.width, self.num_splits(bucket))
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bucket] = (graph, outputs)
+            torch.cuda.synchronize(r.device)
+            logger.info("captured decode CUDA graphs for batch sizes %s", r.buckets)
+        except Exception as exc:  # a capture failure must not take the engine down: run eagerly instead
+            self.graphs.clear()
+            self.eager_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
+            logger.warning("%s; decode steps run eagerly", self.eager_reason)
+
+    def replay(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(greedy tokens [bucket], normed states [bucket, D]) of the decode step now in the runner's buffer."""
+        if bucket in self.graphs:
+            graph, outputs = self.graphs[bucket]
+            graph.replay()
+            return outputs
+        return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket))
+

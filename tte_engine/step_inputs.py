@@ -1,0 +1,95 @@
+"""Step inputs as a GPU wants them: built in one vectorized pass, sent with one copy.
+
+Every integer a step needs (token ids, positions, slot mapping, context lengths, block-table rows
+and their updates, sampling parameters) is written into one pinned int64 host buffer and sent
+to the device with one non-blocking copy; the step's tensors are views of the device buffer.
+Two host buffers alternate so that writing one never races the copy still reading the other.
+
+A pure decode step uses a fixed layout (`DecodeLayout`): the same device addresses for every
+step of a batch bucket, padded to the bucket, so a captured CUDA graph reads its inputs there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# The int64 fields of a decode step, each `rows` long, in buffer order.
+SAMPLING_FIELDS = ("seeds", "counters", "top_k", "temperature_bits", "top_p_bits")
+DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "table_rows", "update_index", "update_value") + SAMPLING_FIELDS
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Where each decode field sits in a buffer laid out for up to `rows` rows (the largest bucket)."""
+
+    rows: int
+
+    def field(self, name: str, batch: int | None = None) -> slice:
+        """The first `batch` (default: all) entries of field `name`."""
+        start = DECODE_FIELDS.index(name) * self.rows
+        return slice(start, start + (self.rows if batch is None else batch))
+
+    @property
+    def size(self) -> int:
+        return len(DECODE_FIELDS) * self.rows
+
+
+def float_bits(values: np.ndarray) -> np.ndarray:
+    """fp32 values as int64 holding their bit patterns (so floats ride in the int64 buffer)."""
+    return values.astype(np.float32).view(np.int32).astype(np.int64)
+
+
+def bits_float(bits: torch.Tensor) -> torch.Tensor:
+    """Inverse of `float_bits`, on the device: int64 bit patterns -> fp32."""
+    return bits.to(torch.int32).view(torch.float32)
+
+
+class StagingBuffer:
+    """Pinned host int64 buffers (two, alternating) and one device buffer they are copied into."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._grow(size)
+
+    def _grow(self, size: int) -> None:
+        """(Re)allocate for `size` entries. Only a buffer no graph reads may grow: the decode buffer
+        is sized for the largest bucket once."""
+        self._host = [torch.empty(size, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
+        self.device_buffer = torch.empty(size, dtype=torch.int64, device=self.device)
+
+    def host(self, size: int) -> np.ndarray:
+        """The next host buffer as a numpy array of `size` entries, free to write."""
+        if size > self._host[0].numel():
+            self._grow(max(size, 2 * self._host[0].numel()))
+        self._turn ^= 1
+        event = self._events[self._turn]
+        if event is not None:
+            event.synchronize()  # the copy that last read this buffer (normally long done)
+        return self._host[self._turn].numpy()[:size]
+
+    def send(self, size: int) -> torch.Tensor:
+        """Copy the first `size` entries of the buffer `host()` returned to the device; returns the view."""
+        dst = self.device_buffer[:size]
+        dst.copy_(self._host[self._turn][:size], non_blocking=True)
+        if self.pinned:
+            event = self._events[self._turn] or torch.cuda.Event()
+            event.record()
+            self._events[self._turn] = event
+        return dst
+
+
+def pack(arrays: list[np.ndarray], out: np.ndarray) -> list[slice]:
+    """Write int arrays back to back into `out`; returns each one's slice."""
+    slices, at = [], 0
+    for a in arrays:
+        n = a.size
+        out[at : at + n] = a.reshape(-1)
+        slices.append(slice(at, at + n))
+        at += n
+    return slices
