@@ -1,10 +1,86 @@
-"""Benchmark fixtures: the models are random (built locally), the inputs synthetic and seeded."""
+"""Benchmark fixtures (the models are random, built locally; the inputs synthetic and seeded), and
+the rule that decides when benchmarks run.
+
+`pyproject.toml` collects `tests/` and `benchmarks/` from the repository root, so:
+- `pytest --benchmark-only` runs every benchmark here (and deselects the plain tests, which
+  pytest-benchmark would only skip one by one);
+- any other invocation (`python -m pytest -q`, the README's test command and CI) deselects every
+  benchmark, unless a path inside `benchmarks/` is named on the command line
+  (`pytest benchmarks/test_bench_embed.py` runs it once, as a plain test).
+A benchmark fails only when the pipelines it compares disagree; speed targets are reported
+(printed and in `extra_info`), never asserted.
+"""
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint
+
+HERE = Path(__file__).resolve().parent
+# Benchmark modules `from conftest import ...`; several conftest.py files share that module name
+# (tests/, tests/kernels/, tests/serve/), and whichever pytest imported last owns `sys.modules["conftest"]`.
+_THIS = sys.modules[__name__]
+
+
+def _in_benchmarks(path) -> bool:
+    return HERE == Path(path).resolve() or HERE in Path(path).resolve().parents
+
+
+def pytest_collectstart(collector):
+    """Before a benchmark module is imported, make `conftest` mean this file again."""
+    if isinstance(collector, pytest.Module) and _in_benchmarks(collector.path):
+        sys.modules["conftest"] = _THIS
+
+
+def _benchmark_only(config) -> bool:
+    try:
+        return bool(config.getoption("benchmark_only"))
+    except ValueError:  # pytest-benchmark is not installed
+        return False
+
+
+def _names_benchmarks(config) -> bool:
+    """Whether the command line itself (not testpaths) names a path inside benchmarks/."""
+    here = config.invocation_params.dir
+    return any(_in_benchmarks(here / arg.split("::")[0]) for arg in config.invocation_params.args
+               if not str(arg).startswith("-"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if _benchmark_only(config):
+        keep = [item for item in items if "benchmark" in getattr(item, "fixturenames", ())]
+    elif _names_benchmarks(config):
+        return  # a benchmark path was named explicitly: run what was collected
+    else:
+        keep = [item for item in items if not _in_benchmarks(item.path)]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+_NODE_PREFIX = "benchmarks/"  # node ids are relative to the rootdir (the repository root, pyproject.toml)
+_RATIO_LINES: list[tuple[str, str]] = []  # (test id, line) printed by benchmarks, shown again at the end
+
+
+def pytest_runtest_logreport(report):
+    """Keep what a benchmark printed (its times beside its baseline's, and the ratio), even when
+    pytest captured it, so the end-of-run summary can show it beside pytest-benchmark's table."""
+    if report.when == "call" and report.nodeid.startswith(_NODE_PREFIX):
+        for line in report.capstdout.splitlines():
+            if line.strip():
+                _RATIO_LINES.append((report.nodeid, line.strip()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _RATIO_LINES:
+        terminalreporter.section("benchmarks: each time beside its baseline's, same run")
+        for nodeid, line in _RATIO_LINES:
+            terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {line}")
 
 
 def never_stop(checkpoint):

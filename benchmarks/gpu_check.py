@@ -5,14 +5,19 @@ the package is installed (`pip install --no-deps -e .`):
 
     python benchmarks/gpu_check.py --out results.json
 
-1. `pytest tests/kernels` with CUDA visible, so every test runs the compiled kernels on the GPU.
+(`benchmarks/gpu_one_call.py` runs all of this too, as parts of the one-call GPU check.)
+
+1. The kernel tests with CUDA visible, so every test runs the compiled kernels on the GPU:
+   `tests/kernels` and the GPU-only engine test (`KERNEL_TESTS`). Tests that only make sense
+   under the CPU Triton interpreter are deselected by name (`INTERPRETER_ONLY`).
 2. The device copy bandwidth: a 1 GiB device-to-device copy, bytes read + written.
 3. Every op at Qwen2-VL-2B sizes (hidden 1536, 12 heads, 2 KV heads, head_dim 128, intermediate
    8960; batch 1-256; contexts up to 4096; bf16, KV blocks of 16 in shuffled order): the Triton
    kernel and the eager reference (`impl="torch"`), each timed by triton.testing.do_bench (median,
    L2 flushed before every run), and their outputs compared. Bytes are the op's essential traffic
    (what it must read and write), so GB/s over the copy bandwidth is the distance to the memory
-   roofline; attention also reports TFLOP/s (prefill is compute-bound).
+   roofline; attention also reports TFLOP/s (prefill is compute-bound). `measure(deadline=...)`
+   stops between cases when its time is up and says how many it left out.
 It prints the table and writes it, with the test summary, as JSON to --out. About 2-3 minutes.
 Exit status: 0 when the tests pass (or, with a message, when there is no GPU), 1 otherwise.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -35,93 +41,146 @@ SCALE = HEAD_DIM**-0.5
 TEST_TIMEOUT_S = 200
 
 
+# What runs on the GPU: the kernel tests (compiled, on the device) and the engine's GPU-only test.
+KERNEL_TESTS = ["tests/kernels", "tests/test_engine.py::test_cuda_engine_matches_cpu"]
+# Tests written for the CPU Triton interpreter (TRITON_INTERPRET=1 is set only without CUDA): on a
+# GPU they would drive compiled kernels with CPU tensors. Never run them there.
+INTERPRETER_ONLY = ["tests/test_engine.py::test_triton_kernels_drive_the_engine_like_the_references"]
+
+
+class TestRun:
+    """`pytest` over `tests` in a child process, started now; `result()` waits for it (at most
+    `timeout` seconds from the start) and returns its summary line, pass/fail and duration."""
+
+    def __init__(self, tests=KERNEL_TESTS, timeout: float = TEST_TIMEOUT_S, extra: list[str] | None = None):
+        self.cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                    *(f"--deselect={t}" for t in INTERPRETER_ONLY), *(extra or [])]
+        self.timeout, self.start = timeout, time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def result(self) -> dict:
+        left = max(1.0, self.timeout - (time.perf_counter() - self.start))
+        try:
+            out, _ = self.proc.communicate(timeout=left)
+        except BaseException as exc:  # never leave it running on the GPU beside what is timed next
+            self.proc.kill()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                self.proc.communicate()
+                raise
+            out, _ = self.proc.communicate()
+            return {"passed": False, "summary": f"timed out after {self.timeout:.0f} s", "seconds": round(self.timeout, 1),
+                    "command": " ".join(self.cmd[2:]), "output_tail": (out or "")[-4000:]}
+        lines = out.strip().splitlines()
+        result = {"passed": self.proc.returncode == 0, "summary": lines[-1] if lines else f"exit {self.proc.returncode}",
+                  "seconds": round(time.perf_counter() - self.start, 1), "command": " ".join(self.cmd[2:])}
+        if self.proc.returncode != 0:
+            result["output_tail"] = out[-4000:]
+        return result
+
+
 def run_tests() -> dict:
-    """`pytest tests/kernels` in a child process; its summary line, pass/fail and duration."""
-    start = time.perf_counter()
-    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider"]
-    try:
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TEST_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:  # its captured output is bytes even with text=True
-        return {"passed": False, "summary": f"timed out after {TEST_TIMEOUT_S} s", "seconds": TEST_TIMEOUT_S,
-                "output_tail": (e.stdout or b"").decode(errors="replace")[-4000:]}
-    lines = run.stdout.strip().splitlines()
-    result = {"passed": run.returncode == 0, "summary": lines[-1] if lines else run.stderr.strip()[-300:],
-              "seconds": round(time.perf_counter() - start, 1)}
-    if run.returncode != 0:
-        result["output_tail"] = (run.stdout + run.stderr)[-4000:]
-    return result
+    """The kernel tests on this machine's device (see KERNEL_TESTS); waits for them."""
+    return TestRun().result()
 
 
-def copy_bandwidth(do_bench) -> float:
+def cpu_bench(fn, rounds: int = 5) -> float:
+    """do_bench's contract on a CPU (dry runs): median milliseconds of `fn()` over a few calls."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth(do_bench, device: str = "cuda", nbytes: int = 2**30) -> float:
     """Bytes per second of a large device-to-device copy, counting the read and the write."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() / (ms * 1e-3)
 
 
+_DEV = {"device": "cuda", "dtype": DTYPE}  # set by cases(): where and in what dtype the inputs are made
+
+
 def _rand(*shape):
-    return torch.randn(*shape, device="cuda", dtype=DTYPE)
+    return torch.randn(*shape, device=_DEV["device"], dtype=_DEV["dtype"])
 
 
 def _paged(lens: list[int]):
     """Random K/V caches holding lens[b] tokens per sequence in shuffled blocks, with their tables."""
     max_blocks = max(-(-n // BLOCK_SIZE) for n in lens)
     num_blocks = len(lens) * max_blocks
-    tables = torch.randperm(num_blocks, device="cuda").view(len(lens), max_blocks).to(torch.int32)
+    tables = torch.randperm(num_blocks, device=_DEV["device"]).view(len(lens), max_blocks).to(torch.int32)
     k_cache = _rand(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    return k_cache, torch.randn_like(k_cache), tables, torch.tensor(lens, dtype=torch.int32, device="cuda")
+    return k_cache, torch.randn_like(k_cache), tables, torch.tensor(lens, dtype=torch.int32, device=_DEV["device"])
 
 
-def cases():
+def cases(device: str = "cuda", dtype: torch.dtype = DTYPE, quick: bool = False):
     """(op, shape, call(impl), bytes, flops, compare) per measurement. Each case is measured before
-    the generator moves on, so the calls bind the inputs of their own iteration."""
+    the generator moves on, so the calls bind the inputs of their own iteration. quick: only the
+    first (smallest) shape of each op (CPU dry runs)."""
     from tte_engine import kernels
 
-    for t in (1, 256, 4096):
+    _DEV.update(device=device, dtype=dtype)
+    yield from _all_cases(kernels, device, QUICK_SHAPES if quick else SHAPES)
+
+
+# token counts, pooled batches, (batch, context) of decode, (batch, q_len, context) of prefill
+SHAPES = {"tokens": (1, 256, 4096), "pool": (1, 64, 256),
+          "decode": ((1, 4096), (32, 1024), (32, 4096), (256, 512), (256, 4096)),
+          "prefill": ((1, 4096, 4096), (8, 512, 512), (32, 16, 1024))}  # fresh prompts; embed suffixes
+QUICK_SHAPES = {"tokens": (3,), "pool": (2,), "decode": ((2, 100),), "prefill": ((2, 24, 40),)}  # dry runs
+
+
+def _all_cases(kernels, device, shapes):
+
+    for t in shapes["tokens"]:
         x, res, w = _rand(t, HIDDEN), _rand(t, HIDDEN), _rand(HIDDEN)
         yield ("rms_norm", f"T={t} D={HIDDEN}", lambda i: kernels.rms_norm(x, w, impl=i),
                (2 * t + 1) * HIDDEN * ELEM, 0, True)
         yield ("add_rms_norm", f"T={t} D={HIDDEN}", lambda i: kernels.add_rms_norm(x, res, w, impl=i),
                (4 * t + 1) * HIDDEN * ELEM, 0, True)
-    for t in (1, 256, 4096):
+    for t in shapes["tokens"]:
         gate_up = _rand(t, 2 * INTER)
         yield "swiglu", f"T={t} I={INTER}", lambda i: kernels.swiglu(gate_up, impl=i), 3 * t * INTER * ELEM, 0, True
-    for b in (1, 64, 256):
+    for b in shapes["pool"]:
         hidden, res, w = _rand(b * 128, HIDDEN), _rand(b * 128, HIDDEN), _rand(HIDDEN)
-        cu = torch.arange(0, b * 128 + 1, 128, dtype=torch.int32, device="cuda")
+        cu = torch.arange(0, b * 128 + 1, 128, dtype=torch.int32, device=device)
         yield ("pool_last_normalize", f"B={b} D={HIDDEN}", lambda i: kernels.pool_last_normalize(hidden, cu, impl=i),
                b * HIDDEN * (ELEM + 4), 0, True)
         yield ("pool_last_rmsnorm_normalize", f"B={b} D={HIDDEN} +residual",
                lambda i: kernels.pool_last_rmsnorm_normalize(hidden, cu, w, residual=res, impl=i),
                b * HIDDEN * (2 * ELEM + 4) + HIDDEN * ELEM, 0, True)
-    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
     cos_sin = kernels.rotary_cos_sin(inv_freq, 8192)
-    for t in (1, 256, 4096):
+    for t in shapes["tokens"]:
         qkv = _rand(t, (HEADS + 2 * KV_HEADS) * HEAD_DIM)  # q and k are views of the fused projection
         q = qkv[:, : HEADS * HEAD_DIM].view(t, HEADS, HEAD_DIM)
         k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(t, KV_HEADS, HEAD_DIM)
-        pos = torch.randint(0, 8192, (3, t), device="cuda")
+        pos = torch.randint(0, 8192, (3, t), device=device)
         yield ("apply_mrope", f"T={t} H={HEADS}+{KV_HEADS}",
                lambda i: kernels.apply_mrope(q, k, pos, cos_sin, (16, 24, 24), impl=i),
                t * ((HEADS + KV_HEADS) * HEAD_DIM * 2 * ELEM + HEAD_DIM * 4 + 3 * 8), 0, False)
-    for t in (1, 256, 4096):
+    for t in shapes["tokens"]:
         k, v = _rand(t, KV_HEADS, HEAD_DIM), _rand(t, KV_HEADS, HEAD_DIM)
         k_cache, v_cache, _, _ = _paged([t + BLOCK_SIZE])
-        slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device="cuda")[:t]
+        slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device=device)[:t]
         yield ("store_kv", f"T={t}", lambda i: kernels.store_kv(k, v, k_cache, v_cache, slots, impl=i),
                t * (KV_HEADS * HEAD_DIM * 4 * ELEM + 8), 0, False)
-    for b, ctx in ((1, 4096), (32, 1024), (32, 4096), (256, 512), (256, 4096)):
+    for b, ctx in shapes["decode"]:
         k_cache, v_cache, tables, lens = _paged([ctx] * b)
         q = _rand(b, HEADS, HEAD_DIM)
         yield ("decode_attention", f"B={b} ctx={ctx}",
                lambda i: kernels.decode_attention(q, k_cache, v_cache, tables, lens, SCALE, impl=i),
                b * (ctx * KV_HEADS * HEAD_DIM * 2 * ELEM + 2 * HEADS * HEAD_DIM * ELEM),
                4 * b * ctx * HEADS * HEAD_DIM, True)
-    for b, q_len, ctx in ((1, 4096, 4096), (8, 512, 512), (32, 16, 1024)):  # fresh prompts; embed suffixes
+    for b, q_len, ctx in shapes["prefill"]:
         k_cache, v_cache, tables, lens = _paged([ctx] * b)
         q = _rand(b * q_len, HEADS, HEAD_DIM)
-        cu = torch.arange(0, b * q_len + 1, q_len, dtype=torch.int32, device="cuda")
+        cu = torch.arange(0, b * q_len + 1, q_len, dtype=torch.int32, device=device)
         visible = b * (q_len * (ctx - q_len) + q_len * (q_len + 1) // 2)  # (query, key) pairs under the mask
         yield ("prefill_attention", f"B={b} q={q_len} ctx={ctx}",
                lambda i: kernels.prefill_attention(q, k_cache, v_cache, tables, cu, lens, SCALE, impl=i),
@@ -133,23 +192,32 @@ def _outputs(result) -> tuple[torch.Tensor, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
-def measure(do_bench, copy_bps: float) -> list[dict]:
+def measure(do_bench, copy_bps: float, *, device: str = "cuda", impls: tuple[str, str] = ("triton", "torch"),
+            quick: bool = False, deadline: float | None = None, skipped: list | None = None) -> list[dict]:
+    """Time every case with impls[0] (the kernel) and impls[1] (its eager baseline). deadline: a
+    time.monotonic() value; cases not started by then are left out and listed in `skipped`."""
     rows = []
-    for op, shape, call, nbytes, flops, compare in cases():
+    ours, base = impls
+    for op, shape, call, nbytes, flops, compare in cases(device, DTYPE, quick):
+        if deadline is not None and time.monotonic() > deadline:
+            if skipped is not None:
+                skipped.append(f"{op} {shape}")
+            continue
         match = None
         if compare:
             match = all(
                 torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
-                for a, b in zip(_outputs(call("triton")), _outputs(call("torch")))
+                for a, b in zip(_outputs(call(ours)), _outputs(call(base)))
             )
-        triton_ms = do_bench(lambda: call("triton"))
-        torch_ms = do_bench(lambda: call("torch"))
+        triton_ms = do_bench(lambda: call(ours))
+        torch_ms = do_bench(lambda: call(base))
         gbps = nbytes / (triton_ms * 1e-3) / 1e9
         rows.append({
             "op": op, "shape": shape, "triton_us": round(triton_ms * 1e3, 2), "eager_us": round(torch_ms * 1e3, 2),
             "speedup": round(torch_ms / triton_ms, 2), "GBps": round(gbps, 1),
             "frac_of_copy": round(gbps * 1e9 / copy_bps, 3),
             "TFLOPs": round(flops / (triton_ms * 1e-3) / 1e12, 1) if flops else None, "matches_eager": match,
+            "impls": f"{ours} vs {base}",
         })
     return rows
 

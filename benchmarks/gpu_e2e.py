@@ -1,16 +1,38 @@
-"""End-to-end GPU benchmark: Engine.embed vs the naive transformers pipeline, same model, same run.
+"""End-to-end measurements of DESIGN §6's workload, each beside transformers' naive pipeline.
 
-DESIGN §6's workload: a Qwen2-VL-2B-sized random model (last-token head, stop tokens demoted
-so every trace runs its full budget), each query a 448x448 image + ~48 text tokens, 128-token
-traces, batches of 1, 8 and 32. Prints a table (queries/s of both, speedup) and writes JSON.
+The parts `benchmarks/gpu_one_call.py` runs (and this script runs alone, see `main`):
 
-    python benchmarks/gpu_e2e.py --out e2e.json                       # on a CUDA machine
-    python benchmarks/gpu_e2e.py --spec tiny --device cpu --batches 2 # a dry run anywhere
+- **Decode ms/step** (`engine_decode`): B text queries of ~`prompt_tokens` tokens (the length of
+  §6's 448x448 image + 48-token query) are admitted with `make_sequence`/`add_request` and
+  prefilled with `step()` until every one is decoding; after `warmup` steps, `steps` consecutive
+  `Engine.step()` calls are timed between two CUDA events (perf_counter on a CPU dry run). Each
+  step ends with the sampled tokens' readback, so the time covers the host's work too. The steps
+  are checked to be pure decode steps (each sequence gained exactly `steps` tokens, none left
+  the think phase). Graphs on and off are separate engines (`cuda_graphs=True/False`).
+- **The weight-read floor** (`llm_weight_bytes`): the bytes of the language model's weights a
+  decode step must read (layers, final norm, LM head = tied embeddings; not the vision tower or
+  the embedding head), over the measured copy bandwidth (read + write bytes per second).
+- **transformers' decode ms/step** (`naive_decode`): the same prompts through the naive
+  pipeline's model and `generate()` (greedy, suppressed ids, left padding); per-step time is the
+  slope between `short` and `long` new tokens, so its prefill cancels out.
+- **TTE query latency and throughput** (`engine_embed`, `naive_embed`): `Engine.embed` of B
+  image + text queries (§6: 448x448 image, ~48 text tokens, `trace` generated tokens, stop tokens
+  demoted so every trace runs its budget), wall time from the call to the CPU embeddings, best
+  of `reps` after a warm-up. The naive pipeline (generate, then a second full forward) runs with a
+  shorter trace budget and is extrapolated per step: t(trace) = t(long) + (trace - long) x
+  (t(long) - t(short)) / (long - short); both measured points are kept in the result.
+- **Parity** (`graph_parity`): on a small random checkpoint, `embed()` with graphs on and off
+  (on CUDA the graphed engine must really have captured): greedy traces identical and cosine >=
+  0.999 in bf16, >= 0.99999 in fp32. `agreement` compares the engine with the naive pipeline.
+
+    python benchmarks/gpu_e2e.py --out e2e.json                                   # on a CUDA machine
+    python benchmarks/gpu_e2e.py --device cpu --spec tiny --batches 1,2 --out /tmp/e2e.json  # dry run
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -26,84 +48,281 @@ from naive_pipeline import NaivePipeline  # noqa: E402
 
 from tte_engine import Engine  # noqa: E402
 from tte_engine.random_checkpoint import SPECS, RandomSpec, build_random_checkpoint  # noqa: E402
+from tte_engine.sequence import Phase  # noqa: E402
 
 QWEN2VL_2B = RandomSpec(
     hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2, mrope_section=(16, 24, 24),
     vision_depth=32, vision_embed_dim=1280, vision_num_heads=16, vision_mlp_ratio=4, max_position_embeddings=32768,
     min_pixels=56 * 56, max_pixels=28 * 28 * 1280, head="last_token", tie_word_embeddings=True, vocab_size=151936,
 )
+TINY = replace(SPECS["tiny-random"], head="last_token")
 QUESTION = ("Look at the picture carefully and describe the main objects, their colors, their positions relative to each "
             "other, and anything unusual about the scene in detail")
+PARITY_COSINE = {torch.float32: 0.99999, torch.bfloat16: 0.999}
 
 
-def sync(device):
-    if device.startswith("cuda"):
+# ---------------------------------------------------------------------------------------------- setup
+def ensure_checkpoint(workdir, spec_name: str, dtype: str, *, stop: bool = False, head: str = "last_token") -> Path:
+    """A random checkpoint under `workdir` (built once; `stop=False` demotes the stop tokens so
+    every trace runs its full budget). A marker file says the build, demotion included, finished."""
+    spec = replace(QWEN2VL_2B if spec_name == "2b" else TINY, head=head)
+    path = Path(workdir) / f"{spec_name}-{head}-{dtype}{'' if stop else '-nostop'}"
+    marker = path / ".complete"
+    if not marker.exists():
+        build_random_checkpoint(path, spec, seed=0, dtype=dtype)
+        if not stop:
+            never_stop(path)
+        marker.write_text("ok")
+    return path
+
+
+def make_engine(path, device: str, dtype: str, *, graphs: bool, max_num_seqs: int, cache_memory: int | None = None,
+                max_model_len: int | None = None) -> tuple[Engine, dict]:
+    """An engine and what its start cost and captured: seconds, graph buckets, why it runs eagerly."""
+    start = time.perf_counter()
+    extra = {} if cache_memory is None else {"cache_memory": cache_memory}
+    engine = Engine(path, device=device, dtype=dtype, cuda_graphs=graphs, max_num_seqs=max_num_seqs, max_model_len=max_model_len, **extra)
+    sync(device)
+    g = engine.stages[0].runner.graphs
+    info = {"start_s": round(time.perf_counter() - start, 2), "graphs": graphs, "max_model_len": engine.max_model_len,
+            "captured_buckets": sorted(g.graphs) if g is not None else [], "eager_reason": None if g is None else g.eager_reason}
+    return engine, info
+
+
+def make_naive(engine: Engine, path, device: str, dtype: str) -> NaivePipeline:
+    p = engine.prompts
+    return NaivePipeline(path, think_start=engine.tte.think.start, suffix_ids=p.suffix_ids, stop_ids=p.think_end_ids + p.eos_ids,
+                         suppress_ids=p.suppressed_ids, instruction=engine.tte.instructions["default"], device=device,
+                         dtype=getattr(torch, dtype))
+
+
+def free() -> None:
+    """Return the memory of models and caches the caller has dropped (`del`) to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, device, reps):
+class DeviceClock:
+    """Milliseconds between start() and stop(): CUDA events on a GPU (the device's own timeline),
+    perf_counter elsewhere. stop() synchronizes."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            return self.a.elapsed_time(self.b)
+        return (time.perf_counter() - self.t) * 1e3
+
+
+def llm_weight_bytes(engine: Engine) -> int:
+    """Bytes of the weights one decode step reads: the language model (tied embeddings counted
+    once, as the LM head), not the vision tower or the embedding head."""
+    model = engine.stages[0].runner.model
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if not name.startswith(("visual.", "head.")))
+
+
+def decode_prompts(engine: Engine, count: int, prompt_tokens: int) -> list[str]:
+    """`count` distinct texts whose prompts hold about `prompt_tokens` tokens on this engine."""
+    base = len(engine.make_sequence("query 0:").prompt.token_ids)
+    per = max(1, len(engine.make_sequence("query 0: " + QUESTION).prompt.token_ids) - base)
+    reps = max(1, round((prompt_tokens - base) / per))
+    return [f"query {i}: " + " ".join([QUESTION] * reps) for i in range(count)]
+
+
+def tte_items(count: int, image: int) -> list[dict]:
+    return [{"text": QUESTION, "image": synthetic_image(image, image, i)} for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def engine_decode(engine: Engine, prompts: list[str], batch: int, *, warmup: int = 4, steps: int = 32) -> dict:
+    """ms per pure decode step at `batch` (see the module docstring); also the tokens each sequence
+    generated, so two engines' traces can be compared."""
+    device = engine.device
+    seqs = [engine.make_sequence(p, i, max_trace_tokens=warmup + steps + 8) for i, p in enumerate(prompts[:batch])]
+    for seq in seqs:
+        engine.add_request(seq)
+    try:
+        prefill_steps = 0
+        while any(s.needs_prefill for s in seqs):
+            engine.step()
+            prefill_steps += 1
+            if prefill_steps > 10_000:
+                raise RuntimeError("prefill did not finish")
+        for _ in range(warmup):
+            engine.step()
+        before = [len(s.trace_ids) for s in seqs]
+        clock = DeviceClock(device)
+        clock.start()
+        for _ in range(steps):
+            engine.step()
+        ms = clock.stop()
+        pure = all(len(s.trace_ids) - b == steps and s.phase == Phase.THINK for s, b in zip(seqs, before))
+        tokens = [list(s.trace_ids) for s in seqs]
+        context = sum(len(s) for s in seqs) / batch
+    finally:
+        engine.scheduler.abort_all()
+    if not pure:
+        raise RuntimeError(f"B={batch}: the timed steps were not all pure decode steps (a trace ended or a prefill ran)")
+    return {"batch": batch, "ms_per_step": round(ms / steps, 4), "steps": steps, "warmup": warmup,
+            "mean_context_tokens": round(context, 1), "tokens": tokens}
+
+
+def naive_generate_ms(naive: NaivePipeline, prompts: list[str], new_tokens: int) -> float:
+    """Wall ms of the naive pipeline's `generate()` (prefill + new_tokens greedy steps, no early stop)."""
+    ids, images = zip(*(naive._prompt(p) for p in prompts))
+    batch = naive._batch(list(ids), list(images))
+    clock = DeviceClock(naive.device)
+    clock.start()
+    with torch.no_grad():
+        naive.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             suppress_tokens=naive.suppress_ids, pad_token_id=naive.pad_id)
+    return clock.stop()
+
+
+def naive_decode(naive: NaivePipeline, prompts: list[str], batch: int, *, short: int = 4, long: int = 20) -> dict:
+    """transformers' ms per decode step at `batch`: the slope of generate() between `short` and `long` new tokens."""
+    t_short = naive_generate_ms(naive, prompts[:batch], short)
+    t_long = naive_generate_ms(naive, prompts[:batch], long)
+    slope = (t_long - t_short) / (long - short)
+    return {"batch": batch, "ms_per_step": round(slope, 4) if slope > 0 else None,  # None: noise swamped the slope
+            "generate_ms": {short: round(t_short, 2), long: round(t_long, 2)}}
+
+
+# ---------------------------------------------------------------------------------------------- TTE queries
+def engine_embed(engine: Engine, items: list, trace: int, reps: int = 2) -> dict:
+    """Best wall seconds of `Engine.embed(items)` with `trace`-token traces, after a warm-up."""
+    res = engine.embed(items, max_trace_tokens=trace)
+    full = all(len(t) == trace for t in res.trace_token_ids)
     best = float("inf")
     for _ in range(reps):
-        sync(device)
+        sync(engine.device)
         start = time.perf_counter()
-        fn()
-        sync(device)
+        engine.embed(items, max_trace_tokens=trace)
         best = min(best, time.perf_counter() - start)
-    return best
+    return {"batch": len(items), "seconds": round(best, 4), "queries_per_s": round(len(items) / best, 3),
+            "trace": trace, "full_traces": full}
 
 
+def naive_embed(naive: NaivePipeline, items: list, trace: int, *, short: int, long: int, warmup: bool = True) -> dict:
+    """The naive pipeline at `short` and `long` trace tokens, extrapolated per step to `trace`
+    (warmup: one untimed call first; the first batch of a series needs it, the others not)."""
+    if warmup:
+        naive(items, short)
+    times, full = {}, True
+    for n in sorted({short, long}):
+        sync(naive.device)
+        start = time.perf_counter()
+        _, traces = naive(items, n)
+        sync(naive.device)
+        times[n] = time.perf_counter() - start
+        full = full and all(len(t) == n for t in traces)
+    per_step = (times[long] - times[short]) / (long - short) if long > short else 0.0
+    seconds = times[long] + (trace - long) * per_step
+    return {"batch": len(items), "seconds": round(seconds, 4), "queries_per_s": round(len(items) / seconds, 3),
+            "trace": trace, "measured_s": {n: round(t, 4) for n, t in times.items()}, "per_step_s": round(per_step, 5),
+            "extrapolated": long != trace, "extrapolation_unreliable": long != trace and per_step <= 0, "full_traces": full}
+
+
+def agreement(engine: Engine, naive: NaivePipeline, items: list, trace: int = 8) -> dict:
+    """Engine vs naive pipeline on the same items: equal greedy traces and the smallest cosine
+    (informational in bf16, where near-tied random logits let greedy traces drift apart)."""
+    ours = engine.embed(items, max_trace_tokens=trace)
+    ref, ref_traces = naive(items, trace)
+    same = [i for i, (a, b) in enumerate(zip(ours.trace_token_ids, ref_traces)) if a == b]
+    cos = F.cosine_similarity(ours.embeddings, ref.float().cpu())
+    return {"items": len(items), "traces_equal": len(same), "cosine_min": round(float(cos.min()), 6),
+            "cosine_min_equal_traces": round(float(cos[same].min()), 6) if same else None}
+
+
+# ---------------------------------------------------------------------------------------------- parity
+def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12) -> dict:
+    """embed() with decode graphs on vs off on a small random checkpoint, same items (text and
+    image+text, 5 items so buckets are padded, traces ending at different steps so the batch
+    shrinks through several buckets). Passes when the greedy traces are identical, the cosine is
+    >= PARITY_COSINE[dtype] for every item, and on CUDA the graphed engine really captured."""
+    path = ensure_checkpoint(workdir, "tiny", "float32", stop=True, head=head)
+    items = ["a cat on a chair", {"text": "What is in the picture?", "image": synthetic_image(56, 84, 1)},
+             "two dogs play with a ball in the park while a man rides a bicycle along the river",
+             {"text": "Describe it.", "image": synthetic_image(112, 56, 2)}, "a table of numbers"]
+    eager, _ = make_engine(path, device, dtype, graphs=False, max_num_seqs=16, max_model_len=1024)
+    ref = eager.embed(items, max_trace_tokens=trace)
+    del eager
+    free()
+    graphed, info = make_engine(path, device, dtype, graphs=True, max_num_seqs=16, max_model_len=1024)
+    res = graphed.embed(items, max_trace_tokens=trace)
+    del graphed
+    free()
+    equal = sum(a == b for a, b in zip(res.trace_token_ids, ref.trace_token_ids))
+    cos = float(F.cosine_similarity(res.embeddings, ref.embeddings).min())
+    threshold = PARITY_COSINE[getattr(torch, dtype)]
+    captured = bool(info["captured_buckets"]) or torch.device(device).type != "cuda"
+    return {"dtype": dtype, "head": head, "items": len(items), "traces_equal": equal, "cosine_min": round(cos, 7),
+            "cosine_threshold": threshold, "trace_lengths": [len(t) for t in ref.trace_token_ids],
+            "captured_buckets": info["captured_buckets"], "eager_reason": info["eager_reason"],
+            "passed": equal == len(items) and cos >= threshold and captured}
+
+
+def compare_tokens(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How many sequences generated identical tokens in two decode runs, and where the first differs."""
+    same = sum(x == y for x, y in zip(a, b))
+    first = min((next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b) if x != y), default=None)
+    return {"sequences": len(a), "identical": same, "first_difference_at": first}
+
+
+# ---------------------------------------------------------------------------------------------- alone
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description="DESIGN §6 end-to-end: decode ms/step and TTE queries, engine vs naive transformers")
     ap.add_argument("--spec", default="2b", choices=["2b", "tiny"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default="1,8,32", help="TTE query batches")
+    ap.add_argument("--decode-batches", default="1,8,32,128,256")
     ap.add_argument("--trace", type=int, default=128)
     ap.add_argument("--image", type=int, default=448)
-    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/tte_e2e")
     ap.add_argument("--out", default="e2e.json")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return 0
-    spec = QWEN2VL_2B if args.spec == "2b" else replace(SPECS["tiny-random"], head="last_token")
-    path = Path(args.workdir) / args.spec
-    t0 = time.perf_counter()
-    if not (path / "tte_config.json").exists():
-        never_stop(build_random_checkpoint(path, spec, seed=0, dtype="bfloat16" if args.dtype == "bfloat16" else "float32"))
-    print(f"checkpoint ready in {time.perf_counter() - t0:.1f}s: {path}", flush=True)
-
-    engine = Engine(path, device=args.device, dtype=args.dtype)
-    p = engine.prompts
-    naive = NaivePipeline(path, think_start=engine.tte.think.start, suffix_ids=p.suffix_ids, stop_ids=p.think_end_ids + p.eos_ids,
-                          suppress_ids=p.suppressed_ids, instruction=engine.tte.instructions["default"],
-                          device=args.device, dtype=getattr(torch, args.dtype))
-    items = [{"text": QUESTION, "image": synthetic_image(args.image, args.image, i)} for i in range(max(map(int, args.batches.split(","))))]
-
-    # the two must agree before their speeds mean anything (in bf16 greedy traces may drift apart)
-    check = {"prompt_tokens": len(engine.embed(items[:1], think=False).prompt_token_ids[0])}
-    same = engine.embed(items[:2], max_trace_tokens=8)
-    ref, ref_traces = naive(items[:2], 8)
-    check["traces_equal"] = sum(a == b for a, b in zip(same.trace_token_ids, ref_traces))
-    check["cosine_min"] = float(F.cosine_similarity(same.embeddings, ref.cpu()).min())
-    print("agreement:", check, flush=True)
-
-    rows = []
+    path = ensure_checkpoint(args.workdir, args.spec, args.dtype if args.dtype != "float16" else "bfloat16")
+    decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    engine, info = make_engine(path, args.device, args.dtype, graphs=args.device.startswith("cuda"), max_num_seqs=max(decode_batches))
+    naive = make_naive(engine, path, args.device, args.dtype)
+    prompts = decode_prompts(engine, max(decode_batches), 330)
+    out = {"engine": info, "decode": [], "queries": []}
+    for b in decode_batches:
+        ours, theirs = engine_decode(engine, prompts, b), naive_decode(naive, prompts, b)
+        ours.pop("tokens")
+        out["decode"].append({"ours": ours, "naive": theirs})
+        ratio = f"{theirs['ms_per_step'] / ours['ms_per_step']:.1f}x" if theirs["ms_per_step"] else "-"
+        print(f"decode B={b:3d}: ours {ours['ms_per_step']:.3f} ms/step  transformers {theirs['ms_per_step']} ms/step  {ratio}", flush=True)
     for b in map(int, args.batches.split(",")):
-        batch = items[:b]
-        engine.embed(batch, max_trace_tokens=args.trace)  # warm-up
-        t_engine = timed(lambda: engine.embed(batch, max_trace_tokens=args.trace), args.device, args.reps)
-        naive(batch, args.trace)
-        t_naive = timed(lambda: naive(batch, args.trace), args.device, args.reps)
-        row = {"B": b, "engine_s": t_engine, "naive_s": t_naive, "engine_qps": b / t_engine, "naive_qps": b / t_naive,
-               "speedup": t_naive / t_engine, "ms_per_decode_step_engine": 1000 * t_engine / args.trace}
-        rows.append(row)
-        print(f"B={b:3d}  engine {t_engine:7.3f}s ({b / t_engine:7.2f} q/s)  naive {t_naive:7.3f}s ({b / t_naive:6.2f} q/s)  "
-              f"speedup {t_naive / t_engine:5.2f}x", flush=True)
-    info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,
-            "spec": args.spec, "dtype": args.dtype, "trace": args.trace, "image": args.image, "agreement": check, "rows": rows}
-    Path(args.out).write_text(json.dumps(info, indent=1))
+        items = tte_items(b, args.image)
+        ours = engine_embed(engine, items, args.trace)
+        theirs = naive_embed(naive, items, args.trace, short=min(8, args.trace), long=min(32, args.trace))
+        out["queries"].append({"ours": ours, "naive": theirs})
+        print(f"TTE B={b:3d}: ours {ours['seconds']:.3f} s ({ours['queries_per_s']:.2f} q/s)  naive {theirs['seconds']:.3f} s "
+              f"({theirs['queries_per_s']:.2f} q/s, extrapolated from {theirs['measured_s']})", flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Both hit the same running server (bench-small, CPU, 24-token traces that never stop early), so the
 ratio is the batching gain of merging concurrent HTTP requests into the engine's continuous batch.
-Recorded in benchmark.extra_info (and RESULTS.md).
+Measured: wall time of the 16 concurrent requests (the benchmark's rounds, median) and of the same
+16 sent one after another by one client (ROUNDS rounds, perf_counter, median), after a warm-up of
+each whose answers must agree (cosine >= 0.99999; the only failure). The gain is printed beside
+both times and stored in `extra_info`; the target (>= 2x) is reported against, never asserted.
 """
 
 import asyncio
@@ -25,6 +28,7 @@ from tte_engine.serve import ServerSettings, create_app  # noqa: E402
 
 TRACE_TOKENS = 24
 ROUNDS = 3
+TARGET_GAIN = 2.0  # reported, not asserted
 
 
 def _data_url(image) -> str:
@@ -85,9 +89,9 @@ def test_bench_serve_concurrent_clients_vs_one_client(benchmark, server_url, ima
     sequential_s = statistics.median(sequential_times)
     gain = sequential_s / concurrent_s
     benchmark.extra_info.update(sequential_median_s=round(sequential_s, 4), concurrent_median_s=round(concurrent_s, 4),
-                                batching_gain=round(gain, 2), items=len(items), trace_tokens=TRACE_TOKENS, threads=torch.get_num_threads(),
+                                batching_gain=round(gain, 2), target_gain=TARGET_GAIN, meets_target=gain >= TARGET_GAIN, items=len(items), trace_tokens=TRACE_TOKENS, threads=torch.get_num_threads(),
                                 sequential_items_per_s=round(len(items) / sequential_s, 2), concurrent_items_per_s=round(len(items) / concurrent_s, 2))
-    print(f"\n{len(items)} items: one client {sequential_s:.3f}s ({len(items) / sequential_s:.1f} items/s), "
-          f"{len(items)} concurrent clients {concurrent_s:.3f}s ({len(items) / concurrent_s:.1f} items/s): "
-          f"batching gain {gain:.2f}x ({torch.get_num_threads()} threads)")
-    assert gain >= 2.0
+    print(f"\n[serve] {len(items)} items: one client {sequential_s:.3f}s ({len(items) / sequential_s:.1f} items/s) | "
+          f"{len(items)} concurrent clients {concurrent_s:.3f}s ({len(items) / concurrent_s:.1f} items/s) | "
+          f"batching gain {gain:.2f}x (target >= {TARGET_GAIN}x: {'met' if gain >= TARGET_GAIN else 'NOT met'}; "
+          f"{torch.get_num_threads()} threads)")
