@@ -205,8 +205,8 @@ def test_same_pixel_bytes_in_another_shape_is_another_image(engine, tmp_path):
         first = embed_items(engine, [{"image": wide}], cache=cache)[0]
         second = embed_items(engine, [{"image": tall}], cache=cache)[0]
     assert first.cached is None and second.cached is None
-    expected = engine.embed([{"image": tall}]).embeddings[0]
-    assert np.array_equal(second.embedding, expected.numpy())
+    expected = engine.embed([{"image": tall}]).embeddings[0]  # (its system-prompt blocks now come from the prefix cache)
+    assert float(torch.cosine_similarity(torch.from_numpy(second.embedding), expected, dim=0)) >= 0.99999
 
 
 def test_entries_of_an_older_cache_schema_are_ignored(tmp_path):
@@ -254,7 +254,8 @@ def test_a_cache_that_fails_later_is_skipped_with_a_warning(engine, tmp_path, ca
     real = store._conn
     store._conn = Failing()
     results = embed_items(engine, ["a cat"], cache=EngineCache(store, engine))
-    assert results[0].error is None and np.array_equal(results[0].embedding, engine.embed(["a cat"]).embeddings[0].numpy())
+    again = engine.embed(["a cat"]).embeddings[0]  # (its prompt blocks now come from the prefix cache)
+    assert results[0].error is None and float(torch.cosine_similarity(torch.from_numpy(results[0].embedding), again, dim=0)) >= 0.99999
     assert sum("continuing without it" in r.message for r in caplog.records) == 1
     real.close()
 

@@ -243,6 +243,7 @@ def test_mmeb_v2_default_is_one_setting_away(make_checkpoint, clip_mp4):
     eng.prompts.video_options = VideoOptions.mmeb_v2().updated(SMALL)
     res = eng.embed([{"video": clip_mp4}], think=False)
     assert res.prompt_token_ids[0].count(eng.model_cfg.video_token_id) == 4 * 2 * 2  # 8 frames -> 4 temporal patches
+    assert res.usage["video_tokens"] == 4 * 2 * 2 and res.usage["image_tokens"] == 0
 
 
 def test_without_pyav_frames_still_work(monkeypatch, clip):

@@ -372,6 +372,9 @@ def _embed_batch(engine, batch: list, cache, args, progress) -> list:
     good = [i for i, item in enumerate(batch) if not isinstance(item, MalformedLine)]
     results = [ItemResult(None, [], None, 0, 0, 0, error=item.reason) if isinstance(item, MalformedLine) else None for item in batch]
     progress(len(batch) - len(good))
+    # each batch starts from an empty prefix cache, so its output depends on its own items only and a
+    # resumed run is byte-identical to an uninterrupted one (sharing inside the batch still applies)
+    engine.reset_prefix_cache()
     done = embed_items(engine, [batch[i] for i in good], cache=cache, think=not args.no_think, max_trace_tokens=args.max_trace_tokens,
                        instruction=args.instruction, progress=progress)
     for i, r in zip(good, done):

@@ -336,7 +336,7 @@ class Engine:
             trace_token_ids=[list(s.trace_ids) if isinstance(s, Sequence) else [] for s in seqs],
             embed_token_ids=[list(s.embed_ids) if isinstance(s, Sequence) else [] for s in seqs],
             errors=[None if isinstance(s, Sequence) else s for s in seqs],
-            usage=_usage(ok, self.model_cfg.image_token_id),
+            usage=_usage(ok, self.model_cfg.image_token_id, self.model_cfg.video_token_id),
             stop_reasons=[s.stop_reason if isinstance(s, Sequence) else None for s in seqs],
         )
 
@@ -387,11 +387,12 @@ class Engine:
         return seqs
 
 
-def _usage(seqs: list[Sequence], image_token_id: int) -> dict[str, int]:
+def _usage(seqs: list[Sequence], image_token_id: int, video_token_id: int) -> dict[str, int]:
     prompt = sum(s.num_prompt_tokens for s in seqs)
     return {
         "prompt_tokens": prompt,
         "image_tokens": sum(s.prompt.token_ids.count(image_token_id) for s in seqs),
+        "video_tokens": sum(s.prompt.token_ids.count(video_token_id) for s in seqs),
         "trace_tokens": sum(s.generated_trace_tokens for s in seqs),
         "given_trace_tokens": sum(len(s.trace_ids) - s.generated_trace_tokens for s in seqs),
         "embed_tokens": sum(len(s.embed_ids) for s in seqs),
