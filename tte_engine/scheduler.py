@@ -104,27 +104,28 @@ class Scheduler:
     def schedule(self) -> Step | None:
         for stage in range(len(self.blocks) - 1, -1, -1):
             self._admit(stage)
-            decoding = [s for s in self.running[stage] if not s.needs_prefill]  # thinking, prompt done
-            if not self.mixed_steps and len(decoding) < len(self.running[stage]):
+            decoding, prefilling = [], []  # thinking with the prompt done / everything else
+            for seq in self.running[stage]:
+                (prefilling if seq.needs_prefill else decoding).append(seq)
+            if not self.mixed_steps and prefilling:
                 decoding = []  # prefill work waits for nobody: decoders wait for it
             seqs, counts = list(decoding), [1] * len(decoding)
             budget = self.max_num_batched_tokens - len(decoding)
             bm = self.blocks[stage]
-            for seq in self.running[stage]:
+            for seq in prefilling:
                 if budget <= 0:
                     break
-                if seq.needs_prefill:
-                    hashes = seq.prompt_block_hashes(bm.block_size, self.vision_token_ids) if bm.enable_prefix_caching else []
-                    if not seq.block_table:  # its first chunk in this stage: start from the cached prefix
-                        self._reuse_prefix(seq, bm, hashes)
-                    n = min(seq.num_pending, budget)
-                    # blocks now, and registered now: a sequence later in this same step may reuse them,
-                    # since every layer stores the step's k/v before any of its attention reads them
-                    bm.grow(seq, seq.num_computed + n)
-                    bm.register(seq, hashes, seq.num_computed + n)
-                    seqs.append(seq)
-                    counts.append(n)
-                    budget -= n
+                hashes = seq.prompt_block_hashes(bm.block_size, self.vision_token_ids) if bm.enable_prefix_caching else []
+                if not seq.block_table:  # its first chunk in this stage: start from the cached prefix
+                    self._reuse_prefix(seq, bm, hashes)
+                n = min(seq.num_pending, budget)
+                # blocks now, and registered now: a sequence later in this same step may reuse them,
+                # since every layer stores the step's k/v before any of its attention reads them
+                bm.grow(seq, seq.num_computed + n)
+                bm.register(seq, hashes, seq.num_computed + n)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
             if seqs:
                 step = Step(stage, seqs, counts, is_prefill=len(seqs) > len(decoding), num_decode=len(decoding), registers=bool(bm.pending))
                 return self._prepare(step)
