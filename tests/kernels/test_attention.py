@@ -195,3 +195,17 @@ def test_prefill_attention_ignores_never_written_slots(poison, device, assert_ma
     assert ref.isfinite().all() and out.isfinite().all()
     assert_matches(ref, want, torch.float32)
     assert_matches(out, want, torch.float32)
+
+
+def test_decode_scratch_is_never_read_unwritten(device, assert_matches, monkeypatch):
+    """Flash-decoding's split scratch (partial outputs and log-sum-exps) starts as NaN: the merge reads
+    only the splits that pass 1 wrote, so short contexts with many (empty) splits stay exact (issue 12)."""
+    lens = [1, 5, 40, 0]
+    k_cache, v_cache, tables, ctx = _paged_cache(lens, 64, torch.float32, device)
+    q = torch.randn(len(lens), HEADS, 64, device=device)
+    want = attention.decode_attention_torch(q, k_cache, v_cache, tables, ctx, 0.125)
+    real_empty = torch.empty
+    monkeypatch.setattr(attention.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    out = attention.decode_attention_triton(q, k_cache, v_cache, tables, ctx, 0.125, num_splits=8)
+    assert out.isfinite().all()
+    assert_matches(out, want, torch.float32)
