@@ -63,6 +63,14 @@ class VideoError(ValueError):
     """A video cannot be loaded, sampled or preprocessed; the message says why."""
 
 
+# Hard caps on what a request may ask for (client-chosen cost, issue 10 kind 4): qwen-vl-utils' own
+# maxima for frame counts and the clip budget, Qwen2-VL's image maximum per frame.
+OPTION_LIMITS = {
+    "num_frames": 768, "min_frames": 768, "max_frames": 768,
+    "min_pixels": 1280 * 28 * 28, "max_pixels": 1280 * 28 * 28, "total_pixels": 128000 * 28 * 28,
+}
+
+
 @dataclass(frozen=True)
 class VideoOptions:
     """How a video is sampled and sized (request fields; defaults are qwen-vl-utils').
@@ -115,6 +123,10 @@ class VideoOptions:
                 raise VideoError(f"video option {name} must be a positive integer, got {value!r}")
         if self.min_frames > self.max_frames or self.min_pixels > self.max_pixels:
             raise VideoError("video options need min_frames <= max_frames and min_pixels <= max_pixels")
+        for name, limit in OPTION_LIMITS.items():  # a request may lower a cost, never raise it past these
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise VideoError(f"video option {name}={value} exceeds the limit of {limit}")
 
 
 def _round_by(n: float, f: int) -> int:
