@@ -262,3 +262,23 @@ def test_cuda_engine_matches_cpu(make_checkpoint, mixed_items):
     plain_bf16 = Engine(path, device="cuda", dtype="bfloat16").embed(mixed_items, think=False)
     for i in range(len(mixed_items)):
         assert cosine(plain_bf16.embeddings[i], plain_cpu.embeddings[i]) >= 0.99
+
+
+@pytest.mark.parametrize("knob,value", [("max_num_seqs", 0), ("max_num_batched_tokens", 0), ("block_size", 0), ("max_num_seqs", -3),
+                                        ("max_model_len", 0), ("cuda_graphs", "yes"), ("enable_prefix_caching", 1)])
+def test_unworkable_knobs_are_refused_by_name(make_checkpoint, knob, value):
+    """A zero batch size used to be accepted and then hang every embed(); now it is refused up front."""
+    with pytest.raises(ValueError, match=f"EngineConfig.{knob} must be"):
+        Engine(make_checkpoint("engine", think_max_tokens=10), **{knob: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_says_so(make_checkpoint):
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        Engine(make_checkpoint("engine", think_max_tokens=10), device="cuda")
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("top_p", 2), ("top_k", -5), ("seed", "x"), ("seed", 1.5)])
+def test_sampling_params_name_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} must be"):
+        SamplingParams(**{field: value})

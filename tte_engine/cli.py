@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(engine)
             return 0
         return embed_file(engine, args)
-    except (TTEError, OSError) as exc:
+    except (TTEError, OSError, ValueError) as exc:  # ValueError: an engine setting that cannot work (--device cuda without CUDA)
         print(f"tte-embed: error: {exc}", file=sys.stderr)
         return 2
 

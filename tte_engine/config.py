@@ -235,3 +235,17 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     # Reuse the KV of full prompt blocks already computed (same tokens, same images), as vLLM does.
     enable_prefix_caching: bool = True
+
+    def check(self) -> None:
+        """Raise ValueError naming the first knob whose value cannot work (before anything is loaded)."""
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_vision_patches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"EngineConfig.max_model_len must be a positive integer or None, got {self.max_model_len!r}")
+        for name in ("cuda_graphs",):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"EngineConfig.{name} must be True, False or None, got {getattr(self, name)!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")

@@ -86,7 +86,11 @@ class Engine:
         any other EngineConfig field can be passed as a keyword (cache_memory=, max_num_seqs=, ...)."""
         given = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.config = replace(config or EngineConfig(), **given, **overrides)
+        self.config.check()
         self.device = torch.device(self.config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.config.device!r} was asked for, but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch")
         self.checkpoint = resolve_checkpoint(checkpoint)
         # an exported engine directory (engine.json) carries its configs and runtime-layout weights
         self.engine_dir = EngineDir.open(self.checkpoint) if is_engine_dir(self.checkpoint) else None

@@ -28,8 +28,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"invalid sampling parameters {self}")
+        def number(name, ok, what):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"SamplingParams.{name} must be {what}, got {value!r}")
+
+        number("temperature", lambda v: 0 <= v < float("inf"), "a number >= 0 (0 = greedy)")
+        number("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
