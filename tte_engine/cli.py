@@ -127,9 +127,10 @@ def demo_items() -> list:
     ]
 
 
-def run_demo(engine) -> None:
+def run_demo(engine, *, think: bool = True, max_trace_tokens: int | None = None, instruction: str | None = None) -> None:
+    """Embed the built-in demo items and print traces, norms and pairwise similarities."""
     items = demo_items()
-    res = engine.embed(items)
+    res = engine.embed(items, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction)
     labels = [it if isinstance(it, str) else (it.get("text") or "<image>") + (" +image" if it.get("image") else "") for it in items]
     print(f"checkpoint: {engine.checkpoint}  mode: {engine.tte.mode}  head: {engine.tte.head.type}  dim: {engine.embedding_dim}")
     for label, trace, vec, reason in zip(labels, res.traces, res.embeddings, res.stop_reasons):
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine(args.checkpoint, device=args.device, dtype=args.dtype, **engine_switches(args))
         if args.demo:
-            run_demo(engine)
+            run_demo(engine, think=not args.no_think, max_trace_tokens=args.max_trace_tokens, instruction=args.instruction)
             return 0
         return embed_file(engine, args)
     except (TTEError, OSError, ValueError) as exc:  # ValueError: an engine setting that cannot work (--device cuda without CUDA)

@@ -196,3 +196,21 @@ def test_a_bad_cache_file_is_one_line_and_exit_2(tmp_path, serve_checkpoint, cap
     assert tte_serve(["--checkpoint", str(serve_checkpoint), "--cache", str(bad), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tte-serve: error: ") and "not a usable tte_engine cache" in err
+
+
+@pytest.mark.parametrize("limits", ['{"imag": 3}', '{"image": -1}', '{"image": "2"}', '[1]'])
+def test_limit_mm_per_prompt_is_checked_at_start(limits, capsys):
+    """A misspelled or ill-typed limit used to be accepted silently (no limit at all)."""
+    from tte_engine.serve.main import main as serve_main
+
+    assert serve_main(["--limit-mm-per-prompt", limits, "--port", "1"]) == 2
+    assert "--limit-mm-per-prompt takes a JSON object" in capsys.readouterr().err
+
+
+def test_demo_honours_think_and_trace_flags(capsys):
+    from tte_engine.cli import main as embed_main
+
+    assert embed_main(["--demo", "--no-think"]) == 0
+    assert "'trace_tokens': 0" in capsys.readouterr().out
+    assert embed_main(["--demo", "--max-trace-tokens", "2"]) == 0
+    assert "'trace_tokens': 8" in capsys.readouterr().out  # 4 items x 2 tokens

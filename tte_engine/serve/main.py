@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..cli import engine_switches
 
+    from .protocol import DEFAULT_MM_LIMITS
+
+    limits = args.limit_mm_per_prompt
+    if limits is not None and (not isinstance(limits, dict) or set(limits) - set(DEFAULT_MM_LIMITS)
+                               or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in limits.values())):
+        print(f"tte-serve: error: --limit-mm-per-prompt takes a JSON object with keys {sorted(DEFAULT_MM_LIMITS)} and "
+              f"integer values >= 0, got {json.dumps(limits)}", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in (("max_num_seqs", args.max_batch_size), ("max_model_len", args.max_model_len)) if v is not None}
     overrides.update(engine_switches(args))
     try:
