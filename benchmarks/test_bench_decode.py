@@ -21,7 +21,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import never_stop
-from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+from transformers import Qwen2VLForConditionalGeneration
 
 from tte_engine import Engine
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint

@@ -17,7 +17,6 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from . import kernels
 from .cache import BlockManager
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import sample, suppression_bias

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from export_fixtures import float_engine  # noqa: F401  (pytest fixtures)
