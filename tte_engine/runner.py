@@ -11,7 +11,6 @@ reading back the sampled tokens; it runs from a CUDA graph per batch bucket when
 from __future__ import annotations
 
 import itertools
-import logging
 from operator import attrgetter
 
 import numpy as np
@@ -23,8 +22,6 @@ from .sampling import sample, suppression_bias
 from .scheduler import Step
 from .sequence import Phase, Sequence
 from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
-
-logger = logging.getLogger("tte_engine")
 
 _DECODE_STATE = attrgetter("row", "num_computed", "rope_delta", "last_token")
 _GREEDY = attrgetter("greedy")
@@ -108,13 +105,13 @@ class Runner:
         Padded rows read the padding table row (all scratch block) with context 0 and write their
         k/v to the scratch slot: they touch no sequence's cache.
         """
-        n, bs = len(seqs), self.block_size
+        n = len(seqs)
         f = lambda name: host[self.layout.field(name)]  # noqa: E731
         # one C-level pass over the sequences; then everything is array arithmetic
         rows, index, deltas, last = np.array(list(map(_DECODE_STATE, seqs)), dtype=np.int64).reshape(n, 4).T
         f("input_ids")[:n] = last
         f("positions")[:n] = index + deltas  # index: the token computed now, past the prompt
-        f("slot_mapping")[:n] = self.blocks.tables[rows, index // bs].astype(np.int64) * bs + index % bs
+        f("slot_mapping")[:n] = self._slots(rows, index)
         f("context_lens")[:n] = index + 1
         f("table_rows")[:n] = rows
         for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.padding_slot), ("context_lens", 0), ("table_rows", self.max_rows)):
@@ -124,6 +121,11 @@ class Runner:
         if sampling:
             self._fill_sampling(seqs, *(f(name) for name in SAMPLING_FIELDS))
         return sampling, updates
+
+    def _slots(self, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Cache slots (int64) of token positions `index` of the sequences holding table `rows`."""
+        bs = self.block_size
+        return self.blocks.tables[rows, index // bs].astype(np.int64) * bs + index % bs
 
     def _fill_updates(self, index: np.ndarray, value: np.ndarray, count: int) -> bool:
         """Block-table changes since the last step, padded to `count` with no-op rewrites of the
@@ -179,14 +181,11 @@ class Runner:
         n, bs = len(seqs), self.block_size
         counts = np.asarray(step.num_tokens, dtype=np.int64)
         starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
-        cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=cu[1:])
-        seg = np.repeat(np.arange(n), counts)
-        index = np.arange(cu[-1]) - cu[:-1][seg] + starts[seg]  # each packed token's index in its sequence
+        cu, seg, index = _packed(starts, counts)
         rows = np.fromiter((s.row for s in seqs), np.int64, n)
         ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[a : a + c] for s, a, c in zip(seqs, starts.tolist(), step.num_tokens)), np.int64, int(cu[-1]))
         positions = self._positions(seqs, starts, counts, index, seg)
-        slots = self.blocks.tables[rows[seg], index // bs].astype(np.int64) * bs + index % bs
+        slots = self._slots(rows[seg], index)
         # the rows read after the forward: the last layer computes only these (see StepBatch.out_rows)
         out_idx = sorted(step.sample_idx + step.pool_idx)
         out_rows, out_seqs = (cu[1:] - 1)[out_idx], np.asarray(out_idx, dtype=np.int64)
@@ -259,8 +258,8 @@ class Runner:
         for seq, start, n in zip(seqs, starts.tolist(), counts):
             if seq.image_embeds is not None and start < seq.num_prompt_tokens:
                 spans = seq.vision_spans(self.vision_ids)
-                first = _vision_tokens_before(spans, start) - seq.image_embeds_offset
-                parts.append(seq.image_embeds[first : first + _vision_tokens_before(spans, start + n) - _vision_tokens_before(spans, start)])
+                before, through = _vision_tokens_before(spans, start), _vision_tokens_before(spans, start + n)
+                parts.append(seq.image_embeds[before - seq.image_embeds_offset : through - seq.image_embeds_offset])
         return torch.cat(parts) if parts else None
 
     def _encode_images(self, seqs: list[Sequence]) -> None:
@@ -294,18 +293,25 @@ class Runner:
 
     def _pool_mhsa(self, seqs: list[Sequence]) -> torch.Tensor:
         """Gather each finished sequence's stored source-layer states and run the head over them."""
-        n, bs = len(seqs), self.block_size
+        n = len(seqs)
         lens = np.fromiter((len(s) for s in seqs), np.int64, n)
-        cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        seg = np.repeat(np.arange(n), lens)
-        index = np.arange(cu[-1]) - cu[:-1][seg]
+        starts = np.zeros(n, dtype=np.int64)
+        cu, seg, index = _packed(starts, lens)
         rows = np.fromiter((s.row for s in seqs), np.int64, n)
-        slots = self.blocks.tables[rows[seg], index // bs].astype(np.int64) * bs + index % bs
-        positions = self._positions(seqs, np.zeros(n, dtype=np.int64), lens, index, seg)
+        slots = self._slots(rows[seg], index)
+        positions = self._positions(seqs, starts, lens, index, seg)
         to = dict(device=self.device)
         hidden = self.cache.hidden.view(-1, self.cache.hidden.shape[-1]).index_select(0, torch.from_numpy(slots).to(**to))
         return self.model.pool_mhsa(hidden, torch.from_numpy(positions).to(**to), torch.from_numpy(cu).to(torch.int32).to(**to))
+
+
+def _packed(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For sequences contributing counts[b] tokens from position starts[b]: (cu [B+1] row offsets,
+    seg [T] each packed row's sequence, index [T] each packed row's position in its sequence)."""
+    cu = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu[1:])
+    seg = np.repeat(np.arange(counts.size), counts)
+    return cu, seg, np.arange(cu[-1]) - cu[:-1][seg] + starts[seg]
 
 
 def _vision_tokens_before(spans: list[tuple[int, int]], position: int) -> int:

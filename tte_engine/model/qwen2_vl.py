@@ -141,19 +141,16 @@ class Qwen2VL(nn.Module):
             kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, impl=self.impl)
             if batch.is_prefill:
                 nd = batch.num_decode  # a mixed step: decoding rows first, through the decode kernel
-                out = torch.empty_like(q) if nd else None
-                if nd:
-                    out[:nd] = kernels.decode_attention(
-                        q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], self.scale, impl=self.impl
-                    )
                 rest = kernels.prefill_attention(
                     q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.cu_seqlens_q[nd:] - nd, batch.context_lens[nd:],
                     self.scale, impl=self.impl,
                 )
                 if not nd:
                     return rest
-                out[nd:] = rest
-                return out
+                decoded = kernels.decode_attention(
+                    q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], self.scale, impl=self.impl
+                )
+                return torch.cat([decoded, rest])
             return kernels.decode_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, num_splits=batch.num_splits, impl=self.impl
             )
