@@ -240,7 +240,8 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     # CPU calibration and the ONNX graphs run in float32; otherwise the model is held in the export dtype
     load_dtype = torch.float32 if on_cpu and (calibrating or "onnx" in targets) else dtype
     with rep.step("load"):
-        ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""))
+        # plain weights: the exporters read, quantize and trace them (prepacked ones are a CPU runtime layout)
+        ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""), prepack_weights=False)
     model = ref.stages[-1].runner.model
     runtime_dtype = str(ref.dtype).replace("torch.", "")
     summary: dict[str, Any] = {
@@ -333,7 +334,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
 
     onnx_engine = None
     if "onnx" in targets:
-        onnx_engine = ref if (on_cpu and ref.dtype == torch.float32) else Engine(source, device="cpu", dtype="float32")
+        onnx_engine = ref if (on_cpu and ref.dtype == torch.float32) else Engine(source, device="cpu", dtype="float32", prepack_weights=False)
 
     if "onnx" in targets:
         from .onnx_export import export_onnx

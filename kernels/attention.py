@@ -42,9 +42,9 @@ from ._dispatch import HAS_TRITON, interpreting, next_pow2, use_triton
 
 
 def store_kv_torch(k, v, k_cache, v_cache, slot_mapping):
-    slots = slot_mapping.long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -64,23 +64,36 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_len
     return kv.masked_fill_(~valid[:, :, None, None], 0).transpose(1, 2)
 
 
-def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale):
-    bsz, max_blocks = block_tables.shape
-    block_size, kvh, hd = k_cache.shape[1:]
-    span = max_blocks * block_size
-    pos = torch.arange(span, device=q.device)[None, :]
+DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
+    """What `decode_attention_torch` reads, worked out once per step (every layer shares it):
+    (blocks [B * W] int64, past-context positions [B, span, 1, 1] bool, key mask [B, 1, 1, span]
+    bool, non-empty rows [B, 1, 1] bool) for a table of W blocks, span = W * block_size tokens.
+
+    Whole blocks are gathered (one row copy per block, not per token), and every position past a
+    sequence's context (a block's unwritten tail, a padding entry of the table) is zeroed before
+    use: masking its score alone is not enough where the value is still multiplied (0 * NaN =
+    NaN). An empty context (a padded row) keeps position 0 unmasked so softmax stays finite; its
+    output is replaced by zeros."""
+    span = block_tables.shape[1] * block_size
+    pos = torch.arange(span, device=block_tables.device)[None, :]
     valid = pos < context_lens[:, None]  # [B, span]
-    # Read only slots this sequence wrote: a position past its context (a block's unwritten tail, a
-    # padding entry of the table) reads position 0's slot instead, and its score is masked. Masking
-    # the score alone is not enough where the value is still multiplied (0 * NaN = NaN).
-    src = torch.where(valid, pos, 0)
-    slots = (block_tables.long().gather(1, src // block_size) * block_size + src % block_size).view(-1)
-    k = k_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, span, kvh, hd).transpose(1, 2)  # [B, KVH, span, hd]
-    v = v_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, span, kvh, hd).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.to(q.dtype), v.to(q.dtype), attn_mask=(valid | (pos == 0))[:, None, None, :], scale=scale, enable_gqa=True
-    )[:, :, 0, :]
-    return torch.where((context_lens > 0)[:, None, None], out, 0)  # an empty context (a padded row) gives zeros
+    return block_tables.long().view(-1), ~valid[:, :, None, None], (valid | (pos == 0))[:, None, None, :], (context_lens > 0)[:, None, None]
+
+
+def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
+    bsz = block_tables.shape[0]
+    block_size, kvh, hd = k_cache.shape[1:]
+    blocks, past, mask, nonempty = plan if plan is not None else decode_plan(block_tables, context_lens, block_size)
+    # [B, KVH, span, hd]
+    k = k_cache.index_select(0, blocks).view(bsz, -1, kvh, hd).masked_fill_(past, 0).transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(bsz, -1, kvh, hd).masked_fill_(past, 0).transpose(1, 2)
+    if k.dtype != q.dtype:  # an fp8 cache
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0, :]
+    return torch.where(nonempty, out, 0)  # an empty context (a padded row) gives zeros
 
 
 def varlen_groups(q_lens: list[int], ctxs: list[int], max_padding: float = 0.5) -> list[tuple[list[int], bool]]:
@@ -474,16 +487,19 @@ def decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    plan: DecodePlan | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """q [B, H, hd] (one token per sequence) -> [B, H, hd].
 
     block_tables [B, W] int32 may be wider than any context; context_lens [B] int32 (0 = a padded
-    row, whose output is zeros). num_splits: see `decode_attention_triton` (ignored by the reference).
+    row, whose output is zeros). num_splits: see `decode_attention_triton` (ignored by the
+    reference). plan: `decode_plan(block_tables, context_lens, block_size)`, computed once per
+    step by a caller that runs many layers (used by the reference; the kernel needs none).
     """
     if use_triton(impl, q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits)
-    return decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan)
 
 
 def prefill_attention(

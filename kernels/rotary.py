@@ -30,28 +30,42 @@ def rotary_cos_sin(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def _gather_cos_sin(positions: torch.Tensor, cos_sin: torch.Tensor, mrope_section) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_angles(positions: torch.Tensor, cos_sin: torch.Tensor, mrope_section) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [T, 1, head_dim // 2] fp32, for positions [T] or [3, T] (M-RoPE).
+
+    Every layer of a step rotates by the same angles, so a caller gathers them once per step and
+    hands them to `rotate_half_` in each layer."""
     half = cos_sin.shape[-1] // 2
     if positions.dim() == 1:
-        rows = cos_sin[positions.long()]
-        return rows[:, :half], rows[:, half:]
+        rows = cos_sin[positions.long()][:, None, :]
+        return rows[..., :half], rows[..., half:]
     axis = torch.repeat_interleave(
         torch.arange(len(mrope_section), device=positions.device),
         torch.tensor(list(mrope_section), device=positions.device),
     )  # [half]: which position axis drives each frequency
     pos = positions.long()[axis].T  # [T, half]
     col = torch.arange(half, device=positions.device)
-    return cos_sin[pos, col], cos_sin[pos, col + half]
+    return cos_sin[pos, col][:, None, :], cos_sin[pos, col + half][:, None, :]
+
+
+def rotate_half_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, hd] in place by angles [T, 1, hd // 2] (rotate-half convention, fp32 math).
+
+    The same arithmetic as transformers' `x * cos + rotate_half(x) * sin` (with cos, sin repeated
+    over both halves), rounded once to x's dtype: x1' = x1 c - x2 s (= x1 c + (-x2) s exactly),
+    x2' = x2 c + x1 s. x may be a strided view (q and k of a fused projection, rotated together)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    x1c, x1s, x2s, x2c = x1 * cos, x1 * sin, x2 * sin, x2 * cos
+    torch.sub(x1c, x2s, out=x1)
+    torch.add(x2c, x1s, out=x2)
+    return x
 
 
 def apply_mrope_torch(q, k, positions, cos_sin, mrope_section):
-    cos, sin = _gather_cos_sin(positions, cos_sin, mrope_section)
-    cos = torch.cat([cos, cos], dim=-1)[:, None, :]
-    sin = torch.cat([sin, sin], dim=-1)[:, None, :]
-    for x in (q, k):
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        x.copy_(xf * cos + torch.cat([-x2, x1], dim=-1) * sin)
+    cos, sin = rotary_angles(positions, cos_sin, mrope_section)
+    rotate_half_(q, cos, sin)
+    rotate_half_(k, cos, sin)
     return q, k
 
 

@@ -9,6 +9,7 @@ from oracle import cosine, hf_forward, hf_generate, hf_model, hf_reencode
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRMSNorm
 
 from tte_engine import Engine
+from tte_engine.model import cpu_linear
 from tte_engine.model.names import head_shapes
 
 COS = 0.99999
@@ -35,16 +36,22 @@ def _embed_twice(eng: Engine, items, **kwargs):
 
 @pytest.mark.parametrize(
     "variant,prefix_caching",
-    [("untied", True), ("untied", False), ("tied", True), ("stops_on_think_end", True), ("stops_on_eos", True)],
+    [("untied", True), ("untied", False), ("tied", True), ("stops_on_think_end", True), ("stops_on_eos", True), ("tied_prepacked", False)],
 )
-def test_think_traces_and_embeddings_match_transformers(make_checkpoint, boosted_checkpoint, mixed_items, variant, prefix_caching):
+def test_think_traces_and_embeddings_match_transformers(make_checkpoint, boosted_checkpoint, mixed_items, variant, prefix_caching, monkeypatch):
+    if variant == "tied_prepacked":  # every linear in oneDNN's layout (tiny weights stay dense by default)
+        monkeypatch.setattr(cpu_linear, "MIN_PACKED_ELEMENTS", 0)
     if variant == "stops_on_think_end":
         path = boosted_checkpoint("</think>")
     elif variant == "stops_on_eos":
         path = boosted_checkpoint("<|im_end|>")
     else:
-        path = make_checkpoint("parity", head="last_token", tie_word_embeddings=variant == "tied", think_max_tokens=12)
+        path = make_checkpoint("parity", head="last_token", tie_word_embeddings=variant.startswith("tied"), think_max_tokens=12)
     eng = Engine(path, enable_prefix_caching=prefix_caching)
+    if variant == "tied_prepacked":
+        model = eng.stages[0].runner.model
+        assert isinstance(model.lm_head, cpu_linear.PackedLinear) and isinstance(model.layers[0].qkv_proj, cpu_linear.PackedLinear)
+        assert isinstance(model.visual.blocks[0].qkv, cpu_linear.PackedLinear)
     res = _embed_twice(eng, mixed_items)
     image_tok = eng.model_cfg.image_token_id
     assert res.errors == [None] * len(mixed_items)

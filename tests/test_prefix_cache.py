@@ -120,3 +120,44 @@ def test_steps_that_register_blocks_compute_every_layer(make_checkpoint, mixed_i
     again = engine.embed(mixed_items)
     assert again.usage["cached_tokens"] > 0
     _same(again, fresh)
+
+
+def _count_tower_images(engine: Engine) -> list[int]:
+    """Patch the vision tower to record how many images each call encodes."""
+    encoded = []
+    model = engine.stages[0].runner.model
+    real = model.encode_images
+    model.encode_images = lambda pixels, grids: encoded.append(len(grids)) or real(pixels, grids)
+    return encoded
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_an_image_held_by_many_sequences_is_encoded_once(path, prefix_caching):
+    """The cached prefix may end inside an image (here: without prefix caching, always), so every
+    sequence needs the tower's output; it is computed once a step and kept for the next calls."""
+    items = [{"text": f"question {i}?", "image": _image(5)} for i in range(6)] + [{"text": "other", "image": _image(6)}]
+    engine = Engine(path, enable_prefix_caching=prefix_caching)
+    encoded = _count_tower_images(engine)
+    res = engine.embed(items)
+    assert sum(encoded) == 2  # two distinct images
+    again = engine.embed(items[::-1])
+    assert sum(encoded) == 2  # kept from the last call
+    engine.reset_prefix_cache()
+    engine.embed(items[:1])
+    assert sum(encoded) == 3  # a reset forgets the kept outputs
+    plain = Engine(path, enable_prefix_caching=False, max_num_seqs=1).embed(items)  # one at a time: nothing shared in a step
+    _same(res, plain)
+    assert again.trace_token_ids == res.trace_token_ids[::-1]
+
+
+def test_encoder_cache_drops_least_recently_used_rows():
+    from tte_engine.runner import EncoderCache
+
+    cache = EncoderCache(max_tokens=10)
+    cache.update({"a": torch.ones(4, 3), "b": torch.ones(4, 3)})
+    _ = cache["a"]  # a is now the most recently used
+    cache.update({"c": torch.ones(4, 3), "huge": torch.ones(11, 3)})  # huge never fits
+    assert "a" in cache and "c" in cache and "b" not in cache and "huge" not in cache and cache.tokens == 8
+    big = torch.ones(8, 3)
+    cache.update({"view": big[:2]})
+    assert cache["view"].untyped_storage().nbytes() == 2 * 3 * 4  # a copy, not a view pinning `big`

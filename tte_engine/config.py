@@ -235,6 +235,9 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     # Reuse the KV of full prompt blocks already computed (same tokens, same images), as vLLM does.
     enable_prefix_caching: bool = True
+    # CPU: lay the linear weights out once in oneDNN's blocked GEMM format (model/cpu_linear.py).
+    # None: on for a CPU engine in float32/bfloat16 where torch has oneDNN; False keeps plain weights.
+    prepack_weights: bool | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first knob whose value cannot work (before anything is loaded)."""
@@ -244,8 +247,10 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"EngineConfig.max_model_len must be a positive integer or None, got {self.max_model_len!r}")
-        for name in ("cuda_graphs",):
+        for name in ("cuda_graphs", "prepack_weights"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"EngineConfig.{name} must be True, False or None, got {getattr(self, name)!r}")
+        if self.prepack_weights and not str(self.device).startswith("cpu"):
+            raise ValueError(f"EngineConfig.prepack_weights=True is for CPU engines (device is {self.device!r})")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")

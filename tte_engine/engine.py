@@ -25,6 +25,7 @@ from .engine_dir import EngineDir, is_engine_dir
 from .errors import CheckpointError, InvalidInputError, describe
 from .inputs import PromptBuilder, as_query, check_settings
 from .prep import prepare_all, run_prepared
+from .model.cpu_linear import pack_linears
 from .model.loader import build_model, load_checkpoint_weights
 from .model.rope import prompt_positions
 from .runner import Runner
@@ -142,10 +143,14 @@ class Engine:
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
         head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
         if self.engine_dir and checkpoint == self.checkpoint:
-            return self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
-        model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
-        load_checkpoint_weights(model, checkpoint, head_cfg)
-        return model.finalize()
+            model = self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+        else:
+            model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
+            load_checkpoint_weights(model, checkpoint, head_cfg)
+            model.finalize()
+        if self.config.prepack_weights is not False and torch.device(self.config.device).type == "cpu":
+            pack_linears(model)
+        return model
 
     def _make_stage(self, checkpoint: Path, model, budget_bytes: int) -> _Stage:
         """Give a loaded model its KV cache (and the mhsa head's source-state cache) and a runner."""
@@ -268,9 +273,11 @@ class Engine:
         return self.scheduler.update(step, tokens, embeddings)
 
     def reset_prefix_cache(self) -> None:
-        """Drop the prefix cache's unused entries (e.g. before timing a cold run); results do not change."""
+        """Drop the prefix cache's unused entries and the kept vision-tower outputs (e.g. before timing
+        a cold run); results do not change."""
         for stage in self.stages:
             stage.blocks.reset_prefix_cache()
+            stage.runner.encoder_cache.clear()
 
     def capture_cuda_graphs(self) -> None:
         """Capture the decode graphs now (otherwise the first decode step does); no-op without graphs."""

@@ -11,6 +11,7 @@ reading back the sampled tokens; it runs from a CUDA graph per batch bucket when
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from operator import attrgetter
 
 import numpy as np
@@ -62,6 +63,7 @@ class Runner:
         self.prefill_staging = StagingBuffer(1 << 14, self.device)
         self.padding_slot = blocks.scratch_block * self.block_size
         self.vision_ids = (model.cfg.image_token_id, model.cfg.video_token_id)
+        self.encoder_cache = EncoderCache(max_tokens=ENCODER_CACHE_TOKENS)
         self.graphs = None
         if cuda_graphs:
             from .cuda_graphs import DecodeGraphs
@@ -264,25 +266,31 @@ class Runner:
 
     def _encode_images(self, seqs: list[Sequence]) -> None:
         """Run the vision tower over the images of `seqs` that still have tokens to compute (an image
-        wholly inside a cached prefix is skipped), a bounded number of patches per call."""
-        pending = []
+        wholly inside a cached prefix is skipped), a bounded number of patches per call.
+
+        An image is encoded once per step however many sequences hold it (by content digest), and
+        recent outputs are kept (`encoder_cache`, as vLLM's encoder cache): sequences sharing an
+        image whose cached prefix ends inside it need its tower output for their remaining tokens."""
+        wanted: list[tuple[Sequence, list]] = []
         for seq in seqs:
             spans = seq.vision_spans(self.vision_ids)
             keep = [k for k, (_, end) in enumerate(spans) if end > seq.num_computed]
             if keep:
                 seq.image_embeds_offset = _vision_tokens_before(spans, spans[keep[0]][0])
-                images = [seq.prompt.images[k] for k in keep]
-                pending.append((seq, images, sum(i.patches.shape[0] for i in images)))
-        while pending:
+                wanted.append((seq, [seq.prompt.images[k] for k in keep]))
+        todo = list({img.digest: img for _, images in wanted for img in images if img.digest not in self.encoder_cache}.values())
+        fresh = {}
+        while todo:
             group, patches = [], 0
-            while pending and (not group or patches + pending[0][2] <= self.max_vision_patches):
-                group.append(pending.pop(0))
-                patches += group[-1][2]
-            images = [img for _, imgs, _ in group for img in imgs]
-            pixels = torch.cat([img.patches for img in images]).to(self.device)
-            merged = self.model.encode_images(pixels, [img.grid_thw for img in images])
-            for (seq, imgs, _), part in zip(group, merged.split([sum(i.num_tokens for i in imgs) for _, imgs, _ in group])):
-                seq.image_embeds = part
+            while todo and (not group or patches + todo[0].patches.shape[0] <= self.max_vision_patches):
+                group.append(todo.pop(0))
+                patches += group[-1].patches.shape[0]
+            pixels = torch.cat([img.patches for img in group]).to(self.device)
+            merged = self.model.encode_images(pixels, [img.grid_thw for img in group])
+            fresh.update(zip((img.digest for img in group), merged.split([img.num_tokens for img in group])))
+        for seq, images in wanted:
+            seq.image_embeds = torch.cat([fresh.get(img.digest) if img.digest in fresh else self.encoder_cache[img.digest] for img in images])
+        self.encoder_cache.update(fresh)
 
     def layers_needed(self, step: Step) -> int | None:
         """With the mhsa head, an all-embed step only needs the layers below the head's source layer,
@@ -322,3 +330,34 @@ def _vision_tokens_before(spans: list[tuple[int, int]], position: int) -> int:
 def _sampling_params(field) -> tuple[torch.Tensor, ...]:
     """`sample`'s (temperature, top_k, top_p, seeds, counters) from int64 device fields by name."""
     return bits_float(field("temperature_bits")), field("top_k"), bits_float(field("top_p_bits")), field("seeds"), field("counters")
+
+
+ENCODER_CACHE_TOKENS = 16384  # vision-tower output tokens kept for reuse (~2 MB a 1k tokens at hidden 512, fp32)
+
+
+class EncoderCache:
+    """Vision-tower outputs by image content digest, least recently used dropped first once they
+    hold more than `max_tokens` rows."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.tokens = max_tokens, 0
+        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._rows
+
+    def __getitem__(self, digest: str) -> torch.Tensor:
+        self._rows.move_to_end(digest)
+        return self._rows[digest]
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self.tokens = 0
+
+    def update(self, fresh: dict[str, torch.Tensor]) -> None:
+        for digest, rows in fresh.items():
+            if digest not in self._rows and rows.shape[0] <= self.max_tokens:
+                self._rows[digest] = rows.clone()  # not a view: a kept image must not pin its whole batch's output
+                self.tokens += rows.shape[0]
+        while self.tokens > self.max_tokens:
+            self.tokens -= self._rows.popitem(last=False)[1].shape[0]

@@ -42,3 +42,11 @@ def test_rms_norm_of_strided_rows(device, assert_matches):
     out = norms.rms_norm_triton(x, weight, 1e-6)
     assert out.shape == x.shape
     assert_matches(out, norms.rms_norm_torch(x, weight, 1e-6), torch.float32)
+
+
+@pytest.mark.parametrize("rows,d", [(1, 64), (7, 33), (129, 384)])
+def test_rms_norm_reference_fast_path_is_bit_exact(rows, d):
+    """The fp32 reference calls F.rms_norm (one op); it must equal Qwen2's spelled-out RMSNorm bit for bit."""
+    x, w = torch.randn(rows, d) * 3, torch.randn(d)
+    spelled = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(norms.rms_norm_torch(x, w, 1e-6), spelled)

@@ -259,7 +259,12 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
     (tmp_path / "ok" / "link.png").symlink_to(tmp_path / "outside.png")
     settings = ServerSettings(api_key="s3cret", max_queue=2, local_files_root=(tmp_path / "ok").resolve(), prep_threads=2, max_trace_tokens=40)
     cache = ResultCache(tmp_path / "cache.sqlite")
-    srv = start_server(Engine(serve_checkpoint, max_num_seqs=2), settings, cache)
+    engine = Engine(serve_checkpoint, max_num_seqs=2)
+    steps_allowed = threading.Event()  # the 429 check below holds the engine still, however fast it is
+    steps_allowed.set()
+    real_step = engine.step
+    engine.step = lambda: steps_allowed.wait(60) and real_step()
+    srv = start_server(engine, settings, cache)
     try:
         auth = {"Authorization": "Bearer s3cret"}
         with srv.client() as anon, srv.client(headers=auth) as c:
@@ -296,6 +301,7 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
                 with srv.client(headers=auth) as busy_client:
                     busy["r"] = busy_client.post("/v1/embeddings", json={"input": [f"busy {i}" for i in range(4)], "max_trace_tokens": 40})
 
+            steps_allowed.clear()
             t = threading.Thread(target=occupy)
             t.start()
             deadline = time.monotonic() + 30
@@ -306,10 +312,12 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
             _error(refused, 429, contains="busy", code="rate_limit_exceeded")
             assert refused.headers["retry-after"] == "1"
             _error(c.post("/v1/embeddings", json={"input": ["x"] * 5}), 422, "input", "at most 4")
+            steps_allowed.set()
             t.join(60)
             assert busy["r"].status_code == 200 and len(busy["r"].json()["data"]) == 4
             assert c.post("/v1/embeddings", json={"input": "one more"}).status_code == 200
     finally:
+        steps_allowed.set()
         srv.stop()
         cache.close()
 

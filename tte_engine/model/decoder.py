@@ -15,9 +15,12 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels._dispatch import use_triton
+from ..kernels.rotary import rotary_angles, rotate_half_
 from ..config import TextConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Rope = Callable[[torch.Tensor, int], None]  # rotates a layer's [T, H + KVH, hd] q|k view in place; int: H
 
 
 class Rotary:
@@ -29,8 +32,14 @@ class Rotary:
         self.section = tuple(cfg.mrope_section)
         self.cos_sin = kernels.rotary_cos_sin(text_inv_freq(cfg.head_dim, cfg.rope_theta).to(device), max_positions)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, impl: str) -> None:
-        kernels.apply_mrope(q, k, positions, self.cos_sin, self.section, impl=impl)
+    def at(self, positions: torch.Tensor, impl: str) -> Rope:
+        """The rotation of one step's positions ([T] or [3, T]). On the PyTorch path its angles are
+        gathered here, once, instead of in every layer; q and k, adjacent in the fused projection's
+        output, are rotated as one tensor."""
+        if use_triton(impl, positions):
+            return lambda qk, nq: kernels.apply_mrope(qk[:, :nq], qk[:, nq:], positions, self.cos_sin, self.section, impl=impl)
+        cos, sin = rotary_angles(positions, self.cos_sin, self.section)
+        return lambda qk, nq: rotate_half_(qk, cos, sin)
 
 
 class DecoderLayer(nn.Module):
@@ -50,31 +59,26 @@ class DecoderLayer(nn.Module):
         self,
         h: torch.Tensor,
         residual: torch.Tensor | None,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: Rope,
         attend: Attend,
         impl: str = "auto",
         keep_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer output, residual stream): their sum is the hidden state after this layer.
 
-        keep_rows (int64 [R]): return only these rows; `attend` then returns attention for them alone
-        (after storing every row's k/v), and the rest of the layer runs on R rows instead of T."""
+        rope: this step's rotation (`Rotary.at`). keep_rows (int64 [R]): return only these rows;
+        `attend` then returns attention for them alone (after storing every row's k/v), and the
+        rest of the layer runs on R rows instead of T."""
         if residual is None:
             x, residual = kernels.rms_norm(h, self.input_norm, self.eps, impl=impl), h
         else:
             x, residual = kernels.add_rms_norm(h, residual, self.input_norm, self.eps, impl=impl)
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        rotary(q, k, positions, impl)
-        out = attend(q, k, v)
+        t, nq, nkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(t, nq + 2 * nkv, hd)  # heads: q, then k, then v
+        rope(qkv[:, : nq + nkv], nq)  # q and k in place
+        out = attend(qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :])
         if keep_rows is not None:
             residual = residual.index_select(0, keep_rows)
-        h = self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
+        h = self.o_proj(out.reshape(out.shape[0], nq * hd))
         x, residual = kernels.add_rms_norm(h, residual, self.post_attention_norm, self.eps, impl=impl)
         return self.down_proj(kernels.swiglu(self.gate_up_proj(x), impl=impl)), residual

@@ -72,7 +72,7 @@ class MHSAHead(nn.Module):
     ) -> torch.Tensor:
         """Packed source-layer states [T, D] of whole sequences -> normalized embeddings [B, D] fp32."""
         attend = causal_attend_packed(cu_seqlens.tolist())
-        h, residual = hidden, None
+        h, residual, rope = hidden, None, rotary.at(positions, impl)
         for layer in self.layers:
-            h, residual = layer(h, residual, positions, rotary, attend, impl)
+            h, residual = layer(h, residual, rope, attend, impl)
         return kernels.pool_last_rmsnorm_normalize(h, cu_seqlens, self.norm, rms_eps=self.eps, residual=residual, impl=impl)

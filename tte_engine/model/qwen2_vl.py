@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels._dispatch import use_triton
+from ..kernels.attention import DecodePlan, decode_plan
 from ..config import HeadConfig, ModelConfig
 from .decoder import DecoderLayer, Rotary
 from .heads import MHSAHead
@@ -98,14 +100,19 @@ class Qwen2VL(nn.Module):
         capture = self.head_source_layer if cache.hidden is not None else None
         num_layers = len(self.layers) if batch.num_layers is None else batch.num_layers
         last = len(self.layers) - 1 if batch.out_rows is not None else None
+        # what every layer shares is worked out once: the rotary angles, the decode attention's reads
+        rope = self.rotary.at(batch.positions, self.impl)
+        plan = None
+        if not batch.is_prefill and not use_triton(self.impl, h):
+            plan = decode_plan(batch.block_tables, batch.context_lens, cache.k.shape[2])
         for i, layer in enumerate(self._layer_list[:num_layers]):  # a plain list: slicing a ModuleList costs ~2 us a layer
             if i == capture:
                 self._record_head_source(h, residual, batch, cache)
             if i == last:  # only the rows someone reads go past the k/v store
                 attend = self._paged_attend_rows(i, batch, cache)
-                h, residual = layer(h, residual, batch.positions, self.rotary, attend, self.impl, keep_rows=batch.out_rows)
+                h, residual = layer(h, residual, rope, attend, self.impl, keep_rows=batch.out_rows)
             else:
-                h, residual = layer(h, residual, batch.positions, self.rotary, self._paged_attend(i, batch, cache), self.impl)
+                h, residual = layer(h, residual, rope, self._paged_attend(i, batch, cache, plan), self.impl)
         if capture == num_layers:
             self._record_head_source(h, residual, batch, cache)
         return h, residual
@@ -134,7 +141,7 @@ class Qwen2VL(nn.Module):
         stream = h if residual is None else h + residual
         cache.hidden.view(-1, cache.hidden.shape[-1]).index_copy_(0, batch.slot_mapping.long(), stream.to(cache.hidden.dtype))
 
-    def _paged_attend(self, i: int, batch: StepBatch, cache: KVCache):
+    def _paged_attend(self, i: int, batch: StepBatch, cache: KVCache, plan: DecodePlan | None = None):
         k_cache, v_cache = cache.k[i], cache.v[i]
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,7 @@ class Qwen2VL(nn.Module):
                 )
                 return torch.cat([decoded, rest])
             return kernels.decode_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, num_splits=batch.num_splits, impl=self.impl
+                q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, num_splits=batch.num_splits, plan=plan, impl=self.impl
             )
 
         return attend
