@@ -64,32 +64,32 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_len
     return kv.masked_fill_(~valid[:, :, None, None], 0).transpose(1, 2)
 
 
-DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
     """What `decode_attention_torch` reads, worked out once per step (every layer shares it):
-    (blocks [B * W] int64, past-context positions [B, span, 1, 1] bool, key mask [B, 1, 1, span]
-    bool, non-empty rows [B, 1, 1] bool) for a table of W blocks, span = W * block_size tokens.
+    (cache slots [B * span] int64, key mask [B, 1, 1, span] bool, non-empty rows [B, 1, 1] bool)
+    for span = the table's width in tokens.
 
-    Whole blocks are gathered (one row copy per block, not per token), and every position past a
-    sequence's context (a block's unwritten tail, a padding entry of the table) is zeroed before
-    use: masking its score alone is not enough where the value is still multiplied (0 * NaN =
-    NaN). An empty context (a padded row) keeps position 0 unmasked so softmax stays finite; its
-    output is replaced by zeros."""
+    Read only slots a sequence wrote: a position past its context (a block's unwritten tail, a
+    padding entry of the table) reads position 0's slot instead, and its score is masked. Masking
+    the score alone is not enough where the value is still multiplied (0 * NaN = NaN); a gather
+    of whole blocks followed by zeroing the positions past each context measured slower on CPU."""
     span = block_tables.shape[1] * block_size
     pos = torch.arange(span, device=block_tables.device)[None, :]
     valid = pos < context_lens[:, None]  # [B, span]
-    return block_tables.long().view(-1), ~valid[:, :, None, None], (valid | (pos == 0))[:, None, None, :], (context_lens > 0)[:, None, None]
+    src = torch.where(valid, pos, 0)
+    slots = (block_tables.long().gather(1, src // block_size) * block_size + src % block_size).view(-1)
+    return slots, (valid | (pos == 0))[:, None, None, :], (context_lens > 0)[:, None, None]
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
     bsz = block_tables.shape[0]
     block_size, kvh, hd = k_cache.shape[1:]
-    blocks, past, mask, nonempty = plan if plan is not None else decode_plan(block_tables, context_lens, block_size)
-    # [B, KVH, span, hd]
-    k = k_cache.index_select(0, blocks).view(bsz, -1, kvh, hd).masked_fill_(past, 0).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(bsz, -1, kvh, hd).masked_fill_(past, 0).transpose(1, 2)
+    slots, mask, nonempty = plan if plan is not None else decode_plan(block_tables, context_lens, block_size)
+    k = k_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, -1, kvh, hd).transpose(1, 2)  # [B, KVH, span, hd]
+    v = v_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, -1, kvh, hd).transpose(1, 2)
     if k.dtype != q.dtype:  # an fp8 cache
         k, v = k.to(q.dtype), v.to(q.dtype)
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0, :]

@@ -22,9 +22,9 @@ from ._dispatch import HAS_TRITON, next_pow2, row_warps, tl_dtype, use_triton
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.onnx.is_in_onnx_export():
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.jit.is_tracing():
         # one dispatched op; the same arithmetic as below, bit for bit (checked in tests/kernels);
-        # ONNX opset 18 has no rms_norm, so an export traces the spelled-out form
+        # ONNX opset 18 has no rms_norm, so an export (a trace) records the spelled-out form
         return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -22,8 +22,10 @@ from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import sample, suppression_bias
 from .scheduler import Step
 from .sequence import Phase, Sequence
-from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
+from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
 
+_STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "table_rows")  # the per-row integers, in order
+assert DECODE_FIELDS[: len(_STEP_FIELDS)] == _STEP_FIELDS
 _DECODE_STATE = attrgetter("row", "num_computed", "rope_delta", "last_token")
 _GREEDY = attrgetter("greedy")
 
@@ -62,6 +64,8 @@ class Runner:
         self.decode_staging = StagingBuffer(self.layout.size, self.device)
         self.prefill_staging = StagingBuffer(1 << 14, self.device)
         self.padding_slot = blocks.scratch_block * self.block_size
+        # a padded decode row, per _STEP_FIELDS: token 0 at position 0, k/v to the scratch slot, empty context, padding table row
+        self.padding_values = np.array([0, 0, self.padding_slot, 0, self.max_rows], dtype=np.int64)[:, None]
         self.vision_ids = (model.cfg.image_token_id, model.cfg.video_token_id)
         self.encoder_cache = EncoderCache(max_tokens=ENCODER_CACHE_TOKENS)
         self.graphs = None
@@ -107,21 +111,21 @@ class Runner:
         Padded rows read the padding table row (all scratch block) with context 0 and write their
         k/v to the scratch slot: they touch no sequence's cache.
         """
-        n = len(seqs)
-        f = lambda name: host[self.layout.field(name)]  # noqa: E731
+        n, width = len(seqs), self.max_rows
         # one C-level pass over the sequences; then everything is array arithmetic
         rows, index, deltas, last = np.array(list(map(_DECODE_STATE, seqs)), dtype=np.int64).reshape(n, 4).T
-        f("input_ids")[:n] = last
-        f("positions")[:n] = index + deltas  # index: the token computed now, past the prompt
-        f("slot_mapping")[:n] = self._slots(rows, index)
-        f("context_lens")[:n] = index + 1
-        f("table_rows")[:n] = rows
-        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", self.padding_slot), ("context_lens", 0), ("table_rows", self.max_rows)):
-            f(name)[n:bucket] = value
-        updates = self._fill_updates(f("update_index"), f("update_value"), bucket)
+        ints = host[: len(_STEP_FIELDS) * width].reshape(len(_STEP_FIELDS), width)  # a view: one row per field
+        ints[0, :n] = last
+        ints[1, :n] = index + deltas  # index: the token computed now, past the prompt
+        ints[2, :n] = self._slots(rows, index)
+        ints[3, :n] = index + 1
+        ints[4, :n] = rows
+        if bucket > n:
+            ints[:, n:bucket] = self.padding_values
+        updates = self._fill_updates(host[self.layout.field("update_index")], host[self.layout.field("update_value")], bucket)
         sampling = not all(map(_GREEDY, seqs))
         if sampling:
-            self._fill_sampling(seqs, *(f(name) for name in SAMPLING_FIELDS))
+            self._fill_sampling(seqs, *(host[self.layout.field(name)] for name in SAMPLING_FIELDS))
         return sampling, updates
 
     def _slots(self, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -135,6 +139,8 @@ class Runner:
         updates = self.blocks.take_updates()
         if len(updates) > count:
             raise RuntimeError(f"{len(updates)} block-table updates in a decode step of {count} rows (a scheduler bug)")
+        if not updates and self.graphs is None:
+            return False  # an eager step without new blocks skips the table update: nothing reads these
         if updates:
             index[: len(updates)], value[: len(updates)] = np.asarray(updates, dtype=np.int64).T
         index[len(updates) : count] = self.max_rows * self.blocks.tables.shape[1]

@@ -11,6 +11,7 @@ step of a batch bucket, padded to the bucket, so a captured CUDA graph reads its
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +30,17 @@ class DecodeLayout:
 
     def field(self, name: str, batch: int | None = None) -> slice:
         """The first `batch` (default: all) entries of field `name`."""
-        start = DECODE_FIELDS.index(name) * self.rows
-        return slice(start, start + (self.rows if batch is None else batch))
+        return _field_slice(self.rows, name, batch)
 
     @property
     def size(self) -> int:
         return len(DECODE_FIELDS) * self.rows
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_slice(rows: int, name: str, batch: int | None) -> slice:
+    start = DECODE_FIELDS.index(name) * rows
+    return slice(start, start + (rows if batch is None else batch))
 
 
 def float_bits(values: np.ndarray) -> np.ndarray:
