@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..config import TextConfig
 from ..kernels.activations import swiglu_torch
 from ..kernels.norms import rms_norm_torch
+from ..model.cpu_linear import plain_linears
 from ..model.decoder import DecoderLayer
 from ..model.qwen2_vl import Qwen2VL
 from ..model.rope import prompt_positions, text_inv_freq, vision_angles, vision_inv_freq, vision_position_ids
@@ -286,6 +287,11 @@ def export_onnx(engine, out: Path, *, graphs: tuple[str, ...] = ("vision", "embe
     model: Qwen2VL = engine.stages[-1].runner.model
     if model.norm.dtype != torch.float32 or model.norm.device.type != "cpu":
         raise ValueError("export_onnx needs a float32 CPU engine")
+    with plain_linears(model):  # a trace needs plain weights: a CPU engine holds oneDNN-packed ones
+        return _export_graphs(engine, model, out, graphs, progress)
+
+
+def _export_graphs(engine, model: Qwen2VL, out: Path, graphs: tuple[str, ...], progress) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 

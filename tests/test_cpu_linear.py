@@ -70,3 +70,37 @@ def test_engine_prepacks_on_cpu_by_default_and_not_when_told(make_checkpoint, mo
 def test_prepack_weights_is_for_cpu_engines():
     with pytest.raises(ValueError, match="prepack_weights"):
         Engine("tiny-random", device="cuda", prepack_weights=True)
+
+
+def test_packed_state_dict_loads_back_and_weight_assignment_repacks():
+    model = nn.Sequential(nn.Linear(13, 21), nn.Linear(21, 5, bias=False))
+    fresh = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    pack_linears(model, min_elements=0)
+    model.load_state_dict(fresh)  # strict: the dense keys are the packed layers' keys
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.items())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict({"0.bias": fresh["0.bias"], "1.weight": fresh["1.weight"]})
+    model[1].weight = torch.ones(5, 21)
+    with torch.inference_mode():
+        assert torch.allclose(model[1](torch.ones(2, 21)), torch.full((2, 5), 21.0))
+    with pytest.raises(ValueError, match="shape"):
+        model[1].weight = torch.ones(21, 5)
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, "yes"])
+def test_prepack_weights_takes_only_a_bool_or_none(value):
+    with pytest.raises(ValueError, match="prepack_weights"):
+        Engine("tiny-random", prepack_weights=value)
+
+
+def test_onnx_export_of_a_packed_engine(make_checkpoint, monkeypatch, tmp_path):
+    """export_onnx traces the model: it swaps plain linears in for the trace and puts the packed ones back."""
+    from tte_engine.export.onnx_export import export_onnx
+
+    monkeypatch.setattr(cpu_linear, "MIN_PACKED_ELEMENTS", 0)
+    engine = Engine(make_checkpoint("ckpt"))
+    model = engine.stages[0].runner.model
+    assert isinstance(model.layers[0].qkv_proj, PackedLinear)
+    report = export_onnx(engine, tmp_path, graphs=("embed",))
+    assert (tmp_path / "embed.onnx").exists() and report["graphs"]["embed.onnx"]["max_abs_error_vs_torch"] < 1e-4, report
+    assert isinstance(model.layers[0].qkv_proj, PackedLinear)  # restored

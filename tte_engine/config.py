@@ -248,7 +248,7 @@ class EngineConfig:
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"EngineConfig.max_model_len must be a positive integer or None, got {self.max_model_len!r}")
         for name in ("cuda_graphs", "prepack_weights"):
-            if getattr(self, name) not in (None, True, False):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):  # 0 == False, but 0 is no answer here
                 raise ValueError(f"EngineConfig.{name} must be True, False or None, got {getattr(self, name)!r}")
         if self.prepack_weights and not str(self.device).startswith("cpu"):
             raise ValueError(f"EngineConfig.prepack_weights=True is for CPU engines (device is {self.device!r})")

@@ -26,7 +26,7 @@ from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBu
 
 _STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "table_rows")  # the per-row integers, in order
 assert DECODE_FIELDS[: len(_STEP_FIELDS)] == _STEP_FIELDS
-_DECODE_STATE = attrgetter("row", "num_computed", "rope_delta", "last_token")
+_DECODE_STATE = tuple(map(attrgetter, ("row", "num_computed", "rope_delta", "last_token")))
 _GREEDY = attrgetter("greedy")
 
 
@@ -112,8 +112,8 @@ class Runner:
         k/v to the scratch slot: they touch no sequence's cache.
         """
         n, width = len(seqs), self.max_rows
-        # one C-level pass over the sequences; then everything is array arithmetic
-        rows, index, deltas, last = np.array(list(map(_DECODE_STATE, seqs)), dtype=np.int64).reshape(n, 4).T
+        # C-level passes over the sequences; then everything is array arithmetic
+        rows, index, deltas, last = (np.fromiter(map(get, seqs), np.int64, n) for get in _DECODE_STATE)
         ints = host[: len(_STEP_FIELDS) * width].reshape(len(_STEP_FIELDS), width)  # a view: one row per field
         ints[0, :n] = last
         ints[1, :n] = index + deltas  # index: the token computed now, past the prompt

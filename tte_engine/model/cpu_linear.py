@@ -17,6 +17,8 @@ of a copy when they ask.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -30,25 +32,52 @@ def prepacking_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """`nn.Linear` (y = x W^T + b) with W held in oneDNN's blocked layout. x: [..., K] -> [..., N], same dtype."""
+    """`nn.Linear` (y = x W^T + b) with W held in oneDNN's blocked layout. x: [..., K] -> [..., N], same dtype.
+
+    An inference layout: `.weight`, `state_dict()` and `load_state_dict()` speak the dense weight,
+    but a packed model cannot be deep-copied, pickled whole or moved to another dtype or device
+    (oneDNN tensors have no storage); build the engine with `prepack_weights=False` for that."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None), persistent=False)
+        self.register_buffer("packed", _pack(linear.weight), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self._register_state_dict_hook(_dense_weight_in_state_dict)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense [N, K] weight (a fresh copy, exactly the one packed)."""
+        """The dense [N, K] weight (a fresh copy, exactly the one packed); assigning one repacks it."""
         return self.packed.to_dense()
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        if tuple(value.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(value.shape)} for a {self.in_features} -> {self.out_features} linear")
+        self.packed = _pack(value)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.packed.dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key in state_dict:
+            self.weight = state_dict[key].to(self.packed.dtype)
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn_packed=True"
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
 def _dense_weight_in_state_dict(module: PackedLinear, state: dict, prefix: str, local_metadata) -> None:
@@ -73,3 +102,24 @@ def pack_linears(model: nn.Module, min_elements: int | None = None) -> int:
                 setattr(parent, name, PackedLinear(child))
                 replaced += 1
     return replaced
+
+
+@contextlib.contextmanager
+def plain_linears(model: nn.Module):
+    """Within the block, every `PackedLinear` of `model` is a plain `nn.Linear` again (dense copies),
+    for code that traces or copies the model (the ONNX exporter); the packed layers come back after."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=child.dtype)
+                plain.weight = nn.Parameter(child.weight, requires_grad=False)
+                if child.bias is not None:
+                    plain.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+                setattr(parent, name, plain)
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)

@@ -99,7 +99,7 @@ class VisionTower(nn.Module):
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Packed patches of several images [N, patch_dim] -> merged tokens [N / merge**2, out_hidden]."""
         c = self.cfg
-        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(patches.to(self.merger_norm.weight.dtype))  # not patch_embed.weight: a packed one densifies on read
         cos, sin = vision_cos_sin(grids, c.head_dim, c.rope_theta, c.spatial_merge_size)
         cos, sin = cos.to(x.device)[:, None], sin.to(x.device)[:, None]
         frames = frame_groups([h * w for t, h, w in grids for _ in range(t)], x.device)  # attention stays inside each frame
