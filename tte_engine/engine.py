@@ -23,6 +23,7 @@ from .checkpoint import fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
 from .engine_dir import EngineDir, is_engine_dir
 from .errors import CheckpointError, InvalidInputError, describe
+from .host_memory import keep_freed_memory
 from .inputs import PromptBuilder, as_query, check_settings
 from .prep import prepare_all, run_prepared
 from .model.cpu_linear import pack_linears
@@ -89,6 +90,8 @@ class Engine:
         self.config = replace(config or EngineConfig(), **given, **overrides)
         self.config.check()
         self.device = torch.device(self.config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations reuse heap memory instead of fresh pages every op
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.config.device!r} was asked for, but this torch build sees no CUDA device "
                              f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch")

@@ -1,0 +1,44 @@
+"""Keep freed host memory for reuse instead of handing it back to the OS after every op (glibc).
+
+A CPU forward allocates and frees activations of several MB per op. glibc serves blocks above its
+mmap threshold with fresh `mmap()`s and trims the heap top when it is freed, so every such tensor
+is paid again in page faults. Raising both thresholds with `mallopt` keeps those blocks in the
+heap, which is what tcmalloc and jemalloc (the allocators vLLM's CPU backend asks users to preload)
+do by design. Measured on the 2-core dev VM (2026-11-29), same engine, separate processes: 64 short
+texts think=False 8-11% faster; a decode-heavy traced batch unchanged.
+
+The cost: the process keeps its peak heap instead of shrinking after a burst. The setting is
+process-wide, so it is applied once, by the first CPU engine; `TTE_KEEP_FREED_MEMORY=0` leaves
+malloc alone. Elsewhere than glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+logger = logging.getLogger("tte_engine")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+_THRESHOLD = 1 << 30  # 1 GiB: anything an activation needs stays in the heap
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; returns whether they are raised."""
+    global _done
+    if _done:
+        return True
+    if os.environ.get("TTE_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    _done = bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    if not _done:
+        logger.debug("mallopt refused the thresholds; host allocations keep glibc's defaults")
+    return _done
