@@ -29,7 +29,7 @@ from .prep import prepare_all, run_prepared
 from .model.cpu_linear import pack_linears
 from .model.loader import build_model, load_checkpoint_weights
 from .model.rope import prompt_positions
-from .runner import Runner
+from .runner import ENCODER_CACHE_TOKENS, Runner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -165,7 +165,8 @@ class Engine:
         blocks = BlockManager(num_blocks, self.config.block_size, self.config.max_num_seqs, max_blocks_per_seq,
                               enable_prefix_caching=self.config.enable_prefix_caching)
         graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
-        runner = Runner(model, cache, blocks, self.prompts.suppressed_ids, self.config.max_vision_patches, cuda_graphs=graphs)
+        runner = Runner(model, cache, blocks, self.prompts.suppressed_ids, self.config.max_vision_patches, cuda_graphs=graphs,
+                        encoder_cache_tokens=ENCODER_CACHE_TOKENS if self.config.enable_prefix_caching else 0)
         logger.info("%s: KV cache of %d blocks x %d tokens (%.1f MiB)", checkpoint.name, num_blocks, self.config.block_size, num_blocks * per_block / 2**20)
         return _Stage(checkpoint, cfg, runner, blocks)
 

@@ -51,6 +51,7 @@ class Runner:
         max_vision_patches: int,
         *,
         cuda_graphs: bool = False,
+        encoder_cache_tokens: int = 0,
     ):
         self.model, self.cache, self.blocks = model, cache, blocks
         self.block_size = blocks.block_size
@@ -67,7 +68,7 @@ class Runner:
         # a padded decode row, per _STEP_FIELDS: token 0 at position 0, k/v to the scratch slot, empty context, padding table row
         self.padding_values = np.array([0, 0, self.padding_slot, 0, self.max_rows], dtype=np.int64)[:, None]
         self.vision_ids = (model.cfg.image_token_id, model.cfg.video_token_id)
-        self.encoder_cache = EncoderCache(max_tokens=ENCODER_CACHE_TOKENS)
+        self.encoder_cache = EncoderCache(max_tokens=encoder_cache_tokens)  # 0: nothing kept past its step
         self.graphs = None
         if cuda_graphs:
             from .cuda_graphs import DecodeGraphs
@@ -275,8 +276,9 @@ class Runner:
         wholly inside a cached prefix is skipped), a bounded number of patches per call.
 
         An image is encoded once per step however many sequences hold it (by content digest), and
-        recent outputs are kept (`encoder_cache`, as vLLM's encoder cache): sequences sharing an
-        image whose cached prefix ends inside it need its tower output for their remaining tokens."""
+        with prefix caching on, recent outputs are kept for later steps (`encoder_cache`): sequences
+        sharing an image whose cached prefix ends inside it need its tower output for their
+        remaining tokens. Without prefix caching nothing computed for one step serves another."""
         wanted: list[tuple[Sequence, list]] = []
         for seq in seqs:
             spans = seq.vision_spans(self.vision_ids)
