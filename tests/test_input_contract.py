@@ -304,3 +304,13 @@ def _alone(engine, item):
     if item not in _ALONE:
         _ALONE[item] = engine.embed([item], think=False).embeddings[0]
     return _ALONE[item]
+
+
+def test_any_collection_of_items_is_a_batch_and_one_item_is_one(engine):
+    want = engine.embed(["a cat", "a dog"], max_trace_tokens=2)
+    for batch in (("a cat", "a dog"), (t for t in ["a cat", "a dog"]), iter(["a cat", "a dog"]), np.array(["a cat", "a dog"])):
+        got = engine.embed(batch, max_trace_tokens=2)
+        assert got.errors == [None, None] and got.trace_token_ids == want.trace_token_ids
+    single = engine.embed({"text": "a cat"}, max_trace_tokens=2)
+    assert len(single.embeddings) == 1 and single.trace_token_ids[0] == want.trace_token_ids[0]
+    assert len(engine.embed("a cat", max_trace_tokens=2).embeddings) == 1

@@ -96,6 +96,9 @@ def read_items(path: Path) -> tuple[list, list]:
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError("each line must be a JSON object")
+        except json.JSONDecodeError as exc:  # its own "line 1 column c" would count inside this one line
+            items.append(MalformedLine(f"line {n}: not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
         except ValueError as exc:
             items.append(MalformedLine(f"line {n}: {exc}"))
             continue

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from .config import EngineConfig, ModelConfig, TTEConfig
 from .engine_dir import EngineDir, is_engine_dir
 from .errors import CheckpointError, InvalidInputError, describe
 from .host_memory import keep_freed_memory
-from .inputs import PromptBuilder, as_query, check_settings
+from .inputs import PromptBuilder, Query, as_query, check_settings
 from .prep import prepare_all, run_prepared
 from .model.cpu_linear import pack_linears
 from .model.loader import build_model, load_checkpoint_weights
@@ -366,7 +366,8 @@ class Engine:
         check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, None)
         if self.has_unfinished():
             raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
-        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        # one item (a text, a dict, a Query), or any collection of them: a list, a tuple, a generator, a pandas Series
+        items = [items] if isinstance(items, (str, bytes, dict, Query)) or not isinstance(items, Iterable) else list(items)
         settings = dict(think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, embed=embed,
                         truncate_prompt_tokens=truncate_prompt_tokens)
         seqs: list[Sequence | str | None] = [None] * len(items)

@@ -214,3 +214,11 @@ def test_demo_honours_think_and_trace_flags(capsys):
     assert "'trace_tokens': 0" in capsys.readouterr().out
     assert embed_main(["--demo", "--max-trace-tokens", "2"]) == 0
     assert "'trace_tokens': 8" in capsys.readouterr().out  # 4 items x 2 tokens
+
+
+def test_a_broken_json_line_is_named_by_its_line_and_column(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"\n[1, 2]\n')
+    items, _ = read_items(path)
+    assert items[1].reason == "line 2: not valid JSON (Expecting ',' delimiter at column 13)"
+    assert items[2].reason == "line 3: each line must be a JSON object"
