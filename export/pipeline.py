@@ -94,6 +94,9 @@ def validate(opts: ExportOptions) -> set[str]:
     targets = set(ALL_TARGETS) if opts.target == "all" else {opts.target}
     if opts.fp8_vision and not opts.fp8:
         raise ExportError("--fp8-vision needs --fp8")
+    if opts.fp8 and targets == {"onnx"}:
+        raise ExportError("--fp8 does not apply to --target onnx (its graphs are float32); "
+                          "drop --fp8, or export an FP8 target (native, trtllm, trtllm-legacy, hf, or all)")
     if opts.trtllm_fp8 not in ("per-tensor", "per-channel"):
         raise ExportError(f"--trtllm-fp8 must be per-tensor or per-channel, got {opts.trtllm_fp8!r}")
     if opts.calibration < 0:

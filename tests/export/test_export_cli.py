@@ -117,6 +117,9 @@ def test_errors_are_raised_as_export_errors(tmp_path):
         run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", target="tflite"))
     with pytest.raises(ExportError, match="kv-cache-fp8"):
         run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", kv_cache_fp8=True))
+    with pytest.raises(ExportError, match="--fp8 does not apply to --target onnx"):
+        run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", target="onnx", fp8=True))
+    assert not (tmp_path / "x").exists()
 
 
 def test_alias_resolves_from_the_hugging_face_cache(make_checkpoint, tmp_path, monkeypatch):
