@@ -49,9 +49,8 @@ class DecodeGraphs:
         r = self.runner
         host = r.decode_staging.host(r.layout.size)
         host[:] = 0
-        for name, value in (("slot_mapping", r.padding_slot), ("table_rows", r.max_rows),
-                            ("update_index", r.max_rows * self.width), ("update_value", r.blocks.scratch_block)):
-            host[r.layout.field(name)] = value
+        r.layout.row_fields(host)[:] = r.padding_values
+        host[r.layout.field("update_index")], host[r.layout.field("update_value")] = r.noop_update
         r.decode_staging.send(r.layout.size)
 
     @torch.inference_mode()

@@ -151,7 +151,7 @@ class Engine:
             model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
             load_checkpoint_weights(model, checkpoint, head_cfg)
             model.finalize()
-        if self.config.prepack_weights is not False and torch.device(self.config.device).type == "cpu":
+        if self.config.prepack_weights is not False and self.device.type == "cpu":
             pack_linears(model)
         return model
 

@@ -22,10 +22,8 @@ from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import sample, suppression_bias
 from .scheduler import Step
 from .sequence import Phase, Sequence
-from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
+from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
 
-_STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "table_rows")  # the per-row integers, in order
-assert DECODE_FIELDS[: len(_STEP_FIELDS)] == _STEP_FIELDS
 _DECODE_STATE = tuple(map(attrgetter, ("row", "num_computed", "rope_delta", "last_token")))
 _GREEDY = attrgetter("greedy")
 
@@ -65,8 +63,10 @@ class Runner:
         self.decode_staging = StagingBuffer(self.layout.size, self.device)
         self.prefill_staging = StagingBuffer(1 << 14, self.device)
         self.padding_slot = blocks.scratch_block * self.block_size
-        # a padded decode row, per _STEP_FIELDS: token 0 at position 0, k/v to the scratch slot, empty context, padding table row
+        # a padded decode row, per ROW_FIELDS: token 0 at position 0, k/v to the scratch slot, empty context, padding table row
         self.padding_values = np.array([0, 0, self.padding_slot, 0, self.max_rows], dtype=np.int64)[:, None]
+        # a no-op block-table update (index, value): the padding row's first entry rewritten with the scratch block
+        self.noop_update = (self.max_rows * blocks.tables.shape[1], blocks.scratch_block)
         self.vision_ids = (model.cfg.image_token_id, model.cfg.video_token_id)
         self.encoder_cache = EncoderCache(max_tokens=encoder_cache_tokens)  # 0: nothing kept past its step
         self.graphs = None
@@ -112,10 +112,10 @@ class Runner:
         Padded rows read the padding table row (all scratch block) with context 0 and write their
         k/v to the scratch slot: they touch no sequence's cache.
         """
-        n, width = len(seqs), self.max_rows
+        n = len(seqs)
         # C-level passes over the sequences; then everything is array arithmetic
         rows, index, deltas, last = (np.fromiter(map(get, seqs), np.int64, n) for get in _DECODE_STATE)
-        ints = host[: len(_STEP_FIELDS) * width].reshape(len(_STEP_FIELDS), width)  # a view: one row per field
+        ints = self.layout.row_fields(host)  # a view: one row per field
         ints[0, :n] = last
         ints[1, :n] = index + deltas  # index: the token computed now, past the prompt
         ints[2, :n] = self._slots(rows, index)
@@ -144,8 +144,7 @@ class Runner:
             return False  # an eager step without new blocks skips the table update: nothing reads these
         if updates:
             index[: len(updates)], value[: len(updates)] = np.asarray(updates, dtype=np.int64).T
-        index[len(updates) : count] = self.max_rows * self.blocks.tables.shape[1]
-        value[len(updates) : count] = self.blocks.scratch_block
+        index[len(updates) : count], value[len(updates) : count] = self.noop_update
         return bool(updates)
 
     @staticmethod
@@ -297,7 +296,7 @@ class Runner:
             merged = self.model.encode_images(pixels, [img.grid_thw for img in group])
             fresh.update(zip((img.digest for img in group), merged.split([img.num_tokens for img in group])))
         for seq, images in wanted:
-            seq.image_embeds = torch.cat([fresh.get(img.digest) if img.digest in fresh else self.encoder_cache[img.digest] for img in images])
+            seq.image_embeds = torch.cat([fresh[img.digest] if img.digest in fresh else self.encoder_cache[img.digest] for img in images])
         self.encoder_cache.update(fresh)
 
     def layers_needed(self, step: Step) -> int | None:

@@ -162,11 +162,8 @@ class Scheduler:
             stop_tokens, multi = self.stop_tokens, self.stop_sequences
             for seq, token in zip(step.seqs, tokens):
                 seq.num_computed += 1
-                trace = seq.trace_ids
-                trace.append(token)  # Sequence.append_trace_token, inlined: this loop runs for every token
-                seq.token_ids.append(token)
-                seq.last_token = token
-                if token in stop_tokens or len(trace) >= seq.max_trace_tokens or multi:
+                seq.append_trace_token(token)
+                if token in stop_tokens or len(seq.trace_ids) >= seq.max_trace_tokens or multi:
                     self._end_trace(seq, step.stage, finished)
             return finished
         for seq, n in zip(step.seqs, step.num_tokens):

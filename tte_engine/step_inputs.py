@@ -11,7 +11,6 @@ step of a batch bucket, padded to the bucket, so a captured CUDA graph reads its
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,8 @@ import torch
 
 # The int64 fields of a decode step, each `rows` long, in buffer order.
 SAMPLING_FIELDS = ("seeds", "counters", "top_k", "temperature_bits", "top_p_bits")
-DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "table_rows", "update_index", "update_value") + SAMPLING_FIELDS
+ROW_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "table_rows")  # one integer per decode row
+DECODE_FIELDS = ROW_FIELDS + ("update_index", "update_value") + SAMPLING_FIELDS
 
 
 @dataclass(frozen=True)
@@ -30,17 +30,16 @@ class DecodeLayout:
 
     def field(self, name: str, batch: int | None = None) -> slice:
         """The first `batch` (default: all) entries of field `name`."""
-        return _field_slice(self.rows, name, batch)
+        start = DECODE_FIELDS.index(name) * self.rows
+        return slice(start, start + (self.rows if batch is None else batch))
+
+    def row_fields(self, buffer: np.ndarray) -> np.ndarray:
+        """The ROW_FIELDS of `buffer` as one [len(ROW_FIELDS), rows] view (they lead the layout)."""
+        return buffer[: len(ROW_FIELDS) * self.rows].reshape(len(ROW_FIELDS), self.rows)
 
     @property
     def size(self) -> int:
         return len(DECODE_FIELDS) * self.rows
-
-
-@functools.lru_cache(maxsize=4096)
-def _field_slice(rows: int, name: str, batch: int | None) -> slice:
-    start = DECODE_FIELDS.index(name) * rows
-    return slice(start, start + (rows if batch is None else batch))
 
 
 def float_bits(values: np.ndarray) -> np.ndarray:

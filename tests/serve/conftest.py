@@ -83,3 +83,10 @@ def serve_checkpoint(make_checkpoint):
 def reference(serve_checkpoint):
     """An Engine of its own (the servers' engines belong to their loop threads): the expected answers."""
     return Engine(serve_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's own `server` fixture."""
+    with server.client() as c:
+        yield c

@@ -30,12 +30,6 @@ def server(serve_checkpoint):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
 def post(client, body):
     return client.post("/v1/embeddings", json=body)
 

@@ -40,12 +40,6 @@ def server(serve_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def images():
     return [png_bytes(60, 90, 1), png_bytes(130, 50, 2), png_bytes(64, 64, 3)]
 

@@ -63,7 +63,7 @@ class PackedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "weight"
         if key in state_dict:
-            self.weight = state_dict[key].to(self.packed.dtype)
+            self.weight = state_dict[key].to(self.dtype)
         elif strict:
             missing_keys.append(key)
         super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix, local_metadata, strict,
@@ -94,32 +94,40 @@ def pack_linears(model: nn.Module, min_elements: int | None = None) -> int:
     if not prepacking_available():
         return 0
     min_elements = MIN_PACKED_ELEMENTS if min_elements is None else min_elements
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            w = getattr(child, "weight", None)
-            if type(child) is nn.Linear and w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and w.numel() >= min_elements:
-                setattr(parent, name, PackedLinear(child))
-                replaced += 1
-    return replaced
+
+    def packable(child: nn.Module) -> bool:
+        w = child.weight if type(child) is nn.Linear else None
+        return w is not None and w.device.type == "cpu" and w.dtype in PACKABLE_DTYPES and w.numel() >= min_elements
+
+    return len(_swap_children(model, packable, PackedLinear))
 
 
 @contextlib.contextmanager
 def plain_linears(model: nn.Module):
     """Within the block, every `PackedLinear` of `model` is a plain `nn.Linear` again (dense copies),
     for code that traces or copies the model (the ONNX exporter); the packed layers come back after."""
-    swapped = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PackedLinear):
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=child.dtype)
-                plain.weight = nn.Parameter(child.weight, requires_grad=False)
-                if child.bias is not None:
-                    plain.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
-                setattr(parent, name, plain)
-                swapped.append((parent, name, child))
+    swapped = _swap_children(model, lambda child: isinstance(child, PackedLinear), _plain)
     try:
         yield model
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
+
+
+def _plain(packed: PackedLinear) -> nn.Linear:
+    plain = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None, dtype=packed.dtype)
+    plain.weight = nn.Parameter(packed.weight, requires_grad=False)
+    if packed.bias is not None:
+        plain.bias = nn.Parameter(packed.bias.detach(), requires_grad=False)
+    return plain
+
+
+def _swap_children(model: nn.Module, pick, make) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every submodule `pick(child)` accepts by `make(child)`; returns (parent, name, old child) of each."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if pick(child):
+                setattr(parent, name, make(child))
+                swapped.append((parent, name, child))
+    return swapped
