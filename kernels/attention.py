@@ -69,19 +69,23 @@ DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
     """What `decode_attention_torch` reads, worked out once per step (every layer shares it):
-    (cache slots [B * span] int64, key mask [B, 1, 1, span] bool, non-empty rows [B, 1, 1] bool)
-    for span = the table's width in tokens.
+    (cache slots [B * span] int64, additive key mask [B, 1, 1, span] fp32, non-empty rows
+    [B, 1, 1] bool) for span = the table's width in tokens.
 
     Read only slots a sequence wrote: a position past its context (a block's unwritten tail, a
     padding entry of the table) reads position 0's slot instead, and its score is masked. Masking
     the score alone is not enough where the value is still multiplied (0 * NaN = NaN); a gather
-    of whole blocks followed by zeroing the positions past each context measured slower on CPU."""
-    span = block_tables.shape[1] * block_size
-    pos = torch.arange(span, device=block_tables.device)[None, :]
+    of whole blocks followed by zeroing the positions past each context measured slower on CPU.
+    The mask is additive (0 or -inf) because SDPA's CPU kernel would convert a boolean mask in
+    every layer; the results are the same bit for bit."""
+    bsz, width = block_tables.shape
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables.long() * block_size)[:, :, None].add(offsets).view(bsz, width * block_size)  # every table position
+    pos = torch.arange(width * block_size, device=block_tables.device)
     valid = pos < context_lens[:, None]  # [B, span]
-    src = torch.where(valid, pos, 0)
-    slots = (block_tables.long().gather(1, src // block_size) * block_size + src % block_size).view(-1)
-    return slots, (valid | (pos == 0))[:, None, None, :], (context_lens > 0)[:, None, None]
+    slots = torch.where(valid, slots, slots[:, :1]).view(-1)
+    mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill_(~(valid | (pos == 0)), float("-inf"))
+    return slots, mask[:, None, None, :], (context_lens > 0)[:, None, None]
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
@@ -92,7 +96,7 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scal
     v = v_cache.view(-1, kvh, hd).index_select(0, slots).view(bsz, -1, kvh, hd).transpose(1, 2)
     if k.dtype != q.dtype:  # an fp8 cache
         k, v = k.to(q.dtype), v.to(q.dtype)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True)[:, :, 0, :]
     return torch.where(nonempty, out, 0)  # an empty context (a padded row) gives zeros
 
 

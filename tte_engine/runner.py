@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from operator import attrgetter
 
 import numpy as np
 import torch
@@ -20,12 +19,9 @@ import torch
 from .cache import BlockManager
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import sample, suppression_bias
-from .scheduler import Step
+from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
-
-_DECODE_STATE = tuple(map(attrgetter, ("row", "num_computed", "rope_delta", "last_token")))
-_GREEDY = attrgetter("greedy")
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -34,9 +30,9 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def readback(tokens: torch.Tensor) -> list[int]:
-    """The one device-to-host transfer of a decode step: the sampled token ids."""
-    return tokens.tolist()
+def readback(tokens: torch.Tensor) -> np.ndarray:
+    """The one device-to-host transfer of a decode step: the sampled token ids (int64)."""
+    return tokens.cpu().numpy()
 
 
 class Runner:
@@ -77,26 +73,26 @@ class Runner:
 
     # ------------------------------------------------------------------ entry
     @torch.inference_mode()
-    def run(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
-        """Execute a step; returns (tokens for step.sample_idx, embeddings [len(pool_idx), D] fp32 on CPU)."""
-        if not step.is_prefill:
-            return self._run_decode(step.seqs), None
+    def run(self, step: Step) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Execute a step; returns (tokens int64 [len(sample_idx)], embeddings [len(pool_idx), D] fp32 on CPU)."""
+        if step.decode is not None:
+            return self._run_decode(step.decode), None
         return self._run_prefill(step)
 
     # ------------------------------------------------------------------ decode
-    def _run_decode(self, seqs: list[Sequence]) -> list[int]:
-        batch = len(seqs)
+    def _run_decode(self, decode: DecodeBatch) -> np.ndarray:
+        batch = len(decode.seqs)
         bucket = self.bucket_for(batch) if self.graphs is not None else batch
         host = self.decode_staging.host(self.layout.size)
-        sampling, updates = self._fill_decode(host, seqs, bucket)
+        updates = self._fill_decode(host, decode, bucket)
         self.decode_staging.send(self.layout.size)
         if self.graphs is not None:
             greedy, normed = self.graphs.replay(bucket)
         else:
-            width = int(host[self.layout.field("context_lens", batch)].max() - 1) // self.block_size + 1
+            width = int(decode.index.max()) // self.block_size + 1  # blocks holding the longest context
             greedy, normed = self.decode_forward(batch, width, None, updates)
         tokens = greedy[:batch]
-        if sampling:
+        if not decode.greedy:
             buf = self.decode_staging.device_buffer
             logits = self.model.lm_head(normed[:batch]).float() + self.bias
             tokens = sample(logits, *_sampling_params(lambda name: buf[self.layout.field(name, batch)]))
@@ -105,29 +101,31 @@ class Runner:
     def bucket_for(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def _fill_decode(self, host: np.ndarray, seqs: list[Sequence], bucket: int) -> tuple[bool, bool]:
-        """Write a decode batch into the fixed layout, padded to `bucket` rows; returns (any row
-        samples, any block-table update).
+    def _fill_decode(self, host: np.ndarray, decode: DecodeBatch, bucket: int) -> bool:
+        """Write a decode batch into the fixed layout, padded to `bucket` rows; returns whether
+        there is a block-table update.
 
         Padded rows read the padding table row (all scratch block) with context 0 and write their
         k/v to the scratch slot: they touch no sequence's cache.
         """
-        n = len(seqs)
-        # C-level passes over the sequences; then everything is array arithmetic
-        rows, index, deltas, last = (np.fromiter(map(get, seqs), np.int64, n) for get in _DECODE_STATE)
+        n, index = len(decode.seqs), decode.index  # index: the token computed now
         ints = self.layout.row_fields(host)  # a view: one row per field
-        ints[0, :n] = last
-        ints[1, :n] = index + deltas  # index: the token computed now, past the prompt
-        ints[2, :n] = self._slots(rows, index)
+        ints[0, :n] = decode.last
+        ints[1, :n] = index + decode.rope_deltas  # past the prompt, every M-RoPE axis is index + delta
+        ints[2, :n] = self._slots(decode.rows, index)
         ints[3, :n] = index + 1
-        ints[4, :n] = rows
+        ints[4, :n] = decode.rows
         if bucket > n:
             ints[:, n:bucket] = self.padding_values
         updates = self._fill_updates(host[self.layout.field("update_index")], host[self.layout.field("update_value")], bucket)
-        sampling = not all(map(_GREEDY, seqs))
-        if sampling:
-            self._fill_sampling(seqs, *(host[self.layout.field(name)] for name in SAMPLING_FIELDS))
-        return sampling, updates
+        if not decode.greedy:
+            if decode.sampling is None:  # per-sequence constants, gathered once per batch
+                decode.sampling = np.zeros((len(SAMPLING_FIELDS), n), dtype=np.int64)
+                self._fill_sampling(decode.seqs, *decode.sampling)
+            for name, values in zip(SAMPLING_FIELDS, decode.sampling):
+                host[self.layout.field(name, n)] = values
+            host[self.layout.field("counters", n)] = decode.trace_len  # the sampling draw's position in the trace
+        return updates
 
     def _slots(self, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Cache slots (int64) of token positions `index` of the sequences holding table `rows`."""
@@ -201,7 +199,7 @@ class Runner:
         pool_rows = np.searchsorted(out_seqs, step.pool_idx).astype(np.int64)
         updates = np.asarray(self.blocks.take_updates(), dtype=np.int64).reshape(-1, 2).T
         sampled = [seqs[i] for i in step.sample_idx]
-        sampling = not all(map(_GREEDY, sampled))
+        sampling = not all(s.greedy for s in sampled)
         params = np.zeros((len(SAMPLING_FIELDS), len(sampled)), dtype=np.int64)
         if sampling:
             self._fill_sampling(sampled, *params)
@@ -229,7 +227,7 @@ class Runner:
             out_seqs=d_out_seqs,
         )
         h, residual = self.model(batch, self.cache)
-        tokens: list[int] = []
+        tokens = np.zeros(0, dtype=np.int64)
         if sampled:
             logits = self.model.logits(h[d_sample], residual[d_sample]) + self.bias
             if sampling:

@@ -14,10 +14,34 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .cache import BlockManager
 from .sequence import Phase, Sequence
+
+
+class DecodeBatch:
+    """The sequences of a run of pure decode steps, with what a step reads of each as int64 arrays.
+
+    Built with one pass over the sequences when the set of decoding sequences changes (an
+    admission, a finished prompt, an ended trace, an abort), then advanced by array arithmetic: the
+    runner's step inputs, block growth and stop checks read these arrays, so a decode step's host
+    work does not grow with a pass over sequence objects per field."""
+
+    def __init__(self, seqs: list[Sequence], block_size: int):
+        n = len(seqs)
+        self.seqs = seqs
+        self.rows = np.fromiter((s.row for s in seqs), np.int64, n)  # block-table rows
+        self.index = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # position of the token computed next
+        self.rope_deltas = np.fromiter((s.rope_delta for s in seqs), np.int64, n)
+        self.last = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, n)  # the token computed next
+        self.trace_len = np.fromiter((len(s.trace_ids) for s in seqs), np.int64, n)  # also the sampling counter
+        self.max_trace = np.fromiter((s.max_trace_tokens for s in seqs), np.int64, n)
+        self.capacity = np.fromiter((len(s.block_table) for s in seqs), np.int64, n) * block_size  # tokens their blocks hold
+        self.greedy = all(s.greedy for s in seqs)
+        self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
+        self.sample_idx = list(range(n))
 
 
 @dataclass
@@ -26,6 +50,7 @@ class Step:
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens of each sequence computed in this step
     is_prefill: bool = True  # False: one token per sequence, all decoding (the graph path)
+    decode: DecodeBatch | None = None  # pure decode steps: the batch's arrays
     num_decode: int = 0  # the first num_decode sequences decode one token each; the rest prefill
     registers: bool = False  # it makes prefix-cache blocks findable: it must compute every layer
     sample_idx: list[int] = field(default_factory=list)  # seqs that end the step with a new trace token
@@ -51,8 +76,12 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
         self.stop_sequences = [s for s in stop_sequences if len(s) > 1]
+        # a decode token that may end a trace: a stop token, or the last token of a stop sequence
+        self._may_stop = np.array(sorted(self.stop_tokens | {s[-1] for s in self.stop_sequences}), dtype=np.int64)
         self.waiting: list[deque[Sequence]] = [deque() for _ in block_managers]
         self.running: list[list[Sequence]] = [[] for _ in block_managers]
+        # per stage: the last pure decode step's batch, while its set of sequences stays the same
+        self._decoding: list[DecodeBatch | None] = [None for _ in block_managers]
 
     def add(self, seq: Sequence) -> None:
         seq.stage = 1 if self.two_model and seq.phase == Phase.EMBED else 0
@@ -100,10 +129,14 @@ class Scheduler:
             waiting.popleft()
             bm.admit(seq, need)
             running.append(seq)
+            self._decoding[stage] = None
 
     def schedule(self) -> Step | None:
         for stage in range(len(self.blocks) - 1, -1, -1):
             self._admit(stage)
+            batch = self._decoding[stage]
+            if batch is not None:  # the same sequences as the last step, all decoding
+                return self._prepare_decode(Step(stage, batch.seqs, [], is_prefill=False, decode=batch))
             decoding, prefilling = [], []  # thinking with the prompt done / everything else
             for seq in self.running[stage]:
                 (prefilling if seq.needs_prefill else decoding).append(seq)
@@ -126,9 +159,11 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-            if seqs:
-                step = Step(stage, seqs, counts, is_prefill=len(seqs) > len(decoding), num_decode=len(decoding), registers=bool(bm.pending))
-                return self._prepare(step)
+            if len(seqs) > len(decoding):
+                return self._prepare(Step(stage, seqs, counts, num_decode=len(decoding), registers=bool(bm.pending)))
+            if decoding:
+                batch = self._decoding[stage] = DecodeBatch(decoding, bm.block_size)
+                return self._prepare_decode(Step(stage, decoding, counts, is_prefill=False, decode=batch))
         return None
 
     @staticmethod
@@ -139,50 +174,69 @@ class Scheduler:
         seq.num_computed = found * bm.block_size
         seq.num_cached_tokens += found * bm.block_size
 
+    def _prepare_decode(self, step: Step) -> Step:
+        """A pure decode step: blocks for the sequences whose next token starts a new one; every
+        sequence samples its next token."""
+        batch, bm = step.decode, self.blocks[step.stage]
+        for i in np.flatnonzero(batch.index >= batch.capacity).tolist():
+            seq = batch.seqs[i]
+            bm.grow(seq, seq.num_computed + 1)
+            batch.capacity[i] = len(seq.block_table) * bm.block_size
+        step.sample_idx = batch.sample_idx
+        return step
+
     def _prepare(self, step: Step) -> Step:
         """Give each sequence the blocks its tokens need, and note which rows end with an output."""
         bm, bs = self.blocks[step.stage], self.blocks[step.stage].block_size
         for seq, n in zip(step.seqs, step.num_tokens):
             if seq.num_computed + n > len(seq.block_table) * bs:
                 bm.grow(seq, seq.num_computed + n)
-        if not step.is_prefill:  # every decoding sequence samples its next token
-            step.sample_idx = list(range(len(step.seqs)))
-            return step
         for i, (seq, n) in enumerate(zip(step.seqs, step.num_tokens)):
             if seq.num_computed + n == len(seq):  # reaches its last known token: it has an output
                 (step.sample_idx if seq.phase == Phase.THINK else step.pool_idx).append(i)
         return step
 
-    def update(self, step: Step, tokens: list[int], embeddings: torch.Tensor | None) -> list[Sequence]:
-        """Apply a step's results: `tokens` for step.sample_idx, `embeddings` [len(pool_idx), D] for
-        step.pool_idx, in that order; returns the sequences that finished."""
+    def update(self, step: Step, tokens: np.ndarray, embeddings: torch.Tensor | None) -> list[Sequence]:
+        """Apply a step's results: `tokens` (int64 [len(sample_idx)]) for step.sample_idx,
+        `embeddings` [len(pool_idx), D] for step.pool_idx; returns the sequences that finished."""
         finished: list[Sequence] = []
         self.blocks[step.stage].commit()
-        if not step.is_prefill:  # the hot path: one token for every sequence, stops are rare
-            stop_tokens, multi = self.stop_tokens, self.stop_sequences
-            for seq, token in zip(step.seqs, tokens):
-                seq.num_computed += 1
-                seq.append_trace_token(token)
-                if token in stop_tokens or len(seq.trace_ids) >= seq.max_trace_tokens or multi:
-                    self._end_trace(seq, step.stage, finished)
+        if step.decode is not None:
+            self._update_decode(step, tokens, finished)
             return finished
+        self._decoding[step.stage] = None  # prompts finished, embed suffixes done: the decoding set changes
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
         for i, embedding in zip(step.pool_idx, embeddings if embeddings is not None else []):
             seq = step.seqs[i]
             seq.embedding = embedding
             finished.append(self._finish(seq, step.stage))
-        for i, token in zip(step.sample_idx, tokens):
+        for i, token in zip(step.sample_idx, tokens.tolist()):
             seq = step.seqs[i]
             seq.append_trace_token(token)
             self._end_trace(seq, step.stage, finished)
         return finished
 
+    def _update_decode(self, step: Step, tokens: np.ndarray, finished: list[Sequence]) -> None:
+        """The hot path: one new token for every sequence of the batch. Its arrays advance as a
+        whole; only the sequences whose token may end their trace are looked at one by one."""
+        batch = step.decode
+        for seq, token in zip(batch.seqs, tokens.tolist()):
+            seq.num_computed += 1
+            seq.append_trace_token(token)
+        batch.index += 1
+        batch.last[:] = tokens
+        batch.trace_len += 1
+        ending = np.flatnonzero((batch.trace_len >= batch.max_trace) | (tokens[:, None] == self._may_stop).any(axis=1))  # a few stop ids: no np.isin
+        for i in ending.tolist():
+            self._end_trace(batch.seqs[i], step.stage, finished)
+
     def _end_trace(self, seq: Sequence, stage: int, finished: list[Sequence]) -> None:
         """After a new trace token: if the trace is over, finish it (generate_traces) or start embedding."""
-        reason = self._trace_stop(seq, seq.last_token)
+        reason = self._trace_stop(seq, seq.trace_ids[-1])
         if reason is None:
             return
+        self._decoding[stage] = None
         if not seq.embed:
             seq.stop_reason = reason
             finished.append(self._finish(seq, stage))
@@ -213,6 +267,7 @@ class Scheduler:
         return None
 
     def _release(self, seq: Sequence, stage: int) -> None:
+        self._decoding[stage] = None
         self.running[stage].remove(seq)
         self.blocks[stage].free(seq)
 

@@ -58,7 +58,6 @@ class Sequence:
     stop_reason: str | None = None
     seed: int = 0  # what sampling draws its noise from (see sampling.py)
     greedy: bool = True  # sampling.greedy, kept as a plain attribute for the decode hot path
-    last_token: int = 0  # token_ids[-1]
 
     def __post_init__(self):
         self.token_ids = list(self.prompt.token_ids)
@@ -123,7 +122,6 @@ class Sequence:
     def append_trace_token(self, token: int) -> None:
         self.trace_ids.append(token)
         self.token_ids.append(token)
-        self.last_token = token
 
     def start_embed(self, reason: str) -> None:
         """The trace is over: append the think-end marker (if the trace did not write it) and the suffix."""

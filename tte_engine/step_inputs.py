@@ -4,6 +4,8 @@ Every integer a step needs (token ids, positions, slot mapping, context lengths,
 and their updates, sampling parameters) is written into one pinned int64 host buffer and sent
 to the device with one non-blocking copy; the step's tensors are views of the device buffer.
 Two host buffers alternate so that writing one never races the copy still reading the other.
+On a CPU engine the device buffer is host memory and steps run synchronously, so the step's
+arrays are written straight into it and nothing is copied.
 
 A pure decode step uses a fixed layout (`DecodeLayout`): the same device addresses for every
 step of a batch bucket, padded to the bucket, so a captured CUDA graph reads its inputs there.
@@ -65,8 +67,11 @@ class StagingBuffer:
     def _grow(self, size: int) -> None:
         """(Re)allocate for `size` entries. Only a buffer no graph reads may grow: the decode buffer
         is sized for the largest bucket once."""
-        self._host = [torch.empty(size, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
         self.device_buffer = torch.empty(size, dtype=torch.int64, device=self.device)
+        if self.device.type == "cpu":  # written in place: the step that reads it is over before the next write
+            self._host = [self.device_buffer, self.device_buffer]
+        else:
+            self._host = [torch.empty(size, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
 
     def host(self, size: int) -> np.ndarray:
         """The next host buffer as a numpy array of `size` entries, free to write."""
@@ -81,6 +86,8 @@ class StagingBuffer:
     def send(self, size: int) -> torch.Tensor:
         """Copy the first `size` entries of the buffer `host()` returned to the device; returns the view."""
         dst = self.device_buffer[:size]
+        if self._host[self._turn] is self.device_buffer:
+            return dst
         dst.copy_(self._host[self._turn][:size], non_blocking=True)
         if self.pinned:
             event = self._events[self._turn] or torch.cuda.Event()
