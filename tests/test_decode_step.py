@@ -194,3 +194,56 @@ def test_padded_rows_write_only_the_scratch_block(make_checkpoint, mixed_items):
     written = {b for b in range(k.shape[1]) if not k[:, b].isnan().all()}
     assert blocks.scratch_block in written  # padded rows did run
     assert written - handed_out == {blocks.scratch_block}
+
+
+def test_decode_batch_follows_admissions_aborts_and_trace_ends(make_checkpoint, mixed_items):
+    """The scheduler reuses a pure decode step's batch arrays while its sequences stay the same. A
+    request arriving mid-decode, an abort, traces ending at different lengths and a seeded sampled
+    row must each still give every surviving sequence what it gets alone."""
+    engine = Engine(make_checkpoint("syncs", think_max_tokens=12, head="last_token"), max_model_len=512)
+    sampled = SamplingParams(temperature=1.0, top_k=8, seed=11)
+    plan = [(0, 8, None), (1, 12, None), (2, 12, sampled), (3, 6, None)]  # (item, trace budget, sampling)
+    alone = {i: engine.embed([mixed_items[i]], max_trace_tokens=n, sampling=s) for i, n, s in plan}
+    seqs = {i: engine.make_sequence(mixed_items[i], i, max_trace_tokens=n, sampling=s) for i, n, s in plan}
+    for i in (0, 1, 2):
+        engine.add_request(seqs[i])
+    done = []
+    for _ in range(3):  # prefill, then two pure decode steps: the batch is being reused
+        done += engine.step()
+    assert engine.scheduler._decoding[0] is not None and not done
+    engine.add_request(seqs[3])  # arrives while the others decode: the next step takes its prompt
+    done += engine.step()
+    assert seqs[3].num_computed > 0
+    done += engine.step()  # all four decode: a fresh batch, live for the next step
+    assert engine.scheduler._decoding[0] is not None and not done
+    assert engine.abort(seqs[1])
+    aborted_at = len(seqs[1].trace_ids)
+    while engine.has_unfinished():
+        done += engine.step()
+    assert len(seqs[1].trace_ids) == aborted_at  # an aborted sequence decodes no further
+    assert {id(s) for s in done} == {id(seqs[i]) for i in (0, 2, 3)}
+    assert seqs[1].stop_reason == "aborted"
+    for i in (0, 2, 3):
+        assert seqs[i].trace_ids == alone[i].trace_token_ids[0], i
+        assert cosine(seqs[i].embedding, alone[i].embeddings[0]) >= 0.99999, i
+
+
+def test_multi_token_stop_sequence_ends_a_decoding_trace(make_checkpoint, mixed_items):
+    """A stop sequence of several tokens ends the trace on its last token (the decode step only
+    looks closer at sequences whose newest token ends some stop sequence)."""
+    engine = Engine(make_checkpoint("syncs", think_max_tokens=12, head="last_token"), max_model_len=512)
+    free = engine.embed(mixed_items[:3], max_trace_tokens=12)
+    trace = free.trace_token_ids[0]
+    assert len(trace) >= 6, trace  # the checkpoint's first trace runs long enough to hold a stop pair
+    stop = trace[4:6]  # two tokens the first item's trace produces at positions 4-5
+    ends = [[t] for t in sorted(engine.scheduler.stop_tokens)] + engine.scheduler.stop_sequences
+    assert stop[-1] not in engine.scheduler.stop_tokens
+    engine.scheduler.set_stop_sequences(ends + [stop])
+    stopped = engine.embed(mixed_items[:3], max_trace_tokens=12)
+    first = next(k for k in range(1, len(trace)) if trace[k - 1 : k + 1] == stop)
+    assert stopped.trace_token_ids[0] == trace[: first + 1]
+    assert stopped.stop_reasons[0] == "stop"
+    for i in (1, 2):  # the others stop there only if their own trace holds the sequence
+        t = free.trace_token_ids[i]
+        ends = [k for k in range(1, len(t)) if t[k - 1 : k + 1] == stop]
+        assert stopped.trace_token_ids[i] == (t[: ends[0] + 1] if ends else t)

@@ -74,14 +74,18 @@ class Scheduler:
         self.two_model = len(block_managers) == 2
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
-        self.stop_sequences = [s for s in stop_sequences if len(s) > 1]
-        # a decode token that may end a trace: a stop token, or the last token of a stop sequence
-        self._may_stop = np.array(sorted(self.stop_tokens | {s[-1] for s in self.stop_sequences}), dtype=np.int64)
+        self.set_stop_sequences(stop_sequences)
         self.waiting: list[deque[Sequence]] = [deque() for _ in block_managers]
         self.running: list[list[Sequence]] = [[] for _ in block_managers]
         # per stage: the last pure decode step's batch, while its set of sequences stays the same
         self._decoding: list[DecodeBatch | None] = [None for _ in block_managers]
+
+    def set_stop_sequences(self, stop_sequences: list[list[int]]) -> None:
+        """The token sequences that end a trace (each non-empty)."""
+        self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
+        self.stop_sequences = [list(s) for s in stop_sequences if len(s) > 1]
+        # a decode token that may end a trace: a stop token, or the last token of a stop sequence
+        self._may_stop = np.array(sorted(self.stop_tokens | {s[-1] for s in self.stop_sequences}), dtype=np.int64)
 
     def add(self, seq: Sequence) -> None:
         seq.stage = 1 if self.two_model and seq.phase == Phase.EMBED else 0
