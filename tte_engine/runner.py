@@ -89,7 +89,7 @@ class Runner:
         if self.graphs is not None:
             greedy, normed = self.graphs.replay(bucket)
         else:
-            width = int(decode.index.max()) // self.block_size + 1  # blocks holding the longest context
+            width = (decode.longest + decode.steps) // self.block_size + 1  # blocks holding the longest context
             greedy, normed = self.decode_forward(batch, width, None, updates)
         tokens = greedy[:batch]
         if not decode.greedy:
@@ -124,7 +124,7 @@ class Runner:
                 self._fill_sampling(decode.seqs, *decode.sampling)
             for name, values in zip(SAMPLING_FIELDS, decode.sampling):
                 host[self.layout.field(name, n)] = values
-            host[self.layout.field("counters", n)] = decode.trace_len  # the sampling draw's position in the trace
+            host[self.layout.field("counters", n)] = decode.trace_lens  # the sampling draw's position in the trace
         return updates
 
     def _slots(self, rows: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -25,23 +25,38 @@ class DecodeBatch:
     """The sequences of a run of pure decode steps, with what a step reads of each as int64 arrays.
 
     Built with one pass over the sequences when the set of decoding sequences changes (an
-    admission, a finished prompt, an ended trace, an abort), then advanced by array arithmetic: the
-    runner's step inputs, block growth and stop checks read these arrays, so a decode step's host
-    work does not grow with a pass over sequence objects per field."""
+    admission, a finished prompt, an ended trace, an abort). After that a step moves every
+    sequence one token on, so the arrays stay as built and `steps` counts: the runner's step
+    inputs, block growth and trace budgets are array arithmetic on them, and the checks that can
+    only come due at a known step (a new block, a full trace budget) wait for that step."""
 
     def __init__(self, seqs: list[Sequence], block_size: int):
         n = len(seqs)
         self.seqs = seqs
+        self.steps = 0  # decode steps run on this batch
         self.rows = np.fromiter((s.row for s in seqs), np.int64, n)  # block-table rows
-        self.index = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # position of the token computed next
+        self.start = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # position of the token its first step computes
         self.rope_deltas = np.fromiter((s.rope_delta for s in seqs), np.int64, n)
-        self.last = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, n)  # the token computed next
-        self.trace_len = np.fromiter((len(s.trace_ids) for s in seqs), np.int64, n)  # also the sampling counter
+        self.last = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, n)  # the token the next step computes
+        self.trace_start = np.fromiter((len(s.trace_ids) for s in seqs), np.int64, n)
         self.max_trace = np.fromiter((s.max_trace_tokens for s in seqs), np.int64, n)
         self.capacity = np.fromiter((len(s.block_table) for s in seqs), np.int64, n) * block_size  # tokens their blocks hold
+        self.longest = int(self.start.max())
+        self.growth_at = 0  # the step at which some sequence's token first needs a new block (0: look now)
+        self.budget_at = int((self.max_trace - self.trace_start).min())  # the step after which a trace budget is spent
         self.greedy = all(s.greedy for s in seqs)
         self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
         self.sample_idx = list(range(n))
+
+    @property
+    def index(self) -> np.ndarray:
+        """int64 [B]: the position of the token each sequence computes in the next step."""
+        return self.start + self.steps
+
+    @property
+    def trace_lens(self) -> np.ndarray:
+        """int64 [B]: each sequence's trace tokens so far (the sampling draw's counter)."""
+        return self.trace_start + self.steps
 
 
 @dataclass
@@ -85,7 +100,7 @@ class Scheduler:
         self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
         self.stop_sequences = [list(s) for s in stop_sequences if len(s) > 1]
         # a decode token that may end a trace: a stop token, or the last token of a stop sequence
-        self._may_stop = np.array(sorted(self.stop_tokens | {s[-1] for s in self.stop_sequences}), dtype=np.int64)
+        self._may_stop = frozenset(self.stop_tokens | {s[-1] for s in self.stop_sequences})
 
     def add(self, seq: Sequence) -> None:
         seq.stage = 1 if self.two_model and seq.phase == Phase.EMBED else 0
@@ -182,10 +197,13 @@ class Scheduler:
         """A pure decode step: blocks for the sequences whose next token starts a new one; every
         sequence samples its next token."""
         batch, bm = step.decode, self.blocks[step.stage]
-        for i in np.flatnonzero(batch.index >= batch.capacity).tolist():
-            seq = batch.seqs[i]
-            bm.grow(seq, seq.num_computed + 1)
-            batch.capacity[i] = len(seq.block_table) * bm.block_size
+        if batch.steps >= batch.growth_at:
+            index = batch.index
+            for i in np.flatnonzero(index >= batch.capacity).tolist():
+                seq = batch.seqs[i]
+                bm.grow(seq, seq.num_computed + 1)
+                batch.capacity[i] = len(seq.block_table) * bm.block_size
+            batch.growth_at = batch.steps + int((batch.capacity - index).min())
         step.sample_idx = batch.sample_idx
         return step
 
@@ -224,15 +242,16 @@ class Scheduler:
     def _update_decode(self, step: Step, tokens: np.ndarray, finished: list[Sequence]) -> None:
         """The hot path: one new token for every sequence of the batch. Its arrays advance as a
         whole; only the sequences whose token may end their trace are looked at one by one."""
-        batch = step.decode
-        for seq, token in zip(batch.seqs, tokens.tolist()):
+        batch, toks, may_stop = step.decode, tokens.tolist(), self._may_stop
+        for seq, token in zip(batch.seqs, toks):
             seq.num_computed += 1
             seq.append_trace_token(token)
-        batch.index += 1
-        batch.last[:] = tokens
-        batch.trace_len += 1
-        ending = np.flatnonzero((batch.trace_len >= batch.max_trace) | (tokens[:, None] == self._may_stop).any(axis=1))  # a few stop ids: no np.isin
-        for i in ending.tolist():
+        batch.steps += 1
+        batch.last = tokens
+        ending = [i for i, token in enumerate(toks) if token in may_stop]
+        if batch.steps >= batch.budget_at:  # some trace has spent its budget
+            ending = sorted({*ending, *np.flatnonzero(batch.trace_lens >= batch.max_trace).tolist()})
+        for i in ending:
             self._end_trace(batch.seqs[i], step.stage, finished)
 
     def _end_trace(self, seq: Sequence, stage: int, finished: list[Sequence]) -> None:
