@@ -209,3 +209,17 @@ def test_decode_scratch_is_never_read_unwritten(device, assert_matches, monkeypa
     out = attention.decode_attention_triton(q, k_cache, v_cache, tables, ctx, 0.125, num_splits=8)
     assert out.isfinite().all()
     assert_matches(out, want, torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_decode_attention_grouped_query_rows_match_one_row_per_head(head_dim, monkeypatch):
+    """On CPU, decode attention may hand SDPA a GQA group's query heads as the rows of one query
+    (`GROUPED_ROWS_MIN_HEAD_DIM`); both layouts give the same attention, padded rows included."""
+    k_cache, v_cache, tables, ctx = _paged_cache([1, 17, 0, 300, 33], head_dim, torch.float32, "cpu")
+    q = torch.randn(len(ctx), HEADS, head_dim)
+    outs = []
+    for threshold in (0, 10**9):  # grouped rows always, never
+        monkeypatch.setattr(attention, "GROUPED_ROWS_MIN_HEAD_DIM", threshold)
+        outs.append(attention.decode_attention_torch(q, k_cache, v_cache, tables, ctx, head_dim**-0.5))
+    assert outs[0].isfinite().all() and outs[0][2].eq(0).all()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
