@@ -88,7 +88,10 @@ def _hf_generate(model, prompts: list[list[int]], new_tokens: int, suppress: lis
 
 
 def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int]) -> float:
-    """transformers' time per decode step: the slope of generate() between STEPS/2 and STEPS new tokens."""
+    """transformers' time per decode step: the slope of generate() between STEPS/2 and STEPS new
+    tokens, each the fastest of ROUNDS runs (a slope of medians swung from 0.2 to 10 ms at batch 256
+    when other load hit one run; the fastest runs are the ones least disturbed, and they favour
+    transformers, whose time is the numerator of our ratio)."""
 
     def run(n: int) -> float:
         start = time.thread_time()
@@ -96,9 +99,12 @@ def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int]) -> fl
         return time.thread_time() - start
 
     run(4)  # warm-up
-    short = statistics.median(run(STEPS // 2) for _ in range(ROUNDS))
-    long = statistics.median(run(STEPS) for _ in range(ROUNDS))
-    return max(long - short, 1e-9) / (STEPS - STEPS // 2)
+    for _ in range(3):  # a disturbed pair can still give a non-positive slope: measure again
+        short = min(run(STEPS // 2) for _ in range(ROUNDS))
+        long = min(run(STEPS) for _ in range(ROUNDS))
+        if long > short:
+            return (long - short) / (STEPS - STEPS // 2)
+    return float("nan")  # reported as such: too noisy to measure, which is not a failure of either pipeline
 
 
 @pytest.mark.parametrize("batch", [1, 64, 256])

@@ -64,8 +64,7 @@ class Step:
     stage: int
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens of each sequence computed in this step
-    is_prefill: bool = True  # False: one token per sequence, all decoding (the graph path)
-    decode: DecodeBatch | None = None  # pure decode steps: the batch's arrays
+    decode: DecodeBatch | None = None  # a pure decode step (one token per sequence, the graph path): its batch
     num_decode: int = 0  # the first num_decode sequences decode one token each; the rest prefill
     registers: bool = False  # it makes prefix-cache blocks findable: it must compute every layer
     sample_idx: list[int] = field(default_factory=list)  # seqs that end the step with a new trace token
@@ -155,7 +154,7 @@ class Scheduler:
             self._admit(stage)
             batch = self._decoding[stage]
             if batch is not None:  # the same sequences as the last step, all decoding
-                return self._prepare_decode(Step(stage, batch.seqs, [], is_prefill=False, decode=batch))
+                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch))
             decoding, prefilling = [], []  # thinking with the prompt done / everything else
             for seq in self.running[stage]:
                 (prefilling if seq.needs_prefill else decoding).append(seq)
@@ -182,7 +181,7 @@ class Scheduler:
                 return self._prepare(Step(stage, seqs, counts, num_decode=len(decoding), registers=bool(bm.pending)))
             if decoding:
                 batch = self._decoding[stage] = DecodeBatch(decoding, bm.block_size)
-                return self._prepare_decode(Step(stage, decoding, counts, is_prefill=False, decode=batch))
+                return self._prepare_decode(Step(stage, decoding, counts, decode=batch))
         return None
 
     @staticmethod
