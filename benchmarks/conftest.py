@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tte_engine.random_checkpoint import SPECS, build_random_checkpoint
+from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 
 HERE = Path(__file__).resolve().parent
 # Benchmark modules `from conftest import ...`; several conftest.py files share that module name
@@ -81,19 +81,6 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("benchmarks: each time beside its baseline's, same run")
         for nodeid, line in _RATIO_LINES:
             terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {line}")
-
-
-def never_stop(checkpoint):
-    """Zero the LM-head rows of the stop tokens, so every trace runs its full budget (fixed work per run)."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    weights = load_file(str(checkpoint / "model.safetensors"))
-    for token in ("</think>", "<|im_end|>", "<|endoftext|>"):
-        weights["lm_head.weight"][tok.convert_tokens_to_ids(token)] = 0
-    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
-    return checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import never_stop, synthetic_image  # noqa: E402
+from conftest import synthetic_image  # noqa: E402
 from naive_pipeline import NaivePipeline  # noqa: E402
 
 from tte_engine import Engine  # noqa: E402
-from tte_engine.random_checkpoint import SPECS, RandomSpec, build_random_checkpoint  # noqa: E402
+from tte_engine.random_checkpoint import SPECS, RandomSpec, build_random_checkpoint, never_stop  # noqa: E402
 from tte_engine.sequence import Phase  # noqa: E402
 
 QWEN2VL_2B = RandomSpec(

@@ -22,11 +22,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import never_stop
 from transformers import Qwen2VLForConditionalGeneration
 
 from tte_engine import Engine
-from tte_engine.random_checkpoint import SPECS, build_random_checkpoint
+from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 
 STEPS = 24  # decode steps timed per round
 ROUNDS = 3

@@ -19,10 +19,10 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import never_stop, synthetic_image
+from conftest import synthetic_image
 
 from tte_engine import Engine
-from tte_engine.random_checkpoint import SPECS, build_random_checkpoint
+from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 
 ROUNDS = 3
 

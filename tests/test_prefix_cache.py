@@ -165,3 +165,20 @@ def test_encoder_cache_drops_least_recently_used_rows():
     big = torch.ones(8, 3)
     cache.update({"view": big[:2]})
     assert cache["view"].untyped_storage().nbytes() == 2 * 3 * 4  # a copy, not a view pinning `big`
+
+
+@pytest.mark.parametrize("first", ["no_trace", "no_think"])
+def test_prompt_blocks_written_by_an_early_exit_step_hold_every_layer(make_checkpoint, first):
+    """With the mhsa head, an all-embed step may stop below the head's source layer, but not while
+    it writes a prompt block prefix caching will share: a block filled over two chunks is made
+    findable by the second one, and a later thinking request that reuses it needs every layer of
+    both chunks' tokens. (Found by an adversarial review: the reuse gave another trace.)"""
+    path = make_checkpoint("prefix-mhsa", head="mhsa", head_layers=2, think_max_tokens=8)
+    settings = dict(max_model_len=512, block_size=8, max_num_batched_tokens=4)  # 4-token chunks: blocks span two steps
+    item = {"text": "What is shown in this picture?", "image": _image(3, 60, 90)}
+    alone = Engine(path, **settings).embed([item], max_trace_tokens=8)
+    engine = Engine(path, **settings)
+    engine.embed([item], max_trace_tokens=0) if first == "no_trace" else engine.embed([item], think=False)
+    again = engine.embed([item], max_trace_tokens=8)
+    assert again.usage["cached_tokens"] > 0
+    _same(again, alone)

@@ -384,3 +384,22 @@ def ensure_random_alias(name: str) -> Path:
     if not (path / TTE_CONFIG_NAME).exists():
         logger.info("building the %s checkpoint in %s (first use)", name, path)
     return ensure_random_checkpoint(path, SPECS[name], seed=0)
+
+
+STOP_TOKENS = ("</think>", "<|im_end|>", "<|endoftext|>")
+
+
+def never_stop(checkpoint: Path) -> Path:
+    """Zero the LM-head rows of the stop tokens (`STOP_TOKENS`) of a random checkpoint, in place, so
+    every greedy trace runs its full budget: fixed work for benchmarks and for tests that need a
+    request to stay in flight. Returns `checkpoint`. (Tied embeddings would lose those rows too:
+    use it on untied random checkpoints.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    for token in STOP_TOKENS:
+        weights["lm_head.weight"][tok.convert_tokens_to_ids(token)] = 0
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    return checkpoint

@@ -299,8 +299,8 @@ class Runner:
 
     def layers_needed(self, step: Step) -> int | None:
         """With the mhsa head, an all-embed step only needs the layers below the head's source layer,
-        unless it makes prefix-cache blocks findable: a later prompt may need their every layer."""
-        if self.model.head is not None and not step.registers and all(s.phase == Phase.EMBED for s in step.seqs):
+        unless it writes prompt blocks that prefix caching shares: a later prompt may need their every layer."""
+        if self.model.head is not None and not step.writes_shared and all(s.phase == Phase.EMBED for s in step.seqs):
             return self.model.head.source_layer
         return None
 

@@ -66,7 +66,9 @@ class Step:
     num_tokens: list[int]  # tokens of each sequence computed in this step
     decode: DecodeBatch | None = None  # a pure decode step (one token per sequence, the graph path): its batch
     num_decode: int = 0  # the first num_decode sequences decode one token each; the rest prefill
-    registers: bool = False  # it makes prefix-cache blocks findable: it must compute every layer
+    # it writes k/v into prompt blocks that prefix caching makes (now or at a later chunk) findable: a
+    # later prompt may need their every layer, so the step must compute every layer
+    writes_shared: bool = False
     sample_idx: list[int] = field(default_factory=list)  # seqs that end the step with a new trace token
     pool_idx: list[int] = field(default_factory=list)  # seqs that end the step with their embedding
 
@@ -163,6 +165,7 @@ class Scheduler:
             seqs, counts = list(decoding), [1] * len(decoding)
             budget = self.max_num_batched_tokens - len(decoding)
             bm = self.blocks[stage]
+            findable = False  # whether the step writes k/v into a prompt block prefix caching does or will share
             for seq in prefilling:
                 if budget <= 0:
                     break
@@ -170,6 +173,8 @@ class Scheduler:
                 if not seq.block_table:  # its first chunk in this stage: start from the cached prefix
                     self._reuse_prefix(seq, bm, hashes)
                 n = min(seq.num_pending, budget)
+                # a block filled over two steps is registered by the second: the first must compute every layer too
+                findable |= seq.num_computed < len(hashes) * bm.block_size
                 # blocks now, and registered now: a sequence later in this same step may reuse them,
                 # since every layer stores the step's k/v before any of its attention reads them
                 bm.grow(seq, seq.num_computed + n)
@@ -178,7 +183,7 @@ class Scheduler:
                 counts.append(n)
                 budget -= n
             if len(seqs) > len(decoding):
-                return self._prepare(Step(stage, seqs, counts, num_decode=len(decoding), registers=bool(bm.pending)))
+                return self._prepare(Step(stage, seqs, counts, num_decode=len(decoding), writes_shared=findable))
             if decoding:
                 batch = self._decoding[stage] = DecodeBatch(decoding, bm.block_size)
                 return self._prepare_decode(Step(stage, decoding, counts, decode=batch))
