@@ -120,7 +120,9 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scal
 # head_dim 128 (Qwen2-VL-2B and -7B) giving it each GQA group's query heads as the rows of one query
 # measured 1.7-2.5x faster for the SDPA call (2-core EPYC VM, torch 2.13, 1 and 2 threads, batch 1-64,
 # 512-2,048 cached tokens; the whole op with its gather at 8 x 512 tokens: 1.08 -> 0.69 ms); at
-# head_dim 16-64 it was no faster, and up to 2x slower with 2 threads.
+# head_dim 16-64 it was no faster, and up to 2x slower with 2 threads. Unlike the one-row layout it is
+# batch-invariant to ~1e-7 rather than bit for bit (a row padded to a longer span in a batch differs
+# in the last bits from the same row alone), inside the parity contract.
 GROUPED_ROWS_MIN_HEAD_DIM = 128
 
 
