@@ -24,8 +24,8 @@ from .sequence import Phase, Sequence
 class DecodeBatch:
     """The sequences of a run of pure decode steps, with what a step reads of each as int64 arrays.
 
-    Built with one pass over the sequences when the set of decoding sequences changes (an
-    admission, a finished prompt, an ended trace, an abort). After that a step moves every
+    Built from the sequences when the set of decoding sequences changes (an admission, a finished
+    prompt, an ended trace, an abort), and only then. After that a step moves every
     sequence one token on, so the arrays stay as built and `steps` counts: the runner's step
     inputs, block growth and trace budgets are array arithmetic on them, and the checks that can
     only come due at a known step (a new block, a full trace budget) wait for that step."""
