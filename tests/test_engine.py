@@ -282,3 +282,15 @@ def test_cuda_without_cuda_says_so(make_checkpoint):
 def test_sampling_params_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} must be"):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_never_stop_checkpoints_run_every_trace_to_its_budget(make_checkpoint, tmp_path, mixed_items, tied):
+    """`never_stop` (fixed work for benchmarks and the GPU check, whose 2B spec ties its embeddings)."""
+    import shutil
+
+    from tte_engine.random_checkpoint import never_stop
+
+    path = never_stop(shutil.copytree(make_checkpoint("parity", head="last_token", tie_word_embeddings=tied, think_max_tokens=12), tmp_path / "c"))
+    res = Engine(path).embed(mixed_items, max_trace_tokens=12)
+    assert res.stop_reasons == ["max_tokens"] * len(mixed_items)

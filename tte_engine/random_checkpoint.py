@@ -390,16 +390,21 @@ STOP_TOKENS = ("</think>", "<|im_end|>", "<|endoftext|>")
 
 
 def never_stop(checkpoint: Path) -> Path:
-    """Zero the LM-head rows of the stop tokens (`STOP_TOKENS`) of a random checkpoint, in place, so
-    every greedy trace runs its full budget: fixed work for benchmarks and for tests that need a
-    request to stay in flight. Returns `checkpoint`. (Tied embeddings would lose those rows too:
-    use it on untied random checkpoints.)"""
+    """Zero the output-projection rows of the stop tokens (`STOP_TOKENS`) of a single-file random
+    checkpoint, in place, so their logit is 0 and every greedy trace runs its full budget: fixed
+    work for benchmarks and for tests that need a request to stay in flight. Returns `checkpoint`.
+
+    With tied embeddings the rows zeroed are the token embedding's, so those tokens also read as
+    zero vectors in a prompt: fine for timing, and both engines of a comparison load the same file.
+    Raises KeyError if the file holds neither an LM head nor a token embedding."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     weights = load_file(str(checkpoint / "model.safetensors"))
+    names = ("lm_head.weight", "model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+    head = weights[next((n for n in names if n in weights), names[0])]
     for token in STOP_TOKENS:
-        weights["lm_head.weight"][tok.convert_tokens_to_ids(token)] = 0
+        head[tok.convert_tokens_to_ids(token)] = 0
     save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
     return checkpoint
