@@ -122,9 +122,9 @@ class Runner:
             if decode.sampling is None:  # per-sequence constants, gathered once per batch
                 decode.sampling = np.zeros((len(SAMPLING_FIELDS), n), dtype=np.int64)
                 self._fill_sampling(decode.seqs, *decode.sampling)
+            decode.sampling[SAMPLING_FIELDS.index("counters")] = decode.trace_lens  # the draw's position in the trace moves on
             for name, values in zip(SAMPLING_FIELDS, decode.sampling):
                 host[self.layout.field(name, n)] = values
-            host[self.layout.field("counters", n)] = decode.trace_lens  # the sampling draw's position in the trace
         return updates
 
     def _slots(self, rows: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ class DecodeBatch:
 class Step:
     stage: int
     seqs: list[Sequence]
-    num_tokens: list[int]  # tokens of each sequence computed in this step
+    num_tokens: list[int]  # tokens of each sequence computed in this step (empty for a pure decode step: one each)
     decode: DecodeBatch | None = None  # a pure decode step (one token per sequence, the graph path): its batch
     num_decode: int = 0  # the first num_decode sequences decode one token each; the rest prefill
     # it writes k/v into prompt blocks that prefix caching makes (now or at a later chunk) findable: a
@@ -186,7 +186,7 @@ class Scheduler:
                 return self._prepare(Step(stage, seqs, counts, num_decode=len(decoding), writes_shared=findable))
             if decoding:
                 batch = self._decoding[stage] = DecodeBatch(decoding, bm.block_size)
-                return self._prepare_decode(Step(stage, decoding, counts, decode=batch))
+                return self._prepare_decode(Step(stage, decoding, [], decode=batch))
         return None
 
     @staticmethod

@@ -84,7 +84,8 @@ class StagingBuffer:
         return self._host[self._turn].numpy()[:size]
 
     def send(self, size: int) -> torch.Tensor:
-        """Copy the first `size` entries of the buffer `host()` returned to the device; returns the view."""
+        """Copy the first `size` entries of the buffer `host()` returned to the device (on a CPU engine
+        they are there already); returns the device view."""
         dst = self.device_buffer[:size]
         if self._host[self._turn] is self.device_buffer:
             return dst

@@ -102,9 +102,9 @@ class Qwen2VL(nn.Module):
         last = len(self.layers) - 1 if batch.out_rows is not None else None
         # what every layer shares is worked out once: the rotary angles, the decode attention's reads
         rope = self.rotary.at(batch.positions, self.impl)
-        plan = None
-        if not batch.is_prefill and not use_triton(self.impl, h):
-            plan = decode_plan(batch.block_tables, batch.context_lens, cache.k.shape[2])
+        plan, nd = None, batch.num_decode if batch.is_prefill else len(batch.context_lens)  # nd: the decoding rows, first
+        if nd and not use_triton(self.impl, h):
+            plan = decode_plan(batch.block_tables[:nd], batch.context_lens[:nd], cache.k.shape[2])
         for i, layer in enumerate(self._layer_list[:num_layers]):  # a plain list: slicing a ModuleList costs ~2 us a layer
             if i == capture:
                 self._record_head_source(h, residual, batch, cache)
@@ -155,7 +155,7 @@ class Qwen2VL(nn.Module):
                 if not nd:
                     return rest
                 decoded = kernels.decode_attention(
-                    q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], self.scale, impl=self.impl
+                    q[:nd], k_cache, v_cache, batch.block_tables[:nd], batch.context_lens[:nd], self.scale, plan=plan, impl=self.impl
                 )
                 return torch.cat([decoded, rest])
             return kernels.decode_attention(
