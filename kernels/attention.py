@@ -56,22 +56,29 @@ def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, cache.shape[2] * cache.shape[3]).index_select(0, slots)
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int) -> torch.Tensor:
-    """The first `width` cached positions of each sequence of `block_tables`: [B, KVH, width, hd].
+def _context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int, block_size: int) -> torch.Tensor:
+    """Cache slot of positions 0 .. width - 1 of each sequence of `block_tables`: [B, width] int64.
 
-    Positions at or past a sequence's context length read as zeros, never as cache memory: a
-    block's unwritten tail or a padding entry of the table may hold NaN, which a masked score
-    alone would not stop (0 * NaN = NaN). `context_lens` None: every context is `width` long.
+    A position at or past its sequence's context length (a block's unwritten tail, a padding entry of
+    the table) gives the slot of the sequence's position 0 instead: every caller masks its score, but
+    the value is still multiplied by that zero, and unwritten cache memory may hold NaN (0 * NaN = NaN).
+    Position 0's slot is one the sequence wrote (a padded decode row's is the scratch block's). Zeroing
+    a gathered copy instead measured slower on CPU. `context_lens` None: every context is `width` long.
     """
-    bs = cache.shape[1]
-    pos = torch.arange(width, device=cache.device)
-    slots = block_tables[:, : -(-width // bs)].long()[:, pos // bs] * bs + pos % bs  # [B, width]
-    shape = (slots.shape[0], width, *cache.shape[2:])
+    bsz, blocks = block_tables.shape[0], -(-width // block_size)
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables[:, :blocks].long() * block_size)[:, :, None].add(offsets).view(bsz, blocks * block_size)[:, :width]
     if context_lens is None:
-        return _rows(cache, slots.view(-1)).view(shape).transpose(1, 2)
-    valid = pos[None, :] < context_lens.to(cache.device, torch.long)[:, None]
-    kv = _rows(cache, torch.where(valid, slots, 0).view(-1)).view(shape)  # [B, width, KVH, hd]
-    return kv.masked_fill_(~valid[:, :, None, None], 0).transpose(1, 2)
+        return slots
+    valid = torch.arange(width, device=slots.device) < context_lens[:, None]
+    return torch.where(valid, slots, slots[:, :1])
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The first `width` cached positions of each sequence of `block_tables`: [B, KVH, width, hd]
+    (positions past a context hold position 0's k/v; see `_context_slots`)."""
+    slots = _context_slots(block_tables, context_lens, width, cache.shape[1])
+    return _rows(cache, slots.reshape(-1)).view(slots.shape[0], width, *cache.shape[2:]).transpose(1, 2)
 
 
 DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -79,23 +86,18 @@ DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
     """What `decode_attention_torch` reads, worked out once per step (every layer shares it):
-    (cache slots [B * span] int64, additive key mask [B, 1, 1, span] fp32, non-empty rows
-    [B, 1, 1] bool) for span = the table's width in tokens.
+    (cache slots [B * span] int64 (see `_context_slots`), additive key mask [B, 1, 1, span] fp32,
+    non-empty rows [B, 1, 1] bool) for span = the table's width in tokens.
 
-    Read only slots a sequence wrote: a position past its context (a block's unwritten tail, a
-    padding entry of the table) reads position 0's slot instead, and its score is masked. Masking
-    the score alone is not enough where the value is still multiplied (0 * NaN = NaN); a gather
-    of whole blocks followed by zeroing the positions past each context measured slower on CPU.
     The mask is additive (0 or -inf) because SDPA's CPU kernel would convert a boolean mask in
-    every layer; the results are the same bit for bit."""
-    bsz, width = block_tables.shape
-    offsets = torch.arange(block_size, device=block_tables.device)
-    slots = (block_tables.long() * block_size)[:, :, None].add(offsets).view(bsz, width * block_size)  # every table position
-    pos = torch.arange(width * block_size, device=block_tables.device)
-    valid = pos < context_lens[:, None]  # [B, span]
-    slots = torch.where(valid, slots, slots[:, :1]).view(-1)
-    mask = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill_(~(valid | (pos == 0)), float("-inf"))
-    return slots, mask[:, None, None, :], (context_lens > 0)[:, None, None]
+    every layer; the results are the same bit for bit. Position 0 stays unmasked in an empty
+    context (a padded row), whose output is replaced by zeros."""
+    span = block_tables.shape[1] * block_size
+    slots = _context_slots(block_tables, context_lens, span, block_size)
+    pos = torch.arange(span, device=block_tables.device)
+    masked = (pos >= context_lens[:, None]) & (pos != 0)
+    mask = torch.zeros(masked.shape, dtype=torch.float32, device=masked.device).masked_fill_(masked, float("-inf"))
+    return slots.view(-1), mask[:, None, None, :], (context_lens > 0)[:, None, None]
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
