@@ -184,10 +184,10 @@ def prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
         rel = torch.arange(int(n.sum())) - (n.cumsum(0) - n).repeat_interleave(n)
         src = (torch.tensor([starts[b] for b in group]).repeat_interleave(n) + rel).to(dev)
         dst = (first.repeat_interleave(n) + rel).to(dev)
-        qp = q.new_zeros(len(group) * rows, heads, hd).index_copy_(0, dst, q[src])
+        qp = q.new_zeros(len(group) * rows, heads, hd).index_copy_(0, dst, q.index_select(0, src))
         qp = qp.view(len(group), rows, heads, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
-        out[src] = o.transpose(1, 2).reshape(-1, heads, hd)[dst]
+        out.index_copy_(0, src, o.transpose(1, 2).reshape(-1, heads, hd).index_select(0, dst))
     return out
 
 

@@ -56,6 +56,7 @@ BAD_ITEMS = [
     ({"text": "   "}, "empty item"),
     (None, "expected a str, dict or Query, got NoneType"),
     ({"text": "hi <|image_pad|>"}, "reserved vision token"),
+    ({"text": "hi", "trace": "a <|vision_start|> b"}, "trace contains the reserved vision token"),
 ]
 
 
@@ -73,6 +74,20 @@ def test_each_bad_item_is_an_error_row_and_good_neighbours_are_unchanged(engine)
     with pytest.raises(InvalidInputError) as caught:
         engine.embed(["fine", {"text": "hi", "trace": b"abc"}])
     assert caught.value.index == 1 and caught.value.field == "trace"
+
+
+def test_a_supplied_trace_holds_no_vision_token_and_no_foreign_id(engine):
+    """A vision placeholder in a trace would be taken for an image's row: beside an image in one step
+    that crashed the whole batch. Ids go through the same check on every way in (`with_trace` too)."""
+    image = {"text": "what is this?", "image": random_image(40, 60, 2)}
+    vocab = engine.model_cfg.text.vocab_size
+    for trace in ([engine.model_cfg.image_token_id] * 2, [5, engine.model_cfg.video_token_id]):
+        res = engine.embed([image, {"text": "a cat", "trace": trace}], errors="return")
+        assert res.errors[0] is None and "trace contains the reserved vision token" in res.errors[1], res.errors
+    for trace in ([engine.model_cfg.vision_end_token_id], [vocab]):
+        with pytest.raises(InvalidInputError) as caught:
+            engine.with_trace(engine.make_sequence("a cat", 3), trace, 3)
+        assert caught.value.index == 3 and caught.value.field == "trace"
 
 
 def test_a_foreign_exception_while_preparing_an_item_is_that_items_error(engine, monkeypatch):

@@ -225,10 +225,12 @@ class Engine:
 
     def with_trace(self, seq: Sequence, trace_ids: list[int], index: int = 0) -> Sequence:
         """`seq` (not run yet) with a supplied trace instead of a generated one; reuses its prompt,
-        image and positions, so nothing is decoded or tokenized again (result caches use this)."""
+        image and positions, so nothing is decoded or tokenized again (result caches use this).
+        Raises InvalidInputError for think=False or trace ids a trace may not hold (see
+        `PromptBuilder.trace_ids`)."""
         if not seq.think:
             raise InvalidInputError("a trace was supplied but think=False", index)
-        prompt = replace(seq.prompt, given_trace_ids=list(trace_ids))
+        prompt = replace(seq.prompt, given_trace_ids=self.prompts.trace_ids(list(trace_ids), index))
         return self._sequence(prompt, seq.positions, seq.rope_delta, index, budget=seq.max_trace_tokens, think=True, sampling=seq.sampling, embed=seq.embed, tag=seq.tag)
 
     def _sequence(self, prompt, positions, rope_delta, index, *, budget, think, sampling, embed, tag) -> Sequence:

@@ -66,20 +66,21 @@ def check_text(value: Any, name: str, index: int | None) -> None:
 
 def check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, index) -> None:
     """Type-check the per-call settings of Engine.embed / make_sequence (a bool is not a count,
-    "yes" is not True); raises InvalidInputError naming `index` (None: the whole call)."""
-    def bad(reason):
-        return InvalidInputError(reason, index)
+    "yes" is not True); raises InvalidInputError naming `index` (None: the whole call) and the
+    setting (its `field`)."""
+    def bad(reason, field):
+        return InvalidInputError(reason, index, field)
 
     if not isinstance(think, bool):
-        raise bad(f"think must be a bool, got {type(think).__name__}")
+        raise bad(f"think must be a bool, got {type(think).__name__}", "think")
     for name, value, least in (("max_trace_tokens", max_trace_tokens, 0), ("truncate_prompt_tokens", truncate_prompt_tokens, 1)):
         if value is not None and not _is_int(value):
-            raise bad(f"{name} must be an int, got {type(value).__name__}")
+            raise bad(f"{name} must be an int, got {type(value).__name__}", name)
         if value is not None and value < least and not (name == "truncate_prompt_tokens" and value == -1):
-            raise bad(f"{name} must be >= {least}{' or -1' if name == 'truncate_prompt_tokens' else ''}, got {value}")
+            raise bad(f"{name} must be >= {least}{' or -1' if name == 'truncate_prompt_tokens' else ''}, got {value}", name)
     check_text(instruction, "instruction", index)
     if sampling is not None and not isinstance(sampling, SamplingParams):
-        raise bad(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        raise bad(f"sampling must be a SamplingParams, got {type(sampling).__name__}", "sampling")
 
 
 def _is_int(t: Any) -> bool:
@@ -224,11 +225,22 @@ class PromptBuilder:
         if query.trace is not None:
             if not think:
                 raise InvalidInputError("a trace was supplied but think=False", index)
-            given = self.tokenizer(query.trace, add_special_tokens=False).input_ids if isinstance(query.trace, str) else list(query.trace)
-            vocab = self.model_cfg.text.vocab_size
-            if any(not 0 <= t < vocab for t in given):
-                raise InvalidInputError(f"trace token ids must lie in [0, {vocab})", index, "trace")
+            given = self.trace_ids(query.trace, index)
         return Prompt(token_ids=ids, images=images, given_trace_ids=given)
+
+    def trace_ids(self, trace: str | list[int], index: int) -> list[int]:
+        """A supplied trace as token ids (a string is tokenized). Raises InvalidInputError (field
+        "trace") for an id outside the vocabulary or a vision token: the model never generates those,
+        and a vision placeholder would be taken for an image's row."""
+        given = self.tokenizer(trace, add_special_tokens=False).input_ids if isinstance(trace, str) else list(trace)
+        vocab = self.model_cfg.text.vocab_size
+        if any(not 0 <= t < vocab for t in given):
+            raise InvalidInputError(f"trace token ids must lie in [0, {vocab})", index, "trace")
+        reserved = set(given).intersection(self.suppressed_ids)
+        if reserved:
+            token = self.tokenizer.convert_ids_to_tokens(min(reserved))
+            raise InvalidInputError(f"trace contains the reserved vision token {token!r}", index, "trace")
+        return given
 
     def _vision_inputs(self, query: Query, index: int) -> list[ProcessedImage]:
         """Preprocess the item's images (`image`, then `images`) and videos (`video`, then `videos`), in prompt order.

@@ -103,6 +103,19 @@ def test_per_item_failures_are_400s_naming_the_item(client, server):
     assert m.get('tte_requests_total{status="500"}', 0) == 0
 
 
+def test_request_wide_settings_are_blamed_on_their_field_and_echoes_stay_json(client, server):
+    """A bad setting every item shares is the request's 400 naming that field, not input[0]'s; an
+    error message echoing a lone surrogate (valid JSON, not valid UTF-8) is still a JSON 4xx."""
+    _error(post(client, {"input": ["fine", "fine too"], "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens", "must be >= 1 or -1")
+    raw = '{"input": ["fine"], "instruction": "a \\udc00 b"}'.encode()
+    _error(client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 400, "instruction", "not valid Unicode")
+    raw = '{"input": ["fine"], "model": "\\udc00"}'.encode()
+    err = _error(client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 404, "model", "does not exist", code="model_not_found")
+    assert "\udc00" in err["message"]
+    _error(client.get("/v1/models/%ED%B0%80"), 404, "model", code="model_not_found")  # the UTF-8 bytes of a surrogate in the path
+    assert server.metrics().get('tte_requests_total{status="500"}', 0) == 0
+
+
 def test_a_departed_client_stops_validation(server, serve_checkpoint):
     """The prep thread checks, between items, whether the client has left: then nothing more is tokenized."""
     from tte_engine.serve.protocol import EmbeddingRequest

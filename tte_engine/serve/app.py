@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from ..errors import InvalidInputError
+from ..inputs import check_settings
 from ..result_cache import EngineCache, ItemResult, Plan, ResultCache, finish_item, plan_item, usage
 from .loop import EngineFailure, EngineLoop, QueueFull, ShuttingDown
 from .metrics import Metrics
@@ -54,13 +55,26 @@ class ServerSettings:
     limit_mm_per_prompt: dict[str, int] | None = None  # most images / videos per item (vLLM's name); None: protocol.DEFAULT_MM_LIMITS
 
 
+def _truncation(req: EmbeddingRequest) -> int | None:
+    """The request's prompt truncation as Engine.make_sequence takes it (vLLM's truncate_prompt_tokens, or TEI's truncate)."""
+    return req.truncate_prompt_tokens if req.truncate_prompt_tokens is not None else -1 if req.truncate else None
+
+
 def _error_body(message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+class _ASCIIJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message may echo what a client sent,
+    and a lone surrogate (valid in JSON text, not in UTF-8) would fail JSONResponse's encoding."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def _error(status: int, message: str, param: str | None = None, type: str = "invalid_request_error", headers: dict | None = None,
            code: str | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(message, param, type, code), status_code=status, headers=headers)
+    return _ASCIIJSONResponse(_error_body(message, param, type, code), status_code=status, headers=headers)
 
 
 class _BodyTooLarge(HTTPException):
@@ -153,15 +167,16 @@ class _Server:
     def _plan_one(self, req: EmbeddingRequest, item, i: int, params: dict, think: bool, left: threading.Event) -> Plan | None:
         if left.is_set():
             return None
-        truncate = req.truncate_prompt_tokens if req.truncate_prompt_tokens is not None else -1 if req.truncate else None
         try:
             return plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
-                             instruction=req.instruction, truncate_prompt_tokens=truncate)
+                             instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
         except InvalidInputError as exc:
             raise RequestError(400, exc.reason, params.get(exc.field) or params[None]) from exc
 
     def check(self, req: EmbeddingRequest) -> None:
-        """The request-wide checks: the model's name, the server's limits, what this model can return."""
+        """The request-wide checks: the model's name, the server's limits, what this model can return,
+        the settings every item shares (a bad one is the request's error, named by its field, not
+        input[0]'s)."""
         if req.model is not None and req.model not in self.model_names:
             raise RequestError(404, f"The model '{req.model}' does not exist (this server serves '{self.model_name}')", "model",
                                code="model_not_found")
@@ -175,6 +190,10 @@ class _Server:
                                     "(tte-serve --max-trace-tokens)", "max_trace_tokens")
         if req.normalize is False:
             raise RequestError(400, "normalize=false is not supported: this model's embeddings are always L2-normalized", "normalize")
+        try:
+            check_settings(True, req.max_trace_tokens, req.instruction, None, _truncation(req), None)
+        except InvalidInputError as exc:
+            raise RequestError(400, exc.reason, exc.field) from exc
 
     def respond(self, plans: list[Plan], seqs: dict[int, object], req: EmbeddingRequest) -> bytes:
         """The response body (built off the event loop: large batches take a while to serialize)."""
