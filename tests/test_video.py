@@ -294,7 +294,7 @@ def test_entry_points_carry_videos_and_images(tmp_path, clip_mp4, make_checkpoin
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"id": "a", "text": "what is shown?", "images": ["img0.png", "img1.png"], "video": "clip.mp4", "video_options": opts}) + "\n")
-    (line,), _ = read_items(corpus)
+    (line,), *_ = read_items(corpus)
     assert line["images"] == [str(tmp_path / "img0.png"), str(tmp_path / "img1.png")] and line["video"] == str(tmp_path / "clip.mp4")
 
     batch = {"text": np.array(["what is shown?"], dtype=object), "imgs": np.array([np.array(urls, dtype=object)], dtype=object),

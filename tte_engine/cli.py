@@ -14,8 +14,9 @@ counted at the end.
 Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` shard and its
 `.jsonl` records, each renamed into place whole); the final files are assembled from the shards
 when every item is done. A killed run loses at most the batch in flight, and re-running the same
-command skips the ids already written. Batches are cut the same way on every run, and the cache
-is written per finished batch, so a resumed run repeats exactly the computation the interrupted
+command skips the ids already written for the same line (each row records its line's digest: an
+id whose line changed is embedded again, and rows of ids gone from the input are dropped). Batches
+are cut the same way on every run, and the cache is written per finished batch, so a resumed run repeats exactly the computation the interrupted
 one lost: its output is identical to an uninterrupted run's.
 
 The run's settings (engine, checkpoint, think, trace budget, instruction) are recorded with the
@@ -27,6 +28,7 @@ refused (OutputConflict) rather than mixing vectors of different settings or mod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -78,15 +80,19 @@ def _relative_to(corpus: Path, value):
     return value
 
 
-def read_items(path: Path) -> tuple[list, list]:
-    """(items, ids) from a .txt or .jsonl file; a line that is not UTF-8 (or, in .jsonl, not a JSON
-    object) becomes a MalformedLine item naming its line number. Blank lines are skipped."""
-    items, ids = [], []
+def read_items(path: Path) -> tuple[list, list, list[str]]:
+    """(items, ids, digests) from a .txt or .jsonl file; a line that is not UTF-8 (or, in .jsonl, not a
+    JSON object) becomes a MalformedLine item naming its line number. Blank lines are skipped.
+
+    An item's digest is its line's (sha256 of the bytes as written, image paths unresolved): a
+    resumed run re-embeds an id whose line changed."""
+    items, ids, digests = [], [], []
     jsonl = path.suffix == ".jsonl"
     for n, line in read_lines(path):
         if line is not None and not line.strip():
             continue
         ids.append(None)
+        digests.append(hashlib.sha256((line if line is not None else f"line {n}: not UTF-8").encode("utf-8", "surrogatepass")).hexdigest()[:16])
         try:
             if line is None:
                 raise ValueError("not valid UTF-8")
@@ -110,7 +116,7 @@ def read_items(path: Path) -> tuple[list, list]:
             elif value is not None:
                 obj[name] = _relative_to(path, value)
         items.append(obj)
-    return items, ids
+    return items, ids, digests
 
 
 def demo_items() -> list:
@@ -317,7 +323,7 @@ def embed_file(engine, args) -> int:
 
     from .result_cache import EngineCache, ResultCache
 
-    items, ids = read_items(args.input)
+    items, ids, digests = read_items(args.input)
     ids = [i if item_id is None else item_id for i, item_id in enumerate(ids)]
     seen: dict[str, int] = {}
     for i, item_id in enumerate(ids):
@@ -331,13 +337,17 @@ def embed_file(engine, args) -> int:
     shards = Shards(Path(f"{prefix}.parts"))
     _prepare_output(prefix, args.format, _manifest(engine, args), args, shards)
 
-    done = set()
+    written: dict[str, str | None] = {}  # id -> digest of the item its latest row was computed for
     for name in shards.names():
-        records = shards.records(name)
-        done |= {_key(r["id"]) for r in records if not (args.retry_errors and r["error"] is not None)}
-    pending = [i for i, item_id in enumerate(ids) if _key(item_id) not in done]
-    if len(pending) < len(items):
-        print(f"tte-embed: resuming: {len(items) - len(pending)} of {len(items)} item(s) already written", file=sys.stderr)
+        for r in shards.records(name):
+            written[_key(r["id"])] = None if args.retry_errors and r["error"] is not None else r.get("input_digest")
+    pending = [i for i, item_id in enumerate(ids) if written.get(_key(item_id)) != digests[i]]
+    if written:
+        changed = sum(1 for i in pending if written.get(_key(ids[i])) is not None)
+        gone = len(set(written) - {_key(i) for i in ids})
+        print(f"tte-embed: resuming: {len(items) - len(pending)} of {len(items)} item(s) already written"
+              + (f"; {changed} item(s) differ from the earlier run's and are embedded again" if changed else "")
+              + (f"; {gone} earlier row(s) whose ids are not in {args.input} are dropped" if gone else ""), file=sys.stderr)
 
     cache = None if args.no_cache else EngineCache(ResultCache(args.cache), engine)
     stats = {"failed": 0, "embedding": 0, "trace": 0, "trace_tokens": 0}
@@ -353,7 +363,7 @@ def embed_file(engine, args) -> int:
                         vectors[j] = r.embedding
                     records.append({"index": i, "id": ids[i], "trace": engine.prompts.decode(r.trace_ids), "error": r.error,
                                     "stop_reason": r.stop_reason, "prompt_tokens": r.prompt_tokens, "trace_tokens": len(r.trace_ids),
-                                    "cached": r.cached})
+                                    "cached": r.cached, "input_digest": digests[i]})
                     stats["failed"] += r.error is not None
                     stats["trace_tokens"] += r.trace_tokens
                     if r.cached:
@@ -421,10 +431,11 @@ def _write_parquet(path: Path, records: list[dict], vectors: np.ndarray, manifes
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {k: [r[k] for r in records] for k in records[0]} if records else {}
+    columns = {k: [r.get(k) for r in records] for k in dict.fromkeys(k for r in records for k in r)}  # rows of an older run may lack a field
     columns["id"] = [json.dumps(v) for v in columns.get("id", [])]  # ids may mix ints and strings: stored as JSON text
+    types = {"error": pa.string(), "trace": pa.string(), "stop_reason": pa.string(), "cached": pa.string(), "input_digest": pa.string()}
     dim = vectors.shape[1]
-    table = pa.table({**{k: pa.array(v) for k, v in columns.items()},
+    table = pa.table({**{k: pa.array(v, type=types.get(k)) for k, v in columns.items()},
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(vectors).reshape(-1)), dim)})
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARQUET_MANIFEST_KEY: json.dumps(manifest).encode()})
     _atomic_write(path, lambda f: pq.write_table(table, f))

@@ -170,7 +170,7 @@ def test_corpus_lines_split_on_newline_only(tmp_path, serve_checkpoint):
     data = b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\n"
     path = tmp_path / "odd.jsonl"
     path.write_bytes(data)
-    items, ids = read_items(path)
+    items, ids, _ = read_items(path)
     assert len(items) == len(ODD) + 3
     assert ids == ["r0", "r1", "r2", None, *[f"r{i}" for i in range(3, len(ODD))], "surrogate", "int-trace"]
     assert items[0]["text"] == "record\u20280 with an odd separator"  # the BOM is gone, the record whole
@@ -187,7 +187,7 @@ def test_corpus_lines_split_on_newline_only(tmp_path, serve_checkpoint):
 def test_txt_corpus_with_a_bad_byte(tmp_path):
     path = tmp_path / "in.txt"
     path.write_bytes(b"\xef\xbb\xbfone\r\ntwo\xff\n\n" + "three\u2028still three\n".encode())
-    items, ids = read_items(path)
+    items, ids, _ = read_items(path)
     assert items[0] == "one" and items[1].reason == "line 2: not valid UTF-8" and items[2] == "three\u2028still three"
     assert ids == [None, None, None]
 
@@ -226,6 +226,6 @@ def test_demo_honours_think_and_trace_flags(capsys):
 def test_a_broken_json_line_is_named_by_its_line_and_column(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"\n[1, 2]\n')
-    items, _ = read_items(path)
+    items, *_ = read_items(path)
     assert items[1].reason == "line 2: not valid JSON (Expecting ',' delimiter at column 13)"
     assert items[2].reason == "line 3: each line must be a JSON object"

@@ -115,6 +115,25 @@ def test_sigkilled_process_resumes_to_identical_output(corpus, serve_checkpoint,
     assert same_files(out, uninterrupted)
 
 
+def test_rerun_embeds_changed_items_again_and_drops_vanished_ids(serve_checkpoint, reference, tmp_path, capsys):
+    """Resuming goes by id and content: a .txt file rewritten under the same output (its ids are line
+    numbers) gets its own vectors, never the earlier lines'."""
+    src, out = tmp_path / "q.txt", tmp_path / "q"
+    src.write_text("alpha\nbeta\n")
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0
+    src.write_text("alpha\ngamma\n")
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0
+    err = capsys.readouterr().err
+    assert "resuming: 1 of 2" in err and "1 item(s) differ from the earlier run's" in err
+    vectors, records = read(out)
+    want = reference.embed(["alpha", "gamma"])
+    assert float(torch.cosine_similarity(torch.from_numpy(vectors), want.embeddings).min()) >= 0.99999
+    src.write_text("alpha\n")
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0
+    assert "1 earlier row(s) whose ids are not in" in capsys.readouterr().err
+    assert read(out)[0].shape[0] == 1
+
+
 def test_rerun_skips_written_ids_and_new_lines_are_added(corpus, serve_checkpoint, uninterrupted, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copy(f"{uninterrupted}.npy", f"{out}.npy")
