@@ -89,6 +89,12 @@ def bench_small(tmp_path_factory):
     return never_stop(build_random_checkpoint(tmp_path_factory.mktemp("bench-small"), SPECS["bench-small"], seed=0))
 
 
+def verdict(value: float, target: float, unit: str = "x", most: bool = False) -> str:
+    """"target >= 1.5x: NOT met" (most=True: "target <= 50 us: met"), for a benchmark's printed line."""
+    met = value <= target if most else value >= target
+    return f"target {'<=' if most else '>='} {target:g}{unit}: {'met' if met else 'NOT met'}"
+
+
 def synthetic_image(h: int, w: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import verdict
 from naive_pipeline import NaivePipeline
 from tte_engine import Engine
 from tte_engine.config import EngineConfig
@@ -94,6 +95,6 @@ def test_bench_prefill_vs_transformers(benchmark, pipelines, workload):
     benchmark.extra_info.update(workload=workload, items=len(items), tokens=tokens, naive_median_s=round(naive_s, 4),
                                 engine_median_s=round(engine_s, 4), speedup=round(speedup, 2), target=TARGETS.get(workload),
                                 min_cosine=round(cos, 6), threads=torch.get_num_threads())
-    target = f" (target {TARGETS[workload]}x)" if workload in TARGETS else ""
+    target = f" ({verdict(speedup, TARGETS[workload])})" if workload in TARGETS else " (no target)"
     print(f"\n{workload}: {len(items)} items, {tokens} tokens: engine {engine_s:.3f}s  transformers {naive_s:.3f}s  "
           f"speedup {speedup:.2f}x{target} ({torch.get_num_threads()} threads)")

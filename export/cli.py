@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def print_summary(summary: dict) -> None:
         print(f"  onnx/ (opset {summary['onnx']['opset']}): max |onnxruntime - torch| {errs}")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the export is, so that its temporary directory is removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -111,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size, max_input_len=args.max_input_len, seed=args.seed,
     )
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"tte-export: {msg}", flush=True))  # stderr is for errors and bars
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # timeout, docker stop, a CI cancel: clean up as for Ctrl-C
     try:
         summary = run_export(opts, Reporter(say=say, bars=not args.quiet and sys.stderr.isatty()))
     except TTEError as exc:
@@ -119,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"tte-export: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tte-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"tte-export: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; nothing was written", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(summary)
     return 0
 

@@ -114,7 +114,13 @@ def test_a_foreign_exception_while_preparing_an_item_is_that_items_error(engine,
 def test_wrong_call_settings_raise_once_even_with_errors_return(engine, kw, message):
     with pytest.raises(InvalidInputError, match=message) as caught:
         engine.embed(["a", "b"], errors="return", **kw)
-    assert caught.value.index is None
+    assert caught.value.index is None and caught.value.field == next(iter(kw))
+
+
+def test_an_unknown_errors_mode_is_an_invalid_input_error(engine):
+    with pytest.raises(InvalidInputError, match="errors must be 'raise' or 'return', got 'ignore'") as caught:
+        engine.embed(["a"], errors="ignore")
+    assert caught.value.index is None and caught.value.field == "errors"
 
 
 # ---------------------------------------------------------------------- kind 3: cheap bounds first

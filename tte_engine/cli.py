@@ -16,8 +16,9 @@ Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` sh
 when every item is done. A killed run loses at most the batch in flight, and re-running the same
 command skips the ids already written for the same line (each row records its line's digest: an
 id whose line changed is embedded again, and rows of ids gone from the input are dropped). Batches
-are cut the same way on every run, and the cache is written per finished batch, so a resumed run repeats exactly the computation the interrupted
-one lost: its output is identical to an uninterrupted run's.
+are cut the same way on every run, and the cache is written per finished batch, so a resumed run
+repeats exactly the computation the interrupted one lost: its output is identical to an
+uninterrupted run's.
 
 The run's settings (engine, checkpoint, think, trace budget, instruction) are recorded with the
 results: `PREFIX.parts/manifest.json` while a run is partial, then `PREFIX.manifest.json` next to
@@ -163,7 +164,8 @@ def engine_switches(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tte-embed", description="Think-Then-Embed: embed a .txt or .jsonl file.")
-    parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (text/image/instruction/id)")
+    parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (one JSON object per line: text, image, "
+                        "images, video, videos, video_options, instruction, id)")
     parser.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory or alias (default: tiny-random)")
     parser.add_argument("--output", type=Path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
     parser.add_argument("--format", choices=["npy", "parquet"], default="npy", help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
@@ -171,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-think", action="store_true", help="skip the trace (plain last-token embedding)")
     parser.add_argument("--max-trace-tokens", type=int, help="trace budget (default: from tte_config.json)")
     parser.add_argument("--instruction", help="task instruction or a named instruction of the checkpoint")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt instead of reusing cached prefix blocks")
     parser.add_argument("--batch-size", type=int, default=256, help="items handed to the engine at a time, and written together (default 256)")
@@ -187,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an INPUT file or --demo")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.format == "parquet" and not args.demo:
+        try:
+            import pyarrow  # noqa: F401  (checked before any model work, not after it)
+        except ImportError:
+            parser.error("--format parquet needs pyarrow: pip install pyarrow (or the [serve] extra)")
     try:
         from .engine import Engine
 

@@ -364,7 +364,7 @@ class Engine:
 
     def _run(self, items, *, think, max_trace_tokens, instruction, errors, sampling, embed, progress, truncate_prompt_tokens=None) -> list[Sequence | str]:
         if errors not in ("raise", "return"):
-            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+            raise InvalidInputError(f"errors must be 'raise' or 'return', got {errors!r}", None, "errors")
         check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, None)
         if self.has_unfinished():
             raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")

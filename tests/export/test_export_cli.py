@@ -112,6 +112,24 @@ def test_failed_export_leaves_nothing_that_loads(tmp_path, monkeypatch):
         Engine(out)
 
 
+def test_sigterm_mid_export_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """timeout, docker stop and CI cancels send SIGTERM: the temporary directory goes as on Ctrl-C."""
+    import signal
+
+    import tte_engine.export.onnx_export as onnx_export
+    from tte_engine.export.cli import main
+
+    def terminated(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the export")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--checkpoint", "tiny-random", "--out", str(tmp_path / "out"), "--target", "all", "--calibration", "0", "--quiet"]) == 143
+    assert "terminated; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_errors_are_raised_as_export_errors(tmp_path):
     with pytest.raises(ExportError, match="unknown target"):
         run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", target="tflite"))

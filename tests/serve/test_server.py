@@ -451,3 +451,16 @@ def test_a_cached_trace_is_reused_by_the_server(serve_checkpoint, reference, tmp
             assert cache.counts() == {"traces": 2, "embeddings": 2}  # the new embeddings were cached
         finally:
             srv.stop()
+
+
+def test_without_the_server_extra_tte_serve_says_what_to_install():
+    """The console script imports tte_engine.serve.main: that must not need fastapi before it can say so."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None\n"
+            "from tte_engine.serve.main import main\n"
+            "sys.exit(main(['--checkpoint', 'tiny-random']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "tte-serve: error: fastapi is missing; install the server extra: pip install 'tte-engine[serve]'"), proc.stderr
