@@ -96,6 +96,8 @@ def print_summary(summary: dict) -> None:
     if "onnx" in summary:
         errs = ", ".join(f"{k} {v:.1e}" for k, v in summary["onnx"]["max_abs_error_vs_torch"].items())
         print(f"  onnx/ (opset {summary['onnx']['opset']}): max |onnxruntime - torch| {errs}")
+    for note in summary.get("notes", []):
+        print(f"  {note}")
 
 
 class _Terminated(KeyboardInterrupt):

@@ -8,8 +8,8 @@ A `.txt` input has one text per line; a `.jsonl` input has objects with `text`, 
 relative to the file, or a data: URL), `images` (a list of them), `video` (a video file or a list
 of frame images, paths relative to the file or data: URLs), `videos`, `video_options` (see
 `tte_engine.video.VideoOptions`; `{"num_frames": 8}` is MMEB-V2's convention), `instruction` and
-an optional `id` (default: the item's number). Bad lines become error rows (NaN vectors) and are
-counted at the end.
+an optional `id` (default: the item's 0-based number among the file's non-blank lines). Bad lines
+become error rows (NaN vectors) and are counted at the end.
 
 Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` shard and its
 `.jsonl` records, each renamed into place whole); the final files are assembled from the shards
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an INPUT file or --demo")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.input is not None and not args.demo and args.input.suffix not in (".txt", ".jsonl"):
+        parser.error(f"{args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
+                     f"got {args.input.suffix or 'no extension'}")
     if args.format == "parquet" and not args.demo:
         try:
             import pyarrow  # noqa: F401  (checked before any model work, not after it)

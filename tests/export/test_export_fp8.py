@@ -83,6 +83,8 @@ def test_accuracy_report(fp8_all_export):
     if acc["trace_exact_match"] == 1:  # then "own traces" are the reference's traces
         assert acc["cosine_end_to_end"]["mean"] >= 0.99
     assert "FP8 per-channel (native)" in proc.stdout and "FP8 per-tensor (static scales)" in proc.stdout and "top-1 agreement" in proc.stdout
+    # where FP8 stops is said on the summary screen (tiny-random's head is mhsa)
+    assert "the mhsa head's weight file stays float" in proc.stdout and "onnx/: float32 graphs" in proc.stdout
 
 
 def test_accuracy_report_figures_are_computed_from_the_runs():

@@ -332,3 +332,17 @@ def test_a_finished_parquet_output_records_its_settings(serve_checkpoint, tmp_pa
     assert json.loads(pq.read_schema(f"{out}.parquet").metadata[b"tte_engine.manifest"])["think"] is True
     assert run(src, serve_checkpoint, out, "--no-cache", "--format", "parquet") == 0
     assert "resuming: 2 of 2" in capsys.readouterr().err
+
+
+def test_arguments_that_cannot_work_stop_before_any_model_work(tmp_path, monkeypatch, capsys):
+    """A file of another kind is not read as text, and Parquet without pyarrow is refused up front."""
+    (tmp_path / "q.json").write_text('{"text": "a"}\n')
+    (tmp_path / "q.txt").write_text("a\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "q.json")])
+    assert exit_.value.code == 2 and "expected a .txt file (one text per line) or a .jsonl file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "q.txt"), "--format", "parquet"])
+    assert exit_.value.code == 2 and "--format parquet needs pyarrow" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "q.txt"]

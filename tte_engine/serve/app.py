@@ -43,7 +43,7 @@ logger = logging.getLogger("tte_engine")
 @dataclass
 class ServerSettings:
     model_name: str | None = None  # the name /v1/models and responses report (default: the checkpoint directory's name)
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
+    api_key: str | None = None  # when set, every path but OPEN_PATHS needs `Authorization: Bearer <key>`
     max_queue: int = 1024  # items waiting beyond the engine's batch before requests get 429
     max_body_bytes: int = 32 << 20  # larger bodies get 413
     local_files_root: Path | None = None  # image paths allowed under this directory; None: data: URLs only

@@ -18,9 +18,10 @@ from ..errors import TTEError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
     p.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory, engine directory or alias (default: tiny-random)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $TTE_API_KEY, else open)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health and /metrics "
+                                     "(default: $TTE_API_KEY, else open)")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="the model name in responses and /v1/models, then other names requests may use (default: the checkpoint's "
                         "directory name; that and the --checkpoint argument are always accepted; other names get 404)")
