@@ -59,10 +59,10 @@ class ExportOptions:
     seed: int = 0
 
 
-@dataclass
 LONG_STEP_S = 10  # steps that took longer say so when they end
 
 
+@dataclass
 class Reporter:
     """What the pipeline tells its caller: a status line per step, and tqdm bars when `bars`."""
 
