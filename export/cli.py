@@ -13,6 +13,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size, max_input_len=args.max_input_len, seed=args.seed,
     )
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"tte-export: {msg}", flush=True))  # stderr is for errors and bars
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # timeout, docker stop, a CI cancel: clean up as for Ctrl-C
+    # timeout, docker stop, a CI cancel: clean up as for Ctrl-C (only the main thread can set a handler)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         summary = run_export(opts, Reporter(say=say, bars=not args.quiet and sys.stderr.isatty()))
     except TTEError as exc:
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tte-export: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; nothing was written", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print_summary(summary)
     return 0
 

@@ -16,7 +16,10 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -225,18 +228,43 @@ def run_export(opts: ExportOptions, reporter: Reporter | None = None) -> dict[st
         source, random_weights = resolve_source(opts, reporter)
     out = (opts.out or default_out(opts.checkpoint, opts.fp8)).expanduser().absolute()
     check_not_inside(source, out)
-    tmp = prepare_output(out, opts.force)
+    tmp = None
     try:
+        with _signals_deferred(reporter, then="raise"):  # the temp dir exists only once `tmp` names it
+            tmp = prepare_output(out, opts.force)
         summary = _export_into(tmp, out, source, random_weights, targets, opts, reporter)
         summary["seconds"] = dict(reporter.timings, total=round(time.perf_counter() - start, 3))
         summary["files"] = _files(tmp)
         summary["total_bytes"] = sum(f["bytes"] for f in summary["files"])
         (tmp / "export_report.json").write_text(json.dumps(summary, indent=2))
-        commit_output(tmp, out)
+        with _signals_deferred(reporter, then="finish"):  # half a commit could hide the old export (--force)
+            commit_output(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+@contextmanager
+def _signals_deferred(reporter: Reporter, then: str):
+    """SIGINT / SIGTERM wait until the block is done. then="raise": delivered after it (to the handler
+    in place); "finish": the work is complete by then, so the signal is reported and dropped. Only
+    the main thread can set handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught and then == "raise":
+        signal.raise_signal(caught[0])
+    elif caught:
+        reporter.say(f"{signal.Signals(caught[0]).name} arrived while the export was moved into place; it was finished first")
 
 
 def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targets: set[str], opts: ExportOptions, rep: Reporter) -> dict[str, Any]:

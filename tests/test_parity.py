@@ -158,6 +158,25 @@ def test_two_model_matches_running_both_models_by_hand(make_checkpoint, mixed_it
     assert solo.trace_token_ids != res.trace_token_ids
 
 
+def test_a_reasoner_with_more_vocabulary_rows_never_emits_them(make_checkpoint, mixed_items):
+    """Qwen2-VL-7B has 152064 rows beside 2B's 151936: the reasoner's extra rows are padding, never a
+    token the embedder could read (an id past its table crashed the whole batch). They are suppressed
+    like vision tokens: traces equal transformers' generate() with those ids suppressed too."""
+    reasoner = make_checkpoint("wide-reasoner", seed=1, head="last_token", vocab_size=1000, think_max_tokens=8)
+    embedder = make_checkpoint("narrow-embedder", seed=3, head="last_token", mode="two_model", reasoner=str(reasoner), think_max_tokens=8)
+    eng = Engine(embedder)
+    vocab = eng.model_cfg.text.vocab_size
+    items = mixed_items[:3]
+    res = eng.embed(items, errors="return")
+    assert res.errors == [None] * len(items)
+    for i, item in enumerate(items):
+        trace = hf_generate(
+            reasoner, item, res.prompt_token_ids[i], max_new_tokens=8, stop_ids=_stop_ids(eng),
+            suppress_ids=eng.prompts.suppressed_ids + list(range(vocab, 1000)), image_token_id=eng.model_cfg.image_token_id,
+        )
+        assert res.trace_token_ids[i] == trace and max(trace) < vocab
+
+
 def test_bfloat16_checkpoint_loads_exactly(make_checkpoint, mixed_items):
     """A bf16 checkpoint run in fp32 matches transformers loading the same file in fp32."""
     path = make_checkpoint("bf16", head="last_token", dtype="bfloat16", think_max_tokens=6)

@@ -14,8 +14,9 @@ become error rows (NaN vectors) and are counted at the end.
 Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` shard and its
 `.jsonl` records, each renamed into place whole); the final files are assembled from the shards
 when every item is done. A killed run loses at most the batch in flight, and re-running the same
-command skips the ids already written for the same line (each row records its line's digest: an
-id whose line changed is embedded again, and rows of ids gone from the input are dropped). Batches
+command skips the ids already written for the same item (each row records its item's digest, local
+media files' size and modification time included: an id whose item changed is embedded again, and
+rows of ids gone from the input are dropped). Batches
 are cut the same way on every run, and the cache is written per finished batch, so a resumed run
 repeats exactly the computation the interrupted one lost: its output is identical to an
 uninterrupted run's.
@@ -85,15 +86,14 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
     """(items, ids, digests) from a .txt or .jsonl file; a line that is not UTF-8 (or, in .jsonl, not a
     JSON object) becomes a MalformedLine item naming its line number. Blank lines are skipped.
 
-    An item's digest is its line's (sha256 of the bytes as written, image paths unresolved): a
-    resumed run re-embeds an id whose line changed."""
-    items, ids, digests = [], [], []
+    An item's digest covers what its row is computed from (see `_digest`): a resumed run re-embeds
+    an id whose digest changed."""
+    items, ids = [], []
     jsonl = path.suffix == ".jsonl"
     for n, line in read_lines(path):
         if line is not None and not line.strip():
             continue
         ids.append(None)
-        digests.append(hashlib.sha256((line if line is not None else f"line {n}: not UTF-8").encode("utf-8", "surrogatepass")).hexdigest()[:16])
         try:
             if line is None:
                 raise ValueError("not valid UTF-8")
@@ -117,7 +117,30 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
             elif value is not None:
                 obj[name] = _relative_to(path, value)
         items.append(obj)
-    return items, ids, digests
+    return items, ids, [_digest(item) for item in items]
+
+
+def _digest(item) -> str:
+    """What an item's row depends on: its content as read (a bad line: its error, line number
+    included), and each local media file's path, size and modification time (a file replaced under
+    the same name is a new item; its bytes are not read here)."""
+    if isinstance(item, MalformedLine):
+        key = {"malformed": item.reason}
+    elif isinstance(item, str):
+        key = {"text": item}
+    else:
+        media = [item.get(name) for name in ("image", "video", "images", "videos")]
+        paths = [p for v in media for p in (v if isinstance(v, list) else [v]) if isinstance(p, str) and not p.startswith("data:")]
+        key = {"item": item, "files": [_stamp(p) for p in paths]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}: missing"
+    return f"{path}: {st.st_size} bytes, mtime {st.st_mtime_ns}"
 
 
 def demo_items() -> list:
@@ -355,9 +378,11 @@ def embed_file(engine, args) -> int:
     pending = [i for i, item_id in enumerate(ids) if written.get(_key(item_id)) != digests[i]]
     if written:
         changed = sum(1 for i in pending if written.get(_key(ids[i])) is not None)
+        undated = sum(1 for i in pending if _key(ids[i]) in written and written[_key(ids[i])] is None and not args.retry_errors)
         gone = len(set(written) - {_key(i) for i in ids})
         print(f"tte-embed: resuming: {len(items) - len(pending)} of {len(items)} item(s) already written"
               + (f"; {changed} item(s) differ from the earlier run's and are embedded again" if changed else "")
+              + (f"; {undated} earlier row(s) carry no input_digest (an older tte-embed) and are embedded again" if undated else "")
               + (f"; {gone} earlier row(s) whose ids are not in {args.input} are dropped" if gone else ""), file=sys.stderr)
 
     cache = None if args.no_cache else EngineCache(ResultCache(args.cache), engine)

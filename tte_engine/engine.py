@@ -165,7 +165,10 @@ class Engine:
         blocks = BlockManager(num_blocks, self.config.block_size, self.config.max_num_seqs, max_blocks_per_seq,
                               enable_prefix_caching=self.config.enable_prefix_caching)
         graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
-        runner = Runner(model, cache, blocks, self.prompts.suppressed_ids, self.config.max_vision_patches, cuda_graphs=graphs,
+        # a reasoner with more rows than the embedder (Qwen2-VL-7B's 152064 beside 2B's 151936) never
+        # generates an id the embedder cannot read: the extra rows are padding, not tokens
+        suppressed = self.prompts.suppressed_ids + list(range(self.model_cfg.text.vocab_size, cfg.text.vocab_size))
+        runner = Runner(model, cache, blocks, suppressed, self.config.max_vision_patches, cuda_graphs=graphs,
                         encoder_cache_tokens=ENCODER_CACHE_TOKENS if self.config.enable_prefix_caching else 0)
         logger.info("%s: KV cache of %d blocks x %d tokens (%.1f MiB)", checkpoint.name, num_blocks, self.config.block_size, num_blocks * per_block / 2**20)
         return _Stage(checkpoint, cfg, runner, blocks)

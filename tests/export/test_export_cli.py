@@ -130,6 +130,34 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_signal_during_the_commit_waits_for_it(tmp_path, monkeypatch, capsys):
+    """--force over an old export: a SIGTERM between moving the old one aside and moving the new one
+    in must neither hide the old export nor leave either directory behind; the commit finishes."""
+    import signal
+    import threading
+
+    import tte_engine.export.pipeline as pipeline
+    from tte_engine.export.cli import main
+
+    out = tmp_path / "out"
+    args = ["--checkpoint", "tiny-random", "--out", str(out), "--target", "hf", "--calibration", "0", "--quiet"]
+    assert main(args) == 0
+    real_commit = pipeline.commit_output
+
+    def interrupted_commit(tmp, dest):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives inside the commit
+        real_commit(tmp, dest)
+
+    monkeypatch.setattr(pipeline, "commit_output", interrupted_commit)
+    assert main(args + ["--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "hf" / "model.safetensors").is_file()
+    done = []  # and off the main thread, where no handler can be set, it still runs
+    worker = threading.Thread(target=lambda: done.append(main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])))
+    worker.start()
+    worker.join()
+    assert done == [2]
+
+
 def test_errors_are_raised_as_export_errors(tmp_path):
     with pytest.raises(ExportError, match="unknown target"):
         run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "x", target="tflite"))

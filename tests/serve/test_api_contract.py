@@ -113,6 +113,12 @@ def test_request_wide_settings_are_blamed_on_their_field_and_echoes_stay_json(cl
     err = _error(client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 404, "model", "does not exist", code="model_not_found")
     assert "\udc00" in err["message"]
     _error(client.get("/v1/models/%ED%B0%80"), 404, "model", code="model_not_found")  # the UTF-8 bytes of a surrogate in the path
+    # a request-wide field every item took is blamed by its name, and checked even where no item uses it
+    _error(post(client, {"input": ["a", "b"], "instruction": "x" * 3_000_000}), 400, "instruction", "cannot fit the model limit")
+    _error(post(client, {"input": ["a"], "video_options": {"num_frames": 10**9}}), 400, "video_options", "exceeds the limit")
+    _error(post(client, {"input": ["a"], "video_options": {"bogus": 1}}), 400, "video_options", "unknown video option")
+    err = client.post("/v1/embeddings", content=b"[1]", headers={"content-type": "application/json"})
+    assert err.status_code == 422 and err.json()["error"]["param"] is None  # the body as a whole
     assert server.metrics().get('tte_requests_total{status="500"}', 0) == 0
 
 

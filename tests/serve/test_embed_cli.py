@@ -134,13 +134,29 @@ def test_rerun_embeds_changed_items_again_and_drops_vanished_ids(serve_checkpoin
     assert read(out)[0].shape[0] == 1
 
 
+def test_rerun_embeds_again_an_item_whose_image_file_or_line_number_changed(serve_checkpoint, tmp_path, capsys):
+    """The digest also covers what the line points at (a replaced image file) and a bad line's error
+    (which names its line number)."""
+    (tmp_path / "pic.png").write_bytes(png_bytes(40, 60, 1))
+    src, out = tmp_path / "q.jsonl", tmp_path / "out"
+    src.write_text('{"id": "p", "image": "pic.png"}\n{not json\n')
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0
+    first = read(out)[0][0].copy()
+    (tmp_path / "pic.png").write_bytes(png_bytes(40, 60, 2))
+    os.utime(tmp_path / "pic.png", ns=(1, 1))  # a replaced file, whatever the clock's resolution
+    src.write_text("\n" + src.read_text())  # the bad line is now line 3
+    assert run(src, serve_checkpoint, out, "--no-cache") == 0
+    assert "2 item(s) differ from the earlier run's" in capsys.readouterr().err
+    vectors, records = read(out)
+    assert not np.allclose(vectors[0], first) and records[1]["error"].startswith("line 3:")
+
+
 def test_rerun_skips_written_ids_and_new_lines_are_added(corpus, serve_checkpoint, uninterrupted, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copy(f"{uninterrupted}.npy", f"{out}.npy")
     shutil.copy(f"{uninterrupted}.jsonl", f"{out}.jsonl")
     shutil.copy(f"{uninterrupted}.manifest.json", f"{out}.manifest.json")
-    grown = tmp_path / "grown.jsonl"
-    shutil.copy(corpus.parent / "cat.png", tmp_path / "cat.png")
+    grown = corpus.parent / "grown.jsonl"  # beside the corpus: its image paths name the same files
     grown.write_text(corpus.read_text() + json.dumps({"id": "new", "text": "a new line"}) + "\n")
     assert run(grown, serve_checkpoint, out, "--no-cache") == 0
     assert "resuming: 12 of 13" in capsys.readouterr().err

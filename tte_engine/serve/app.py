@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import InvalidInputError
 from ..inputs import check_settings
+from ..video import VideoError
 from ..result_cache import EngineCache, ItemResult, Plan, ResultCache, finish_item, plan_item, usage
 from .loop import EngineFailure, EngineLoop, QueueFull, ShuttingDown
 from .metrics import Metrics
@@ -53,6 +54,16 @@ class ServerSettings:
     max_trace_tokens: int | None = None  # the largest max_trace_tokens a request may ask for; None: the checkpoint's budget
     max_image_pixels: int = 1 << 25  # larger images are refused before they are decoded (decode time and memory grow with pixels)
     limit_mm_per_prompt: dict[str, int] | None = None  # most images / videos per item (vLLM's name); None: protocol.DEFAULT_MM_LIMITS
+
+
+def _blame(req: EmbeddingRequest, params: dict, field: str | None) -> str:
+    """The `param` of an item's error: the item's own field, else a request-wide field every item took
+    from the request (a top-level instruction too long for the model), else the item."""
+    if field in params:
+        return params[field]
+    if field in ("instruction", "video_options") and getattr(req, field) is not None:
+        return field
+    return params[None]
 
 
 def _truncation(req: EmbeddingRequest) -> int | None:
@@ -171,7 +182,7 @@ class _Server:
             return plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
                              instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
         except InvalidInputError as exc:
-            raise RequestError(400, exc.reason, params.get(exc.field) or params[None]) from exc
+            raise RequestError(400, exc.reason, _blame(req, params, exc.field)) from exc
 
     def check(self, req: EmbeddingRequest) -> None:
         """The request-wide checks: the model's name, the server's limits, what this model can return,
@@ -192,8 +203,11 @@ class _Server:
             raise RequestError(400, "normalize=false is not supported: this model's embeddings are always L2-normalized", "normalize")
         try:
             check_settings(True, req.max_trace_tokens, req.instruction, None, _truncation(req), None)
+            self.engine.prompts.video_options.updated(req.video_options)  # checked even when no item has a video
         except InvalidInputError as exc:
             raise RequestError(400, exc.reason, exc.field) from exc
+        except VideoError as exc:
+            raise RequestError(400, f"video_options: {exc}", "video_options") from exc
 
     def respond(self, plans: list[Plan], seqs: dict[int, object], req: EmbeddingRequest) -> bytes:
         """The response body (built off the event loop: large batches take a while to serialize)."""
@@ -267,7 +281,7 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
             return _error(400, f"the body is not valid JSON: {detail}")
         # a value that fits no member of a union fails once per member: report the deepest (most specific) path
         errors = sorted(errors, key=lambda e: -len(_field_path(e["loc"])))
-        param = _field_path(errors[0]["loc"]) if errors else None
+        param = (_field_path(errors[0]["loc"]) if errors else None) or None  # the body as a whole: no param
         messages = [f"{_field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
         return _error(422, "; ".join(messages) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""), param)
 
