@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an INPUT file or --demo")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.input is not None and not args.demo and not args.input.is_file():
+        parser.error(f"{args.input}: no such file")
     if args.input is not None and not args.demo and args.input.suffix not in (".txt", ".jsonl"):
         parser.error(f"{args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
                      f"got {args.input.suffix or 'no extension'}")

@@ -352,6 +352,10 @@ def test_a_finished_parquet_output_records_its_settings(serve_checkpoint, tmp_pa
 
 def test_arguments_that_cannot_work_stop_before_any_model_work(tmp_path, monkeypatch, capsys):
     """A file of another kind is not read as text, and Parquet without pyarrow is refused up front."""
+    for missing in (tmp_path / "nowhere.txt", tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(missing)])
+        assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
     (tmp_path / "q.json").write_text('{"text": "a"}\n')
     (tmp_path / "q.txt").write_text("a\n")
     with pytest.raises(SystemExit) as exit_:
