@@ -56,8 +56,10 @@ def _rows(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, cache.shape[2] * cache.shape[3]).index_select(0, slots)
 
 
-def _context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int, block_size: int) -> torch.Tensor:
-    """Cache slot of positions 0 .. width - 1 of each sequence of `block_tables`: [B, width] int64.
+def _context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cache slot of positions 0 .. width - 1 of each sequence of `block_tables` [B, width] int64,
+    which of them lie inside the context [B, width] bool, None when `context_lens` is None).
 
     A position at or past its sequence's context length (a block's unwritten tail, a padding entry of
     the table) gives the slot of the sequence's position 0 instead: every caller masks its score, but
@@ -69,15 +71,15 @@ def _context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor | None
     offsets = torch.arange(block_size, device=block_tables.device)
     slots = (block_tables[:, :blocks].long() * block_size)[:, :, None].add(offsets).view(bsz, blocks * block_size)[:, :width]
     if context_lens is None:
-        return slots
+        return slots, None
     valid = torch.arange(width, device=slots.device) < context_lens[:, None]
-    return torch.where(valid, slots, slots[:, :1])
+    return torch.where(valid, slots, slots[:, :1]), valid
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor | None, width: int) -> torch.Tensor:
     """The first `width` cached positions of each sequence of `block_tables`: [B, KVH, width, hd]
     (positions past a context hold position 0's k/v; see `_context_slots`)."""
-    slots = _context_slots(block_tables, context_lens, width, cache.shape[1])
+    slots, _ = _context_slots(block_tables, context_lens, width, cache.shape[1])
     return _rows(cache, slots.reshape(-1)).view(slots.shape[0], width, *cache.shape[2:]).transpose(1, 2)
 
 
@@ -92,10 +94,9 @@ def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_si
     The mask is additive (0 or -inf) because SDPA's CPU kernel would convert a boolean mask in
     every layer; the results are the same bit for bit. Position 0 stays unmasked in an empty
     context (a padded row), whose output is replaced by zeros."""
-    span = block_tables.shape[1] * block_size
-    slots = _context_slots(block_tables, context_lens, span, block_size)
-    pos = torch.arange(span, device=block_tables.device)
-    masked = (pos >= context_lens[:, None]) & (pos != 0)
+    slots, valid = _context_slots(block_tables, context_lens, block_tables.shape[1] * block_size, block_size)
+    masked = ~valid
+    masked[:, 0] = False
     mask = torch.zeros(masked.shape, dtype=torch.float32, device=masked.device).masked_fill_(masked, float("-inf"))
     return slots.view(-1), mask[:, None, None, :], (context_lens > 0)[:, None, None]
 

@@ -16,10 +16,9 @@ Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` sh
 when every item is done. A killed run loses at most the batch in flight, and re-running the same
 command skips the ids already written for the same item (each row records its item's digest, local
 media files' size and modification time included: an id whose item changed is embedded again, and
-rows of ids gone from the input are dropped). Batches
-are cut the same way on every run, and the cache is written per finished batch, so a resumed run
-repeats exactly the computation the interrupted one lost: its output is identical to an
-uninterrupted run's.
+rows of ids gone from the input are dropped). Batches are cut the same way on every run, and the
+cache is written per finished batch, so a resumed run repeats exactly the computation the
+interrupted one lost: its output is identical to an uninterrupted run's.
 
 The run's settings (engine, checkpoint, think, trace budget, instruction) are recorded with the
 results: `PREFIX.parts/manifest.json` while a run is partial, then `PREFIX.manifest.json` next to
@@ -45,6 +44,7 @@ import torch
 from .errors import TTEError
 
 MANIFEST = "manifest.json"
+MEDIA_FIELDS = ("image", "video", "images", "videos")  # a .jsonl item's fields that may name files beside it
 PARQUET_MANIFEST_KEY = b"tte_engine.manifest"  # the Parquet schema metadata key of a finished run's manifest
 
 
@@ -110,7 +110,7 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
             items.append(MalformedLine(f"line {n}: {exc}"))
             continue
         ids[-1] = obj.pop("id", None)
-        for name in ("image", "video", "images", "videos"):  # paths are relative to the file
+        for name in MEDIA_FIELDS:  # paths are relative to the file
             value = obj.get(name)
             if isinstance(value, list):
                 obj[name] = [_relative_to(path, v) for v in value]
@@ -129,7 +129,7 @@ def _digest(item) -> str:
     elif isinstance(item, str):
         key = {"text": item}
     else:
-        media = [item.get(name) for name in ("image", "video", "images", "videos")]
+        media = [item.get(name) for name in MEDIA_FIELDS]
         paths = [p for v in media for p in (v if isinstance(v, list) else [v]) if isinstance(p, str) and not p.startswith("data:")]
         key = {"item": item, "files": [_stamp(p) for p in paths]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")).hexdigest()[:16]
@@ -213,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an INPUT file or --demo")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    if args.input is not None and not args.demo and not args.input.is_file():
-        parser.error(f"{args.input}: no such file")
-    if args.input is not None and not args.demo and args.input.suffix not in (".txt", ".jsonl"):
-        parser.error(f"{args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
-                     f"got {args.input.suffix or 'no extension'}")
+    if args.input is not None and not args.demo:
+        if not args.input.is_file():
+            parser.error(f"{args.input}: no such file")
+        if args.input.suffix not in (".txt", ".jsonl"):
+            parser.error(f"{args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
+                         f"got {args.input.suffix or 'no extension'}")
     if args.format == "parquet" and not args.demo:
         try:
             import pyarrow  # noqa: F401  (checked before any model work, not after it)
