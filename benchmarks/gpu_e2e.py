@@ -36,6 +36,7 @@ import gc
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,11 +153,11 @@ def tte_items(count: int, image: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def engine_decode(engine: Engine, prompts: list[str], batch: int, *, warmup: int = 4, steps: int = 32) -> dict:
-    """ms per pure decode step at `batch` (see the module docstring); also the tokens each sequence
-    generated, so two engines' traces can be compared."""
-    device = engine.device
-    seqs = [engine.make_sequence(p, i, max_trace_tokens=warmup + steps + 8) for i, p in enumerate(prompts[:batch])]
+@contextmanager
+def decoding(engine: Engine, prompts: list[str], batch: int, *, warmup: int, budget: int):
+    """`batch` sequences admitted, prefilled and stepped `warmup` times, so the next `Engine.step()`
+    calls are pure decode steps (each trace may run `budget` more tokens); aborted on exit."""
+    seqs = [engine.make_sequence(p, i, max_trace_tokens=warmup + budget + 8) for i, p in enumerate(prompts[:batch])]
     for seq in seqs:
         engine.add_request(seq)
     try:
@@ -168,8 +169,17 @@ def engine_decode(engine: Engine, prompts: list[str], batch: int, *, warmup: int
                 raise RuntimeError("prefill did not finish")
         for _ in range(warmup):
             engine.step()
+        yield seqs
+    finally:
+        engine.scheduler.abort_all()
+
+
+def engine_decode(engine: Engine, prompts: list[str], batch: int, *, warmup: int = 4, steps: int = 32) -> dict:
+    """ms per pure decode step at `batch` (see the module docstring); also the tokens each sequence
+    generated, so two engines' traces can be compared."""
+    with decoding(engine, prompts, batch, warmup=warmup, budget=steps) as seqs:
         before = [len(s.trace_ids) for s in seqs]
-        clock = DeviceClock(device)
+        clock = DeviceClock(engine.device)
         clock.start()
         for _ in range(steps):
             engine.step()
@@ -177,12 +187,44 @@ def engine_decode(engine: Engine, prompts: list[str], batch: int, *, warmup: int
         pure = all(len(s.trace_ids) - b == steps and s.phase == Phase.THINK for s, b in zip(seqs, before))
         tokens = [list(s.trace_ids) for s in seqs]
         context = sum(len(s) for s in seqs) / batch
-    finally:
-        engine.scheduler.abort_all()
     if not pure:
         raise RuntimeError(f"B={batch}: the timed steps were not all pure decode steps (a trace ended or a prefill ran)")
     return {"batch": batch, "ms_per_step": round(ms / steps, 4), "steps": steps, "warmup": warmup,
             "mean_context_tokens": round(context, 1), "tokens": tokens}
+
+
+def profile_decode(engine: Engine, prompts: list[str], batch: int, *, steps: int = 8, table: Path | None = None) -> dict:
+    """torch.profiler over `steps` pure decode steps at `batch`: per step, the host's wall time
+    (perf_counter around the steps), the device time its kernels ran, and how many kernels
+    launched; the top ops by device and by host time go to `table` (text) when given. Where the
+    decode step loses time to its floor: host-bound steps show host ms >> kernel ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(engine.device).type == "cuda" else [])
+    with decoding(engine, prompts, batch, warmup=3, budget=steps) as _seqs:
+        sync(engine.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            sync(engine.device)
+            wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
+    out = {"batch": batch, "steps": steps, "wall_ms_per_step": round(wall * 1e3 / steps, 4),
+           "kernel_ms_per_step": round(device_us / 1e3 / steps, 4),
+           "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1)}
+    if table is not None:
+        parts = [f"decode B={batch}, {steps} steps: {out}"]
+        for key in ("self_device_time_total", "self_cpu_time_total"):
+            try:
+                parts.append(f"--- sorted by {key}\n" + events.table(sort_by=key, row_limit=30, max_name_column_width=70))
+            except Exception as exc:  # noqa: BLE001 - a table the profiler cannot sort this way is left out
+                parts.append(f"--- sorted by {key}: {type(exc).__name__}: {exc}")
+        with open(table, "a") as f:
+            f.write("\n".join(parts) + "\n\n")
+    return out
 
 
 def naive_generate_ms(naive: NaivePipeline, prompts: list[str], new_tokens: int) -> float:

@@ -246,7 +246,8 @@ def main(argv=None) -> int:
             measured = over_batches(decode_batches, deadline, one)
             st[f"tokens_{key}"] = tokens
             out = {"engine": info, "llm_weight_bytes": e2e.llm_weight_bytes(engine),
-                   "floor_ms": round(floor_ms, 4) if floor_ms else None, **measured}
+                   "floor_ms": round(floor_ms, 4) if floor_ms else None, **measured,
+                   "profile": profile_rows(engine, prompts, deadline, args.out.parent / f"profile_{key}.txt")}
             if not graphs and "tokens_graphs" in st:
                 common = sorted(set(tokens) & set(st["tokens_graphs"]))
                 out["graphs_vs_eager_tokens"] = {b: e2e.compare_tokens(st["tokens_graphs"][b], tokens[b]) for b in common}
@@ -254,6 +255,22 @@ def main(argv=None) -> int:
                 out["passed"] = False  # the graph table would be an eager table: say so
             return out
         return part
+
+    def profile_rows(engine, prompts, deadline, table: Path) -> list[dict]:
+        """Host vs kernel time per decode step at the smallest and largest batch (informational:
+        a failure or a spent budget is recorded, not raised)."""
+        table.unlink(missing_ok=True)
+        rows = []
+        for b in sorted({min(decode_batches), max(decode_batches)}):
+            if time.monotonic() > deadline - 8:
+                rows.append({"batch": b, "skipped": "part budget spent"})
+                continue
+            try:
+                rows.append(e2e.profile_decode(engine, prompts, b, steps=8, table=table))
+                print(f"  profile B={b:3d}: {rows[-1]}", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"batch": b, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return rows
 
     driver.run("decode_graphs", decode_table(True, "graphs"), needs=("checkpoint",))
 
