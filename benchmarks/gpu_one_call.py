@@ -3,7 +3,10 @@
 On an H100/H200 with torch >= 2.11, triton >= 3.6 and transformers >= 5.17 (nothing optional:
 no pyarrow, fastapi or ray is imported), from the repository root:
 
-    pip install -q --no-deps --no-build-isolation -e . ; python benchmarks/gpu_one_call.py --out $OUT/gpu.json
+    python3 -m pip install -q --no-deps --no-build-isolation -e . ; python3 benchmarks/gpu_one_call.py --out $OUT/gpu.json
+
+(the install is optional: the driver puts the checkout on sys.path itself, and the kernel tests run
+from the repository root; `python3 -m pip` so that the install lands in the interpreter that runs)
 
 and a dry run of every path that does not need CUDA, on any machine (tiny model, small batches):
 
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # benchmarks/, and the checkout (no install needed)
 import gpu_check  # noqa: E402
 import gpu_e2e as e2e  # noqa: E402
 

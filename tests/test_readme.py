@@ -9,3 +9,22 @@ def test_ci_runs_the_readme_test_command():
     command = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]
     assert len(command) == 1 and command[0] in (ROOT / "README.md").read_text()
     assert "pytest" in command[0] and "torch==2.13.0" in command[0]
+
+
+def test_package_imports_from_a_checkout_without_the_install_mapping():
+    """kernels/ and export/ are installed as tte_engine.kernels / tte_engine.export by setuptools'
+    package-dir mapping. Run from a checkout whose root comes first on sys.path without that
+    mapping (PYTHONPATH=., a plain `pip install .` used from the root, or another interpreter's
+    pip, as on the GPU machine), the package must still import: it failed there with a
+    circular-import error naming `kernels`."""
+    import site
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path[:0] = sys.argv[1:2]; sys.path += sys.argv[2:]; import tte_engine.kernels, tte_engine.export; "
+            "from tte_engine.kernels import attention; print(tte_engine.kernels.__file__)")
+    # -S: no site-packages .pth files, so no editable-install finder; the dependencies stay importable
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT), *site.getsitepackages()],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()) == ROOT / "kernels" / "__init__.py"

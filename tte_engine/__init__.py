@@ -6,6 +6,15 @@
 """
 
 import logging
+import os
+
+# kernels/ and export/ sit at the repository root and are installed as tte_engine.kernels and
+# tte_engine.export (DESIGN §2). Imported straight from a checkout, without the install's mapping
+# (PYTHONPATH=., a plain `pip install .` used from the repository root, or another interpreter's
+# pip), they are found beside this package instead of failing with a circular-import error.
+_checkout = os.path.dirname(__path__[0])
+if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(os.path.join(_checkout, "kernels", "_dispatch.py")):
+    __path__.append(_checkout)
 
 from .config import EngineConfig, TTEConfig
 from .engine import EmbedResult, Engine
