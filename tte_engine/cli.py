@@ -45,6 +45,8 @@ from .errors import TTEError
 
 MANIFEST = "manifest.json"
 MEDIA_FIELDS = ("image", "video", "images", "videos")  # a .jsonl item's fields that may name files beside it
+URL_PREFIXES = ("data:", "http://", "https://")  # media values that are no local file: never resolved nor stamped
+MAX_NESTING = 32  # deepest a .jsonl line may nest (an item needs 3: the object, `videos`, a video's frames); deeper is an error row
 PARQUET_MANIFEST_KEY = b"tte_engine.manifest"  # the Parquet schema metadata key of a finished run's manifest
 
 
@@ -75,11 +77,33 @@ def read_lines(path: Path) -> list[tuple[int, str | None]]:
     return out
 
 
-def _relative_to(corpus: Path, value):
-    """A relative media path in a corpus file names a file beside it; data: URLs and other values stay."""
-    if isinstance(value, str) and not value.startswith("data:") and not Path(value).is_absolute():
-        return str(corpus.parent / value)
-    return value
+def _media_paths(item: dict) -> list[tuple[list | dict, int | str, str]]:
+    """Each local file path among an item's media fields, as (the list or item holding it, its index or
+    key, the path): fields in MEDIA_FIELDS order, each value depth first. `image` is a path, `images` a
+    list of them, `video` a path or a list of frame paths, `videos` a list of those, so a path may sit
+    two lists deep; lists are walked at any depth (a value nested deeper is malformed, refused by the
+    engine item by item) without recursion. data: and http(s) URLs, and values that are not strings,
+    name no local file. The one walker both for resolving paths (`read_items`) and for stamping them
+    (`_digest`)."""
+    found = []
+    stack = [(item, name) for name in reversed(MEDIA_FIELDS) if name in item]
+    while stack:
+        holder, key = stack.pop()
+        value = holder[key]
+        if isinstance(value, list):
+            stack.extend((value, i) for i in reversed(range(len(value))))
+        elif isinstance(value, str) and not value.startswith(URL_PREFIXES):
+            found.append((holder, key, value))
+    return found
+
+
+def _nesting(obj) -> int:
+    """How many levels of lists and objects `obj` nests (without recursion; stops counting past MAX_NESTING)."""
+    depth, level = 0, [obj]
+    while level and depth <= MAX_NESTING:
+        depth += 1
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (list, dict))]
+    return depth
 
 
 def read_items(path: Path) -> tuple[list, list, list[str]]:
@@ -103,19 +127,21 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError("each line must be a JSON object")
+            if _nesting(obj) > MAX_NESTING:  # the digest, and the engine, would recurse through it
+                raise RecursionError
         except json.JSONDecodeError as exc:  # its own "line 1 column c" would count inside this one line
             items.append(MalformedLine(f"line {n}: not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except RecursionError:  # also json's own limit on nesting, far deeper
+            items.append(MalformedLine(f"line {n}: nested more than {MAX_NESTING} levels deep"))
             continue
         except ValueError as exc:
             items.append(MalformedLine(f"line {n}: {exc}"))
             continue
         ids[-1] = obj.pop("id", None)
-        for name in MEDIA_FIELDS:  # paths are relative to the file
-            value = obj.get(name)
-            if isinstance(value, list):
-                obj[name] = [_relative_to(path, v) for v in value]
-            elif value is not None:
-                obj[name] = _relative_to(path, value)
+        for holder, key, value in _media_paths(obj):  # relative paths name files beside the input file
+            if not Path(value).is_absolute():
+                holder[key] = str(path.parent / value)
         items.append(obj)
     return items, ids, [_digest(item) for item in items]
 
@@ -129,9 +155,7 @@ def _digest(item) -> str:
     elif isinstance(item, str):
         key = {"text": item}
     else:
-        media = [item.get(name) for name in MEDIA_FIELDS]
-        paths = [p for v in media for p in (v if isinstance(v, list) else [v]) if isinstance(p, str) and not p.startswith("data:")]
-        key = {"item": item, "files": [_stamp(p) for p in paths]}
+        key = {"item": item, "files": [_stamp(p) for _, _, p in _media_paths(item)]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -140,6 +164,8 @@ def _stamp(path: str) -> str:
         st = os.stat(path)
     except OSError:
         return f"{path}: missing"
+    except ValueError:  # a NUL or a lone surrogate: no file can have that name (the engine says so in the item's error row)
+        return f"{path}: not a file name"
     return f"{path}: {st.st_size} bytes, mtime {st.st_mtime_ns}"
 
 

@@ -19,12 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tte_engine import Engine, SamplingParams
-from tte_engine.cli import main
+from tte_engine.cli import main, read_items
 from tte_engine.result_cache import EngineCache, ResultCache, embed_items, trace_fingerprint, usage
 
-from .conftest import png_bytes
+from .conftest import data_url, png_bytes
 
 BATCH = 2
+CLIP_OPTIONS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 4}  # video_options: a few tokens per clip, fast on CPU
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,76 @@ def test_rerun_embeds_again_an_item_whose_image_file_or_line_number_changed(serv
     assert "2 item(s) differ from the earlier run's" in capsys.readouterr().err
     vectors, records = read(out)
     assert not np.allclose(vectors[0], first) and records[1]["error"].startswith("line 3:")
+
+
+def write_frames(directory: Path, n: int = 4) -> None:
+    """f0.png ... f{n-1}.png: same-size frames, different pixels."""
+    directory.mkdir(exist_ok=True)
+    for k in range(n):
+        (directory / f"f{k}.png").write_bytes(png_bytes(40, 60, k))
+
+
+def test_frame_lists_are_relative_to_the_input_file_at_any_depth(serve_checkpoint, tmp_path, monkeypatch):
+    """`videos` as a list of frame-path lists (and `video` as one list of frames), relative to the .jsonl
+    file and run from another directory: every frame is found (a data: URL frame is left as it is), and
+    the item is the same item, with the same vector, as with absolute paths."""
+    d = tmp_path / "corpus"
+    write_frames(d)
+    inline = data_url((d / "f3.png").read_bytes())
+    rel = {"text": "two clips", "video": ["f0.png", "f1.png"], "videos": [["f2.png", inline], ["f1.png", "f2.png"]], "video_options": CLIP_OPTIONS}
+    absolute = dict(rel, video=[str(d / "f0.png"), str(d / "f1.png")],
+                    videos=[[str(d / "f2.png"), inline], [str(d / "f1.png"), str(d / "f2.png")]])
+    src = d / "in.jsonl"
+    src.write_text(json.dumps({"id": "rel", **rel}) + "\n" + json.dumps({"id": "abs", **absolute}) + "\n")
+    items, ids, _ = read_items(src)
+    assert items == [absolute, absolute] and ids == ["rel", "abs"]
+    monkeypatch.chdir(tmp_path)  # not the corpus's directory: a frame left relative is not found
+    assert run(Path("corpus") / "in.jsonl", serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0
+    vectors, records = read(tmp_path / "out")
+    assert [r["error"] for r in records] == [None, None] and records[0]["prompt_tokens"] == records[1]["prompt_tokens"]
+    assert float(torch.cosine_similarity(torch.from_numpy(vectors[:1]), torch.from_numpy(vectors[1:]))) >= 0.99999
+
+
+def test_rerun_embeds_again_an_item_whose_video_frame_file_changed(serve_checkpoint, tmp_path, monkeypatch, capsys):
+    """The digest stamps every frame file a video names, a list of videos' frames included: a frame
+    replaced under the same name re-embeds the items that show it, and only those."""
+    write_frames(tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative frames are found even unresolved: this checks the digest alone
+    lines = [{"id": "a", "videos": [["f0.png", "f1.png"]]}, {"id": "b", "videos": [["f2.png", "f3.png"]]}, {"id": "c", "video": ["f1.png", "f3.png"]}]
+    src, out = tmp_path / "q.jsonl", tmp_path / "out"
+    src.write_text("".join(json.dumps(dict(line, video_options=CLIP_OPTIONS)) + "\n" for line in lines))
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 0
+    first_vectors, first_records = read(out)
+    assert [r["error"] for r in first_records] == [None] * 3
+    capsys.readouterr()
+    (tmp_path / "f1.png").write_bytes(png_bytes(40, 60, 9))
+    os.utime(tmp_path / "f1.png", ns=(1, 1))  # a replaced file, whatever the clock's resolution
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 0
+    err = capsys.readouterr().err
+    assert "resuming: 1 of 3 item(s) already written; 2 item(s) differ from the earlier run's" in err
+    vectors, records = read(out)
+    assert records[1] == first_records[1] and np.array_equal(vectors[1], first_vectors[1])  # b is kept as it was
+    assert [r["error"] for r in records] == [None] * 3
+    for i in (0, 2):
+        assert records[i]["input_digest"] != first_records[i]["input_digest"] and not np.allclose(vectors[i], first_vectors[i])
+
+
+def test_malformed_media_values_are_error_rows(serve_checkpoint, tmp_path):
+    """A media value that names no possible file, or nests too deep, fails its own item only; URLs are
+    left as they are, at any depth."""
+    deep = json.loads("[" * 40 + '"f.png"' + "]" * 40)
+    lines = [{"id": "nul", "videos": [["a\x00b.png"]]}, {"id": "surrogate", "video": ["a\ud800.png", "b.png"]}, {"id": "deep", "videos": deep},
+             {"id": "url", "videos": [["http://example.com/f.png", "https://example.com/g.png"]]}, {"id": "ok", "text": "fine"}]
+    src = tmp_path / "bad.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items, *_ = read_items(src)
+    assert items[3]["videos"] == lines[3]["videos"] and items[2].reason == "line 3: nested more than 32 levels deep"
+    assert run(src, serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0
+    vectors, records = read(tmp_path / "out")
+    assert [r["id"] for r in records] == ["nul", "surrogate", 2, "url", "ok"]
+    assert all(r["error"] for r in records[:4]) and records[4]["error"] is None
+    assert "no image file" in records[0]["error"] and "example.com/f.png" in records[3]["error"]
+    assert np.isnan(vectors[:4]).all() and np.isfinite(vectors[4]).all()
 
 
 def test_rerun_skips_written_ids_and_new_lines_are_added(corpus, serve_checkpoint, uninterrupted, tmp_path, capsys):
