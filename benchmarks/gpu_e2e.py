@@ -156,10 +156,13 @@ def tte_items(count: int, image: int) -> list[dict]:
 @contextmanager
 def decoding(engine: Engine, prompts: list[str], batch: int, *, warmup: int, budget: int):
     """`batch` sequences admitted, prefilled and stepped `warmup` times, so the next `Engine.step()`
-    calls are pure decode steps (each trace may run `budget` more tokens); aborted on exit."""
+    calls are pure decode steps (each trace may run `budget` more tokens); aborted on exit. Mixed
+    steps are off while prefilling: a sequence prefilled early would otherwise decode during the
+    later prefill steps and spend its trace budget before the timed steps end."""
     seqs = [engine.make_sequence(p, i, max_trace_tokens=warmup + budget + 8) for i, p in enumerate(prompts[:batch])]
     for seq in seqs:
         engine.add_request(seq)
+    mixed, engine.scheduler.mixed_steps = engine.scheduler.mixed_steps, False
     try:
         prefill_steps = 0
         while any(s.needs_prefill for s in seqs):
@@ -167,10 +170,12 @@ def decoding(engine: Engine, prompts: list[str], batch: int, *, warmup: int, bud
             prefill_steps += 1
             if prefill_steps > 10_000:
                 raise RuntimeError("prefill did not finish")
+        engine.scheduler.mixed_steps = mixed
         for _ in range(warmup):
             engine.step()
         yield seqs
     finally:
+        engine.scheduler.mixed_steps = mixed
         engine.scheduler.abort_all()
 
 
@@ -304,11 +309,12 @@ def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12) -
     items = ["a cat on a chair", {"text": "What is in the picture?", "image": synthetic_image(56, 84, 1)},
              "two dogs play with a ball in the park while a man rides a bicycle along the river",
              {"text": "Describe it.", "image": synthetic_image(112, 56, 2)}, "a table of numbers"]
-    eager, _ = make_engine(path, device, dtype, graphs=False, max_num_seqs=16, max_model_len=1024)
+    cache = 256 << 20  # a tiny model: without it each engine would take 80% of the GPU as cache
+    eager, _ = make_engine(path, device, dtype, graphs=False, max_num_seqs=16, max_model_len=1024, cache_memory=cache)
     ref = eager.embed(items, max_trace_tokens=trace)
     del eager
     free()
-    graphed, info = make_engine(path, device, dtype, graphs=True, max_num_seqs=16, max_model_len=1024)
+    graphed, info = make_engine(path, device, dtype, graphs=True, max_num_seqs=16, max_model_len=1024, cache_memory=cache)
     res = graphed.embed(items, max_trace_tokens=trace)
     del graphed
     free()

@@ -13,7 +13,7 @@ and a dry run of every path that does not need CUDA, on any machine (tiny model,
     python benchmarks/gpu_one_call.py --dry-run --out /tmp/gpu_dry.json
 
 Each part runs in its own try/except under its own time budget (a SIGALRM raises in the part
-when its budget is spent; the overall `--budget-s`, default 315 s, caps them all), so one failing
+when its budget is spent; the overall `--budget-s`, default 360 s, the 6 minutes issue 8 allows, caps them all), so one failing
 or slow check never stops the others; parts that need a failed one are skipped and say why.
 The JSON is rewritten after every part (a killed run still leaves what it measured), and the
 run ends with a summary table and the list of failed parts (exit status 1 if any failed).
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="the JSON report (rewritten after every part)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, small batches: every path that does not need CUDA")
-    ap.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 315 on a GPU, 900 dry)")
+    ap.add_argument("--budget-s", type=float, default=None, help="overall time budget (default 360 on a GPU, 900 dry)")
     ap.add_argument("--workdir", default="/tmp/tte_gpu_one_call", help="where the random checkpoints are built")
     ap.add_argument("--decode-batches", default=None, help="default 1,8,32,128,256 (dry: 1,2,4)")
     ap.add_argument("--query-batches", default=None, help="TTE query batches, default 1,32,128 (dry: 1,2)")
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     prompt_tokens = 64 if dry else 330  # §6: 448x448 image (256 tokens) + ~48 text + template
     cache_memory = (256 << 20) if dry else (8 << 30)
 
-    driver = Driver(args.out, args.budget_s or (900 if dry else 315), dry)
+    driver = Driver(args.out, args.budget_s or (900 if dry else 360), dry)
     for item in args.part_budget:
         name, _, seconds = item.partition("=")
         if name not in BUDGETS:
@@ -223,7 +223,11 @@ def main(argv=None) -> int:
         runs = []
         for head in ("last_token", "mhsa"):
             for dt in ("float32", "bfloat16"):
-                runs.append(e2e.graph_parity(args.workdir, device, dt, head))
+                try:
+                    runs.append(e2e.graph_parity(args.workdir, device, dt, head))
+                except PartTimeout:  # keep the runs that finished
+                    runs.append({"head": head, "dtype": dt, "passed": False, "error": "cut off by the part's time budget"})
+                    return {"passed": False, "runs": runs}
                 print(f"  graphs vs eager, {head} {dt}: traces equal {runs[-1]['traces_equal']}/{runs[-1]['items']}, "
                       f"cosine min {runs[-1]['cosine_min']} (>= {runs[-1]['cosine_threshold']}), "
                       f"captured {runs[-1]['captured_buckets'] or runs[-1]['eager_reason']}", flush=True)
@@ -271,6 +275,9 @@ def main(argv=None) -> int:
             try:
                 rows.append(e2e.profile_decode(engine, prompts, b, steps=8, table=table))
                 print(f"  profile B={b:3d}: {rows[-1]}", flush=True)
+            except PartTimeout:  # the decode table measured before stays
+                rows.append({"batch": b, "skipped": "cut off by the part's time budget"})
+                break
             except Exception as exc:  # noqa: BLE001
                 rows.append({"batch": b, "error": f"{type(exc).__name__}: {exc}"[:500]})
         return rows

@@ -474,15 +474,16 @@ def decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, sca
     return out
 
 
-def prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out=None):
-    """Triton prefill attention; `out` ([T, H, hd], unit last stride) is an optional output."""
+def prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out=None, max_query_len=None):
+    """Triton prefill attention; `out` ([T, H, hd], unit last stride) is an optional output;
+    `max_query_len` (>= the most rows of one sequence) sizes the grid without reading cu_seqlens_q back."""
     _check_caches(k_cache, v_cache)
     q = _unit_last(q)
     heads, hd = q.shape[1], q.shape[2]
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # host sync: sizes the grid
+    max_q = max_query_len if max_query_len is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # else a host sync
     block_n, warps = _tile_and_warps(q.dtype)
     block_m = min(block_n, max(16, next_pow2(max_q)))
     _prefill_kernel[(triton.cdiv(max_q, block_m), heads, block_tables.shape[0])](
@@ -544,9 +545,12 @@ def prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    max_query_len: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Packed queries q [T, H, hd] (sequence b = rows cu_seqlens_q[b]:cu_seqlens_q[b+1]) -> [T, H, hd]."""
+    """Packed queries q [T, H, hd] (sequence b = rows cu_seqlens_q[b]:cu_seqlens_q[b+1]) -> [T, H, hd].
+    `max_query_len`: an upper bound on any sequence's rows, known on the host (without it the Triton
+    path reads cu_seqlens_q back, a device sync per call)."""
     if use_triton(impl, q):
-        return prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+        return prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_query_len=max_query_len)
     return prefill_attention_torch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)

@@ -55,15 +55,20 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """Warm up and capture every bucket, once, at start: the decode buffer then holds only
+        padding rows, so neither touches a real cache slot."""
         r = self.runner
         try:
-            for bucket in reversed(r.buckets):  # warm-up: compiles every kernel variant outside the capture
-                r.decode_forward(bucket, self.width, self.num_splits(bucket))
+            side = torch.cuda.Stream(r.device)  # warm up on the stream the capture uses (its cuBLAS workspace, ...)
+            side.wait_stream(torch.cuda.current_stream(r.device))
+            with torch.cuda.stream(side):
+                for bucket in reversed(r.buckets):  # compiles every kernel variant outside the capture
+                    r.decode_forward(bucket, self.width, self.num_splits(bucket))
             torch.cuda.synchronize(r.device)
             pool = None
             for bucket in reversed(r.buckets):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=side):
                     outputs = r.decode_forward(bucket, self.width, self.num_splits(bucket))
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bucket] = (graph, outputs)

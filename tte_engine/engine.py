@@ -288,12 +288,6 @@ class Engine:
             stage.blocks.reset_prefix_cache()
             stage.runner.encoder_cache.clear()
 
-    def capture_cuda_graphs(self) -> None:
-        """Capture the decode graphs now (otherwise the first decode step does); no-op without graphs."""
-        for stage in self.stages:
-            if stage.runner.graphs is not None:
-                stage.runner.graphs.capture()
-
     def abort(self, seq: Sequence) -> bool:
         """Drop a request (a server whose client went away, or whose step failed); frees its cache."""
         return self.scheduler.abort(seq)

@@ -223,6 +223,7 @@ class Runner:
             image_embeds=self._image_rows(seqs, starts, step.num_tokens),
             num_layers=num_layers,
             num_decode=step.num_decode,
+            max_query_len=int(counts.max()),
             out_rows=d_out_rows if num_layers is None else None,  # an early stop (mhsa) reads no row of h
             out_seqs=d_out_seqs,
         )

@@ -223,3 +223,29 @@ def test_decode_attention_grouped_query_rows_match_one_row_per_head(head_dim, mo
         outs.append(attention.decode_attention_torch(q, k_cache, v_cache, tables, ctx, head_dim**-0.5))
     assert outs[0].isfinite().all() and outs[0][2].eq(0).all()
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_given_its_longest_query_reads_nothing_back(device):
+    """The runner knows each sequence's query rows on the host and passes the longest: the Triton
+    wrapper then sizes its grid without reading cu_seqlens_q back (a device sync per layer on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ScalarReads.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    q_lens, lens = zip(*PREFILL_CASES["continued6"])
+    k_cache, v_cache, tables, ctx = _paged_cache(lens, 64, torch.float32, device)
+    cu_q = torch.tensor([0, *q_lens], device=device).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), HEADS, 64, device=device)
+    with ScalarReads():
+        given = attention.prefill_attention(q, k_cache, v_cache, tables, cu_q, ctx, 0.125, max_query_len=max(q_lens), impl="triton")
+    assert ScalarReads.count == 0
+    read = attention.prefill_attention(q, k_cache, v_cache, tables, cu_q, ctx, 0.125, impl="triton")
+    assert ScalarReads.count == 0 and torch.equal(given, read)
+    with ScalarReads():
+        attention.prefill_attention(q, k_cache, v_cache, tables, cu_q, ctx, 0.125, impl="triton")
+    assert ScalarReads.count == 1  # without it: the one read this test exists to keep out of the engine

@@ -37,6 +37,7 @@ class StepBatch:
     num_layers: int | None = None  # stop early (the mhsa head only needs layers < source_layer)
     num_splits: int | None = None  # decode attention's split count, fixed per CUDA-graph bucket
     num_decode: int = 0  # prefill steps: the first num_decode sequences are decoding (one token each)
+    max_query_len: int | None = None  # prefill steps: most packed rows of one sequence (the host knows it: no device sync)
     # Prefill steps: the packed rows whose output is read (each its sequence's last row in the step) and
     # their sequences. The last layer stores every row's k/v but computes only these rows past that.
     out_rows: torch.Tensor | None = None
@@ -150,7 +151,7 @@ class Qwen2VL(nn.Module):
                 nd = batch.num_decode  # a mixed step: decoding rows first, through the decode kernel
                 rest = kernels.prefill_attention(
                     q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.cu_seqlens_q[nd:] - nd, batch.context_lens[nd:],
-                    self.scale, impl=self.impl,
+                    self.scale, max_query_len=batch.max_query_len, impl=self.impl,
                 )
                 if not nd:
                     return rest
