@@ -347,13 +347,15 @@ def main(argv=None):
     ap.add_argument("--image", type=int, default=448)
     ap.add_argument("--workdir", default="/tmp/tte_e2e")
     ap.add_argument("--out", default="e2e.json")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every decode step eager (vLLM's flag)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return 0
     path = ensure_checkpoint(args.workdir, args.spec, args.dtype if args.dtype != "float16" else "bfloat16")
     decode_batches = [int(b) for b in args.decode_batches.split(",")]
-    engine, info = make_engine(path, args.device, args.dtype, graphs=args.device.startswith("cuda"), max_num_seqs=max(decode_batches))
+    engine, info = make_engine(path, args.device, args.dtype, graphs=args.device.startswith("cuda") and not args.enforce_eager,
+                               max_num_seqs=max(decode_batches))
     naive = make_naive(engine, path, args.device, args.dtype)
     prompts = decode_prompts(engine, max(decode_batches), 330)
     out = {"engine": info, "decode": [], "queries": []}
