@@ -93,3 +93,20 @@ def test_bad_images_name_their_position(engine_and_path, two_images):
         eng.embed([{"images": two_images[0]}], think=False)
     with pytest.raises(InvalidInputError, match="empty item"):
         eng.embed([{"images": []}], think=False)
+
+
+def test_images_past_the_model_limit_stop_preprocessing_there(make_checkpoint, monkeypatch):
+    """Each image and video was fully preprocessed and kept before the prompt's length was checked:
+    one item of a thousand videos held gigabytes and could take the whole process down. The item's
+    error now names the first image that takes it past the limit, and later ones are never read."""
+    from tte_engine import inputs
+
+    eng = Engine(make_checkpoint("parity", head="last_token", think_max_tokens=12), max_model_len=256)
+    calls = []
+    real = inputs.preprocess_image
+    monkeypatch.setattr(inputs, "preprocess_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    image = random_image(56, 56, 3)  # 4 vision tokens
+    with pytest.raises(InvalidInputError, match=r"images\[\d+\]: the item's images and videos up to this one take") as info:
+        eng.make_sequence({"text": "many", "images": [image] * 1000})
+    assert info.value.field.startswith("images[") and len(calls) < 100
+    assert eng.embed([{"images": [image] * 3}]).embeddings.shape[0] == 1  # a few still fit

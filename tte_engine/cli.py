@@ -8,8 +8,9 @@ A `.txt` input has one text per line; a `.jsonl` input has objects with `text`, 
 relative to the file, or a data: URL), `images` (a list of them), `video` (a video file or a list
 of frame images, paths relative to the file or data: URLs), `videos`, `video_options` (see
 `tte_engine.video.VideoOptions`; `{"num_frames": 8}` is MMEB-V2's convention), `instruction` and
-an optional `id` (default: the item's 0-based number among the file's non-blank lines). Bad lines
-become error rows (NaN vectors) and are counted at the end.
+an optional `id` (default: the item's 0-based number among the file's non-blank lines, or "item N"
+where another line gives that number as its id). Bad lines become error rows (NaN vectors) and are
+counted at the end.
 
 Resuming: each finished batch is written at once to `PREFIX.parts/` (a `.npy` shard and its
 `.jsonl` records, each renamed into place whole); the final files are assembled from the shards
@@ -33,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ MEDIA_FIELDS = ("image", "video", "images", "videos")  # a .jsonl item's fields 
 URL_PREFIXES = ("data:", "http://", "https://")  # media values that are no local file: never resolved nor stamped
 MAX_NESTING = 32  # deepest a .jsonl line may nest (an item needs 3: the object, `videos`, a video's frames); deeper is an error row
 PARQUET_MANIFEST_KEY = b"tte_engine.manifest"  # the Parquet schema metadata key of a finished run's manifest
+SHARD_FILE = re.compile(r"(\d{6}\.(npy|jsonl)|manifest\.json)(\.tmp)?")  # the only names Shards writes in PREFIX.parts/
 
 
 class OutputConflict(TTEError):
@@ -140,8 +143,8 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
             continue
         ids[-1] = obj.pop("id", None)
         for holder, key, value in _media_paths(obj):  # relative paths name files beside the input file
-            if not Path(value).is_absolute():
-                holder[key] = str(path.parent / value)
+            if not Path(value).is_absolute():  # made absolute: the digest is the same from any working directory
+                holder[key] = str(path.parent.absolute() / value)
         items.append(obj)
     return items, ids, [_digest(item) for item in items]
 
@@ -268,6 +271,14 @@ def _key(item_id) -> str:
     return json.dumps(item_id)
 
 
+def _row_ids(ids: list) -> list:
+    """Each item's row id: its own `id`; else its 0-based number among the file's items, or, where
+    that number is another item's own id (a bad line, or a line without an id, in a file of integer
+    ids), the string "item N": a line that cannot say its id never takes another's row."""
+    given = {_key(item_id) for item_id in ids if item_id is not None}
+    return [item_id if item_id is not None else i if _key(i) not in given else f"item {i}" for i, item_id in enumerate(ids)]
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -290,10 +301,22 @@ class Shards:
         return sorted(p.stem for p in self.dir.glob("[0-9]*.jsonl") if (self.dir / f"{p.stem}.npy").exists())
 
     def records(self, name: str) -> list[dict]:
-        return [json.loads(line) for _, line in read_lines(self.dir / f"{name}.jsonl")]
+        try:
+            records = [json.loads(line) for _, line in read_lines(self.dir / f"{name}.jsonl")]
+        except (ValueError, TypeError) as exc:
+            raise self.damaged(name, f"a record is not JSON ({exc})") from exc
+        if not all(isinstance(r, dict) and "id" in r for r in records):
+            raise self.damaged(name, "a record has no id")
+        return records
 
-    def load(self, name: str) -> tuple[list[dict], np.ndarray]:
-        return self.records(name), np.load(self.dir / f"{name}.npy", mmap_mode="r")
+    def load(self, name: str, dim: int) -> tuple[list[dict], np.ndarray]:
+        records, vectors = self.records(name), np.load(self.dir / f"{name}.npy", mmap_mode="r")
+        if vectors.shape != (len(records), dim):
+            raise self.damaged(name, f"{len(records)} records beside vectors of shape {vectors.shape} (expected ({len(records)}, {dim}))")
+        return records, vectors
+
+    def damaged(self, name: str, why: str) -> OutputConflict:
+        return OutputConflict(f"{self.dir / name}: damaged shard ({why}); pass --overwrite to start again, or another --output")
 
     def write(self, records: list[dict], vectors: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -328,12 +351,22 @@ def _read_final_manifest(prefix: Path, fmt: str) -> dict | None:
         raw = (pq.read_schema(f"{prefix}.parquet").metadata or {}).get(PARQUET_MANIFEST_KEY)
         return None if raw is None else json.loads(raw)
     path = _final_manifest_path(prefix)
-    return json.loads(path.read_text()) if path.exists() else None
+    return _load_json(path) if path.exists() else None
+
+
+def _load_json(path: Path):
+    """A manifest's content; one that is not JSON is an OutputConflict naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OutputConflict(f"{path} is not JSON ({exc}); pass --overwrite, or another --output") from exc
 
 
 def _check_manifest(earlier: dict | None, manifest: dict, where: str) -> None:
     if earlier is None:
         raise OutputConflict(f"{where} records no settings (no manifest); pass --overwrite, or another --output")
+    if not isinstance(earlier, dict):
+        raise OutputConflict(f"{where}: its manifest is not a tte-embed manifest; pass --overwrite, or another --output")
     if earlier != manifest:
         changed = sorted(k for k in manifest if earlier.get(k) != manifest[k])
         raise OutputConflict(f"{where} holds a run with other settings ({', '.join(changed)} differ); "
@@ -345,12 +378,16 @@ def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(f"{prefix}.parquet")
-        vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+        dim = table.schema.field("embedding").type.list_size
+        vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, dim)
         records = table.drop_columns(["embedding"]).to_pylist()
         for r in records:
             r["id"] = json.loads(r["id"])
         return records, vectors
-    records = [json.loads(line) for _, line in read_lines(Path(f"{prefix}.jsonl"))]
+    try:
+        records = [json.loads(line) for _, line in read_lines(Path(f"{prefix}.jsonl"))]
+    except (ValueError, TypeError) as exc:
+        raise OutputConflict(f"{prefix}.jsonl: a record is not JSON ({exc}); pass --overwrite, or another --output") from exc
     return records, np.load(f"{prefix}.npy")
 
 
@@ -363,19 +400,34 @@ def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards
     """Start fresh, or pick up earlier results: partial shards, or a finished run's final files."""
     finals = _final_paths(prefix, fmt)
     if args.overwrite:
-        shutil.rmtree(shards.dir, ignore_errors=True)
+        if shards.dir.is_dir():
+            shutil.rmtree(shards.dir, ignore_errors=True)
+        else:
+            shards.dir.unlink(missing_ok=True)
         for p in _final_files(prefix, fmt):
             p.unlink(missing_ok=True)
     if shards.dir.is_dir() and (shards.dir / MANIFEST).exists():
-        _check_manifest(json.loads((shards.dir / MANIFEST).read_text()), manifest, str(shards.dir))
+        _check_manifest(_load_json(shards.dir / MANIFEST), manifest, str(shards.dir))
         return
+    # what is there and is not a tte-embed run's is refused, never taken over (it would be replaced or deleted);
+    # parts without a manifest whose files all carry a shard's name are a run's whose cleanup was cut short
+    if shards.dir.exists() and not (shards.dir.is_dir() and all(SHARD_FILE.fullmatch(f.name) for f in shards.dir.iterdir())):
+        raise OutputConflict(f"{shards.dir} exists and is not a tte-embed run's parts (no {MANIFEST}); pass --overwrite, or another --output")
     finished = all(p.exists() for p in finals)
+    strays = [p for p in _final_files(prefix, fmt) if p.exists()] if not finished else []
+    if strays:
+        raise OutputConflict(f"{', '.join(map(str, strays))} exist(s) without the rest of a finished tte-embed output "
+                             f"({', '.join(str(p) for p in finals)}); pass --overwrite, or another --output")
     if finished:  # checked before anything is written: a refused run leaves the output as it was
         _check_manifest(_read_final_manifest(prefix, fmt), manifest, ", ".join(str(p) for p in finals))
     shards.dir.mkdir(parents=True, exist_ok=True)
     (shards.dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if finished:  # a finished run: its rows become the first shard
         records, vectors = _read_final(prefix, fmt)
+        if vectors.shape != (len(records), manifest["dim"]) or not all(isinstance(r, dict) and "id" in r for r in records):
+            shutil.rmtree(shards.dir)  # nothing of the finished run was moved yet: it stays as it is
+            raise OutputConflict(f"{', '.join(str(p) for p in finals)}: damaged ({len(records)} records, vectors of shape "
+                                 f"{vectors.shape}); pass --overwrite, or another --output")
         shards.write(records, np.ascontiguousarray(vectors, dtype=np.float32))
         for p in _final_files(prefix, fmt):
             p.unlink(missing_ok=True)
@@ -387,7 +439,7 @@ def embed_file(engine, args) -> int:
     from .result_cache import EngineCache, ResultCache
 
     items, ids, digests = read_items(args.input)
-    ids = [i if item_id is None else item_id for i, item_id in enumerate(ids)]
+    ids = _row_ids(ids)
     seen: dict[str, int] = {}
     for i, item_id in enumerate(ids):
         if _key(item_id) in seen:
@@ -403,7 +455,7 @@ def embed_file(engine, args) -> int:
     written: dict[str, str | None] = {}  # id -> digest of the item its latest row was computed for
     for name in shards.names():
         for r in shards.records(name):
-            written[_key(r["id"])] = None if args.retry_errors and r["error"] is not None else r.get("input_digest")
+            written[_key(r["id"])] = None if args.retry_errors and r.get("error") is not None else r.get("input_digest")
     pending = [i for i, item_id in enumerate(ids) if written.get(_key(item_id)) != digests[i]]
     if written:
         changed = sum(1 for i in pending if written.get(_key(ids[i])) is not None)
@@ -468,7 +520,7 @@ def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int) -> li
     tmp_npy = Path(f"{prefix}.npy.tmp")
     vectors = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(len(ids), dim))
     for name in shards.names():
-        shard_records, shard_vectors = shards.load(name)
+        shard_records, shard_vectors = shards.load(name, dim)
         for record, vector in zip(shard_records, shard_vectors):
             i = position.get(_key(record["id"]))
             if i is not None:

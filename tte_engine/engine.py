@@ -217,7 +217,7 @@ class Engine:
                 if query.text is not None:  # a prefix this long already holds more than `fit` tokens
                     query = replace(query, text=query.text[: fit * self.prompts.max_token_chars])
             self.prompts.check_size(query, instruction, fit, index, text=truncate_prompt_tokens is None)
-            prompt = self.prompts.build(query, index, think=think, instruction=instruction)
+            prompt = self.prompts.build(query, index, think=think, instruction=instruction, max_tokens=fit)
             if truncate_prompt_tokens is not None:
                 prompt = self.prompts.truncate(query, prompt, fit, index, think=think, instruction=instruction)
             return self._sequence(prompt, None, None, index, budget=budget, think=think, sampling=sampling or SamplingParams(), embed=embed, tag=tag)

@@ -205,8 +205,9 @@ class PromptBuilder:
             return self.tte.instructions["default"]
         return self.tte.instructions.get(chosen, chosen)  # a named task instruction, or the literal text
 
-    def build(self, query: Query, index: int, *, think: bool, instruction: str | None = None) -> Prompt:
-        images = self._vision_inputs(query, index)
+    def build(self, query: Query, index: int, *, think: bool, instruction: str | None = None, max_tokens: int | None = None) -> Prompt:
+        """The item's prompt; `max_tokens`: the most its images and videos may take (see `_vision_inputs`)."""
+        images = self._vision_inputs(query, index, max_tokens)
         text = self.instruction_for(query, instruction)
         if (query.text or "").strip():
             text = f"{text}\n{query.text}" if text else query.text
@@ -242,20 +243,33 @@ class PromptBuilder:
             raise InvalidInputError(f"trace contains the reserved vision token {token!r}", index, "trace")
         return given
 
-    def _vision_inputs(self, query: Query, index: int) -> list[ProcessedImage]:
+    def _vision_inputs(self, query: Query, index: int, max_tokens: int | None = None) -> list[ProcessedImage]:
         """Preprocess the item's images (`image`, then `images`) and videos (`video`, then `videos`), in prompt order.
 
         Already processed entries (a prompt rebuilt for truncation) are kept as they are. Raises
-        InvalidInputError naming the field ("image", "images[i]", "video", "videos[i]", "video_options").
+        InvalidInputError naming the field ("image", "images[i]", "video", "videos[i]", "video_options"),
+        also for the first one that takes the item's vision tokens past `max_tokens`: an item of a
+        thousand videos stops there instead of holding them all in memory.
         """
         sources = ([("image", query.image)] if query.image is not None else [])
         sources += [(f"images[{i}]", img) for i, img in enumerate(query.images or [])]
         out: list[ProcessedImage] = []
+        tokens = 0
+
+        def keep(name: str, processed: ProcessedImage) -> None:
+            nonlocal tokens
+            tokens += processed.num_tokens
+            if max_tokens is not None and tokens > max_tokens:
+                raise InvalidInputError(f"{name}: the item's images and videos up to this one take {tokens} tokens, "
+                                        f"more than the model limit of {max_tokens}", index, name)
+            out.append(processed)
+
         for name, image in sources:
             try:
-                out.append(image if isinstance(image, ProcessedImage) else preprocess_image(image, self.image_cfg, self.max_image_pixels))
+                processed = image if isinstance(image, ProcessedImage) else preprocess_image(image, self.image_cfg, self.max_image_pixels)
             except ImageError as exc:
                 raise InvalidInputError(f"{name}: {exc}", index, name) from exc
+            keep(name, processed)
         videos = ([("video", query.video)] if query.video is not None else []) + [(f"videos[{i}]", v) for i, v in enumerate(query.videos or [])]
         if not videos:
             return out
@@ -265,9 +279,10 @@ class PromptBuilder:
             raise InvalidInputError(f"video_options: {exc}", index, "video_options") from exc
         for name, video in videos:
             try:
-                out.append(video if isinstance(video, ProcessedImage) else preprocess_video(video, self.image_cfg, opts))
+                processed = video if isinstance(video, ProcessedImage) else preprocess_video(video, self.image_cfg, opts)
             except VideoError as exc:
                 raise InvalidInputError(f"{name}: {exc}", index, name) from exc
+            keep(name, processed)
         return out
 
     def _expand_image_tokens(self, ids: list[int], images: list[ProcessedImage], index: int) -> list[int]:

@@ -259,6 +259,8 @@ def _open_source(video: Any) -> str | bytes:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise VideoError(f"bad base64 in data: URL ({exc})") from exc
+    elif isinstance(video, str) and video.startswith(("http://", "https://")):
+        raise VideoError(f"{video[:200]!r}: http(s) URLs are not fetched (nothing is downloaded at run time); pass a file path, bytes or a data: URL")
     elif isinstance(video, (str, Path)):
         path = Path(video)
         if not path.is_file():

@@ -98,6 +98,8 @@ def load_image(image: Any, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
             if ";base64" not in header:
                 raise ImageError("data: URLs must be base64-encoded")
             img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+        elif isinstance(image, str) and image.startswith(("http://", "https://")):
+            raise ImageError(f"{image[:200]!r}: http(s) URLs are not fetched (nothing is downloaded at run time); pass a file path, bytes or a data: URL")
         elif isinstance(image, (str, Path)):
             path = Path(image)
             if not path.is_file():

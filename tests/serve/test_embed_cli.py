@@ -437,3 +437,79 @@ def test_arguments_that_cannot_work_stop_before_any_model_work(tmp_path, monkeyp
         main([str(tmp_path / "q.txt"), "--format", "parquet"])
     assert exit_.value.code == 2 and "--format parquet needs pyarrow" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "q.txt"]
+
+
+def test_a_bad_or_id_less_line_among_integer_ids_is_its_own_error_row(serve_checkpoint, tmp_path):
+    """A bad line's default id (its item number) was 2, the next line's own id: the whole run was
+    refused as a duplicate the user never wrote. It takes "item N" instead, and the run goes on."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"id": 1, "text": "one"}\n{"id": 2, "text": "two"}\n{"id": 3, "text": "thr\n\xff{"text": "x"}\n'
+                    b'{"text": "no id"}\n{"id": 0, "text": "zero"}\n')
+    assert run(src, serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0
+    _, records = read(tmp_path / "out")
+    assert [r["id"] for r in records] == [1, 2, "item 2", 3, 4, 0]  # 3 and 4 are no given id
+    assert [r["error"] is None for r in records] == [True, True, False, False, True, True]
+    assert run(src, serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0  # and it resumes
+
+
+def test_files_at_the_output_that_are_not_a_runs_are_refused_not_replaced(serve_checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("one line\n")
+    foreign = tmp_path / "a.parts"  # a folder of the user's that happens to sit where the parts would go
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "sub" / "precious.txt").write_text("keep me")
+    notes = tmp_path / "b.jsonl"  # one of the final files' names, alone
+    notes.write_text("my notes\n")
+    for prefix, survivor in ((tmp_path / "a", foreign / "sub" / "precious.txt"), (tmp_path / "b", notes)):
+        assert run(src, serve_checkpoint, prefix, "--no-cache", "--no-think") == 2
+        assert "pass --overwrite" in capsys.readouterr().err and survivor.exists()
+    assert (foreign / "sub" / "precious.txt").read_text() == "keep me" and notes.read_text() == "my notes\n"
+    assert run(src, serve_checkpoint, tmp_path / "b", "--no-cache", "--no-think", "--overwrite") == 0  # asked for: replaced
+    # a run's own parts whose cleanup was cut short (manifest already gone) are still picked up
+    assert run(src, serve_checkpoint, tmp_path / "c", "--no-cache", "--no-think") == 0
+    leftover = tmp_path / "c.parts"
+    leftover.mkdir()
+    (leftover / "000000.npy.tmp").write_bytes(b"")
+    assert run(src, serve_checkpoint, tmp_path / "c", "--no-cache", "--no-think") == 0 and not leftover.exists()
+
+
+def test_damaged_outputs_are_refused_before_anything_moves(serve_checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("one line\nanother line\n")
+    out = tmp_path / "out"
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 0
+    vectors = np.load(f"{out}.npy")
+    np.save(f"{out}.npy", vectors[:1])  # one row short of the records
+    capsys.readouterr()
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 2
+    assert "damaged" in capsys.readouterr().err and Path(f"{out}.jsonl").exists() and not Path(f"{out}.parts").exists()
+    np.save(f"{out}.npy", vectors)
+    Path(f"{out}.manifest.json").write_text("[1]")  # JSON, not a manifest
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 2
+    assert "not a tte-embed manifest" in capsys.readouterr().err
+    assert run(src, serve_checkpoint, out, "--no-cache", "--no-think", "--overwrite") == 0
+
+
+def test_resuming_from_another_directory_keeps_every_row(serve_checkpoint, tmp_path, monkeypatch, capsys):
+    """Media paths are made absolute when read: the digest of an item with a relative image path
+    depended on how the input file was named (and from where), so a resume re-embedded it."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "cat.png").write_bytes(png_bytes(56, 56, 3))
+    (d / "in.jsonl").write_text(json.dumps({"id": "img", "image": "cat.png"}) + "\n" + json.dumps({"id": "t", "text": "a"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert run(Path("corpus") / "in.jsonl", serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0
+    monkeypatch.chdir(d)
+    capsys.readouterr()
+    assert run(Path("in.jsonl"), serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0
+    assert "resuming: 2 of 2 item(s) already written" in capsys.readouterr().err
+    assert run(d / "in.jsonl", serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0
+    assert "differ" not in capsys.readouterr().err
+
+
+def test_an_empty_input_resumes_as_parquet(serve_checkpoint, tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "empty.txt"
+    src.write_text("\n")
+    for _ in range(3):  # a finished empty Parquet output failed to read back on every second run
+        assert run(src, serve_checkpoint, tmp_path / "out", "--no-cache", "--format", "parquet") == 0
