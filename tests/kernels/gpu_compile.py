@@ -6,7 +6,8 @@ Here Triton's own CUDA compiler (its bundled ptxas) builds each kernel for sm_90
 would, while the engine runs end to end on CPU tensors: a driver stand-in names the target, and
 each launch compiles the kernel and returns without running it (`JITFunction.run(warmup=True)`),
 so outputs are garbage; what this checks is that every variant the engine asks for compiles and
-fits the GPU (shared memory <= 227 KiB per block on sm_90, <= 1024 threads).
+fits the GPU (shared memory <= 227 KiB per block on sm_90, <= 1024 threads, <= 64 Ki registers per
+block, read with the cuobjdump Triton bundles); spilled bytes are reported.
 
 Workloads: a checkpoint with Qwen2-VL-2B's layer geometry (hidden 1536, 12/2 heads, head dim 128,
 intermediate 8960; one layer, one vision block) in bf16, each head type, with decode graphs'
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +44,7 @@ from triton.backends.driver import DriverBase  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+REGISTERS_PER_BLOCK = 65536  # 32-bit registers one block may use on sm_80 / sm_90 (same table); more fails at launch
 MAX_SHARED = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (CUDA C Programming Guide, compute capabilities table)
 
 
@@ -97,13 +101,29 @@ class Recorder:
                 name = self.fn.__name__
                 recorder.launches[name] += 1
                 md = kernel.metadata
-                recorder.variants[name].setdefault(md.hash, {"num_warps": md.num_warps, "num_stages": md.num_stages,
-                                                             "shared_bytes": md.shared, "cubin_bytes": len(kernel.asm["cubin"])})
+                if md.hash not in recorder.variants[name]:
+                    recorder.variants[name][md.hash] = {"num_warps": md.num_warps, "num_stages": md.num_stages, "shared_bytes": md.shared,
+                                                        "cubin_bytes": len(kernel.asm["cubin"]), **resource_usage(kernel.asm["cubin"])}
                 return kernel
 
             return call
 
         JITFunction.__getitem__ = launch
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and spill bytes (STACK, LOCAL) of a compiled kernel, as the cuobjdump that
+    Triton bundles reads them from the cubin ({} when it cannot): spills cost a GPU memory traffic."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return {}
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return {"registers": int(found["REG"]), "spill_bytes": int(found.get("STACK", 0)) + int(found.get("LOCAL", 0))} if "REG" in found else {}
 
 
 def all_kernels() -> set[str]:
@@ -154,13 +174,17 @@ def main(argv=None) -> int:
     expected = all_kernels()
     too_big = [f"{name} {h[:8]}: {v['shared_bytes']} bytes shared, {v['num_warps']} warps"
                for name, vs in recorder.variants.items() for h, v in vs.items()
-               if v["shared_bytes"] > MAX_SHARED[args.arch] or v["num_warps"] * 32 > 1024]
+               if v["shared_bytes"] > MAX_SHARED[args.arch] or v["num_warps"] * 32 > 1024
+               or v.get("registers", 0) * v["num_warps"] * 32 > REGISTERS_PER_BLOCK]
     report = {"arch": args.arch, "triton": triton.__version__, "seconds": round(time.perf_counter() - start, 1), "runs": runs,
               "kernels": {n: {"launches": recorder.launches[n], "variants": list(recorder.variants[n].values())} for n in sorted(recorder.variants)},
               "never_launched": sorted(expected - set(recorder.variants)), "too_big": too_big}
     for name, facts in report["kernels"].items():
         shared = max(v["shared_bytes"] for v in facts["variants"])
-        print(f"{name:<24} {len(facts['variants']):>3} variants, {facts['launches']:>5} launches, max shared {shared:>6} B")
+        regs = max((v.get("registers", 0) for v in facts["variants"]), default=0)
+        spills = max((v.get("spill_bytes", 0) for v in facts["variants"]), default=0)
+        print(f"{name:<24} {len(facts['variants']):>3} variants, {facts['launches']:>5} launches, max shared {shared:>6} B, "
+              f"max {regs:>3} registers, spills {spills} B")
     print(f"sm_{args.arch}, triton {triton.__version__}, {report['seconds']} s; never launched: {report['never_launched'] or 'none'}; "
           f"over the GPU's limits: {too_big or 'none'}")
     if args.json:
