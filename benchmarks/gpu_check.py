@@ -25,6 +25,7 @@ Exit status: 0 when the tests pass (or, with a message, when there is no GPU), 1
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -54,8 +55,11 @@ class TestRun:
     """`pytest` over `tests` in a child process, started now; `result()` waits for it (at most
     `timeout` seconds from the start) and returns its summary line, pass/fail and duration."""
 
-    def __init__(self, tests=KERNEL_TESTS, timeout: float = TEST_TIMEOUT_S, extra: list[str] | None = None):
-        self.cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+    def __init__(self, tests=KERNEL_TESTS, timeout: float = TEST_TIMEOUT_S, extra: list[str] | None = None, workers: int = 0):
+        # workers > 0 (with pytest-xdist installed): that many processes compile the kernels' test
+        # variants in parallel, the bulk of the tests' time on a GPU (~250 tests, each a fresh compile)
+        parallel = ["-n", str(workers)] if workers and importlib.util.find_spec("xdist") is not None else []
+        self.cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-o", "addopts=", *parallel,
                     *(f"--deselect={t}" for t in CPU_ONLY), *(extra or [])]
         self.timeout, self.start = timeout, time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
