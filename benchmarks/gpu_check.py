@@ -137,8 +137,9 @@ def cases(device: str = "cuda", dtype: torch.dtype = DTYPE, quick: bool = False)
 # token counts, pooled batches, (batch, context) of decode, (batch, q_len, context) of prefill
 SHAPES = {"tokens": (1, 256, 4096), "pool": (1, 64, 256),
           "decode": ((1, 4096), (32, 1024), (32, 4096), (256, 512), (256, 4096)),
-          "prefill": ((1, 4096, 4096), (8, 512, 512), (32, 16, 1024))}  # fresh prompts; embed suffixes
-QUICK_SHAPES = {"tokens": (3,), "pool": (2,), "decode": ((2, 100),), "prefill": ((2, 24, 40),)}  # dry runs
+          "prefill": ((1, 4096, 4096), (8, 512, 512), (32, 16, 1024)),  # fresh prompts; embed suffixes
+          "split_sweep": ((1, 4096), (8, 1024), (64, 512))}
+QUICK_SHAPES = {"tokens": (3,), "pool": (2,), "decode": ((2, 100),), "prefill": ((2, 24, 40),), "split_sweep": ((2, 100),)}  # dry runs
 
 
 def _all_cases(kernels, device, shapes):
@@ -183,6 +184,17 @@ def _all_cases(kernels, device, shapes):
                lambda i: kernels.decode_attention(q, k_cache, v_cache, tables, lens, SCALE, impl=i),
                b * (ctx * KV_HEADS * HEAD_DIM * 2 * ELEM + 2 * HEADS * HEAD_DIM * ELEM),
                4 * b * ctx * HEADS * HEAD_DIM, True)
+    # decode_splits is a first guess: time each split count where it matters most (one long context,
+    # a few mid ones, many short ones), beside the count it picks ("heuristic" in the shape), to tune it
+    for b, ctx in shapes["split_sweep"]:
+        k_cache, v_cache, tables, lens = _paged([ctx] * b)
+        q = _rand(b, HEADS, HEAD_DIM)
+        picked = kernels.attention.decode_splits(b, KV_HEADS, tables.shape[1] * BLOCK_SIZE, _DEV["dtype"], torch.device(device))
+        for splits in sorted({1, 2, 4, 8, 16, 32, picked}):
+            yield ("decode_attention", f"B={b} ctx={ctx} splits={splits}{' heuristic' if splits == picked else ''}",
+                   lambda i, s=splits: kernels.decode_attention(q, k_cache, v_cache, tables, lens, SCALE, num_splits=s, impl=i),
+                   b * (ctx * KV_HEADS * HEAD_DIM * 2 * ELEM + 2 * HEADS * HEAD_DIM * ELEM),
+                   4 * b * ctx * HEADS * HEAD_DIM, True)
     for b, q_len, ctx in shapes["prefill"]:
         k_cache, v_cache, tables, lens = _paged([ctx] * b)
         q = _rand(b * q_len, HEADS, HEAD_DIM)
@@ -229,14 +241,14 @@ def measure(do_bench, copy_bps: float, *, device: str = "cuda", impls: tuple[str
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'op':<28} {'shape':<24} {'triton us':>10} {'eager us':>10} {'speedup':>8} {'GB/s':>8} "
+    head = (f"{'op':<28} {'shape':<34} {'triton us':>10} {'eager us':>10} {'speedup':>8} {'GB/s':>8} "
             f"{'of copy':>8} {'TFLOP/s':>8}  match")
     print(head)
     print("-" * len(head))
     for r in rows:
         tflops = "" if r["TFLOPs"] is None else f"{r['TFLOPs']:.1f}"
         match = {True: "yes", False: "NO", None: "-"}[r["matches_eager"]]
-        print(f"{r['op']:<28} {r['shape']:<24} {r['triton_us']:>10.2f} {r['eager_us']:>10.2f} {r['speedup']:>7.2f}x "
+        print(f"{r['op']:<28} {r['shape']:<34} {r['triton_us']:>10.2f} {r['eager_us']:>10.2f} {r['speedup']:>7.2f}x "
               f"{r['GBps']:>8.0f} {r['frac_of_copy']:>8.0%} {tflops:>8}  {match}")
 
 
