@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.input.suffix not in (".txt", ".jsonl"):
             parser.error(f"{args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
                          f"got {args.input.suffix or 'no extension'}")
+    if args.output is not None and not args.demo and (args.output.is_dir() or args.output.name in ("", ".", "..")):
+        parser.error(f"--output {str(args.output)!r} is a directory; give a file prefix in it, e.g. {str(args.output / 'embeddings')!r}")
     if args.format == "parquet" and not args.demo:
         try:
             import pyarrow  # noqa: F401  (checked before any model work, not after it)

@@ -340,6 +340,12 @@ def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
     (parts / "manifest.json").write_text(json.dumps({"engine": "something else"}))
     assert run(corpus, serve_checkpoint, tmp_path / "half", "--no-cache") == 2
     assert "other settings" in capsys.readouterr().err
+    (tmp_path / "outdir").mkdir()
+    for directory in (tmp_path / "outdir", Path(".")):  # was written as outdir/..npy, outdir/..jsonl
+        with pytest.raises(SystemExit) as exit_:  # refused with the other arguments, before the model loads
+            run(corpus, serve_checkpoint, directory, "--no-cache")
+        assert exit_.value.code == 2 and "is a directory; give a file prefix" in capsys.readouterr().err
+    assert not any((tmp_path / "outdir").iterdir())
     inside = tmp_path / "q.jsonl"
     inside.write_text('{"text": "a"}\n')
     assert main([str(inside), "--checkpoint", str(serve_checkpoint), "--output", str(tmp_path / "q"), "--no-cache"]) == 2
