@@ -307,3 +307,20 @@ def test_entry_points_carry_videos_and_images(tmp_path, clip_mp4, make_checkpoin
     assert res.errors == [None] * 4 and len(set(map(tuple, res.prompt_token_ids))) == 1
     for i in range(1, 4):
         assert cosine(res.embeddings[0], res.embeddings[i]) >= COS
+
+
+def test_playlists_that_read_other_files_are_refused(clip_mp4, tmp_path, monkeypatch):
+    """FFmpeg probes the format from content: an ffconcat playlist, even inside a data: URL, made the
+    decoder read the files it names (relative to the server's working directory for bytes). A video
+    must be one file; the real clip beside the playlist still decodes."""
+    import base64
+
+    (tmp_path / "seg.mp4").write_bytes(clip_mp4)
+    playlist = b"ffconcat version 1.0\nfile seg.mp4\n"
+    (tmp_path / "list.ffconcat").write_bytes(playlist)
+    monkeypatch.chdir(tmp_path)
+    cfg = ImageProcessorConfig(min_pixels=SMALL["min_pixels"], max_pixels=SMALL["max_pixels"])
+    for source in (str(tmp_path / "list.ffconcat"), playlist, "data:text/plain;base64," + base64.b64encode(playlist).decode()):
+        with pytest.raises(VideoError, match="concat input refused"):
+            preprocess_video(source, cfg, VideoOptions.mmeb_v2())
+    assert preprocess_video(str(tmp_path / "seg.mp4"), cfg, VideoOptions.mmeb_v2()).video

@@ -277,9 +277,20 @@ def _open_source(video: Any) -> str | bytes:
     return data
 
 
+# FFmpeg demuxers whose input names other files or streams to read (playlists, file patterns, session
+# descriptions): a video must be one file. Probed from content, so a data: URL holding an ffconcat
+# playlist would make a server decode files from its own working directory.
+READS_OTHER_INPUTS = frozenset({"concat", "hls", "applehttp", "dash", "image2", "sdp", "rtp", "rtsp"})
+
+
 def _open(av, source: str | bytes):
-    """A PyAV input container; each call reads `source` from its start (a BytesIO over bytes shares them, no copy)."""
-    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
+    """A PyAV input container; each call reads `source` from its start (a BytesIO over bytes shares them, no copy).
+    Raises VideoError for a format that reads other inputs (READS_OTHER_INPUTS)."""
+    container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
+    if container.format.name in READS_OTHER_INPUTS:
+        container.close()
+        raise VideoError(f"{container.format.name} input refused: it names other files or streams to read; pass the video file itself")
+    return container
 
 
 def _import_av():
