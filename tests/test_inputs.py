@@ -2,6 +2,7 @@
 
 import base64
 import io
+import os
 
 import numpy as np
 import pytest
@@ -128,3 +129,20 @@ def test_decompression_bombs_are_image_errors():
     assert len(buf.getvalue()) < 1 << 20
     with pytest.raises(ImageError, match="decode limit"):
         load_image(buf.getvalue())
+
+
+def test_an_eps_image_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """Pillow hands EPS data to Ghostscript (`gs`, with no timeout) whatever type the client named:
+    a PostScript loop would hang a preparation thread. Only formats Pillow decodes itself open."""
+    from tte_engine.vision import ImageError, load_image
+
+    calls = tmp_path / "gs_calls"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho called >> {calls}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{} loop\n%%EOF\n"
+    with pytest.raises(ImageError, match="cannot decode image"):
+        load_image(eps)
+    assert not calls.exists()

@@ -320,7 +320,31 @@ def test_playlists_that_read_other_files_are_refused(clip_mp4, tmp_path, monkeyp
     (tmp_path / "list.ffconcat").write_bytes(playlist)
     monkeypatch.chdir(tmp_path)
     cfg = ImageProcessorConfig(min_pixels=SMALL["min_pixels"], max_pixels=SMALL["max_pixels"])
-    for source in (str(tmp_path / "list.ffconcat"), playlist, "data:text/plain;base64," + base64.b64encode(playlist).decode()):
-        with pytest.raises(VideoError, match="concat input refused"):
+    sdp = b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 47000 RTP/AVP 96\na=rtpmap:96 H264/90000\n"
+    for source in (str(tmp_path / "list.ffconcat"), playlist, "data:text/plain;base64," + base64.b64encode(playlist).decode(),
+                   sdp):  # an SDP file opened UDP sockets and waited ~10 s before it was refused
+        with pytest.raises(VideoError, match="not a video in a format decoded here"):
             preprocess_video(source, cfg, VideoOptions.mmeb_v2())
     assert preprocess_video(str(tmp_path / "seg.mp4"), cfg, VideoOptions.mmeb_v2()).video
+
+
+def test_a_clip_is_refused_before_decoding_when_it_cannot_fit(clip_mp4, monkeypatch):
+    """Tokens, pixels to decode and frame size are known from the container before any frame is
+    decoded; a clip that passes a limit used to be decoded whole first (~1 GB for a long clip)."""
+    cfg = ImageProcessorConfig(min_pixels=SMALL["min_pixels"], max_pixels=SMALL["max_pixels"])
+    opts = VideoOptions(**SMALL)
+    resized = []
+    real = video_mod._resize
+    monkeypatch.setattr(video_mod, "_resize", lambda *a: resized.append(1) or real(*a))
+    whole = preprocess_video(clip_mp4, cfg, opts)
+    resized.clear()
+    with pytest.raises(VideoError, match=f"would take {whole.num_tokens} tokens, more than the {whole.num_tokens - 1}"):
+        preprocess_video(clip_mp4, cfg, opts, max_tokens=whole.num_tokens - 1)
+    with pytest.raises(VideoError, match="exceed the 100 pixel decode limit"):
+        preprocess_video(clip_mp4, cfg, opts, max_frame_pixels=100)
+    monkeypatch.setattr(video_mod, "MAX_VIDEO_DECODE_PIXELS", 48 * 64 * 4)
+    with pytest.raises(VideoError, match="pixel limit per clip"):
+        preprocess_video(clip_mp4, cfg, opts)
+    assert resized == []
+    monkeypatch.undo()
+    assert preprocess_video(clip_mp4, cfg, opts, max_tokens=whole.num_tokens).num_tokens == whole.num_tokens

@@ -279,7 +279,9 @@ class PromptBuilder:
             raise InvalidInputError(f"video_options: {exc}", index, "video_options") from exc
         for name, video in videos:
             try:
-                processed = video if isinstance(video, ProcessedImage) else preprocess_video(video, self.image_cfg, opts)
+                processed = video if isinstance(video, ProcessedImage) else preprocess_video(
+                    video, self.image_cfg, opts, max_frame_pixels=self.max_image_pixels,
+                    max_tokens=None if max_tokens is None else max_tokens - tokens)
             except VideoError as exc:
                 raise InvalidInputError(f"{name}: {exc}", index, name) from exc
             keep(name, processed)

@@ -21,10 +21,12 @@ A video is a file (path, raw bytes, `data:` URL) decoded with PyAV (`pip install
   a multiple of `temporal_patch_size`, and patches laid out (t, h-block, w-block, h, w) with
   C * T * P * P values each, the layout the vision tower expects.
 
-Cost is bounded before the file is decoded: its size (`MAX_VIDEO_BYTES`), its frame size
-(`MAX_VIDEO_FRAME_PIXELS`) and frame count (`MAX_VIDEO_FRAMES`, read from the container or
-counted from packets without decoding) are checked first, then only frames up to the last
-sampled one are decoded, and each kept frame is resized as it arrives. Every failure is a
+Cost is bounded before the file is decoded: its format (`VIDEO_FORMATS`: single-file containers
+only), its size (`MAX_VIDEO_BYTES`), its frame size (`MAX_VIDEO_FRAME_PIXELS`, or a server's lower
+image limit; the decoder refuses a larger frame), frame count (`MAX_VIDEO_FRAMES`, read from the
+container or counted from packets without decoding), the pixels to decode (`MAX_VIDEO_DECODE_PIXELS`)
+and the clip's tokens are checked first, then only frames up to the last sampled one are decoded,
+and each kept frame is resized as it arrives. Every failure is a
 `VideoError` saying what is wrong (undecodable, truncated, no frames, frames of different sizes).
 """
 
@@ -56,7 +58,10 @@ DEFAULT_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 
 MAX_VIDEO_BYTES = 1 << 30  # largest encoded video accepted (bytes); checked before opening it
 MAX_VIDEO_FRAME_PIXELS = MAX_DECODE_PIXELS  # largest decoded frame (width * height); checked from stream metadata
-MAX_VIDEO_FRAMES = 200_000  # most frames a clip may declare (about 1.8 h at 30 fps); bounds decode time
+MAX_VIDEO_FRAMES = 200_000  # most frames a clip may declare (about 1.8 h at 30 fps)
+MAX_VIDEO_DECODE_PIXELS = 1 << 36  # most pixels decoded for one clip (frames up to the last sampled one x frame size):
+# decode time grows with it (~1-1.5 ns a pixel on one core for H.264 and GIF), so this bounds a clip's CPU time to
+# ~1-2 min: 9 min of 1080p at 30 fps; a GIF of 8000x8000 frames stops at ~1,000 of them
 
 
 class VideoError(ValueError):
@@ -277,20 +282,22 @@ def _open_source(video: Any) -> str | bytes:
     return data
 
 
-# FFmpeg demuxers whose input names other files or streams to read (playlists, file patterns, session
-# descriptions): a video must be one file. Probed from content, so a data: URL holding an ffconcat
-# playlist would make a server decode files from its own working directory.
-READS_OTHER_INPUTS = frozenset({"concat", "hls", "applehttp", "dash", "image2", "sdp", "rtp", "rtsp"})
+# The FFmpeg demuxers a video may be read with: single-file containers and raw streams. FFmpeg probes
+# the format from content, and others open what the input names as it is opened: an ffconcat, HLS or
+# DASH playlist other files (from a data: URL, in the server's working directory), an SDP file
+# network sockets. FFmpeg's own format_whitelist refuses them before anything is opened.
+VIDEO_FORMATS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf", "nut", "gif", "apng",
+                 "h264", "hevc", "mjpeg", "ivf", "m4v", "obu", "av1", "vc1", "yuv4mpegpipe")
 
 
 def _open(av, source: str | bytes):
     """A PyAV input container; each call reads `source` from its start (a BytesIO over bytes shares them, no copy).
-    Raises VideoError for a format that reads other inputs (READS_OTHER_INPUTS)."""
-    container = av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
-    if container.format.name in READS_OTHER_INPUTS:
-        container.close()
-        raise VideoError(f"{container.format.name} input refused: it names other files or streams to read; pass the video file itself")
-    return container
+    Only VIDEO_FORMATS open, and no protocol but plain files."""
+    options = {"format_whitelist": ",".join(VIDEO_FORMATS), "protocol_whitelist": "file"}
+    try:
+        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r", options=options)
+    except av.error.ArgumentError as exc:  # EINVAL: a format outside the list (or no video format at all)
+        raise VideoError(f"not a video in a format decoded here ({', '.join(VIDEO_FORMATS)}): {exc}") from exc
 
 
 def _import_av():
@@ -301,11 +308,14 @@ def _import_av():
     return av
 
 
-def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions) -> ProcessedImage:
+def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *, max_frame_pixels: int = MAX_VIDEO_FRAME_PIXELS,
+                 max_tokens: int | None = None) -> ProcessedImage:
     """Decode a video file (path, bytes, `data:` URL) with PyAV, sample and preprocess its frames.
 
-    The first video stream is used. Size, frame size and frame count are checked before any
-    frame is decoded; decoding stops after the last sampled frame. Raises VideoError.
+    The first video stream is used. Before any frame is decoded: the byte size, the frame size
+    (<= `max_frame_pixels`, also enforced by the decoder on every frame), the frame count, the
+    pixels to decode (MAX_VIDEO_DECODE_PIXELS) and the clip's tokens (<= `max_tokens`) are checked;
+    decoding stops after the last sampled frame. Raises VideoError.
     """
     av = _import_av()
     source = _open_source(video)
@@ -315,8 +325,8 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions) -> P
                 raise VideoError("the file has no video stream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
-            if width * height > MAX_VIDEO_FRAME_PIXELS:
-                raise VideoError(f"video frames of {width}x{height} exceed the {MAX_VIDEO_FRAME_PIXELS} pixel decode limit")
+            if width * height > max_frame_pixels:
+                raise VideoError(f"video frames of {width}x{height} exceed the {max_frame_pixels} pixel decode limit")
             rate = stream.average_rate or stream.guessed_rate
             total = stream.frames or _count_frames(av, source)
             if total > MAX_VIDEO_FRAMES:
@@ -325,7 +335,15 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions) -> P
                 raise VideoError("the video has no frames")
             n = num_sampled_frames(total, float(rate) if rate else None, opts, cfg.temporal_patch_size)
             wanted = sample_indices(total, n)
+            if (wanted[-1] + 1) * width * height > MAX_VIDEO_DECODE_PIXELS:
+                raise VideoError(f"decoding {wanted[-1] + 1} frames of {width}x{height} (up to the last sampled one) exceeds "
+                                 f"the {MAX_VIDEO_DECODE_PIXELS} pixel limit per clip; pass a shorter or smaller clip")
             size = frame_size(height, width, n, cfg, opts)
+            unit = cfg.patch_size * cfg.merge_size
+            tokens = -(-n // cfg.temporal_patch_size) * (size[0] // unit) * (size[1] // unit)
+            if max_tokens is not None and tokens > max_tokens:
+                raise VideoError(f"the clip would take {tokens} tokens, more than the {max_tokens} the model has left for it")
+            stream.codec_context.options = {"max_pixels": str(max_frame_pixels)}  # a later frame past the limit is refused, not decoded
             stream.thread_type = "AUTO"
             kept: list[torch.Tensor] = []
             decoded = 0
@@ -362,13 +380,16 @@ def _count_frames(av, source: str | bytes) -> int:
     return count
 
 
-def preprocess_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions | None = None) -> ProcessedImage:
+def preprocess_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions | None = None, *,
+                     max_frame_pixels: int = MAX_VIDEO_FRAME_PIXELS, max_tokens: int | None = None) -> ProcessedImage:
     """One video item -> ProcessedImage with `video=True` (patches, grid (t, h, w), placeholder count, digest).
 
     `video` is a file path, bytes, `data:` URL (decoded with PyAV), a list/tuple of frames, or a
-    uint8 array [T, H, W, 3]. Raises VideoError naming what is wrong.
+    uint8 array [T, H, W, 3]. A file is refused before decoding when its frames exceed
+    `max_frame_pixels` or the clip would take more than `max_tokens` tokens (see `decode_video`).
+    Raises VideoError naming what is wrong.
     """
     opts = opts or VideoOptions()
     if isinstance(video, (list, tuple, np.ndarray)):
         return preprocess_frames(video, cfg, opts)
-    return decode_video(video, cfg, opts)
+    return decode_video(video, cfg, opts, max_frame_pixels=min(max_frame_pixels, MAX_VIDEO_FRAME_PIXELS), max_tokens=max_tokens)

@@ -81,6 +81,17 @@ class ProcessedImage:
     video: bool = False
 
 
+# Pillow formats that run an external program on the data: EPS goes through Ghostscript (when `gs` is
+# installed), with no timeout, on whatever a client sent labelled as any image type.
+_EXTERNAL_DECODERS = frozenset({"EPS"})
+
+
+def _open_image(fp) -> Image.Image:
+    """Image.open limited to the formats Pillow decodes itself."""
+    Image.init()
+    return Image.open(fp, formats=[f for f in Image.OPEN if f not in _EXTERNAL_DECODERS])
+
+
 def load_image(image: Any, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     """Open a PIL image, file path, `data:` URL, raw bytes, or uint8 numpy array as an upright RGB image.
 
@@ -92,19 +103,19 @@ def load_image(image: Any, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
         if isinstance(image, Image.Image):
             img = image
         elif isinstance(image, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(image)))
+            img = _open_image(io.BytesIO(bytes(image)))
         elif isinstance(image, str) and image.startswith("data:"):
             header, _, payload = image.partition(",")
             if ";base64" not in header:
                 raise ImageError("data: URLs must be base64-encoded")
-            img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+            img = _open_image(io.BytesIO(base64.b64decode(payload, validate=True)))
         elif isinstance(image, str) and image.startswith(("http://", "https://")):
             raise ImageError(f"{image[:200]!r}: http(s) URLs are not fetched (nothing is downloaded at run time); pass a file path, bytes or a data: URL")
         elif isinstance(image, (str, Path)):
             path = Path(image)
             if not path.is_file():
                 raise ImageError(f"no image file at {str(path)!r}")
-            img = Image.open(path)
+            img = _open_image(path)
         elif isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
                 raise ImageError(f"numpy images must be uint8 HxW or HxWxC (C in 1, 3, 4), got {image.dtype} {image.shape}")
