@@ -297,7 +297,12 @@ def _open(av, source: str | bytes):
     try:
         return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r", options=options)
     except av.error.ArgumentError as exc:  # EINVAL: a format outside the list (or no video format at all)
-        raise VideoError(f"not a video in a format decoded here ({', '.join(VIDEO_FORMATS)}): {exc}") from exc
+        raise VideoError(f"not a video in a format decoded here ({', '.join(VIDEO_FORMATS)}): {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """An FFmpeg or OS error without the file name it carries: a server's messages never show its paths."""
+    return str(getattr(exc, "strerror", None) or exc) if getattr(exc, "filename", None) else str(exc)
 
 
 def _import_av():
@@ -359,9 +364,9 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *, m
     except VideoError:
         raise
     except EOFError as exc:  # PyAV's end-of-file error: nothing (more) to read where frames were declared
-        raise VideoError(f"the video has no frames or is truncated ({exc})") from exc
+        raise VideoError(f"the video has no frames or is truncated ({_reason(exc)})") from exc
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise VideoError(f"cannot decode video ({exc})") from exc
+        raise VideoError(f"cannot decode video ({_reason(exc)})") from exc
     if len(kept) < n:
         raise VideoError(f"truncated video: decoded {decoded} of the {total} frames it declares")
     return _processed(torch.cat(kept), cfg)

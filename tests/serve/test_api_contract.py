@@ -90,13 +90,15 @@ def test_strict_types(client):
 def test_per_item_failures_are_400s_naming_the_item(client, server):
     raw = '{"input": ["fine", "a \\ud800 b"]}'.encode()  # a lone surrogate, as JSON allows
     _error(client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 400, "input[1]", "not valid Unicode")
-    _error(post(client, {"input": ["fine", {"text": "x", "instruction": "y" * 10**6}]}), 400, "input[1]", "characters cannot fit")
-    _error(post(client, {"input": ["fine", {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1]", "not an image, or a format")
+    _error(post(client, {"input": ["fine", {"text": "x", "instruction": "y" * 10**6}]}), 400, "input[1].instruction", "characters cannot fit")
+    _error(post(client, {"input": ["fine", {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1].image", "not an image, or a format")
+    good = data_url(png_bytes(56, 56, 2))
+    _error(post(client, {"input": ["fine", {"images": [good, "data:image/png;base64,AAAA"]}]}), 400, "input[1].images[1]", "cannot decode")
     image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     messages = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image_part]}]
     _error(post(client, {"messages": messages}), 400, "messages[0].content[1]", "cannot decode image")
     # a client-chosen cost beyond the server's limits
-    _error(post(client, {"input": [{"image": data_url(png_bytes(300, 300, 1))}]}), 400, "input[0]", "pixel decode limit")
+    _error(post(client, {"input": [{"image": data_url(png_bytes(300, 300, 1))}]}), 400, "input[0].image", "pixel decode limit")
     _error(post(client, {"input": "x", "max_trace_tokens": 9}), 400, "max_trace_tokens", "--max-trace-tokens")
     assert post(client, {"input": "x", "max_trace_tokens": 8}).status_code == 200
     m = server.metrics()

@@ -137,8 +137,8 @@ def test_error_codes_name_the_bad_field_or_item(client, images, tmp_path):
     # bad items, named by index
     _error(post({"input": []}), 400, "input", "empty")
     _error(post({"input": ["fine", "   "]}), 400, "input[1]", "empty item")
-    _error(post({"input": ["fine", {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1]", "cannot decode")
-    _error(post({"input": ["fine", {"image": "data:image/png;base64,@@notbase64@@"}]}), 400, "input[1]", "image")
+    _error(post({"input": ["fine", {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1].image", "cannot decode")
+    _error(post({"input": ["fine", {"image": "data:image/png;base64,@@notbase64@@"}]}), 400, "input[1].image", "image")
     _error(post({"input": ["fine", "word " * 5000]}), 400, "input[1]", "exceeds the model limit")
     _error(post({"input": [{"image": "https://example.com/cat.png"}]}), 400, "input[0].image", "never fetched")
     (tmp_path / "cat.png").write_bytes(images[0])

@@ -134,7 +134,9 @@ def request_items(req: EmbeddingRequest, local_root: Path | None, limits: dict[s
     if any(isinstance(e, (int, list)) for e in raw):
         raise RequestError(400, TOKEN_IDS_REFUSED, "input")
     items: list[dict | str] = []
+    params: list[dict] = []
     for i, element in enumerate(raw):
+        params.append({None: f"input[{i}]"})
         if isinstance(element, str):
             items.append(element)
         else:
@@ -145,11 +147,14 @@ def request_items(req: EmbeddingRequest, local_root: Path | None, limits: dict[s
             for name in ("images", "videos"):
                 if name in item:
                     item[name] = [resolve_image(u, f"input[{i}].{name}[{k}]", local_root) for k, u in enumerate(item[name])]
+            # an item's error names its field: input[i].text, input[i].images[k], ... (the item's own fields only)
+            params[-1].update({name: f"input[{i}].{name}" for name in item})
+            params[-1].update({f"{name}[{k}]": f"input[{i}].{name}[{k}]" for name in ("images", "videos") for k in range(len(item.get(name, ())))})
             if req.video_options is not None and ("video" in item or "videos" in item):
                 item.setdefault("video_options", req.video_options)
             _check_media(item, limits, f"input[{i}]")
             items.append(item)
-    return items, [{None: f"input[{i}]"} for i in range(len(items))]
+    return items, params
 
 
 def _check_media(item: dict, limits: dict[str, int], param: str) -> None:
