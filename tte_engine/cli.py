@@ -44,10 +44,11 @@ import numpy as np
 import torch
 
 from .errors import TTEError
+from .vision import REMOTE_URL
 
 MANIFEST = "manifest.json"
 MEDIA_FIELDS = ("image", "video", "images", "videos")  # a .jsonl item's fields that may name files beside it
-URL_PREFIXES = ("data:", "http://", "https://")  # media values that are no local file: never resolved nor stamped
+URL_PREFIXES = ("data:", *REMOTE_URL)  # media values that are no local file: never resolved nor stamped
 MAX_NESTING = 32  # deepest a .jsonl line may nest (an item needs 3: the object, `videos`, a video's frames); deeper is an error row
 PARQUET_MANIFEST_KEY = b"tte_engine.manifest"  # the Parquet schema metadata key of a finished run's manifest
 SHARD_FILE = re.compile(r"(\d{6}\.(npy|jsonl)|manifest\.json)(\.tmp)?")  # the only names Shards writes in PREFIX.parts/

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .vision import MAX_DECODE_PIXELS, ImageError, ImageProcessorConfig, ProcessedImage, load_image, smart_resize
+from .vision import MAX_DECODE_PIXELS, REMOTE_URL, ImageError, ImageProcessorConfig, ProcessedImage, load_image, not_fetched, smart_resize
 
 # qwen-vl-utils' defaults (vision_process.py): FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES, VIDEO_MIN_PIXELS,
 # VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS (90% of a 128000-token context of 28x28 merged patches).
@@ -264,8 +264,8 @@ def _open_source(video: Any) -> str | bytes:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise VideoError(f"bad base64 in data: URL ({exc})") from exc
-    elif isinstance(video, str) and video.startswith(("http://", "https://")):
-        raise VideoError(f"{video[:200]!r}: http(s) URLs are not fetched (nothing is downloaded at run time); pass a file path, bytes or a data: URL")
+    elif isinstance(video, str) and video.startswith(REMOTE_URL):
+        raise VideoError(not_fetched(video))
     elif isinstance(video, (str, Path)):
         path = Path(video)
         if not path.is_file():

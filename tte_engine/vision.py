@@ -81,6 +81,14 @@ class ProcessedImage:
     video: bool = False
 
 
+REMOTE_URL = ("http://", "https://")
+
+
+def not_fetched(url: str) -> str:
+    """Why a remote image or video URL is an item's error."""
+    return f"{url[:200]!r}: http(s) URLs are not fetched (nothing is downloaded at run time); pass a file path, bytes or a data: URL"
+
+
 # Pillow formats that run an external program on the data: EPS goes through Ghostscript (when `gs` is
 # installed), with no timeout, on whatever a client sent labelled as any image type.
 _EXTERNAL_DECODERS = frozenset({"EPS"})
@@ -109,8 +117,8 @@ def load_image(image: Any, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
             if ";base64" not in header:
                 raise ImageError("data: URLs must be base64-encoded")
             img = _open_image(io.BytesIO(base64.b64decode(payload, validate=True)))
-        elif isinstance(image, str) and image.startswith(("http://", "https://")):
-            raise ImageError(f"{image[:200]!r}: http(s) URLs are not fetched (nothing is downloaded at run time); pass a file path, bytes or a data: URL")
+        elif isinstance(image, str) and image.startswith(REMOTE_URL):
+            raise ImageError(not_fetched(image))
         elif isinstance(image, (str, Path)):
             path = Path(image)
             if not path.is_file():
