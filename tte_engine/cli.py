@@ -282,6 +282,28 @@ def _row_ids(ids: list) -> list:
     return [item_id if item_id is not None else i if _key(i) not in given else f"item {i}" for i, item_id in enumerate(ids)]
 
 
+def _damaged(where: str, why: str) -> OutputConflict:
+    return OutputConflict(f"{where}: damaged ({why}); pass --overwrite to start again, or another --output")
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The row records of a shard's or a finished run's .jsonl; one that is not a JSON object with an
+    id is an OutputConflict naming the file (nothing of it is used)."""
+    try:
+        records = [json.loads(line) for _, line in read_lines(path)]
+    except (ValueError, TypeError) as exc:
+        raise _damaged(str(path), f"a record is not JSON: {exc}") from exc
+    if not all(isinstance(r, dict) and "id" in r for r in records):
+        raise _damaged(str(path), "a record has no id")
+    return records
+
+
+def _check_rows(records: list[dict], vectors: np.ndarray, dim: int, where: str) -> None:
+    """One `dim`-wide vector per record, or an OutputConflict naming `where`."""
+    if vectors.shape != (len(records), dim):
+        raise _damaged(where, f"{len(records)} records beside vectors of shape {vectors.shape}, expected ({len(records)}, {dim})")
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -304,22 +326,12 @@ class Shards:
         return sorted(p.stem for p in self.dir.glob("[0-9]*.jsonl") if (self.dir / f"{p.stem}.npy").exists())
 
     def records(self, name: str) -> list[dict]:
-        try:
-            records = [json.loads(line) for _, line in read_lines(self.dir / f"{name}.jsonl")]
-        except (ValueError, TypeError) as exc:
-            raise self.damaged(name, f"a record is not JSON ({exc})") from exc
-        if not all(isinstance(r, dict) and "id" in r for r in records):
-            raise self.damaged(name, "a record has no id")
-        return records
+        return _read_records(self.dir / f"{name}.jsonl")
 
     def load(self, name: str, dim: int) -> tuple[list[dict], np.ndarray]:
         records, vectors = self.records(name), np.load(self.dir / f"{name}.npy", mmap_mode="r")
-        if vectors.shape != (len(records), dim):
-            raise self.damaged(name, f"{len(records)} records beside vectors of shape {vectors.shape} (expected ({len(records)}, {dim}))")
+        _check_rows(records, vectors, dim, str(self.dir / name))
         return records, vectors
-
-    def damaged(self, name: str, why: str) -> OutputConflict:
-        return OutputConflict(f"{self.dir / name}: damaged shard ({why}); pass --overwrite to start again, or another --output")
 
     def write(self, records: list[dict], vectors: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -387,11 +399,7 @@ def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
         for r in records:
             r["id"] = json.loads(r["id"])
         return records, vectors
-    try:
-        records = [json.loads(line) for _, line in read_lines(Path(f"{prefix}.jsonl"))]
-    except (ValueError, TypeError) as exc:
-        raise OutputConflict(f"{prefix}.jsonl: a record is not JSON ({exc}); pass --overwrite, or another --output") from exc
-    return records, np.load(f"{prefix}.npy")
+    return _read_records(Path(f"{prefix}.jsonl")), np.load(f"{prefix}.npy")
 
 
 def _manifest(engine, args) -> dict:
@@ -426,11 +434,12 @@ def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards
     shards.dir.mkdir(parents=True, exist_ok=True)
     (shards.dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if finished:  # a finished run: its rows become the first shard
-        records, vectors = _read_final(prefix, fmt)
-        if vectors.shape != (len(records), manifest["dim"]) or not all(isinstance(r, dict) and "id" in r for r in records):
+        try:
+            records, vectors = _read_final(prefix, fmt)
+            _check_rows(records, vectors, manifest["dim"], ", ".join(str(p) for p in finals))
+        except OutputConflict:
             shutil.rmtree(shards.dir)  # nothing of the finished run was moved yet: it stays as it is
-            raise OutputConflict(f"{', '.join(str(p) for p in finals)}: damaged ({len(records)} records, vectors of shape "
-                                 f"{vectors.shape}); pass --overwrite, or another --output")
+            raise
         shards.write(records, np.ascontiguousarray(vectors, dtype=np.float32))
         for p in _final_files(prefix, fmt):
             p.unlink(missing_ok=True)
