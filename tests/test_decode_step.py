@@ -247,3 +247,34 @@ def test_multi_token_stop_sequence_ends_a_decoding_trace(make_checkpoint, mixed_
         t = free.trace_token_ids[i]
         ends = [k for k in range(1, len(t)) if t[k - 1 : k + 1] == stop]
         assert stopped.trace_token_ids[i] == (t[: ends[0] + 1] if ends else t)
+
+
+def test_decode_tokens_reach_each_sequence_on_flush(make_checkpoint, mixed_items):
+    """A pure decode step records its tokens as one array row (`DecodeBatch.history`), not in each
+    sequence: mid-run a decoding sequence lags, `scheduler.flush()` brings it up to date, and traces
+    longer than the history's first 64 rows (it grows) end as an unbroken run's do."""
+    from tte_engine.random_checkpoint import never_stop
+
+    engine = Engine(never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token")), max_model_len=512)
+    whole = engine.embed(mixed_items[:3], max_trace_tokens=75)
+    assert [len(t) for t in whole.trace_token_ids] == [75] * 3  # a budget past the history's first 64 rows
+    seqs = [engine.make_sequence(item, i, max_trace_tokens=75) for i, item in enumerate(mixed_items[:3])]
+    for seq in seqs:
+        engine.add_request(seq)
+    while engine.scheduler._decoding[0] is None:
+        engine.step()
+    engine.scheduler.flush()  # the step that made the batch ran it once
+    at_start = [len(s.trace_ids) for s in seqs]
+    for _ in range(70):
+        assert engine.step() == [] and engine.last_step_size == 3
+    assert [len(s.trace_ids) for s in seqs] == at_start  # the hot path did not touch the sequences
+    engine.scheduler.flush()
+    for seq, trace, start in zip(seqs, whole.trace_token_ids, at_start):
+        assert len(seq.trace_ids) == start + 70 and seq.trace_ids == trace[: start + 70]
+        assert seq.num_computed == len(seq.token_ids) - 1  # the newest token is the next step's input
+    done = []
+    while engine.has_unfinished():
+        done += engine.step()
+    assert [s.trace_ids for s in seqs] == whole.trace_token_ids
+    for seq, embedding in zip(seqs, whole.embeddings):
+        assert cosine(seq.embedding, embedding) >= 0.99999

@@ -119,6 +119,7 @@ class Engine:
         models = [self._load_model(d, embedder=(d == self.checkpoint)) for d in stage_dirs]
         share = cache_budget_bytes(self.config.cache_memory, self.device) // len(models)  # two models split the cache
         self.stages = [self._make_stage(d, m, share) for d, m in zip(stage_dirs, models)]
+        self.last_step_size = 0  # sequences the last step() ran
         self.scheduler = Scheduler(
             [s.blocks for s in self.stages],
             max_num_seqs=self.config.max_num_seqs,
@@ -270,8 +271,14 @@ class Engine:
         self.scheduler.add(seq)
 
     def step(self) -> list[Sequence]:
-        """Run one scheduler step; returns the sequences that finished in it."""
+        """Run one scheduler step; returns the sequences that finished in it. `last_step_size` is
+        then how many sequences it ran (0: there was nothing to run).
+
+        Mid-trace, a decoding sequence's `trace_ids`, `token_ids` and `num_computed` may lag
+        behind the steps run (the hot path records tokens as arrays); `scheduler.flush()` brings
+        them up to date. Finished and aborted sequences are always up to date."""
         step = self.scheduler.schedule()
+        self.last_step_size = 0 if step is None else len(step.seqs)
         if step is None:
             return []
         try:

@@ -18,7 +18,7 @@ import torch
 
 from .cache import BlockManager
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import sample, suppression_bias
+from .sampling import greedy_tokens, sample, suppression_bias
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
@@ -178,7 +178,7 @@ class Runner:
         h, residual = self.model(step, self.cache)
         normed = self.model.final_norm(h, residual)
         logits = self.model.lm_head(normed).float() + self.bias
-        return logits.argmax(dim=-1), normed
+        return greedy_tokens(logits), normed
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
@@ -235,7 +235,7 @@ class Runner:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
                 chosen = sample(logits, *_sampling_params(by_name.__getitem__))
             else:
-                chosen = logits.argmax(dim=-1)
+                chosen = greedy_tokens(logits)
             tokens = readback(chosen)
         embeddings = None
         if step.pool_idx:

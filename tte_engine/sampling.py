@@ -60,6 +60,30 @@ def suppression_bias(vocab_size: int, suppressed_ids: list[int], device) -> torc
     return bias.to(device)
 
 
+ARGMAX_CHUNK = 128  # the inner width of `greedy_tokens`' two-level argmax on CPU
+ARGMAX_TWO_LEVEL_MIN = 1 << 15  # logits elements from which it beats argmax there
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` (int64 [B]) for logits [B, V], the same index bit for bit (the first
+    maximum; a NaN counts as the maximum, as in argmax).
+
+    On CPU, argmax over the last dimension is a scalar loop (about 1 ns an element with torch 2.13
+    on the 2-core EPYC VM: 0.13 ms a row at Qwen2-VL's 151,936 ids, 0.15 ms at 256 x 640), while
+    amax is vectorized (about 15x faster). So the vocabulary is cut into chunks of
+    `ARGMAX_CHUNK` ids: amax per chunk, argmax over the chunk maxima (the first chunk holding the
+    maximum), then argmax inside that chunk alone. Its five ops cost ~12 us more than one argmax,
+    so logits under `ARGMAX_TWO_LEVEL_MIN` elements (break-even on that VM), other devices and a
+    vocabulary that is not a multiple of the chunk use argmax itself. Static shapes, no host sync."""
+    bsz, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % ARGMAX_CHUNK or logits.numel() < ARGMAX_TWO_LEVEL_MIN:
+        return logits.argmax(dim=-1)
+    chunks = logits.view(bsz, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: the first chunk holding the row's maximum
+    inside = chunks.gather(1, best.view(bsz, 1, 1).expand(bsz, 1, ARGMAX_CHUNK))[:, 0].argmax(dim=-1)
+    return inside.add_(best, alpha=ARGMAX_CHUNK)
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mix (murmur3's finalizer structure) on int64 tensors holding values < 2**32.
 
@@ -92,14 +116,14 @@ def sample(
     counters [B] int64 (the request's seed, and how many trace tokens it has): all on the logits'
     device. Everything is vectorized over the batch; nothing syncs with the host.
     """
-    greedy = logits.argmax(dim=-1)
+    greedy = greedy_tokens(logits)
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
     ordered, order = scaled.sort(dim=-1, descending=True)
     probs = ordered.softmax(dim=-1)
     rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     drop = ((top_k[:, None] > 0) & (rank >= top_k[:, None])) | (probs.cumsum(-1) - probs > top_p[:, None])
     noisy = ordered.masked_fill(drop, float("-inf")) + gumbel_noise(seeds, counters, order)
-    sampled = order.gather(1, noisy.argmax(dim=-1, keepdim=True))[:, 0]
+    sampled = order.gather(1, greedy_tokens(noisy)[:, None])[:, 0]
     return torch.where(temperature > 0, sampled, greedy)
 
 

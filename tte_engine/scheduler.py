@@ -28,7 +28,12 @@ class DecodeBatch:
     prompt, an ended trace, an abort), and only then. After that a step moves every
     sequence one token on, so the arrays stay as built and `steps` counts: the runner's step
     inputs, block growth and trace budgets are array arithmetic on them, and the checks that can
-    only come due at a known step (a new block, a full trace budget) wait for that step."""
+    only come due at a known step (a new block, a full trace budget) wait for that step.
+
+    The sampled tokens go into `history`, not into each sequence: while the batch lives, its
+    sequences' `token_ids`, `trace_ids` and `num_computed` lag behind, and `flush` brings them up
+    to date. The scheduler flushes a sequence before it looks at its trace, and every sequence
+    when the batch ends (`Scheduler.flush` for a caller that wants them mid-run)."""
 
     def __init__(self, seqs: list[Sequence], block_size: int):
         n = len(seqs)
@@ -47,6 +52,9 @@ class DecodeBatch:
         self.greedy = all(s.greedy for s in seqs)
         self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
         self.sample_idx = list(range(n))
+        # the tokens of the steps run, one row a step; `flush` writes them into the sequences
+        self.history = np.empty((min(max(self.budget_at, 1), 64), n), dtype=np.int64)
+        self.flushed = np.zeros(n, dtype=np.int64)  # steps of history already in each sequence
 
     @property
     def index(self) -> np.ndarray:
@@ -57,6 +65,25 @@ class DecodeBatch:
     def trace_lens(self) -> np.ndarray:
         """int64 [B]: each sequence's trace tokens so far (the sampling draw's counter)."""
         return self.trace_start + self.steps
+
+    def record(self, tokens: np.ndarray) -> None:
+        """One step ran: `tokens` (int64 [B]) are each sequence's new token."""
+        if self.steps == self.history.shape[0]:
+            self.history = np.concatenate([self.history, np.empty_like(self.history)])
+        self.history[self.steps] = tokens
+        self.steps += 1
+        self.last = tokens
+
+    def flush(self, i: int | None = None) -> None:
+        """Write the recorded tokens into sequence `i` (default: every sequence) and count them computed."""
+        for k in range(len(self.seqs)) if i is None else (i,):
+            done = int(self.flushed[k])
+            if done < self.steps:
+                seq, new = self.seqs[k], self.history[done : self.steps, k].tolist()
+                seq.trace_ids += new
+                seq.token_ids += new
+                seq.num_computed += len(new)
+                self.flushed[k] = self.steps
 
 
 @dataclass
@@ -149,7 +176,7 @@ class Scheduler:
             waiting.popleft()
             bm.admit(seq, need)
             running.append(seq)
-            self._decoding[stage] = None
+            self._end_batch(stage)
 
     def schedule(self) -> Step | None:
         for stage in range(len(self.blocks) - 1, -1, -1):
@@ -205,7 +232,7 @@ class Scheduler:
             index = batch.index
             for i in np.flatnonzero(index >= batch.capacity).tolist():
                 seq = batch.seqs[i]
-                bm.grow(seq, seq.num_computed + 1)
+                bm.grow(seq, int(index[i]) + 1)  # index: the sequence's computed tokens (its own count lags, see DecodeBatch)
                 batch.capacity[i] = len(seq.block_table) * bm.block_size
             batch.growth_at = batch.steps + int((batch.capacity - index).min())
         step.sample_idx = batch.sample_idx
@@ -230,7 +257,7 @@ class Scheduler:
         if step.decode is not None:
             self._update_decode(step, tokens, finished)
             return finished
-        self._decoding[step.stage] = None  # prompts finished, embed suffixes done: the decoding set changes
+        self._end_batch(step.stage)  # prompts finished, embed suffixes done: the decoding set changes
         for seq, n in zip(step.seqs, step.num_tokens):
             seq.num_computed += n
         for i, embedding in zip(step.pool_idx, embeddings if embeddings is not None else []):
@@ -244,26 +271,38 @@ class Scheduler:
         return finished
 
     def _update_decode(self, step: Step, tokens: np.ndarray, finished: list[Sequence]) -> None:
-        """The hot path: one new token for every sequence of the batch. Its arrays advance as a
-        whole; only the sequences whose token may end their trace are looked at one by one."""
-        batch, toks, may_stop = step.decode, tokens.tolist(), self._may_stop
-        for seq, token in zip(batch.seqs, toks):
-            seq.num_computed += 1
-            seq.append_trace_token(token)
-        batch.steps += 1
-        batch.last = tokens
-        ending = [i for i, token in enumerate(toks) if token in may_stop]
+        """The hot path: one new token for every sequence of the batch, recorded as one array row.
+        Only the sequences whose token may end their trace are looked at (and flushed) one by one."""
+        batch = step.decode
+        batch.record(tokens)
+        may_stop = self._may_stop  # a set lookup per token: faster than np.isin below ~1,000 rows
+        ending = [i for i, token in enumerate(tokens.tolist()) if token in may_stop]
         if batch.steps >= batch.budget_at:  # some trace has spent its budget
             ending = sorted({*ending, *np.flatnonzero(batch.trace_lens >= batch.max_trace).tolist()})
         for i in ending:
+            batch.flush(i)
             self._end_trace(batch.seqs[i], step.stage, finished)
+
+    def flush(self) -> None:
+        """Bring every decoding sequence's tokens up to date (see DecodeBatch); the scheduler does
+        this itself wherever it reads them."""
+        for batch in self._decoding:
+            if batch is not None:
+                batch.flush()
+
+    def _end_batch(self, stage: int) -> None:
+        """The set of decoding sequences changes: flush the live batch's tokens, and drop it."""
+        batch = self._decoding[stage]
+        if batch is not None:
+            batch.flush()
+            self._decoding[stage] = None
 
     def _end_trace(self, seq: Sequence, stage: int, finished: list[Sequence]) -> None:
         """After a new trace token: if the trace is over, finish it (generate_traces) or start embedding."""
         reason = self._trace_stop(seq, seq.trace_ids[-1])
         if reason is None:
             return
-        self._decoding[stage] = None
+        self._end_batch(stage)
         if not seq.embed:
             seq.stop_reason = reason
             finished.append(self._finish(seq, stage))
@@ -294,7 +333,7 @@ class Scheduler:
         return None
 
     def _release(self, seq: Sequence, stage: int) -> None:
-        self._decoding[stage] = None
+        self._end_batch(stage)
         self.running[stage].remove(seq)
         self.blocks[stage].free(seq)
 

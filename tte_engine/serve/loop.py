@@ -41,7 +41,6 @@ class _Live:
     thinks: bool  # has a trace to generate (else it starts in the embed phase)
     started: float | None = None
     embedding_since: float | None = None
-    computed: int = 0
 
 
 def _resolve(future: asyncio.Future, value: object, error: BaseException | None) -> None:
@@ -173,8 +172,8 @@ class EngineLoop:
             self._observe(done, began)
 
     def _observe(self, done: list[Sequence], began: float) -> None:
-        """Time the phases and count the step's sequences (those whose computed tokens moved)."""
-        now, stepped = time.perf_counter(), 0
+        """Time the phases and count the step's sequences."""
+        now, stepped = time.perf_counter(), self.engine.last_step_size
         finished = {s.seq_id for s in done}
         for x in list(self._queued.values()):  # the engine admits in arrival order: stop at the first still waiting
             if x.seq.seq_id not in finished and x.seq.num_computed == 0:
@@ -184,8 +183,6 @@ class EngineLoop:
             self._start(self._queued[seq_id], began)
         for x in list(self._running.values()):
             seq = x.seq
-            stepped += seq.seq_id in finished or seq.num_computed != x.computed
-            x.computed = seq.num_computed
             if x.embedding_since is None and seq.phase in (Phase.EMBED, Phase.FINISHED):
                 x.embedding_since = now
                 if x.thinks:
