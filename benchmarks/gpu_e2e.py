@@ -183,12 +183,14 @@ def engine_decode(engine: Engine, prompts: list[str], batch: int, *, warmup: int
     """ms per pure decode step at `batch` (see the module docstring); also the tokens each sequence
     generated, so two engines' traces can be compared."""
     with decoding(engine, prompts, batch, warmup=warmup, budget=steps) as seqs:
+        engine.scheduler.flush()  # mid-trace, a decoding sequence's tokens lag until flushed (DecodeBatch)
         before = [len(s.trace_ids) for s in seqs]
         clock = DeviceClock(engine.device)
         clock.start()
         for _ in range(steps):
             engine.step()
         ms = clock.stop()
+        engine.scheduler.flush()
         pure = all(len(s.trace_ids) - b == steps and s.phase == Phase.THINK for s, b in zip(seqs, before))
         tokens = [list(s.trace_ids) for s in seqs]
         context = sum(len(s) for s in seqs) / batch
