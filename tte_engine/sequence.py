@@ -4,6 +4,10 @@ Phases: WAITING (not admitted to a cache) -> THINK (prompt prefill, then trace d
 EMBED (the last trace token and the embed suffix prefilled on the same cache, then pooled) ->
 FINISHED. `think=False` starts in EMBED. In two-model mode the EMBED phase runs on the
 embedder's own cache (stage 1), from scratch, after the reasoner (stage 0) wrote the trace.
+
+Mid-trace, in a run of pure decode steps, `token_ids`, `trace_ids` and `num_computed` lag behind:
+the scheduler records the batch's tokens as arrays (`scheduler.DecodeBatch`) and writes them here
+when it needs them, when the batch changes, or on `Scheduler.flush()`.
 """
 
 from __future__ import annotations
