@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from .cache import BlockManager
+from .kernels._dispatch import use_triton
+from .kernels.attention import DecodePlan, decode_plan_host
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import greedy_tokens, sample, suppression_bias
 from .scheduler import DecodeBatch, Step
@@ -90,7 +92,10 @@ class Runner:
             greedy, normed = self.graphs.replay(bucket)
         else:
             width = (decode.longest + decode.steps) // self.block_size + 1  # blocks holding the longest context
-            greedy, normed = self.decode_forward(batch, width, None, updates)
+            plan = None
+            if self.device.type == "cpu" and not use_triton(self.model.impl, self.tables):  # host arrays are the step's tensors there
+                plan = decode_plan_host(self.blocks.tables, decode.rows, decode.index + 1, width, self.block_size)
+            greedy, normed = self.decode_forward(batch, width, None, updates, plan)
         tokens = greedy[:batch]
         if not decode.greedy:
             buf = self.decode_staging.device_buffer
@@ -155,12 +160,14 @@ class Runner:
         temperature_bits[:n] = float_bits(np.fromiter((s.sampling.temperature for s in seqs), np.float32, n))
         top_p_bits[:n] = float_bits(np.fromiter((s.sampling.top_p for s in seqs), np.float32, n))
 
-    def decode_forward(self, batch: int, width: int, num_splits: int | None, updates: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_forward(self, batch: int, width: int, num_splits: int | None, updates: bool = True,
+                       plan: DecodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
         block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
         head, suppression and argmax. Returns (greedy tokens [batch] int64, normed last states
         [batch, D]). Static shapes and no host sync: this is what a CUDA graph captures (with
-        `updates` True; an eager step without new blocks skips that op)."""
+        `updates` True; an eager step without new blocks skips that op). `plan`: decode attention's
+        reads, worked out on the host (CPU engines; see `decode_plan_host`)."""
         buf = self.decode_staging.device_buffer
         view = lambda name: buf[self.layout.field(name, batch)]  # noqa: E731
         if updates:
@@ -174,6 +181,7 @@ class Runner:
             cu_seqlens_q=None,
             is_prefill=False,
             num_splits=num_splits,
+            decode_plan=plan,
         )
         h, residual = self.model(step, self.cache)
         normed = self.model.final_norm(h, residual)

@@ -249,3 +249,21 @@ def test_prefill_given_its_longest_query_reads_nothing_back(device):
     with ScalarReads():
         attention.prefill_attention(q, k_cache, v_cache, tables, cu_q, ctx, 0.125, impl="triton")
     assert ScalarReads.count == 1  # without it: the one read this test exists to keep out of the engine
+
+
+@pytest.mark.parametrize("lens", [[1], [0, 5, 17], [33, 0, 0, 150, 16, 7, 300]], ids=["one", "empty_rows", "odd7"])
+@pytest.mark.parametrize("extra_blocks", [0, 2])
+def test_decode_plan_host_equals_decode_plan(lens, extra_blocks):
+    """The CPU runner works out decode attention's plan in numpy (`decode_plan_host`) from the host
+    block-table array and a subset of its rows: it must equal the torch plan, tensor for tensor."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(len(lens) * 10 + extra_blocks)
+    width = max(-(-n // BLOCK_SIZE) for n in lens) + extra_blocks or 1  # table columns read (padding ones too)
+    tables = torch.randint(0, 1000, (len(lens) + 4, width + 3), generator=g, dtype=torch.int32).numpy()
+    rows = torch.randperm(len(lens) + 4, generator=g)[: len(lens)].numpy().astype(np.int64)
+    ctx = np.asarray(lens, dtype=np.int64)
+    expected = attention.decode_plan(torch.from_numpy(tables[rows, :width]), torch.from_numpy(ctx).to(torch.int32), BLOCK_SIZE)
+    got = attention.decode_plan_host(tables, rows, ctx, width, BLOCK_SIZE)
+    for e, r in zip(expected, got, strict=True):
+        assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r)

@@ -37,6 +37,7 @@ class StepBatch:
     num_layers: int | None = None  # stop early (the mhsa head only needs layers < source_layer)
     num_splits: int | None = None  # decode attention's split count, fixed per CUDA-graph bucket
     num_decode: int = 0  # prefill steps: the first num_decode sequences are decoding (one token each)
+    decode_plan: DecodePlan | None = None  # decode steps on the PyTorch path: what attention reads (else worked out in forward)
     max_query_len: int | None = None  # prefill steps: most packed rows of one sequence (the host knows it: no device sync)
     # Prefill steps: the packed rows whose output is read (each its sequence's last row in the step) and
     # their sequences. The last layer stores every row's k/v but computes only these rows past that.
@@ -105,7 +106,7 @@ class Qwen2VL(nn.Module):
         rope = self.rotary.at(batch.positions, self.impl)
         plan, nd = None, batch.num_decode if batch.is_prefill else len(batch.context_lens)  # nd: the decoding rows, first
         if nd and not use_triton(self.impl, h):
-            plan = decode_plan(batch.block_tables[:nd], batch.context_lens[:nd], cache.k.shape[2])
+            plan = batch.decode_plan if batch.decode_plan is not None else decode_plan(batch.block_tables[:nd], batch.context_lens[:nd], cache.k.shape[2])
         for i, layer in enumerate(self._layer_list[:num_layers]):  # a plain list: slicing a ModuleList costs ~2 us a layer
             if i == capture:
                 self._record_head_source(h, residual, batch, cache)
