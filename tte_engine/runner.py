@@ -220,6 +220,9 @@ class Runner:
         if updates.shape[1]:
             self.tables.view(-1).index_copy_(0, d_uidx, d_uval.to(torch.int32))
         width = int((starts + counts).max() - 1) // bs + 1
+        nd, plan = step.num_decode, None
+        if nd and self.device.type == "cpu" and not use_triton(self.model.impl, self.tables):  # the decoding rows' reads, on the host
+            plan = decode_plan_host(self.blocks.tables, rows[:nd], (starts + counts)[:nd], width, bs)
         batch = StepBatch(
             input_ids=d_ids,
             positions=d_pos.view(3, -1),
@@ -230,7 +233,8 @@ class Runner:
             is_prefill=True,
             image_embeds=self._image_rows(seqs, starts, step.num_tokens),
             num_layers=num_layers,
-            num_decode=step.num_decode,
+            num_decode=nd,
+            decode_plan=plan,
             max_query_len=int(counts.max()),
             out_rows=d_out_rows if num_layers is None else None,  # an early stop (mhsa) reads no row of h
             out_seqs=d_out_seqs,

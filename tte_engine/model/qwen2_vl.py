@@ -37,7 +37,7 @@ class StepBatch:
     num_layers: int | None = None  # stop early (the mhsa head only needs layers < source_layer)
     num_splits: int | None = None  # decode attention's split count, fixed per CUDA-graph bucket
     num_decode: int = 0  # prefill steps: the first num_decode sequences are decoding (one token each)
-    decode_plan: DecodePlan | None = None  # decode steps on the PyTorch path: what attention reads (else worked out in forward)
+    decode_plan: DecodePlan | None = None  # PyTorch path: what attention reads for the decoding rows (else worked out in forward)
     max_query_len: int | None = None  # prefill steps: most packed rows of one sequence (the host knows it: no device sync)
     # Prefill steps: the packed rows whose output is read (each its sequence's last row in the step) and
     # their sequences. The last layer stores every row's k/v but computes only these rows past that.
