@@ -40,3 +40,19 @@ def test_greedy_tokens_large_vocabulary_uses_two_levels():
     logits = torch.randn(3, 151936, generator=torch.Generator().manual_seed(0))
     assert logits.numel() >= sampling.ARGMAX_TWO_LEVEL_MIN
     assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+
+
+def test_engine_traces_do_not_change_with_the_two_level_argmax(make_checkpoint, mixed_items, monkeypatch):
+    """The engine's greedy choice through the two-level path (forced for every step here; the test
+    checkpoint's 640 ids are 5 chunks) gives the same traces as argmax itself."""
+    from tte_engine import Engine
+
+    engine = Engine(make_checkpoint("syncs", think_max_tokens=12, head="last_token"), max_model_len=512)
+    assert engine.model_cfg.text.vocab_size % ARGMAX_CHUNK == 0
+    monkeypatch.setattr(sampling, "ARGMAX_TWO_LEVEL_MIN", 1 << 62)
+    plain = engine.embed(mixed_items[:4], max_trace_tokens=12)
+    monkeypatch.setattr(sampling, "ARGMAX_TWO_LEVEL_MIN", 0)
+    engine.reset_prefix_cache()  # the same work as the first run, so the same bits
+    two_level = engine.embed(mixed_items[:4], max_trace_tokens=12)
+    assert two_level.trace_token_ids == plain.trace_token_ids
+    assert torch.equal(two_level.embeddings, plain.embeddings)

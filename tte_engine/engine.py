@@ -278,7 +278,7 @@ class Engine:
         behind the steps run (the hot path records tokens as arrays); `scheduler.flush()` brings
         them up to date. Finished and aborted sequences are always up to date."""
         step = self.scheduler.schedule()
-        self.last_step_size = 0 if step is None else len(step.seqs)
+        self.last_step_size = 0
         if step is None:
             return []
         try:
@@ -286,6 +286,7 @@ class Engine:
         except BaseException:
             self.scheduler.forget_registrations(step)
             raise
+        self.last_step_size = len(step.seqs)
         return self.scheduler.update(step, tokens, embeddings)
 
     def reset_prefix_cache(self) -> None:
