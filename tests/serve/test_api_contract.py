@@ -16,6 +16,7 @@ from tte_engine import Engine
 from tte_engine.cli import main as tte_embed
 from tte_engine.cli import read_items
 from tte_engine.serve import ServerSettings
+from tte_engine.serve.app import HeldMedia
 from tte_engine.serve.main import main as tte_serve
 
 from .conftest import data_url, png_bytes, start_server
@@ -60,7 +61,7 @@ def test_vllm_and_tei_fields(client, server, reference, caplog):
     fits = reference.make_sequence(long_text, truncate_prompt_tokens=-1).prompt.token_ids
     for extra in ({"truncate": True}, {"truncate_prompt_tokens": -1}):
         req = EmbeddingRequest(input=[long_text], **extra)
-        plans = asyncio.run(server.app.state.server.plan(req, [long_text], [{None: "input[0]"}], True, threading.Event()))
+        plans = asyncio.run(server.app.state.server.plan(req, [long_text], [{None: "input[0]"}], True, threading.Event(), HeldMedia()))
         assert plans[0].seq.prompt.token_ids == fits, extra
     cut = post(client, {"input": [long_text], "think": False, "truncate_prompt_tokens": 80}).json()
     want = reference.embed([long_text], think=False, truncate_prompt_tokens=80)
@@ -132,7 +133,7 @@ def test_a_departed_client_stops_validation(server, serve_checkpoint):
     left = threading.Event()
     left.set()
     req = EmbeddingRequest(input=["a", "b"])
-    assert asyncio.run(s.plan(req, ["a", "b"], [{None: "input[0]"}, {None: "input[1]"}], True, left)) is None
+    assert asyncio.run(s.plan(req, ["a", "b"], [{None: "input[0]"}, {None: "input[1]"}], True, left, HeldMedia())) is None
 
 
 def test_messages_name_no_server_directories(tmp_path, serve_checkpoint):

@@ -316,6 +316,62 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
         cache.close()
 
 
+def test_media_budget_bounds_what_requests_in_flight_hold(serve_checkpoint, reference, images):
+    """--max-media-bytes: the preprocessed images and videos of the requests in flight are bounded.
+    An item alone over it is a 400 naming the item, a request whose own items pass it a 413, one
+    arriving while others hold it a 429 (Retry-After); what a request held goes back when it ends,
+    however it ends (the gauge shows it)."""
+    one = sum(i.patches.numel() * i.patches.element_size() for i in reference.make_sequence({"image": images[2]}).prompt.images)
+    engine = Engine(serve_checkpoint, max_num_seqs=4)
+    steps_allowed = threading.Event()
+    steps_allowed.set()
+    real_step = engine.step
+    engine.step = lambda: steps_allowed.wait(60) and real_step()
+    srv = start_server(engine, ServerSettings(prep_threads=2, max_media_bytes=int(2.5 * one)))
+    image = data_url(images[2])
+    try:
+        with srv.client() as c:
+            _error(c.post("/v1/embeddings", json={"input": ["x", {"images": [image] * 3}]}), 400, "input[1]", "--max-media-bytes")
+            _error(c.post("/v1/embeddings", json={"input": [{"image": image}] * 3}), 413, "input", "send fewer per request")
+            assert srv.metrics()["tte_media_bytes"] == 0
+            held = {}
+
+            def occupy():
+                with srv.client() as busy_client:
+                    held["r"] = busy_client.post("/v1/embeddings", json={"input": [{"image": image}, {"text": "a", "image": image}]})
+
+            steps_allowed.clear()  # the engine holds still: the first request's two images stay in flight
+            t = threading.Thread(target=occupy)
+            t.start()
+            deadline = time.monotonic() + 30
+            while srv.metrics()["tte_media_bytes"] < 2 * one:
+                assert time.monotonic() < deadline and t.is_alive()
+                time.sleep(0.01)
+            refused = c.post("/v1/embeddings", json={"input": [{"image": image}]})
+            _error(refused, 429, contains="busy", code="rate_limit_exceeded")
+            assert refused.headers["retry-after"] == "1"
+            steps_allowed.set()
+            t.join(60)
+            assert held["r"].status_code == 200 and len(held["r"].json()["data"]) == 2
+            assert srv.metrics()["tte_media_bytes"] == 0
+            again = c.post("/v1/embeddings", json={"input": [{"image": image}, "text only"]})
+            assert again.status_code == 200
+            assert cos(vectors(again.json())[0], reference.embed([{"image": images[2]}]).embeddings[0]) >= 0.99999
+            assert srv.metrics()["tte_media_bytes"] == 0
+
+            steps_allowed.clear()  # a client that leaves while its items wait gives their share back at once
+            with httpx.Client(base_url=srv.url, timeout=1) as impatient, pytest.raises(httpx.ReadTimeout):
+                impatient.post("/v1/embeddings", json={"input": [{"image": image}] * 2})
+            deadline = time.monotonic() + 30
+            while srv.metrics()["tte_media_bytes"] != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            steps_allowed.set()
+    finally:
+        steps_allowed.set()
+        srv.stop()
+
+
 def test_engine_failure_fails_requests_not_the_server(serve_checkpoint, monkeypatch):
     engine = Engine(serve_checkpoint)
     srv = start_server(engine)

@@ -54,6 +54,59 @@ class ServerSettings:
     max_trace_tokens: int | None = None  # the largest max_trace_tokens a request may ask for; None: the checkpoint's budget
     max_image_pixels: int = 1 << 25  # larger images are refused before they are decoded (decode time and memory grow with pixels)
     limit_mm_per_prompt: dict[str, int] | None = None  # most images / videos per item (vLLM's name); None: protocol.DEFAULT_MM_LIMITS
+    max_media_bytes: int = 4 << 30  # preprocessed images and videos all requests in flight may hold together (MediaBudget)
+
+
+class MediaBudget:
+    """The bytes of preprocessed images and videos (their float32 patches) that requests in flight
+    hold together, bounded: a request's items take their share as they are prepared and give it
+    back when the request ends. Without a bound the server's memory grew with items x images x
+    pixels until the process died, taking every client with it (160 items of 8 PNGs held 776 MB);
+    with one, the request that would pass it is refused: 400 naming the item that alone exceeds
+    it, 413 when the request's own items do, 429 (retry later) when others' items hold it."""
+
+    def __init__(self, limit: int, gauge):
+        self.limit, self.used, self._gauge, self._lock = limit, 0, gauge, threading.Lock()
+
+    def take(self, held: "HeldMedia", nbytes: int, item: str) -> None:
+        """Add `nbytes` of `item` (e.g. "input[3]") to a request's share; raises RequestError. A
+        request already over (its handler returned) takes nothing: its plans are thrown away."""
+        with self._lock:
+            if held.closed:
+                return
+            if nbytes > self.limit:
+                raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
+                                        f"{self.limit} (tte-serve --max-media-bytes)", item)
+            if held.bytes + nbytes > self.limit:
+                raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the most "
+                                        "this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
+            if self.used + nbytes > self.limit:
+                raise RequestError(429, f"the server is busy: images and videos of requests in flight hold {self.used} of {self.limit} "
+                                        "bytes; retry later", type="rate_limit_error", headers={"Retry-After": "1"}, code="rate_limit_exceeded")
+            held.bytes += nbytes
+            self.used += nbytes
+            self._gauge.set(self.used)
+
+    def give_back(self, held: "HeldMedia") -> None:
+        with self._lock:
+            self.used -= held.bytes
+            held.bytes, held.closed = 0, True
+            self._gauge.set(self.used)
+
+
+@dataclass
+class HeldMedia:
+    """One request's share of the MediaBudget."""
+
+    bytes: int = 0
+    closed: bool = False
+
+
+def media_bytes(plan: Plan) -> int:
+    """Bytes of the preprocessed images and videos a plan's sequence holds until its request ends."""
+    if plan.seq is None:
+        return 0
+    return sum(img.patches.numel() * img.patches.element_size() for img in plan.seq.prompt.images)
 
 
 def _blame(req: EmbeddingRequest, params: dict, field: str | None) -> str:
@@ -156,16 +209,19 @@ class _Server:
         self.max_items = engine.config.max_num_seqs + settings.max_queue
         self.loop = EngineLoop(engine, max_items=self.max_items, metrics=self.metrics)
         self.prep = ThreadPoolExecutor(max_workers=settings.prep_threads, thread_name_prefix="tte-prep")
+        self.media = MediaBudget(settings.max_media_bytes, self.metrics.media_bytes)
         self.created = int(time.time())
         self.stopped = False
 
-    async def plan(self, req: EmbeddingRequest, items: list, params: list[dict], think: bool, left: threading.Event) -> list[Plan] | None:
+    async def plan(self, req: EmbeddingRequest, items: list, params: list[dict], think: bool, left: threading.Event,
+                   held: HeldMedia) -> list[Plan] | None:
         """Validate every item and consult the cache, the items spread over the prep threads (so a
         request's images decode in parallel, while the engine loop steps); None once the client has
-        `left` (items not started by then are skipped). Raises RequestError(400) naming the first
-        bad item (or the part of `messages` to blame)."""
+        `left` (items not started by then are skipped). Each item's preprocessed media go into the
+        request's share of the media budget (`held`). Raises RequestError naming the first bad item
+        (or the part of `messages` to blame), or a media budget refusal."""
         start, aio = time.perf_counter(), asyncio.get_running_loop()
-        jobs = [aio.run_in_executor(self.prep, self._plan_one, req, item, i, params[i], think, left) for i, item in enumerate(items)]
+        jobs = [aio.run_in_executor(self.prep, self._plan_one, req, item, i, params[i], think, left, held) for i, item in enumerate(items)]
         plans = await asyncio.gather(*jobs, return_exceptions=True)
         for p in plans:
             if isinstance(p, BaseException):
@@ -175,14 +231,16 @@ class _Server:
         self.metrics.latency.labels("validate").observe(time.perf_counter() - start)
         return plans
 
-    def _plan_one(self, req: EmbeddingRequest, item, i: int, params: dict, think: bool, left: threading.Event) -> Plan | None:
+    def _plan_one(self, req: EmbeddingRequest, item, i: int, params: dict, think: bool, left: threading.Event, held: HeldMedia) -> Plan | None:
         if left.is_set():
             return None
         try:
-            return plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
+            plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
                              instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
         except InvalidInputError as exc:
             raise RequestError(400, exc.reason, _blame(req, params, exc.field)) from exc
+        self.media.take(held, media_bytes(plan), _blame(req, params, None))
+        return plan
 
     def check(self, req: EmbeddingRequest) -> None:
         """The request-wide checks: the model's name, the server's limits, what this model can return,
@@ -327,11 +385,18 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
         if len(items) > server.max_items:
             raise RequestError(422, f"{len(items)} items in one request; this server takes at most {server.max_items}", "input")
         think = server.think if req.think is None else req.think
+        held = HeldMedia()
+        try:
+            return await _embed(req, request, items, params, think, held)
+        finally:  # the request's sequences are done or dropped: its images and videos go back to the budget
+            server.media.give_back(held)
+
+    async def _embed(req: EmbeddingRequest, request: Request, items: list, params: list[dict], think: bool, held: HeldMedia) -> Response:
         aio = asyncio.get_running_loop()
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             left = threading.Event()
-            prep = asyncio.ensure_future(server.plan(req, items, params, think, left))
+            prep = asyncio.ensure_future(server.plan(req, items, params, think, left, held))
             await asyncio.wait([prep, gone], return_when=asyncio.FIRST_COMPLETED)
             if not prep.done():  # the client went away while its items were validated: stop there
                 left.set()

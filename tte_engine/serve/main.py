@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
     p.add_argument("--max-trace-tokens", type=int, help="largest max_trace_tokens a request may ask for; above it 400 (default: the checkpoint's budget)")
     p.add_argument("--max-image-pixels", type=int, default=1 << 25, help="larger images get 400 before they are decoded (default 33554432)")
+    p.add_argument("--max-media-bytes", type=int, default=4 << 30,
+                   help="bytes of preprocessed images and videos all requests in flight may hold together; a request that "
+                        "would pass it gets 429, or 413 / 400 when its own items alone do (default 4 GiB)")
     p.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
                    help='most images and videos per item, e.g. \'{"image": 8, "video": 1}\' (the default); more get 400')
     p.add_argument("--allow-local-files", nargs="?", const="/", metavar="DIR",
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         max_trace_tokens=args.max_trace_tokens,
         max_image_pixels=args.max_image_pixels,
         limit_mm_per_prompt=args.limit_mm_per_prompt,
+        max_media_bytes=args.max_media_bytes,
         api_key=args.api_key or os.environ.get("TTE_API_KEY") or None,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,

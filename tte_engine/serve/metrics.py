@@ -15,6 +15,8 @@ class Metrics:
         self.tokens = Counter("tte_tokens", "Tokens by phase: prompt, trace (generated), cached_trace (re-used), embed (suffix).", ["phase"], registry=r)
         self.queue_depth = Gauge("tte_queue_depth", "Items accepted and waiting for a place in the engine's batch.", registry=r)
         self.running = Gauge("tte_running_items", "Items the engine has started and not finished.", registry=r)
+        self.media_bytes = Gauge("tte_media_bytes", "Bytes of preprocessed images and videos held by requests in flight "
+                                 "(at most tte-serve --max-media-bytes).", registry=r)
         self.batch_size = Histogram("tte_batch_size", "Sequences in each engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.steps = Counter("tte_engine_steps", "Engine steps run.", registry=r)
         # vLLM's pair: hit rate = rate(hits) / rate(queries)
