@@ -223,6 +223,15 @@ def test_limit_mm_per_prompt_is_checked_at_start(limits, capsys):
     assert "--limit-mm-per-prompt takes a JSON object" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_max_media_bytes_is_checked_at_start(value, capsys):
+    from tte_engine.serve.main import main as serve_main
+
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--max-media-bytes", value, "--port", "1"])
+    assert exit_.value.code == 2 and "--max-media-bytes: must be an integer >= 0" in capsys.readouterr().err
+
+
 def test_demo_honours_think_and_trace_flags(capsys):
     from tte_engine.cli import main as embed_main
 

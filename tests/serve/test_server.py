@@ -350,6 +350,10 @@ def test_media_budget_bounds_what_requests_in_flight_hold(serve_checkpoint, refe
             refused = c.post("/v1/embeddings", json={"input": [{"image": image}]})
             _error(refused, 429, contains="busy", code="rate_limit_exceeded")
             assert refused.headers["retry-after"] == "1"
+            # what can never succeed says so, whatever others hold: a retry would not help
+            _error(c.post("/v1/embeddings", json={"input": [{"image": image}] * 3}), 413, "input", "send fewer per request")
+            _error(c.post("/v1/embeddings", json={"input": [{"image": image}, {"image": "data:image/png;base64,AAAA"}]}), 400, "input[1].image")
+            assert srv.metrics()["tte_media_bytes"] == 2 * one
             steps_allowed.set()
             t.join(60)
             assert held["r"].status_code == 200 and len(held["r"].json()["data"]) == 2
@@ -357,6 +361,22 @@ def test_media_budget_bounds_what_requests_in_flight_hold(serve_checkpoint, refe
             again = c.post("/v1/embeddings", json={"input": [{"image": image}, "text only"]})
             assert again.status_code == 200
             assert cos(vectors(again.json())[0], reference.embed([{"image": images[2]}]).embeddings[0]) >= 0.99999
+            assert srv.metrics()["tte_media_bytes"] == 0
+
+            # two requests that each fit, sent together: one share is taken whole, so one of them runs
+            for _ in range(3):
+                pair = {}
+
+                def send(k):
+                    with srv.client() as each:
+                        pair[k] = each.post("/v1/embeddings", json={"input": [{"image": image}] * 2}).status_code
+
+                both = [threading.Thread(target=send, args=(k,)) for k in range(2)]
+                for x in both:
+                    x.start()
+                for x in both:
+                    x.join(60)
+                assert 200 in pair.values() and set(pair.values()) <= {200, 429}, pair
             assert srv.metrics()["tte_media_bytes"] == 0
 
             steps_allowed.clear()  # a client that leaves while its items wait gives their share back at once

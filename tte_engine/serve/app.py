@@ -59,38 +59,51 @@ class ServerSettings:
 
 class MediaBudget:
     """The bytes of preprocessed images and videos (their float32 patches) that requests in flight
-    hold together, bounded: a request's items take their share as they are prepared and give it
-    back when the request ends. Without a bound the server's memory grew with items x images x
-    pixels until the process died, taking every client with it (160 items of 8 PNGs held 776 MB);
-    with one, the request that would pass it is refused: 400 naming the item that alone exceeds
-    it, 413 when the request's own items do, 429 (retry later) when others' items hold it."""
+    hold together, bounded. Without a bound the server's memory grew with items x images x pixels
+    until the process died, taking every client with it (160 items of 8 PNGs held 776 MB).
+
+    A request's items count their bytes as they are prepared (`want`); once it has them all, the
+    request takes its whole share at once (`take`) or is refused: 413 when its own items pass the
+    bound (its remaining items are then skipped), 429 (retry later) when others' items hold the
+    room. An item alone over the bound is that item's 400. The share goes back when the request
+    ends (`give_back`). What is bounded is what requests hold while they wait and run; while items
+    are being prepared, up to `--prep-threads` items more exist beyond it."""
 
     def __init__(self, limit: int, gauge):
+        if limit < 0:
+            raise ValueError(f"max_media_bytes must be >= 0, got {limit}")
         self.limit, self.used, self._gauge, self._lock = limit, 0, gauge, threading.Lock()
 
-    def take(self, held: "HeldMedia", nbytes: int, item: str) -> None:
-        """Add `nbytes` of `item` (e.g. "input[3]") to a request's share; raises RequestError. A
-        request already over (its handler returned) takes nothing: its plans are thrown away."""
+    def want(self, held: "HeldMedia", nbytes: int, item: str) -> None:
+        """Count `nbytes` of `item` (e.g. "input[3]") towards a request's share; raises RequestError
+        (400) when the item alone passes the bound. Past the bound, `held.over` is set."""
+        if nbytes > self.limit:
+            raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
+                                    f"{self.limit} (tte-serve --max-media-bytes)", item)
+        with self._lock:
+            held.wanted += nbytes
+            held.over = held.wanted > self.limit
+
+    def take(self, held: "HeldMedia") -> None:
+        """Take a request's whole share (every item counted); raises RequestError 413 or 429. A request
+        whose handler already returned takes nothing."""
         with self._lock:
             if held.closed:
                 return
-            if nbytes > self.limit:
-                raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
-                                        f"{self.limit} (tte-serve --max-media-bytes)", item)
-            if held.bytes + nbytes > self.limit:
-                raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the most "
-                                        "this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
-            if self.used + nbytes > self.limit:
+            if held.over:
+                raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
+                                        "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
+            if self.used + held.wanted > self.limit:
                 raise RequestError(429, f"the server is busy: images and videos of requests in flight hold {self.used} of {self.limit} "
                                         "bytes; retry later", type="rate_limit_error", headers={"Retry-After": "1"}, code="rate_limit_exceeded")
-            held.bytes += nbytes
-            self.used += nbytes
+            held.taken = held.wanted
+            self.used += held.taken
             self._gauge.set(self.used)
 
     def give_back(self, held: "HeldMedia") -> None:
         with self._lock:
-            self.used -= held.bytes
-            held.bytes, held.closed = 0, True
+            self.used -= held.taken
+            held.taken, held.closed = 0, True
             self._gauge.set(self.used)
 
 
@@ -98,8 +111,10 @@ class MediaBudget:
 class HeldMedia:
     """One request's share of the MediaBudget."""
 
-    bytes: int = 0
-    closed: bool = False
+    wanted: int = 0  # bytes its items prepared so far
+    over: bool = False  # wanted passed the bound: the request is refused, its remaining items skipped
+    taken: int = 0  # bytes it holds
+    closed: bool = False  # given back: the request has ended
 
 
 def media_bytes(plan: Plan) -> int:
@@ -228,18 +243,19 @@ class _Server:
                 raise p
         if left.is_set():
             return None
+        self.media.take(held)
         self.metrics.latency.labels("validate").observe(time.perf_counter() - start)
         return plans
 
     def _plan_one(self, req: EmbeddingRequest, item, i: int, params: dict, think: bool, left: threading.Event, held: HeldMedia) -> Plan | None:
-        if left.is_set():
+        if left.is_set() or held.over:
             return None
         try:
             plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
                              instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
         except InvalidInputError as exc:
             raise RequestError(400, exc.reason, _blame(req, params, exc.field)) from exc
-        self.media.take(held, media_bytes(plan), _blame(req, params, None))
+        self.media.want(held, media_bytes(plan), _blame(req, params, None))
         return plan
 
     def check(self, req: EmbeddingRequest) -> None:

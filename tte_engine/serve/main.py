@@ -15,6 +15,16 @@ from pathlib import Path
 from ..errors import TTEError
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
     p.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory, engine directory or alias (default: tiny-random)")
@@ -30,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
     p.add_argument("--max-trace-tokens", type=int, help="largest max_trace_tokens a request may ask for; above it 400 (default: the checkpoint's budget)")
     p.add_argument("--max-image-pixels", type=int, default=1 << 25, help="larger images get 400 before they are decoded (default 33554432)")
-    p.add_argument("--max-media-bytes", type=int, default=4 << 30,
+    p.add_argument("--max-media-bytes", type=_nonnegative_int, default=4 << 30,
                    help="bytes of preprocessed images and videos all requests in flight may hold together; a request that "
                         "would pass it gets 429, or 413 / 400 when its own items alone do (default 4 GiB)")
     p.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
