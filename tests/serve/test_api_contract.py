@@ -136,6 +136,28 @@ def test_a_departed_client_stops_validation(server, serve_checkpoint):
     assert asyncio.run(s.plan(req, ["a", "b"], [{None: "input[0]"}, {None: "input[1]"}], True, left, HeldMedia())) is None
 
 
+def test_concurrent_requests_take_turns_in_the_prep_pool(server, monkeypatch):
+    """A request queues at most `prep_threads` items in the prep pool at a time: a one-item request
+    arriving behind a 40-item one is prepared after a few of the big one's items, not after all 40
+    (before, it waited for every one of them)."""
+    from tte_engine.serve import app as app_module
+    from tte_engine.serve.protocol import EmbeddingRequest
+
+    s = server.app.state.server
+    order, real = [], app_module.plan_item
+    monkeypatch.setattr(app_module, "plan_item", lambda engine, item, *a, **kw: order.append(item) or real(engine, item, *a, **kw))
+    big, small = [f"big {i}" for i in range(40)], ["small"]
+
+    async def both():
+        req = EmbeddingRequest(input=["x"])
+        return await asyncio.gather(s.plan(req, big, [{None: f"input[{i}]"} for i in range(40)], False, threading.Event(), HeldMedia()),
+                                    s.plan(req, small, [{None: "input[0]"}], False, threading.Event(), HeldMedia()))
+
+    planned_big, planned_small = asyncio.run(both())
+    assert len(planned_big) == 40 and len(planned_small) == 1 and sorted(order) == sorted(big + small)
+    assert order.index("small") <= s.prep_threads, order
+
+
 def test_messages_name_no_server_directories(tmp_path, serve_checkpoint):
     root = tmp_path / "allowed-root"
     root.mkdir()

@@ -224,6 +224,7 @@ class _Server:
         self.max_items = engine.config.max_num_seqs + settings.max_queue
         self.loop = EngineLoop(engine, max_items=self.max_items, metrics=self.metrics)
         self.prep = ThreadPoolExecutor(max_workers=settings.prep_threads, thread_name_prefix="tte-prep")
+        self.prep_threads = settings.prep_threads
         self.media = MediaBudget(settings.max_media_bytes, self.metrics.media_bytes)
         self.created = int(time.time())
         self.stopped = False
@@ -234,10 +235,19 @@ class _Server:
         request's images decode in parallel, while the engine loop steps); None once the client has
         `left` (items not started by then are skipped). Each item's preprocessed media go into the
         request's share of the media budget (`held`). Raises RequestError naming the first bad item
-        (or the part of `messages` to blame), or a media budget refusal."""
+        (or the part of `messages` to blame), or a media budget refusal.
+
+        A request has at most `prep_threads` items in the pool's queue at a time, so concurrent
+        requests take turns: a one-item request arriving behind a 1,000-item one waits for a few of
+        its items, not all of them."""
         start, aio = time.perf_counter(), asyncio.get_running_loop()
-        jobs = [aio.run_in_executor(self.prep, self._plan_one, req, item, i, params[i], think, left, held) for i, item in enumerate(items)]
-        plans = await asyncio.gather(*jobs, return_exceptions=True)
+        turns = asyncio.Semaphore(self.prep_threads)
+
+        async def one(i: int, item) -> Plan | None:
+            async with turns:
+                return await aio.run_in_executor(self.prep, self._plan_one, req, item, i, params[i], think, left, held)
+
+        plans = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)), return_exceptions=True)
         for p in plans:
             if isinstance(p, BaseException):
                 raise p
