@@ -55,6 +55,8 @@ class Runner:
         self.device = model.norm.device
         self.bias = suppression_bias(model.cfg.text.vocab_size, suppressed_ids, self.device)
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
+        # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`decode_plan_host`)
+        self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
         self.max_rows = blocks.padding_row  # = max_num_seqs
         self.buckets = graph_buckets(self.max_rows)
         self.layout = DecodeLayout(self.max_rows)
@@ -92,9 +94,7 @@ class Runner:
             greedy, normed = self.graphs.replay(bucket)
         else:
             width = (decode.longest + decode.steps) // self.block_size + 1  # blocks holding the longest context
-            plan = None
-            if self.device.type == "cpu" and not use_triton(self.model.impl, self.tables):  # host arrays are the step's tensors there
-                plan = decode_plan_host(self.blocks.tables, decode.rows, decode.index + 1, width, self.block_size)
+            plan = decode_plan_host(self.blocks.tables, decode.rows, decode.index + 1, width, self.block_size) if self.plan_on_host else None
             greedy, normed = self.decode_forward(batch, width, None, updates, plan)
         tokens = greedy[:batch]
         if not decode.greedy:
@@ -221,7 +221,7 @@ class Runner:
             self.tables.view(-1).index_copy_(0, d_uidx, d_uval.to(torch.int32))
         width = int((starts + counts).max() - 1) // bs + 1
         nd, plan = step.num_decode, None
-        if nd and self.device.type == "cpu" and not use_triton(self.model.impl, self.tables):  # the decoding rows' reads, on the host
+        if nd and self.plan_on_host:  # the decoding rows' reads
             plan = decode_plan_host(self.blocks.tables, rows[:nd], (starts + counts)[:nd], width, bs)
         batch = StepBatch(
             input_ids=d_ids,
