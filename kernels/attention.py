@@ -84,7 +84,7 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_len
     return _rows(cache, slots.reshape(-1)).view(slots.shape[0], width, *cache.shape[2:]).transpose(1, 2)
 
 
-DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
@@ -108,14 +108,16 @@ def decode_plan_host(tables: np.ndarray, rows: np.ndarray, context_lens: np.ndar
 
     tables: the block-table array [max_seqs, max_blocks] (int32); rows: int64 [B] the sequences'
     rows of it; context_lens: int64 [B]; width: blocks of each row read. Returns CPU tensors equal
-    to `decode_plan(tables[rows, :width], context_lens, block_size)` (tested)."""
+    to `decode_plan(tables[rows, :width], context_lens, block_size)` (tested), except that the
+    non-empty rows are None when every context holds a token (the host knows: nothing to zero)."""
     span, bsz = width * block_size, len(rows)
     slots = (tables[rows, :width].astype(np.int64) * block_size)[:, :, None] + np.arange(block_size)
     slots = slots.reshape(bsz, span)
     valid = np.arange(span) < np.maximum(context_lens, 1)[:, None]  # position 0 stays unmasked in an empty context
     slots = np.where(valid, slots, slots[:, :1])
     mask = np.where(valid, np.float32(0), np.float32(-np.inf))
-    return torch.from_numpy(slots.reshape(-1)), torch.from_numpy(mask)[:, None, None, :], torch.from_numpy(context_lens > 0)[:, None, None]
+    nonempty = None if context_lens.min(initial=1) > 0 else torch.from_numpy(context_lens > 0)[:, None, None]
+    return torch.from_numpy(slots.reshape(-1)), torch.from_numpy(mask)[:, None, None, :], nonempty
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
@@ -133,7 +135,7 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scal
         out = F.scaled_dot_product_attention(q.view(bsz, kvh, heads // kvh, hd), k, v, attn_mask=mask, scale=scale).view(bsz, heads, hd)
     else:
         out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0, :]
-    return torch.where(nonempty, out, 0)  # an empty context (a padded row) gives zeros
+    return out if nonempty is None else torch.where(nonempty, out, 0)  # an empty context (a padded row) gives zeros
 
 
 # Decode attention on CPU: SDPA's flash kernel handles one query row per (sequence, head) poorly. At

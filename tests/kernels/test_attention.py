@@ -265,5 +265,8 @@ def test_decode_plan_host_equals_decode_plan(lens, extra_blocks):
     ctx = np.asarray(lens, dtype=np.int64)
     expected = attention.decode_plan(torch.from_numpy(tables[rows, :width]), torch.from_numpy(ctx).to(torch.int32), BLOCK_SIZE)
     got = attention.decode_plan_host(tables, rows, ctx, width, BLOCK_SIZE)
+    if min(lens) > 0:  # every row holds a token: the host says so instead of a mask of Trues
+        assert got[2] is None and bool(expected[2].all())
+        expected, got = expected[:2], got[:2]
     for e, r in zip(expected, got, strict=True):
         assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r)
