@@ -155,7 +155,7 @@ def test_concurrent_requests_take_turns_in_the_prep_pool(server, monkeypatch):
 
     planned_big, planned_small = asyncio.run(both())
     assert len(planned_big) == 40 and len(planned_small) == 1 and sorted(order) == sorted(big + small)
-    assert order.index("small") <= s.prep_threads, order
+    assert order.index("small") <= s.settings.prep_threads, order
 
 
 def test_messages_name_no_server_directories(tmp_path, serve_checkpoint):

@@ -76,13 +76,16 @@ class MediaBudget:
 
     def want(self, held: "HeldMedia", nbytes: int, item: str) -> None:
         """Count `nbytes` of `item` (e.g. "input[3]") towards a request's share; raises RequestError
-        (400) when the item alone passes the bound. Past the bound, `held.over` is set."""
+        (400) when the item alone passes the bound."""
         if nbytes > self.limit:
             raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
                                     f"{self.limit} (tte-serve --max-media-bytes)", item)
         with self._lock:
             held.wanted += nbytes
-            held.over = held.wanted > self.limit
+
+    def over(self, held: "HeldMedia") -> bool:
+        """The request's items passed the bound on their own: it is refused, its remaining items skipped."""
+        return held.wanted > self.limit
 
     def take(self, held: "HeldMedia") -> None:
         """Take a request's whole share (every item counted); raises RequestError 413 or 429. A request
@@ -90,7 +93,7 @@ class MediaBudget:
         with self._lock:
             if held.closed:
                 return
-            if held.over:
+            if self.over(held):
                 raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
                                         "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
             if self.used + held.wanted > self.limit:
@@ -112,7 +115,6 @@ class HeldMedia:
     """One request's share of the MediaBudget."""
 
     wanted: int = 0  # bytes its items prepared so far
-    over: bool = False  # wanted passed the bound: the request is refused, its remaining items skipped
     taken: int = 0  # bytes it holds
     closed: bool = False  # given back: the request has ended
 
@@ -224,7 +226,6 @@ class _Server:
         self.max_items = engine.config.max_num_seqs + settings.max_queue
         self.loop = EngineLoop(engine, max_items=self.max_items, metrics=self.metrics)
         self.prep = ThreadPoolExecutor(max_workers=settings.prep_threads, thread_name_prefix="tte-prep")
-        self.prep_threads = settings.prep_threads
         self.media = MediaBudget(settings.max_media_bytes, self.metrics.media_bytes)
         self.created = int(time.time())
         self.stopped = False
@@ -237,11 +238,11 @@ class _Server:
         request's share of the media budget (`held`). Raises RequestError naming the first bad item
         (or the part of `messages` to blame), or a media budget refusal.
 
-        A request has at most `prep_threads` items in the pool's queue at a time, so concurrent
+        A request has at most `settings.prep_threads` items in the pool's queue at a time, so concurrent
         requests take turns: a one-item request arriving behind a 1,000-item one waits for a few of
         its items, not all of them."""
         start, aio = time.perf_counter(), asyncio.get_running_loop()
-        turns = asyncio.Semaphore(self.prep_threads)
+        turns = asyncio.Semaphore(self.settings.prep_threads)
 
         async def one(i: int, item) -> Plan | None:
             async with turns:
@@ -258,7 +259,7 @@ class _Server:
         return plans
 
     def _plan_one(self, req: EmbeddingRequest, item, i: int, params: dict, think: bool, left: threading.Event, held: HeldMedia) -> Plan | None:
-        if left.is_set() or held.over:
+        if left.is_set() or self.media.over(held):
             return None
         try:
             plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
