@@ -94,7 +94,9 @@ class Runner:
             greedy, normed = self.graphs.replay(bucket)
         else:
             width = (decode.longest + decode.steps) // self.block_size + 1  # blocks holding the longest context
-            plan = decode_plan_host(self.blocks.tables, decode.rows, decode.index + 1, width, self.block_size) if self.plan_on_host else None
+            plan = None
+            if self.plan_on_host:  # from the context lengths _fill_decode just wrote
+                plan = decode_plan_host(self.blocks.tables, decode.rows, host[self.layout.field("context_lens", batch)], width, self.block_size)
             greedy, normed = self.decode_forward(batch, width, None, updates, plan)
         tokens = greedy[:batch]
         if not decode.greedy:
