@@ -18,7 +18,7 @@ import torch
 
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
-from .kernels.attention import DecodePlan, decode_plan_host
+from .kernels.attention import DecodePlan, HostDecodePlan, decode_plan_host
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import greedy_tokens, sample, suppression_bias
 from .scheduler import DecodeBatch, Step
@@ -95,8 +95,11 @@ class Runner:
         else:
             width = (decode.longest + decode.steps) // self.block_size + 1  # blocks holding the longest context
             plan = None
-            if self.plan_on_host:  # from the context lengths _fill_decode just wrote
-                plan = decode_plan_host(self.blocks.tables, decode.rows, host[self.layout.field("context_lens", batch)], width, self.block_size)
+            if self.plan_on_host:  # from the slots _fill_decode just wrote
+                if decode.attention_plan is None:
+                    decode.attention_plan = HostDecodePlan()
+                slots = host[self.layout.field("slot_mapping", batch)]
+                plan = decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, slots, width, self.block_size)
             greedy, normed = self.decode_forward(batch, width, None, updates, plan)
         tokens = greedy[:batch]
         if not decode.greedy:
@@ -174,12 +177,16 @@ class Runner:
         view = lambda name: buf[self.layout.field(name, batch)]  # noqa: E731
         if updates:
             self.tables.view(-1).index_copy_(0, view("update_index"), view("update_value").to(torch.int32))
+        if plan is None:
+            tables, context_lens = self.tables.index_select(0, view("table_rows"))[:, :width], view("context_lens").to(torch.int32)
+        else:  # attention reads what the plan says: neither table rows nor int32 lengths (two ops fewer)
+            tables, context_lens = None, view("context_lens")
         step = StepBatch(
             input_ids=view("input_ids"),
             positions=view("positions"),
             slot_mapping=view("slot_mapping"),
-            block_tables=self.tables.index_select(0, view("table_rows"))[:, :width],
-            context_lens=view("context_lens").to(torch.int32),
+            block_tables=tables,
+            context_lens=context_lens,
             cu_seqlens_q=None,
             is_prefill=False,
             num_splits=num_splits,
@@ -187,7 +194,7 @@ class Runner:
         )
         h, residual = self.model(step, self.cache)
         normed = self.model.final_norm(h, residual)
-        logits = self.model.lm_head(normed).float() + self.bias
+        logits = self.model.lm_head(normed).float().add_(self.bias)  # in place: the LM head's output is a fresh tensor
         return greedy_tokens(logits), normed
 
     # ------------------------------------------------------------------ prefill (and mixed) steps

@@ -51,6 +51,7 @@ class DecodeBatch:
         self.budget_at = int((self.max_trace - self.trace_start).min())  # the step after which a trace budget is spent
         self.greedy = all(s.greedy for s in seqs)
         self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
+        self.attention_plan = None  # a CPU runner's decode-attention plan, updated step by step (`HostDecodePlan`)
         self.sample_idx = list(range(n))
         # the tokens of the steps run, one row a step; `flush` writes them into the sequences
         self.history = np.empty((min(max(self.budget_at, 1), 64), n), dtype=np.int64)

@@ -270,3 +270,30 @@ def test_decode_plan_host_equals_decode_plan(lens, extra_blocks):
         expected, got = expected[:2], got[:2]
     for e, r in zip(expected, got, strict=True):
         assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r)
+
+
+def test_host_decode_plan_follows_a_batch_step_by_step():
+    """`HostDecodePlan` updates its plan by one key per row a step and rebuilds it when the span
+    grows: at every step of a batch (odd lengths, blocks gained mid-run, the span crossing block
+    boundaries) it must equal the plan built from scratch, tensor for tensor."""
+    import numpy as np
+
+    g = np.random.default_rng(7)
+    bsz, steps, max_blocks = 5, 40, 8
+    held = g.permutation(1000)[: (bsz + 3) * max_blocks].reshape(bsz + 3, max_blocks).astype(np.int32)
+    rows = g.permutation(bsz + 3)[:bsz].astype(np.int64)  # the batch's rows of the block table
+    start = np.array([1, 17, 3, 30, 16], dtype=np.int64)  # the position each row's first step computes
+    plan = attention.HostDecodePlan()
+    for step in range(steps):
+        index = start + step
+        width = int(index.max()) // BLOCK_SIZE + 1
+        # a row holds the blocks up to its new token's; later entries are garbage until it gains them
+        # (short rows gain theirs while the longest row sets the span: no rebuild then)
+        tables = held.copy()
+        tables[rows] = np.where(np.arange(max_blocks) <= (index // BLOCK_SIZE)[:, None], held[rows], 99999)
+        slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
+        got = plan.step(tables, rows, index, slots, width, BLOCK_SIZE)
+        expected = attention.decode_plan_host(tables, rows, index + 1, width, BLOCK_SIZE)
+        assert got[2] is None and expected[2] is None
+        for e, r in zip(expected[:2], got[:2], strict=True):
+            assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r), f"step {step}"

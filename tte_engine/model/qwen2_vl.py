@@ -29,8 +29,8 @@ class StepBatch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [3, T] (M-RoPE) or [T] (all axes equal)
     slot_mapping: torch.Tensor  # [T] cache slot of each token
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    context_lens: torch.Tensor  # [B] int32: tokens in the cache for each sequence after this step
+    block_tables: torch.Tensor | None  # [B, max_blocks] int32 (None: a pure decode step whose decode_plan says what attention reads)
+    context_lens: torch.Tensor  # [B] int32 (int64 beside a decode_plan): tokens in the cache for each sequence after this step
     cu_seqlens_q: torch.Tensor | None  # [B+1] int32: packed rows of each sequence (prefill)
     is_prefill: bool
     image_embeds: torch.Tensor | None = None  # [num_image_and_video_tokens_in_step, D], in token order
