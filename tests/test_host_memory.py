@@ -32,3 +32,20 @@ print(before, host_memory.keep_freed_memory(), host_memory.keep_freed_memory(), 
 def test_keep_freed_memory_is_applied_once_and_can_be_turned_off(env, want):
     out = subprocess.run([sys.executable, "-c", CHECK], env={**os.environ, **env}, capture_output=True, text=True, check=True)
     assert out.stdout.split() == want.split()
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"), reason="a Linux kernel with THP")
+def test_advise_huge_pages_covers_the_aligned_interior_and_keeps_contents():
+    """The KV cache is advised to use transparent huge pages: only whole 2 MiB pages inside the
+    tensor (never memory around it), nothing for a tensor smaller than one, values unchanged."""
+    import torch
+
+    from tte_engine.host_memory import HUGE_PAGE, advise_huge_pages
+
+    big = torch.arange(5 * HUGE_PAGE // 4 + 123, dtype=torch.float32)  # ~5 MiB, unaligned length
+    before = big.clone()
+    advised = advise_huge_pages(big)
+    nbytes = big.numel() * 4
+    assert advised % HUGE_PAGE == 0 and nbytes - 2 * HUGE_PAGE < advised <= nbytes
+    assert torch.equal(big, before)
+    assert advise_huge_pages(torch.zeros(1000)) == 0  # 4 KB: no whole huge page inside

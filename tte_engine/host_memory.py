@@ -42,3 +42,34 @@ def keep_freed_memory() -> bool:
     if not _done:
         logger.debug("mallopt refused the thresholds; host allocations keep glibc's defaults")
     return _done
+
+
+HUGE_PAGE = 2 << 20  # x86-64 and arm64 transparent huge pages
+_MADV_HUGEPAGE = 14  # from linux/mman.h
+
+
+def advise_huge_pages(tensor) -> int:
+    """Ask Linux to back a large CPU tensor (the KV cache) with transparent huge pages; returns the
+    bytes advised (0: not Linux, not CPU, too small, or refused).
+
+    The paged KV cache is touched a block at a time as sequences grow: with 4 KiB pages every
+    new block costs page faults (~38 a decode step at batch 256 on a micro model), and attention's
+    gathers over scattered blocks miss the TLB. `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned
+    interior of the tensor makes the kernel map it 2 MiB at a time where THP is `madvise` or
+    `always` (/sys/kernel/mm/transparent_hugepage/enabled); with THP `never` it is a no-op.
+    Contents are unchanged: this is advice about how to map memory, not what it holds."""
+    if tensor.device.type != "cpu" or not os.uname().sysname == "Linux":
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+    if hi <= lo:
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        done = libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return 0
+    if not done:
+        logger.debug("madvise(MADV_HUGEPAGE) refused: errno %d", ctypes.get_errno())
+    return hi - lo if done else 0
