@@ -129,7 +129,7 @@ class HostDecodePlan:
 
     From one step to the next every sequence gains one token, so the plan gains one slot and one
     unmasked key per row: B scattered writes instead of rebuilding all B x span entries (at batch
-    256 and ~100 cached tokens: ~200 -> ~10 us a step). It is rebuilt whenever the span read
+    256 and ~100 cached tokens, in the step: ~200 -> ~40 us). It is rebuilt whenever the span read
     changes. The tensors it returns share memory with the arrays it updates, so a plan is good for
     its own step only, and `step` must see every step of the batch, in order."""
 
