@@ -130,23 +130,26 @@ class HostDecodePlan:
     From one step to the next every sequence gains one token, so the plan gains one slot and one
     unmasked key per row: B scattered writes instead of rebuilding all B x span entries (at batch
     256 and ~100 cached tokens, in the step: ~200 -> ~40 us). It is rebuilt whenever the span read
-    changes. The tensors it returns share memory with the arrays it updates, so a plan is good for
-    its own step only, and `step` must see every step of the batch, in order."""
+    changes, and whenever a step's positions are not the last step's plus one (a step it did not
+    see). The tensors it returns share memory with the arrays it updates, so a plan is good for
+    its own step only. It assumes the table entries of positions already in the plan do not change
+    while the batch lives (blocks are never moved or copied on write here)."""
 
     def __init__(self):
-        self.width, self.plan = -1, None
+        self.width, self.plan, self.next_index = -1, None, None
 
     def step(self, tables: np.ndarray, rows: np.ndarray, index: np.ndarray, slots: np.ndarray, width: int, block_size: int) -> DecodePlan:
         """The plan of a step in which row b's new token is at position index[b] (int64 [B], so its
         context holds index[b] + 1 tokens) in cache slot slots[b] (int64 [B]): equal to
         `decode_plan_host(tables, rows, index + 1, width, block_size)` (tested)."""
-        if width != self.width:
+        if width != self.width or not np.array_equal(index, self.next_index):
             self.slots, self.mask = _decode_plan_arrays(tables, rows, index + 1, width, block_size)
             self.width, self.row_ids = width, np.arange(len(rows))
             self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
         else:
             self.slots[self.row_ids, index] = slots
             self.mask[self.row_ids, index] = 0
+        self.next_index = index + 1
         return self.plan
 
 

@@ -57,7 +57,10 @@ def advise_huge_pages(tensor) -> int:
     gathers over scattered blocks miss the TLB. `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned
     interior of the tensor makes the kernel map it 2 MiB at a time where THP is `madvise` or
     `always` (/sys/kernel/mm/transparent_hugepage/enabled); with THP `never` it is a no-op.
-    Contents are unchanged: this is advice about how to map memory, not what it holds."""
+    Contents are unchanged: this is advice about how to map memory, not what it holds. The cost:
+    memory is committed 2 MiB at a time, so each layer's K and V each hold at least one huge
+    page once used, and the advice outlives the tensor on its address range (a cache below
+    `keep_freed_memory`'s threshold lives in the heap, which later allocations reuse)."""
     if tensor.device.type != "cpu" or not os.uname().sysname == "Linux":
         return 0
     start = tensor.data_ptr()

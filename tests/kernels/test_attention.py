@@ -284,7 +284,7 @@ def test_host_decode_plan_follows_a_batch_step_by_step():
     rows = g.permutation(bsz + 3)[:bsz].astype(np.int64)  # the batch's rows of the block table
     start = np.array([1, 17, 3, 30, 16], dtype=np.int64)  # the position each row's first step computes
     plan = attention.HostDecodePlan()
-    for step in range(steps):
+    for step in [*range(steps), steps + 3, steps + 3]:  # then a jump (steps it did not see), then the same step again
         index = start + step
         width = int(index.max()) // BLOCK_SIZE + 1
         # a row holds the blocks up to its new token's; later entries are garbage until it gains them

@@ -29,7 +29,7 @@ class StepBatch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [3, T] (M-RoPE) or [T] (all axes equal)
     slot_mapping: torch.Tensor  # [T] cache slot of each token
-    block_tables: torch.Tensor | None  # [B, max_blocks] int32 (None: a pure decode step whose decode_plan says what attention reads)
+    block_tables: torch.Tensor | None  # [B, max_blocks] int32 (None: a pure decode step on the PyTorch path, whose decode_plan says what attention reads)
     context_lens: torch.Tensor  # [B] int32 (int64 beside a decode_plan): tokens in the cache for each sequence after this step
     cu_seqlens_q: torch.Tensor | None  # [B+1] int32: packed rows of each sequence (prefill)
     is_prefill: bool
