@@ -4,6 +4,7 @@ embeddings with transformers' Qwen2-VL, and clean per-item failures. Test clips 
 with PyAV; nothing is downloaded."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image  # noqa: E402
 
 from tte_engine import Engine  # noqa: E402
 from tte_engine import video as video_mod  # noqa: E402
-from tte_engine.errors import InvalidInputError  # noqa: E402
+from tte_engine.errors import Cancelled, InvalidInputError  # noqa: E402
 from tte_engine.inputs import as_query  # noqa: E402
 from tte_engine.model.rope import prompt_positions  # noqa: E402
 from tte_engine.video import (  # noqa: E402
@@ -349,3 +350,22 @@ def test_a_clip_is_refused_before_decoding_when_it_cannot_fit(clip_mp4, monkeypa
     assert resized == []
     monkeypatch.undo()
     assert preprocess_video(clip_mp4, cfg, opts, max_tokens=whole.num_tokens).num_tokens == whole.num_tokens
+
+
+def test_a_decode_stops_at_the_next_frame_once_its_requester_is_gone(clip_mp4, monkeypatch):
+    """Under `stop_decoding_when(event)` a clip being decoded stops at its next frame once the event
+    is set (a server's client left), raising Cancelled rather than an item error; outside the
+    block the event is not consulted."""
+    event, resized = threading.Event(), []
+    real = video_mod._resize
+
+    def resize(frames, size):  # the client leaves while the first sampled frame is resized
+        resized.append(1)
+        event.set()
+        return real(frames, size)
+
+    monkeypatch.setattr(video_mod, "_resize", resize)
+    with video_mod.stop_decoding_when(event), pytest.raises(Cancelled):
+        preprocess_video(clip_mp4, CFG, VideoOptions(num_frames=8))
+    assert len(resized) == 1  # of the 8 frames it would have kept
+    assert preprocess_video(clip_mp4, CFG, VideoOptions(num_frames=8)).grid_thw[0] == 4  # the same event, outside the block

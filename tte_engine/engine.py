@@ -22,7 +22,7 @@ from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cac
 from .checkpoint import fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
 from .engine_dir import EngineDir, is_engine_dir
-from .errors import CheckpointError, InvalidInputError, describe
+from .errors import Cancelled, CheckpointError, InvalidInputError, describe
 from .host_memory import keep_freed_memory
 from .inputs import PromptBuilder, Query, as_query, check_settings
 from .prep import prepare_all, run_prepared
@@ -205,7 +205,8 @@ class Engine:
         text so its prompt holds at most that many tokens (-1: as many as fit the model with the
         trace budget); None (default): a prompt that does not fit is an error.
         Raises InvalidInputError naming `index` for whatever goes wrong while preparing the item
-        (bad field, undecodable image, too long, a tokenizer error, ...), never another exception.
+        (bad field, undecodable image, too long, a tokenizer error, ...), never another exception
+        (but Cancelled inside `video.stop_decoding_when` once its event is set).
         """
         check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, index)
         budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
@@ -222,7 +223,7 @@ class Engine:
             if truncate_prompt_tokens is not None:
                 prompt = self.prompts.truncate(query, prompt, fit, index, think=think, instruction=instruction)
             return self._sequence(prompt, None, None, index, budget=budget, think=think, sampling=sampling or SamplingParams(), embed=embed, tag=tag)
-        except InvalidInputError:
+        except (InvalidInputError, Cancelled):  # Cancelled: its requester is gone (see video.stop_decoding_when)
             raise
         except Exception as exc:  # whatever goes wrong while preparing one item is that item's error
             raise InvalidInputError(f"cannot prepare this item ({describe(exc)})", index) from exc

@@ -36,6 +36,11 @@ class ExportError(TTEError):
     """`tte-export` cannot do what was asked (output directory taken or unwritable, bad option mix, ...)."""
 
 
+class Cancelled(TTEError):
+    """Work stopped because whoever asked for it is gone (a server's client disconnected); there is
+    no one to report to, so this is not the item's error."""
+
+
 class CacheError(TTEError):
     """The result cache file cannot be used (not a SQLite database, corrupt, written by another schema)."""
 

@@ -34,9 +34,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import contextvars
 import hashlib
 import io
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import Cancelled
 from .vision import MAX_DECODE_PIXELS, REMOTE_URL, ImageError, ImageProcessorConfig, ProcessedImage, load_image, not_fetched, smart_resize
 
 # qwen-vl-utils' defaults (vision_process.py): FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES, VIDEO_MIN_PIXELS,
@@ -353,6 +358,7 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *, m
             kept: list[torch.Tensor] = []
             decoded = 0
             for i, frame in enumerate(container.decode(stream)):
+                _check_stop()
                 decoded = i + 1
                 if (frame.width, frame.height) != (width, height):
                     raise VideoError(f"frame {i} is {frame.width}x{frame.height}, the stream declares {width}x{height}")
@@ -372,12 +378,34 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *, m
     return _processed(torch.cat(kept), cfg)
 
 
+_stop_when: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("tte_video_stop_when", default=None)
+
+
+@contextlib.contextmanager
+def stop_decoding_when(event: threading.Event) -> Iterator[None]:
+    """Within this block (in this thread), a video being decoded or counted stops at its next frame
+    once `event` is set, raising `Cancelled`. A clip may take a minute of CPU within its pixel
+    budget; a server sets `event` when the client that sent it disconnects."""
+    token = _stop_when.set(event)
+    try:
+        yield
+    finally:
+        _stop_when.reset(token)
+
+
+def _check_stop() -> None:
+    event = _stop_when.get()
+    if event is not None and event.is_set():
+        raise Cancelled("video decoding stopped: its requester is gone")
+
+
 def _count_frames(av, source: str | bytes) -> int:
     """Frames of the first video stream, counted from packets (no decoding), for containers that do not say."""
     with _open(av, source) as container:
         stream = container.streams.video[0]
         count = 0
         for packet in container.demux(stream):
+            _check_stop()
             if packet.size:
                 count += 1
                 if count > MAX_VIDEO_FRAMES:

@@ -211,6 +211,53 @@ def test_a_client_that_goes_away_frees_the_engine(server):
     assert after['tte_requests_total{status="499"}'] - before.get('tte_requests_total{status="499"}', 0) == 1
 
 
+def test_a_client_that_goes_away_stops_its_video_decoding(server, monkeypatch):
+    """A video still being decoded when its client disconnects stops at its next frame (a clip may
+    take a minute of CPU within its pixel budget): the prep thread is free again, the request is a
+    499, and nothing is reported as the item's error."""
+    pytest.importorskip("av")
+    from mm_oracle import encode_video, random_frames
+
+    from tte_engine import video as video_mod
+
+    clip = "data:video/mp4;base64," + base64.b64encode(encode_video(random_frames(16, 48, 64, seed=5))).decode()
+    started, release, ended, resized = threading.Event(), threading.Event(), [], []
+    real_resize, real_decode = video_mod._resize, video_mod.decode_video
+
+    def resize(frames, size):  # the first sampled frame holds the decode until the client has gone
+        resized.append(1)
+        started.set()
+        release.wait(30)
+        return real_resize(frames, size)
+
+    def decode(*args, **kwargs):
+        try:
+            return real_decode(*args, **kwargs)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        finally:
+            ended.append(None)
+
+    monkeypatch.setattr(video_mod, "_resize", resize)
+    monkeypatch.setattr(video_mod, "decode_video", decode)
+    before = server.metrics()
+    body = {"input": [{"text": "a clip", "video": clip, "video_options": {"num_frames": 8, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 4}}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/embeddings", json=body, timeout=httpx.Timeout(60, read=0.5))
+    assert started.wait(30)
+    deadline = time.monotonic() + 10
+    while server.metrics().get('tte_requests_total{status="499"}', 0) == before.get('tte_requests_total{status="499"}', 0):
+        assert time.monotonic() < deadline, "the server did not notice the client leave"
+        time.sleep(0.02)
+    release.set()
+    deadline = time.monotonic() + 30
+    while not ended:
+        assert time.monotonic() < deadline, "the decode did not end"
+        time.sleep(0.02)
+    assert isinstance(ended[0], video_mod.Cancelled) and len(resized) == 1  # stopped after 1 of its 8 frames
+
+
 def test_metrics_counters_move(server, client):
     before = server.metrics()
     assert client.post("/v1/embeddings", json={"input": ["metrics one", "metrics two"]}).status_code == 200

@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ..errors import InvalidInputError
+from ..errors import Cancelled, InvalidInputError
 from ..inputs import check_settings
-from ..video import VideoError
+from ..video import VideoError, stop_decoding_when
 from ..result_cache import EngineCache, ItemResult, Plan, ResultCache, finish_item, plan_item, usage
 from .loop import EngineFailure, EngineLoop, QueueFull, ShuttingDown
 from .metrics import Metrics
@@ -262,8 +262,11 @@ class _Server:
         if left.is_set() or self.media.over(held):
             return None
         try:
-            plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
-                             instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
+            with stop_decoding_when(left):  # a video still decoding when the client leaves stops at its next frame
+                plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
+                                 instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
+        except Cancelled:
+            return None
         except InvalidInputError as exc:
             raise RequestError(400, exc.reason, _blame(req, params, exc.field)) from exc
         self.media.want(held, media_bytes(plan), _blame(req, params, None))
