@@ -325,7 +325,7 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *, m
     The first video stream is used. Before any frame is decoded: the byte size, the frame size
     (<= `max_frame_pixels`, also enforced by the decoder on every frame), the frame count, the
     pixels to decode (MAX_VIDEO_DECODE_PIXELS) and the clip's tokens (<= `max_tokens`) are checked;
-    decoding stops after the last sampled frame. Raises VideoError.
+    decoding stops after the last sampled frame. Raises VideoError (or Cancelled: see `stop_decoding_when`).
     """
     av = _import_av()
     source = _open_source(video)
