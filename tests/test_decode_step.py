@@ -278,3 +278,38 @@ def test_decode_tokens_reach_each_sequence_on_flush(make_checkpoint, mixed_items
     assert [s.trace_ids for s in seqs] == whole.trace_token_ids
     for seq, embedding in zip(seqs, whole.embeddings):
         assert cosine(seq.embedding, embedding) >= 0.99999
+
+
+def test_a_long_lived_decode_batch_rebases_its_history(make_checkpoint, mixed_items, monkeypatch):
+    """The decode batch lives as long as sequences decode: sequences join it (their prompt done) and
+    leave it (trace over) without a new batch, and its history is flushed and restarted once it
+    holds `_REBASE_AT` steps. Traces and embeddings are those of a run that never rebases."""
+    from tte_engine import scheduler as sched
+    from tte_engine.random_checkpoint import never_stop
+
+    engine = Engine(never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token")), max_model_len=512, max_num_seqs=3)
+    budgets = [30, 12, 25, 7, 18]  # 5 items, 3 at a time: later ones join while others decode
+
+    def run():
+        seqs = [engine.make_sequence(item, i, max_trace_tokens=b) for i, (item, b) in enumerate(zip(mixed_items[:5], budgets))]
+        batches = set()
+        for seq in seqs:
+            engine.add_request(seq)
+        while engine.has_unfinished():
+            engine.step()
+            if engine.scheduler._decoding[0] is not None:
+                batches.add(id(engine.scheduler._decoding[0]))
+        return seqs, len(batches)
+
+    plain, _ = run()
+    rebases = []
+    real_rebase = sched.DecodeBatch._rebase
+    monkeypatch.setattr(sched, "_HISTORY_ROWS", 2)
+    monkeypatch.setattr(sched, "_REBASE_AT", 4)
+    monkeypatch.setattr(sched.DecodeBatch, "_rebase", lambda self: rebases.append(self.steps) or real_rebase(self))
+    rebased, batches = run()
+    assert len(rebases) >= 5 and batches <= 2  # rebased often; one batch while anything decoded (two if it emptied once)
+    for a, b in zip(plain, rebased):
+        assert [len(a.trace_ids), a.trace_ids] == [len(b.trace_ids), b.trace_ids]
+        assert a.stop_reason == b.stop_reason == "max_tokens"
+        assert cosine(a.embedding, b.embedding) >= 0.99999

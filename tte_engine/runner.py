@@ -18,7 +18,7 @@ import torch
 
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
-from .kernels.attention import DecodePlan, HostDecodePlan, decode_plan_host
+from .kernels.attention import DecodePlan, HostDecodePlan
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import greedy_tokens, sample, suppression_bias
 from .scheduler import DecodeBatch, Step
@@ -79,7 +79,7 @@ class Runner:
     @torch.inference_mode()
     def run(self, step: Step) -> tuple[np.ndarray, torch.Tensor | None]:
         """Execute a step; returns (tokens int64 [len(sample_idx)], embeddings [len(pool_idx), D] fp32 on CPU)."""
-        if step.decode is not None:
+        if step.pure_decode:
             return self._run_decode(step.decode), None
         return self._run_prefill(step)
 
@@ -93,14 +93,8 @@ class Runner:
         if self.graphs is not None:
             greedy, normed = self.graphs.replay(bucket)
         else:
-            width = (decode.longest + decode.steps) // self.block_size + 1  # blocks holding the longest context
-            plan = None
-            if self.plan_on_host:  # from the slots _fill_decode just wrote
-                if decode.attention_plan is None:
-                    decode.attention_plan = HostDecodePlan()
-                slots = host[self.layout.field("slot_mapping", batch)]
-                plan = decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, slots, width, self.block_size)
-            greedy, normed = self.decode_forward(batch, width, None, updates, plan)
+            plan = self._decode_plan(decode, host[self.layout.field("slot_mapping", batch)]) if self.plan_on_host else None
+            greedy, normed = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
         tokens = greedy[:batch]
         if not decode.greedy:
             buf = self.decode_staging.device_buffer
@@ -129,13 +123,28 @@ class Runner:
             ints[:, n:bucket] = self.padding_values
         updates = self._fill_updates(host[self.layout.field("update_index")], host[self.layout.field("update_value")], bucket)
         if not decode.greedy:
-            if decode.sampling is None:  # per-sequence constants, gathered once per batch
-                decode.sampling = np.zeros((len(SAMPLING_FIELDS), n), dtype=np.int64)
-                self._fill_sampling(decode.seqs, *decode.sampling)
-            decode.sampling[SAMPLING_FIELDS.index("counters")] = decode.trace_lens  # the draw's position in the trace moves on
-            for name, values in zip(SAMPLING_FIELDS, decode.sampling):
+            for name, values in zip(SAMPLING_FIELDS, self._decode_sampling(decode)):
                 host[self.layout.field(name, n)] = values
         return updates
+
+    def _decode_sampling(self, decode: DecodeBatch) -> np.ndarray:
+        """The decoding sequences' sampling fields [len(SAMPLING_FIELDS), B] (int64), this step's counters included."""
+        if decode.sampling is None:  # per-sequence constants, gathered once per batch
+            decode.sampling = np.zeros((len(SAMPLING_FIELDS), len(decode.seqs)), dtype=np.int64)
+            self._fill_sampling(decode.seqs, *decode.sampling)
+        decode.sampling[SAMPLING_FIELDS.index("counters")] = decode.trace_lens  # the draw's position in the trace moves on
+        return decode.sampling
+
+    def _decode_plan(self, decode: DecodeBatch, slots: np.ndarray) -> DecodePlan:
+        """A CPU engine's decode-attention plan for the decoding rows of this step (`HostDecodePlan`);
+        `slots` (int64 [B]): where their new tokens' k/v go."""
+        if decode.attention_plan is None:
+            decode.attention_plan = HostDecodePlan()
+        return decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, slots, self._decode_width(decode), self.block_size)
+
+    def _decode_width(self, decode: DecodeBatch) -> int:
+        """Blocks holding the longest context of the decoding sequences after this step."""
+        return (decode.longest + decode.steps) // self.block_size + 1
 
     def _slots(self, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Cache slots (int64) of token positions `index` of the sequences holding table `rows`."""
@@ -199,15 +208,23 @@ class Runner:
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
-        seqs = step.seqs
-        self._encode_images([s for s in seqs if s.prompt.images and s.image_embeds is None and s.num_computed < s.num_prompt_tokens])
+        """A step with prefill chunks, after the decoding rows (if any): those come from the decode
+        batch's arrays (their sequences lag, see DecodeBatch), the chunks from their sequences."""
+        seqs, nd, decode = step.seqs, step.num_decode, step.decode
+        chunks = seqs[nd:]
+        self._encode_images([s for s in chunks if s.prompt.images and s.image_embeds is None and s.num_computed < s.num_prompt_tokens])
         n, bs = len(seqs), self.block_size
         counts = np.asarray(step.num_tokens, dtype=np.int64)
-        starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)
+        starts = np.fromiter((s.num_computed for s in chunks), np.int64, n - nd)
+        rows = np.fromiter((s.row for s in chunks), np.int64, n - nd)
+        deltas = np.fromiter((s.rope_delta for s in chunks), np.int64, n - nd)
+        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[a : a + c] for s, a, c in zip(chunks, starts.tolist(), step.num_tokens[nd:])),
+                          np.int64, int(counts[nd:].sum()))
+        if decode is not None:  # one row each, first
+            starts, rows, deltas = np.concatenate([decode.index, starts]), np.concatenate([decode.rows, rows]), np.concatenate([decode.rope_deltas, deltas])
+            ids = np.concatenate([decode.last, ids])
         cu, seg, index = _packed(starts, counts)
-        rows = np.fromiter((s.row for s in seqs), np.int64, n)
-        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[a : a + c] for s, a, c in zip(seqs, starts.tolist(), step.num_tokens)), np.int64, int(cu[-1]))
-        positions = self._positions(seqs, starts, counts, index, seg)
+        positions = self._positions(chunks, starts[nd:], counts[nd:], index, seg, deltas, first_row=nd)
         slots = self._slots(rows[seg], index)
         # the rows read after the forward: the last layer computes only these (see StepBatch.out_rows)
         out_idx = sorted(step.sample_idx + step.pool_idx)
@@ -215,11 +232,13 @@ class Runner:
         sample_rows = np.searchsorted(out_seqs, step.sample_idx).astype(np.int64)
         pool_rows = np.searchsorted(out_seqs, step.pool_idx).astype(np.int64)
         updates = np.asarray(self.blocks.take_updates(), dtype=np.int64).reshape(-1, 2).T
-        sampled = [seqs[i] for i in step.sample_idx]
-        sampling = not all(s.greedy for s in sampled)
-        params = np.zeros((len(SAMPLING_FIELDS), len(sampled)), dtype=np.int64)
+        sampled = [seqs[i] for i in step.sample_idx[nd:]]  # the chunks that sample (the decoding rows all do, first)
+        sampling = not all(s.greedy for s in sampled) or (decode is not None and not decode.greedy)
+        params = np.zeros((len(SAMPLING_FIELDS), len(step.sample_idx)), dtype=np.int64)
         if sampling:
-            self._fill_sampling(sampled, *params)
+            if decode is not None:
+                params[:, :nd] = self._decode_sampling(decode)
+            self._fill_sampling(sampled, *params[:, nd:])
         arrays = [ids, positions, slots, starts + counts, rows, cu, sample_rows, pool_rows, updates[0], updates[1], params, out_rows, out_seqs]
         host = self.prefill_staging.host(sum(a.size for a in arrays))
         parts = pack(arrays, host)
@@ -229,9 +248,9 @@ class Runner:
         if updates.shape[1]:
             self.tables.view(-1).index_copy_(0, d_uidx, d_uval.to(torch.int32))
         width = int((starts + counts).max() - 1) // bs + 1
-        nd, plan = step.num_decode, None
+        plan = None
         if nd and self.plan_on_host:  # the decoding rows' reads
-            plan = decode_plan_host(self.blocks.tables, rows[:nd], (starts + counts)[:nd], width, bs)
+            plan = self._decode_plan(decode, slots[:nd])
         batch = StepBatch(
             input_ids=d_ids,
             positions=d_pos.view(3, -1),
@@ -240,7 +259,7 @@ class Runner:
             context_lens=d_ctx.to(torch.int32),
             cu_seqlens_q=d_cu.to(torch.int32),
             is_prefill=True,
-            image_embeds=self._image_rows(seqs, starts, step.num_tokens),
+            image_embeds=self._image_rows(chunks, starts[nd:], step.num_tokens[nd:]),
             num_layers=num_layers,
             num_decode=nd,
             decode_plan=plan,
@@ -250,7 +269,7 @@ class Runner:
         )
         h, residual = self.model(batch, self.cache)
         tokens = np.zeros(0, dtype=np.int64)
-        if sampled:
+        if step.sample_idx:
             logits = self.model.logits(h[d_sample], residual[d_sample]) + self.bias
             if sampling:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
@@ -268,11 +287,16 @@ class Runner:
         return tokens, embeddings
 
     @staticmethod
-    def _positions(seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray, index: np.ndarray, seg: np.ndarray) -> np.ndarray:
-        """[3, T] M-RoPE positions: index + rope_delta after the prompt, the prompt's own positions inside it."""
-        deltas = np.fromiter((s.rope_delta for s in seqs), np.int64, len(seqs))
+    def _positions(seqs: list[Sequence], starts: np.ndarray, counts: np.ndarray, index: np.ndarray, seg: np.ndarray,
+                   deltas: np.ndarray | None = None, first_row: int = 0) -> np.ndarray:
+        """[3, T] M-RoPE positions of packed rows at `index` of sequences `seg`: index + rope_delta
+        (`deltas` [B], default the sequences'), except inside a prompt, where they are the prompt's
+        own. `seqs`, `starts`, `counts`: the sequences whose chunks begin at packed row `first_row`
+        (rows before it, decoding, are past their prompts)."""
+        if deltas is None:
+            deltas = np.fromiter((s.rope_delta for s in seqs), np.int64, len(seqs))
         positions = np.broadcast_to(index + deltas[seg], (3, index.size)).copy()
-        at = 0
+        at = first_row
         for seq, start, count in zip(seqs, starts.tolist(), counts.tolist()):
             prompt_end = min(start + count, seq.num_prompt_tokens)
             if start < prompt_end:

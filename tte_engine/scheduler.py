@@ -21,41 +21,79 @@ from .cache import BlockManager
 from .sequence import Phase, Sequence
 
 
+# per-row int64 arrays of a DecodeBatch, kept aligned with its `seqs`
+_ROW_ARRAYS = ("rows", "start", "rope_deltas", "last", "trace_start", "max_trace", "capacity", "flushed")
+_HISTORY_ROWS = 64  # steps of history first allocated (it doubles), and ...
+_REBASE_AT = 4096  # ... the most it holds: then every sequence is flushed and the count restarts
+
+
 class DecodeBatch:
-    """The sequences of a run of pure decode steps, with what a step reads of each as int64 arrays.
+    """The decoding sequences of a stage (prompt done, trace under way), with what a step reads of
+    each as int64 arrays, kept for as long as the stage has sequences decoding (vLLM's persistent
+    batch). A step moves every sequence one token on, so the arrays stay as they are and `steps`
+    counts: the runner's step inputs, block growth and trace budgets are array arithmetic on them,
+    and the checks that can only come due at a known step (a new block, a full trace budget) wait
+    for that step. Sequences join (`add`) when their prompt is done and leave (`remove`) when
+    their trace ends or they are aborted; pure decode steps and the decoding rows of mixed steps
+    both read the arrays.
 
-    Built from the sequences when the set of decoding sequences changes (an admission, a finished
-    prompt, an ended trace, an abort), and only then. After that a step moves every
-    sequence one token on, so the arrays stay as built and `steps` counts: the runner's step
-    inputs, block growth and trace budgets are array arithmetic on them, and the checks that can
-    only come due at a known step (a new block, a full trace budget) wait for that step.
-
-    The sampled tokens go into `history`, not into each sequence: while the batch lives, its
-    sequences' `token_ids`, `trace_ids` and `num_computed` lag behind, and `flush` brings them up
-    to date. The scheduler flushes a sequence before it looks at its trace, and every sequence
-    when the batch ends (`Scheduler.flush` for a caller that wants them mid-run)."""
+    The sampled tokens go into `history`, not into each sequence: while a sequence is in the batch,
+    its `token_ids`, `trace_ids` and `num_computed` lag behind, and `flush` brings them up to date.
+    The scheduler flushes a sequence before it looks at its trace and when it leaves
+    (`Scheduler.flush` for a caller that wants them all mid-run)."""
 
     def __init__(self, seqs: list[Sequence], block_size: int):
-        n = len(seqs)
-        self.seqs = seqs
-        self.steps = 0  # decode steps run on this batch
-        self.rows = np.fromiter((s.row for s in seqs), np.int64, n)  # block-table rows
-        self.start = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # position of the token its first step computes
-        self.rope_deltas = np.fromiter((s.rope_delta for s in seqs), np.int64, n)
-        self.last = np.fromiter((s.token_ids[-1] for s in seqs), np.int64, n)  # the token the next step computes
-        self.trace_start = np.fromiter((len(s.trace_ids) for s in seqs), np.int64, n)
-        self.max_trace = np.fromiter((s.max_trace_tokens for s in seqs), np.int64, n)
-        self.capacity = np.fromiter((len(s.block_table) for s in seqs), np.int64, n) * block_size  # tokens their blocks hold
-        self.longest = int(self.start.max())
-        self.growth_at = 0  # the step at which some sequence's token first needs a new block (0: look now)
-        self.budget_at = int((self.max_trace - self.trace_start).min())  # the step after which a trace budget is spent
-        self.greedy = all(s.greedy for s in seqs)
+        self.block_size = block_size
+        self.seqs: list[Sequence] = []
+        self.steps = 0  # decode steps run on this batch (since its last rebase)
+        for name in _ROW_ARRAYS:
+            setattr(self, name, np.zeros(0, dtype=np.int64))
+        # the tokens of the steps run, one row a step, one column a sequence; `flush` writes them into the sequences
+        self.history = np.empty((_HISTORY_ROWS, 0), dtype=np.int64)
+        self.add(seqs)
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Sequences start decoding (up to date, their last token not computed yet)."""
+        n, s = len(seqs), self.steps
+        # a sequence that joins at step s is given start and trace_start as if it had been here from step 0
+        new = {
+            "rows": np.fromiter((q.row for q in seqs), np.int64, n),  # block-table rows
+            "start": np.fromiter((q.num_computed for q in seqs), np.int64, n) - s,  # + steps: the position the next step computes
+            "rope_deltas": np.fromiter((q.rope_delta for q in seqs), np.int64, n),
+            "last": np.fromiter((q.token_ids[-1] for q in seqs), np.int64, n),  # the token the next step computes
+            "trace_start": np.fromiter((len(q.trace_ids) for q in seqs), np.int64, n) - s,
+            "max_trace": np.fromiter((q.max_trace_tokens for q in seqs), np.int64, n),
+            "capacity": np.fromiter((len(q.block_table) for q in seqs), np.int64, n) * self.block_size,  # tokens their blocks hold
+            "flushed": np.full(n, s, dtype=np.int64),  # steps of history already in each sequence
+        }
+        for name in _ROW_ARRAYS:
+            setattr(self, name, np.concatenate([getattr(self, name), new[name]]))
+        self.history = np.concatenate([self.history, np.empty((self.history.shape[0], n), dtype=np.int64)], axis=1)
+        self.seqs = self.seqs + list(seqs)
+        self._changed()
+
+    def remove(self, indices: list[int]) -> None:
+        """Sequences `indices` stop decoding; each is flushed first."""
+        for i in indices:
+            self.flush(i)
+        keep = np.ones(len(self.seqs), dtype=bool)
+        keep[indices] = False
+        for name in _ROW_ARRAYS:
+            setattr(self, name, getattr(self, name)[keep])
+        self.history = self.history[:, keep]
+        self.seqs = [q for q, k in zip(self.seqs, keep.tolist()) if k]
+        self._changed()
+
+    def _changed(self) -> None:
+        """The set of sequences changed: what is derived from all of them is worked out again."""
+        n = len(self.seqs)
+        self.longest = int(self.start.max()) if n else 0
+        self.growth_at = self.steps  # the step at which some sequence's token first needs a new block (now: look)
+        self.budget_at = int((self.max_trace - self.trace_start).min()) if n else 0  # the step after which a trace budget is spent
+        self.greedy = all(q.greedy for q in self.seqs)
         self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
         self.attention_plan = None  # a CPU runner's decode-attention plan, updated step by step (`HostDecodePlan`)
         self.sample_idx = list(range(n))
-        # the tokens of the steps run, one row a step; `flush` writes them into the sequences
-        self.history = np.empty((min(max(self.budget_at, 1), 64), n), dtype=np.int64)
-        self.flushed = np.zeros(n, dtype=np.int64)  # steps of history already in each sequence
 
     @property
     def index(self) -> np.ndarray:
@@ -70,10 +108,24 @@ class DecodeBatch:
     def record(self, tokens: np.ndarray) -> None:
         """One step ran: `tokens` (int64 [B]) are each sequence's new token."""
         if self.steps == self.history.shape[0]:
-            self.history = np.concatenate([self.history, np.empty_like(self.history)])
+            if self.steps >= _REBASE_AT:
+                self._rebase()
+            else:
+                self.history = np.concatenate([self.history, np.empty_like(self.history)])
         self.history[self.steps] = tokens
         self.steps += 1
         self.last = tokens
+
+    def _rebase(self) -> None:
+        """Flush every sequence and count steps from 0 again (a batch may live as long as a server)."""
+        self.flush()
+        s = self.steps
+        self.start += s
+        self.trace_start += s
+        self.flushed[:] = 0
+        self.longest += s
+        self.growth_at, self.budget_at = max(self.growth_at - s, 0), self.budget_at - s
+        self.steps = 0
 
     def flush(self, i: int | None = None) -> None:
         """Write the recorded tokens into sequence `i` (default: every sequence) and count them computed."""
@@ -92,13 +144,18 @@ class Step:
     stage: int
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens of each sequence computed in this step (empty for a pure decode step: one each)
-    decode: DecodeBatch | None = None  # a pure decode step (one token per sequence, the graph path): its batch
+    decode: DecodeBatch | None = None  # the decoding sequences, the step's first num_decode (None: a prefill-only step)
     num_decode: int = 0  # the first num_decode sequences decode one token each; the rest prefill
     # it writes k/v into prompt blocks that prefix caching makes (now or at a later chunk) findable: a
     # later prompt may need their every layer, so the step must compute every layer
     writes_shared: bool = False
     sample_idx: list[int] = field(default_factory=list)  # seqs that end the step with a new trace token
     pool_idx: list[int] = field(default_factory=list)  # seqs that end the step with their embedding
+
+    @property
+    def pure_decode(self) -> bool:
+        """One token for each decoding sequence and nothing else (the CUDA-graph path)."""
+        return self.decode is not None and self.num_decode == len(self.seqs)
 
 
 class Scheduler:
@@ -121,8 +178,11 @@ class Scheduler:
         self.set_stop_sequences(stop_sequences)
         self.waiting: list[deque[Sequence]] = [deque() for _ in block_managers]
         self.running: list[list[Sequence]] = [[] for _ in block_managers]
-        # per stage: the last pure decode step's batch, while its set of sequences stays the same
+        # per stage: the sequences decoding, while there are any (their tokens lag: see DecodeBatch)
         self._decoding: list[DecodeBatch | None] = [None for _ in block_managers]
+        # per stage: whether a running sequence may need prefill (set on admission and when a trace ends;
+        # cleared by the scan that finds none), so a pure decode step never walks the running list
+        self._maybe_prefill: list[bool] = [False for _ in block_managers]
 
     def set_stop_sequences(self, stop_sequences: list[list[int]]) -> None:
         """The token sequences that end a trace (each non-empty)."""
@@ -177,22 +237,27 @@ class Scheduler:
             waiting.popleft()
             bm.admit(seq, need)
             running.append(seq)
-            self._end_batch(stage)
+            self._maybe_prefill[stage] = True
 
     def schedule(self) -> Step | None:
         for stage in range(len(self.blocks) - 1, -1, -1):
             self._admit(stage)
+            running, bm = self.running[stage], self.blocks[stage]
+            prefilling: list[Sequence] = []  # in running order: prompts, chunks of long prompts, embed suffixes
+            if self._maybe_prefill[stage]:
+                prefilling = [seq for seq in running if seq.needs_prefill]
+                self._maybe_prefill[stage] = bool(prefilling)
             batch = self._decoding[stage]
-            if batch is not None:  # the same sequences as the last step, all decoding
-                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch))
-            decoding, prefilling = [], []  # thinking with the prompt done / everything else
-            for seq in self.running[stage]:
-                (prefilling if seq.needs_prefill else decoding).append(seq)
-            if not self.mixed_steps and prefilling:
-                decoding = []  # prefill work waits for nobody: decoders wait for it
-            seqs, counts = list(decoding), [1] * len(decoding)
-            budget = self.max_num_batched_tokens - len(decoding)
-            bm = self.blocks[stage]
+            if batch is None and len(prefilling) < len(running):  # sequences decoding since the batch was last empty
+                batch = self._decoding[stage] = DecodeBatch([seq for seq in running if not seq.needs_prefill], bm.block_size)
+            if not prefilling:
+                if batch is None:
+                    continue
+                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch, num_decode=len(batch.seqs)))
+            decode = batch if self.mixed_steps else None  # without mixed steps prefill work waits for nobody: decoders wait
+            seqs = list(decode.seqs) if decode is not None else []
+            nd = len(seqs)
+            counts, budget = [1] * nd, self.max_num_batched_tokens - nd
             findable = False  # whether the step writes k/v into a prompt block prefix caching does or will share
             for seq in prefilling:
                 if budget <= 0:
@@ -210,11 +275,12 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-            if len(seqs) > len(decoding):
-                return self._prepare(Step(stage, seqs, counts, num_decode=len(decoding), writes_shared=findable))
-            if decoding:
-                batch = self._decoding[stage] = DecodeBatch(decoding, bm.block_size)
-                return self._prepare_decode(Step(stage, decoding, [], decode=batch))
+            if len(seqs) == nd:  # no room for prefill (the decoding rows fill the token budget)
+                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch, num_decode=nd))
+            step = Step(stage, seqs, counts, decode=decode, num_decode=nd, writes_shared=findable)
+            if decode is not None:
+                self._prepare_decode(step)
+            return self._prepare(step)
         return None
 
     @staticmethod
@@ -226,8 +292,8 @@ class Scheduler:
         seq.num_cached_tokens += found * bm.block_size
 
     def _prepare_decode(self, step: Step) -> Step:
-        """A pure decode step: blocks for the sequences whose next token starts a new one; every
-        sequence samples its next token."""
+        """The decoding rows of a step: blocks for the sequences whose next token starts a new one;
+        every one of them samples its next token."""
         batch, bm = step.decode, self.blocks[step.stage]
         if batch.steps >= batch.growth_at:
             index = batch.index
@@ -240,49 +306,74 @@ class Scheduler:
         return step
 
     def _prepare(self, step: Step) -> Step:
-        """Give each sequence the blocks its tokens need, and note which rows end with an output."""
-        bm, bs = self.blocks[step.stage], self.blocks[step.stage].block_size
-        for seq, n in zip(step.seqs, step.num_tokens):
+        """Give each prefilling sequence the blocks its tokens need, and note which rows end with an
+        output (every decoding row: the first num_decode)."""
+        bm, bs, nd = self.blocks[step.stage], self.blocks[step.stage].block_size, step.num_decode
+        for seq, n in zip(step.seqs[nd:], step.num_tokens[nd:]):
             if seq.num_computed + n > len(seq.block_table) * bs:
                 bm.grow(seq, seq.num_computed + n)
-        for i, (seq, n) in enumerate(zip(step.seqs, step.num_tokens)):
-            if seq.num_computed + n == len(seq):  # reaches its last known token: it has an output
+        step.sample_idx = list(range(nd))
+        for i in range(nd, len(step.seqs)):
+            seq = step.seqs[i]
+            if seq.num_computed + step.num_tokens[i] == len(seq):  # reaches its last known token: it has an output
                 (step.sample_idx if seq.phase == Phase.THINK else step.pool_idx).append(i)
         return step
 
     def update(self, step: Step, tokens: np.ndarray, embeddings: torch.Tensor | None) -> list[Sequence]:
-        """Apply a step's results: `tokens` (int64 [len(sample_idx)]) for step.sample_idx,
-        `embeddings` [len(pool_idx), D] for step.pool_idx; returns the sequences that finished."""
+        """Apply a step's results: `tokens` (int64 [len(sample_idx)]) for step.sample_idx (the
+        decoding rows first), `embeddings` [len(pool_idx), D] for step.pool_idx; returns the
+        sequences that finished."""
         finished: list[Sequence] = []
         self.blocks[step.stage].commit()
+        nd = step.num_decode
         if step.decode is not None:
-            self._update_decode(step, tokens, finished)
-            return finished
-        self._end_batch(step.stage)  # prompts finished, embed suffixes done: the decoding set changes
-        for seq, n in zip(step.seqs, step.num_tokens):
+            self._update_decode(step.stage, step.decode, tokens[:nd], finished)
+            if step.pure_decode:
+                return finished
+        for seq, n in zip(step.seqs[nd:], step.num_tokens[nd:]):
             seq.num_computed += n
         for i, embedding in zip(step.pool_idx, embeddings if embeddings is not None else []):
             seq = step.seqs[i]
             seq.embedding = embedding
             finished.append(self._finish(seq, step.stage))
-        for i, token in zip(step.sample_idx, tokens.tolist()):
+        joined = []  # prompts done: their first trace token is sampled, the rest is decoded
+        for i, token in zip(step.sample_idx[nd:], tokens[nd:].tolist()):
             seq = step.seqs[i]
             seq.append_trace_token(token)
-            self._end_trace(seq, step.stage, finished)
+            reason = self._trace_stop(seq, token)
+            if reason is None:
+                joined.append(seq)
+            else:
+                self._end_trace(seq, step.stage, reason, finished)
+        if joined:
+            batch = self._decoding[step.stage]
+            if batch is None:
+                self._decoding[step.stage] = DecodeBatch(joined, self.blocks[step.stage].block_size)
+            else:
+                batch.add(joined)
         return finished
 
-    def _update_decode(self, step: Step, tokens: np.ndarray, finished: list[Sequence]) -> None:
-        """The hot path: one new token for every sequence of the batch, recorded as one array row.
-        Only the sequences whose token may end their trace are looked at (and flushed) one by one."""
-        batch = step.decode
+    def _update_decode(self, stage: int, batch: DecodeBatch, tokens: np.ndarray, finished: list[Sequence]) -> None:
+        """The hot path: one new token for every decoding sequence, recorded as one array row. Only
+        the sequences whose token may end their trace are looked at (and flushed) one by one."""
         batch.record(tokens)
         may_stop = self._may_stop  # a set lookup per token: faster than np.isin below ~1,000 rows
         ending = [i for i, token in enumerate(tokens.tolist()) if token in may_stop]
         if batch.steps >= batch.budget_at:  # some trace has spent its budget
             ending = sorted({*ending, *np.flatnonzero(batch.trace_lens >= batch.max_trace).tolist()})
+        stopped = []
         for i in ending:
             batch.flush(i)
-            self._end_trace(batch.seqs[i], step.stage, finished)
+            seq = batch.seqs[i]
+            reason = self._trace_stop(seq, seq.trace_ids[-1])
+            if reason is not None:
+                stopped.append((i, seq, reason))
+        if stopped:
+            batch.remove([i for i, _, _ in stopped])
+            if not batch.seqs:
+                self._decoding[stage] = None
+            for _, seq, reason in stopped:
+                self._end_trace(seq, stage, reason, finished)
 
     def flush(self) -> None:
         """Bring every decoding sequence's tokens up to date (see DecodeBatch); the scheduler does
@@ -291,19 +382,22 @@ class Scheduler:
             if batch is not None:
                 batch.flush()
 
-    def _end_batch(self, stage: int) -> None:
-        """The set of decoding sequences changes: flush the live batch's tokens, and drop it."""
+    def _leave_batch(self, seq: Sequence, stage: int) -> None:
+        """`seq` stops decoding (finished or aborted): flushed, and out of the batch if it was in it."""
         batch = self._decoding[stage]
-        if batch is not None:
-            batch.flush()
+        if batch is None or seq.phase != Phase.THINK:  # embedding: its trace is over, it left the batch then
+            return
+        # by identity (list.index would build the message of its ValueError from a sequence's repr)
+        i = next((k for k, q in enumerate(batch.seqs) if q is seq), None)
+        if i is None:
+            return
+        batch.remove([i])
+        if not batch.seqs:
             self._decoding[stage] = None
 
-    def _end_trace(self, seq: Sequence, stage: int, finished: list[Sequence]) -> None:
-        """After a new trace token: if the trace is over, finish it (generate_traces) or start embedding."""
-        reason = self._trace_stop(seq, seq.trace_ids[-1])
-        if reason is None:
-            return
-        self._end_batch(stage)
+    def _end_trace(self, seq: Sequence, stage: int, reason: str, finished: list[Sequence]) -> None:
+        """The trace is over (`reason`), and `seq` is out of the decode batch: finish it
+        (generate_traces) or start embedding."""
         if not seq.embed:
             seq.stop_reason = reason
             finished.append(self._finish(seq, stage))
@@ -313,6 +407,8 @@ class Scheduler:
             self._release(seq, 0)
             seq.stage, seq.num_computed, seq.image_embeds = 1, 0, None
             self.waiting[1].append(seq)
+        else:
+            self._maybe_prefill[stage] = True  # its suffix is prefilled next
 
     def abort_all(self) -> list[Sequence]:
         """Drop every queued and running sequence, returning their blocks; returns what was dropped."""
@@ -334,7 +430,7 @@ class Scheduler:
         return None
 
     def _release(self, seq: Sequence, stage: int) -> None:
-        self._end_batch(stage)
+        self._leave_batch(seq, stage)
         self.running[stage].remove(seq)
         self.blocks[stage].free(seq)
 
