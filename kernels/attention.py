@@ -152,6 +152,14 @@ class HostDecodePlan:
         self.next_index = index + 1
         return self.plan
 
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """Rows of the batch leave: keep the plan of the rows where `keep` (bool [B]) is True, in order."""
+        if self.plan is None:
+            return
+        self.slots, self.mask = self.slots[keep], self.mask[keep]
+        self.row_ids, self.next_index = np.arange(len(self.slots)), self.next_index[keep]
+        self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
+
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
     bsz = q.shape[0]

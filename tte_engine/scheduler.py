@@ -22,7 +22,7 @@ from .sequence import Phase, Sequence
 
 
 # per-row int64 arrays of a DecodeBatch, kept aligned with its `seqs`
-_ROW_ARRAYS = ("rows", "start", "rope_deltas", "last", "trace_start", "max_trace", "capacity", "flushed")
+_ROW_ARRAYS = ("rows", "start", "rope_deltas", "last", "trace_start", "max_trace", "capacity", "flushed", "sampled")
 _HISTORY_ROWS = 64  # steps of history first allocated (it doubles), and ...
 _REBASE_AT = 4096  # ... the most it holds: then every sequence is flushed and the count restarts
 
@@ -50,6 +50,7 @@ class DecodeBatch:
             setattr(self, name, np.zeros(0, dtype=np.int64))
         # the tokens of the steps run, one row a step, one column a sequence; `flush` writes them into the sequences
         self.history = np.empty((_HISTORY_ROWS, 0), dtype=np.int64)
+        self.attention_plan = None  # a CPU runner's decode-attention plan, updated step by step (`HostDecodePlan`)
         self.add(seqs)
 
     def add(self, seqs: list[Sequence]) -> None:
@@ -65,11 +66,13 @@ class DecodeBatch:
             "max_trace": np.fromiter((q.max_trace_tokens for q in seqs), np.int64, n),
             "capacity": np.fromiter((len(q.block_table) for q in seqs), np.int64, n) * self.block_size,  # tokens their blocks hold
             "flushed": np.full(n, s, dtype=np.int64),  # steps of history already in each sequence
+            "sampled": np.fromiter((not q.greedy for q in seqs), np.int64, n),  # 1: not greedy
         }
         for name in _ROW_ARRAYS:
             setattr(self, name, np.concatenate([getattr(self, name), new[name]]))
         self.history = np.concatenate([self.history, np.empty((self.history.shape[0], n), dtype=np.int64)], axis=1)
         self.seqs = self.seqs + list(seqs)
+        self.attention_plan = None  # rebuilt for the new rows
         self._changed()
 
     def remove(self, indices: list[int]) -> None:
@@ -82,6 +85,8 @@ class DecodeBatch:
             setattr(self, name, getattr(self, name)[keep])
         self.history = self.history[:, keep]
         self.seqs = [q for q, k in zip(self.seqs, keep.tolist()) if k]
+        if self.attention_plan is not None:
+            self.attention_plan.keep_rows(keep)
         self._changed()
 
     def _changed(self) -> None:
@@ -90,9 +95,8 @@ class DecodeBatch:
         self.longest = int(self.start.max()) if n else 0
         self.growth_at = self.steps  # the step at which some sequence's token first needs a new block (now: look)
         self.budget_at = int((self.max_trace - self.trace_start).min()) if n else 0  # the step after which a trace budget is spent
-        self.greedy = all(q.greedy for q in self.seqs)
+        self.greedy = not self.sampled.any()
         self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
-        self.attention_plan = None  # a CPU runner's decode-attention plan, updated step by step (`HostDecodePlan`)
         self.sample_idx = list(range(n))
 
     @property
