@@ -5,9 +5,9 @@ EMBED (the last trace token and the embed suffix prefilled on the same cache, th
 FINISHED. `think=False` starts in EMBED. In two-model mode the EMBED phase runs on the
 embedder's own cache (stage 1), from scratch, after the reasoner (stage 0) wrote the trace.
 
-Mid-trace, in a run of pure decode steps, `token_ids`, `trace_ids` and `num_computed` lag behind:
-the scheduler records the batch's tokens as arrays (`scheduler.DecodeBatch`) and writes them here
-when it needs them, when the batch changes, or on `Scheduler.flush()`.
+Mid-trace, while it decodes, `token_ids`, `trace_ids` and `num_computed` lag behind: the scheduler
+records the decode batch's tokens as arrays (`scheduler.DecodeBatch`) and writes them here when it
+needs them, when the sequence leaves the batch, or on `Scheduler.flush()`.
 """
 
 from __future__ import annotations
