@@ -121,7 +121,8 @@ class Qwen2VL(nn.Module):
 
     def _paged_attend_rows(self, i: int, batch: StepBatch, cache: KVCache):
         """Store every row's k/v, then attend only for `batch.out_rows`: each is its sequence's last
-        position, so this is decode attention over those sequences."""
+        position, so this is decode attention over those sequences. The decoding rows of a mixed
+        step (the first num_decode out rows: each has an output) read through its decode plan."""
         k_cache, v_cache = cache.k[i], cache.v[i]
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -129,10 +130,18 @@ class Qwen2VL(nn.Module):
             rows, seqs = batch.out_rows, batch.out_seqs
             if rows.numel() == 0:
                 return q[:0]
-            return kernels.decode_attention(
-                q.index_select(0, rows), k_cache, v_cache, batch.block_tables.index_select(0, seqs),
-                batch.context_lens.index_select(0, seqs), self.scale, impl=self.impl,
+            q = q.index_select(0, rows)
+            # the decoding rows are the first out rows, in order: their reads are the step's decode plan
+            nd = batch.num_decode if batch.decode_plan is not None else 0
+            if nd:
+                decoded = kernels.decode_attention(q[:nd], k_cache, v_cache, None, None, self.scale, plan=batch.decode_plan, impl=self.impl)
+                if q.shape[0] == nd:
+                    return decoded
+                q, seqs = q[nd:], seqs[nd:]
+            out = kernels.decode_attention(
+                q, k_cache, v_cache, batch.block_tables.index_select(0, seqs), batch.context_lens.index_select(0, seqs), self.scale, impl=self.impl,
             )
+            return torch.cat([decoded, out]) if nd else out
 
         return attend
 
