@@ -177,3 +177,61 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
           f" | transformers generate() {hf_s * 1e3:.3f} ms/step | ours {speedup:.2f}x faster (median of {len(ratios)} interleaved blocks: {', '.join(f'{r:.2f}' for r in ratios)}; thread CPU time, 1 thread)"
           + "".join(f"; speedup {verdict(speedup, t)}" for t in SPEEDUP_TARGETS.get(batch, []))
           + "".join(f"; framework {verdict(framework_us, t, ' us', most=True)}" for t in FRAMEWORK_TARGETS_US.get(batch, [])))
+
+
+VARIED_BATCH = 192  # sequences in the varied-traces run
+VARIED_BUDGETS = (8, 64)  # each trace's budget is drawn uniformly from this range (the uniform run: their mean)
+
+
+def test_bench_decode_varied_traces(benchmark, micro):
+    """What traces of different lengths cost: most steps then mix decoding rows with the embed suffixes
+    of traces that just ended (a mixed step), where a run of equal traces has pure decode steps.
+    Reports our time per trace token with budgets drawn from VARIED_BUDGETS beside the same number
+    of tokens in equal traces, in the same run, and how many steps were mixed. A plain measurement
+    (no baseline engine can stop traces at per-item budgets in one batch; no target)."""
+    import random
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine(micro, max_num_seqs=256, cuda_graphs=False, enable_prefix_caching=False)
+        rng = random.Random(0)
+        varied = [rng.randint(*VARIED_BUDGETS) for _ in range(VARIED_BATCH)]
+        equal = [round(sum(varied) / len(varied))] * VARIED_BATCH
+        runs = {"varied": [], "equal": []}
+        mixed = {}
+        runner, pure = engine.stages[0].runner, {"n": 0}
+        real_run_decode = runner._run_decode
+
+        def counted(decode):  # pure decode steps
+            pure["n"] += 1
+            return real_run_decode(decode)
+
+        runner._run_decode = counted
+
+        def run(budgets: list[int]) -> tuple[float, int, int]:
+            seqs = [engine.make_sequence(t, i, max_trace_tokens=b) for i, (t, b) in enumerate(zip(_texts(len(budgets)), budgets))]
+            for seq in seqs:
+                engine.add_request(seq)
+            pure_before, start, steps = pure["n"], time.thread_time(), 0
+            while engine.has_unfinished():
+                engine.step()
+                steps += 1
+            assert all(len(s.trace_ids) == b for s, b in zip(seqs, budgets))  # never_stop: every trace runs to its budget
+            return time.thread_time() - start, steps, pure["n"] - pure_before
+
+        def once():
+            for name, budgets in (("varied", varied), ("equal", equal)):
+                seconds, steps, pure_steps = run(budgets)
+                runs[name].append(seconds / sum(budgets))
+                mixed[name] = (steps, steps - pure_steps)
+
+        run(equal[:8])  # warm-up
+        benchmark.pedantic(once, rounds=3, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    per_token = {name: statistics.median(v) * 1e6 for name, v in runs.items()}
+    benchmark.extra_info.update(batch=VARIED_BATCH, budgets=VARIED_BUDGETS, us_per_token=per_token, steps_and_mixed=mixed, clock="thread_time, 1 thread")
+    print(f"\n[decode varied traces, B={VARIED_BATCH}] {per_token['varied']:.1f} us per trace token with budgets {VARIED_BUDGETS[0]}-{VARIED_BUDGETS[1]}"
+          f" ({mixed['varied'][0]} steps, ~{mixed['varied'][1]} of them with prefill rows) vs {per_token['equal']:.1f} us with equal budgets"
+          f" ({mixed['equal'][0]} steps, ~{mixed['equal'][1]} with prefill rows): x{per_token['varied'] / per_token['equal']:.2f} (thread CPU time, 1 thread; no target)")
