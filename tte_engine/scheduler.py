@@ -280,7 +280,9 @@ class Scheduler:
                 counts.append(n)
                 budget -= n
             if len(seqs) == nd:  # no room for prefill (the decoding rows fill the token budget)
-                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch, num_decode=nd))
+                if batch is None:
+                    continue
+                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch, num_decode=len(batch.seqs)))
             step = Step(stage, seqs, counts, decode=decode, num_decode=nd, writes_shared=findable)
             if decode is not None:
                 self._prepare_decode(step)
