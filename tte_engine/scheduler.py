@@ -24,7 +24,9 @@ from .sequence import Phase, Sequence
 # per-row int64 arrays of a DecodeBatch, kept aligned with its `seqs`
 _ROW_ARRAYS = ("rows", "start", "rope_deltas", "last", "trace_start", "max_trace", "capacity", "flushed", "sampled")
 _HISTORY_ROWS = 64  # steps of history first allocated (it doubles), and ...
-_REBASE_AT = 4096  # ... the most it holds: then every sequence is flushed and the count restarts
+# ... the most it holds: then every sequence is flushed and the count restarts (at batch 256 a rebase
+# costs ~1 ms, and a sequence leaving copies at most this many rows of the others' history)
+_REBASE_AT = 256
 
 
 class DecodeBatch:
@@ -83,7 +85,9 @@ class DecodeBatch:
         keep[indices] = False
         for name in _ROW_ARRAYS:
             setattr(self, name, getattr(self, name)[keep])
-        self.history = self.history[:, keep]
+        history = np.empty((self.history.shape[0], int(keep.sum())), dtype=np.int64)
+        history[: self.steps] = self.history[: self.steps, keep]  # the rows written so far, not the whole allocation
+        self.history = history
         self.seqs = [q for q, k in zip(self.seqs, keep.tolist()) if k]
         if self.attention_plan is not None:
             self.attention_plan.keep_rows(keep)
@@ -418,6 +422,8 @@ class Scheduler:
 
     def abort_all(self) -> list[Sequence]:
         """Drop every queued and running sequence, returning their blocks; returns what was dropped."""
+        self.flush()  # every decoding sequence up to date, and the batches dropped whole (not a sequence at a time)
+        self._decoding = [None for _ in self._decoding]
         dropped = [s for q in self.waiting for s in q] + [s for r in self.running for s in r]
         for seq in dropped:
             self.abort(seq)
