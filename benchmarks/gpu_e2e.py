@@ -255,6 +255,46 @@ def naive_decode(naive: NaivePipeline, prompts: list[str], batch: int, *, short:
             "generate_ms": {short: round(t_short, 2), long: round(t_long, 2)}}
 
 
+def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], seed: int = 0) -> dict:
+    """Traces that end at different lengths beside equal ones of the same total tokens: wall ms per
+    trace token of a whole run (prefill included, the same prompts), and how many of its steps were
+    pure decode steps (the CUDA-graph path) rather than mixed with the embed suffixes of traces
+    that just ended (eager)."""
+    import random
+
+    rng = random.Random(seed)
+    varied = [rng.randint(*budgets) for _ in prompts]
+    runs = {"varied": varied, "equal": [round(sum(varied) / len(varied))] * len(prompts)}
+    runner, pure = engine.stages[0].runner, {"n": 0}
+    real = runner._run_decode
+
+    def counted(decode):
+        pure["n"] += 1
+        return real(decode)
+
+    runner._run_decode = counted
+    out: dict = {"batch": len(prompts), "budgets": list(budgets)}
+    try:
+        for name, lens in runs.items():
+            seqs = [engine.make_sequence(p, i, max_trace_tokens=b) for i, (p, b) in enumerate(zip(prompts, lens))]
+            for seq in seqs:
+                engine.add_request(seq)
+            before, steps = pure["n"], 0
+            clock = DeviceClock(engine.device)
+            clock.start()
+            while engine.has_unfinished():
+                engine.step()
+                steps += 1
+            ms = clock.stop()
+            tokens = sum(len(s.trace_ids) for s in seqs)
+            out[name] = {"ms_per_trace_token": round(ms / tokens, 4), "ms": round(ms, 1), "trace_tokens": tokens,
+                         "steps": steps, "pure_decode_steps": pure["n"] - before}
+    finally:
+        del runner._run_decode  # the class's method again
+    out["varied_vs_equal"] = round(out["varied"]["ms_per_trace_token"] / out["equal"]["ms_per_trace_token"], 2)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- TTE queries
 def engine_embed(engine: Engine, items: list, trace: int, reps: int = 2) -> dict:
     """Best wall seconds of `Engine.embed(items)` with `trace`-token traces, after a warm-up."""

@@ -30,6 +30,9 @@ Parts, in order (what each measures: `gpu_e2e.py` and `gpu_check.py`):
                     (CUDA events around `steps` Engine.step() calls after prefill + warm-up).
   tte_engine        same engine: TTE query latency at B=1, queries/s at larger batches (448x448
                     image + ~48 text tokens, 128-token traces); the best batch is reported.
+  varied_traces     same engine: traces ending at different lengths (budgets trace/16..trace) vs
+                    equal ones of the same tokens, ms per trace token, and how many steps were
+                    pure decode (graphed) rather than mixed with embed suffixes (eager).
   decode_eager      2B bf16, cuda_graphs=False: the same decode table, and whether the two
                     engines generated identical tokens (informational in bf16).
   naive_decode      transformers (naive pipeline's model, generate()) ms/step at the same batches.
@@ -61,7 +64,7 @@ TARGETS = {"decode_ms_B1": 1.1, "decode_ms_B256": 2.2, "graphs_vs_eager_B1": 2.5
 BUDGETS = {
     "checkpoint": (120, 60), "kernel_tests": (120, 240), "copy_bandwidth": (15, 15), "graph_parity": (45, 120),
     "decode_graphs": (60, 90), "tte_engine": (35, 60), "decode_eager": (40, 90), "naive_decode": (40, 60),
-    "tte_naive": (40, 60), "agreement": (15, 30), "kernel_timings": (30, 60),
+    "tte_naive": (40, 60), "agreement": (15, 30), "kernel_timings": (30, 60), "varied_traces": (20, 60),
 }
 
 
@@ -298,6 +301,18 @@ def main(argv=None) -> int:
         return over_batches(query_batches, deadline, one)
 
     driver.run("tte_engine", tte_engine, needs=("checkpoint",))
+
+    def varied_traces(_deadline):
+        engine = st["engine"]
+        prompts = e2e.decode_prompts(engine, min(128, max(decode_batches)), prompt_tokens // 4)
+        row = e2e.varied_traces(engine, prompts, (max(2, trace // 16), trace))
+        print(f"  B={row['batch']}: {row['varied']['ms_per_trace_token']} ms per trace token with budgets {row['budgets']}"
+              f" ({row['varied']['pure_decode_steps']} of {row['varied']['steps']} steps pure decode) vs"
+              f" {row['equal']['ms_per_trace_token']} equal ({row['equal']['pure_decode_steps']} of {row['equal']['steps']}):"
+              f" x{row['varied_vs_equal']}", flush=True)
+        return row
+
+    driver.run("varied_traces", varied_traces, needs=("tte_engine",))
     st["graphed"] = st.pop("engine", None)  # kept: prompts for the naive parts, and the agreement check
     driver.run("decode_eager", decode_table(False, "eager"), needs=("checkpoint",))
     st.pop("engine", None)
@@ -393,7 +408,10 @@ def summarize(rep: dict) -> dict:
         "decode_ms_B256 <= 2.2": (by_batch.get(256) or {}).get("graphs_ms"),
         "graphs_vs_eager_B1 >= 2.5": (by_batch.get(1) or {}).get("graphs_vs_eager"),
     }
+    varied = (rep["parts"].get("varied_traces", {}).get("result")) or {}
     return {"decode": decode, "queries": queries,
+            "varied_traces": varied and {"varied_vs_equal": varied["varied_vs_equal"],
+                                         **{k: {f: varied[k][f] for f in ("ms_per_trace_token", "steps", "pure_decode_steps")} for k in ("varied", "equal")}},
             "latency_B1": {"engine_s": (ours.get(1) or {}).get("seconds"), "naive_s": (theirs.get(1) or {}).get("seconds")},
             "best_batch": {"engine": b_ours and {"batch": b_ours["batch"], "qps": b_ours["engine_qps"]},
                            "naive": b_naive and {"batch": b_naive["batch"], "qps": b_naive["naive_qps"]}},
@@ -422,6 +440,7 @@ def print_summary(rep: dict, s: dict) -> None:
         print(f"{q['batch']:>5} {_f(q['engine_s'])!s:>9} {_f(q['naive_s'])!s:>9} {_f(q['engine_qps'], '{:.2f}'):>11} "
               f"{_f(q['naive_qps'], '{:.2f}'):>10} {_f(sp, '{:.1f}x'):>8}")
     print(f"best batch: engine {s['best_batch']['engine']}  naive {s['best_batch']['naive']}")
+    print(f"traces of different lengths vs equal ones (per trace token; pure decode steps of all): {s['varied_traces'] or '-'}")
     print("targets (issue 8, reported only): " + ", ".join(f"{k}: {_f(v, '{:.3g}')}" for k, v in s["targets"].items()))
     for name, part in rep["parts"].items():
         status = "ok" if part.get("ok") else ("SKIPPED: " + part["skipped"] if "skipped" in part else "FAILED: " + (part.get("error") or "check did not pass"))

@@ -20,4 +20,4 @@ def test_gpu_one_call_dry_run_passes(tmp_path):
     report = json.loads(out.read_text())
     failed = {name: part.get("error") or part.get("skipped") or part.get("result") for name, part in report["parts"].items() if not part["ok"]}
     assert proc.returncode == 0 and not failed, f"{failed}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert "decode_graphs" in report["parts"] and "graph_parity" in report["parts"]
+    assert {"decode_graphs", "graph_parity", "varied_traces"} <= set(report["parts"])
