@@ -189,7 +189,8 @@ class Scheduler:
         # per stage: the sequences decoding, while there are any (their tokens lag: see DecodeBatch)
         self._decoding: list[DecodeBatch | None] = [None for _ in block_managers]
         # per stage: whether a running sequence may need prefill (set on admission and when a trace ends;
-        # cleared by the scan that finds none), so a pure decode step never walks the running list
+        # cleared by the scan that finds none), so a pure decode step never walks the running list. Any
+        # new way for a running sequence to need prefill must set it, or that sequence waits forever.
         self._maybe_prefill: list[bool] = [False for _ in block_managers]
 
     def set_stop_sequences(self, stop_sequences: list[list[int]]) -> None:
