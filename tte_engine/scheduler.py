@@ -190,7 +190,7 @@ class Scheduler:
         self._decoding: list[DecodeBatch | None] = [None for _ in block_managers]
         # per stage: whether a running sequence may need prefill (set on admission and when a trace ends;
         # cleared by the scan that finds none), so a pure decode step never walks the running list. Any
-        # new way for a running sequence to need prefill must set it, or that sequence waits forever.
+        # new way for a running sequence to need prefill must set it, or that sequence waits for the next admission or trace end.
         self._maybe_prefill: list[bool] = [False for _ in block_managers]
 
     def set_stop_sequences(self, stop_sequences: list[list[int]]) -> None:
