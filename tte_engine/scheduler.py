@@ -122,7 +122,7 @@ class DecodeBatch:
                 self.history = np.concatenate([self.history, np.empty_like(self.history)])
         self.history[self.steps] = tokens
         self.steps += 1
-        self.last = tokens
+        self.last = tokens.copy()  # not a view of a buffer the next step may reuse (a CUDA graph's output, on CPU)
 
     def _rebase(self) -> None:
         """Flush every sequence and count steps from 0 again (a batch may live as long as a server)."""
