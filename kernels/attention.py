@@ -102,50 +102,35 @@ def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_si
     return slots.view(-1), mask[:, None, None, :], (context_lens > 0)[:, None, None]
 
 
-def decode_plan_host(tables: np.ndarray, rows: np.ndarray, context_lens: np.ndarray, width: int, block_size: int) -> DecodePlan:
-    """`decode_plan` worked out on the host from numpy arrays, for a CPU engine, where a dozen small
-    torch ops cost ~40 us a step (about 6% of a decode step of a tiny model; numpy: ~10 us).
-
-    tables: the block-table array [max_seqs, max_blocks] (int32); rows: int64 [B] the sequences'
-    rows of it; context_lens: int64 [B]; width: blocks of each row read. Returns CPU tensors equal
-    to `decode_plan(tables[rows, :width], context_lens, block_size)` (tested), except that the
-    non-empty rows are None when every context holds a token (the host knows: nothing to zero)."""
-    slots, mask = _decode_plan_arrays(tables, rows, context_lens, width, block_size)
-    nonempty = None if context_lens.min(initial=1) > 0 else torch.from_numpy(context_lens > 0)[:, None, None]
-    return torch.from_numpy(slots.reshape(-1)), torch.from_numpy(mask)[:, None, None, :], nonempty
-
-
-def _decode_plan_arrays(tables, rows, context_lens, width, block_size) -> tuple[np.ndarray, np.ndarray]:
-    """`decode_plan_host`'s slots int64 [B, span] and additive mask fp32 [B, span] as numpy arrays."""
-    span, bsz = width * block_size, len(rows)
-    slots = (tables[rows, :width].astype(np.int64) * block_size)[:, :, None] + np.arange(block_size)
-    slots = slots.reshape(bsz, span)
-    valid = np.arange(span) < np.maximum(context_lens, 1)[:, None]  # position 0 stays unmasked in an empty context
-    return np.where(valid, slots, slots[:, :1]), np.where(valid, np.float32(0), np.float32(-np.inf))
-
-
 class HostDecodePlan:
-    """`decode_plan_host` kept up to date over the pure decode steps of one batch (a CPU engine).
+    """`decode_plan` worked out in numpy on the host, for a CPU engine (where its dozen small torch
+    ops cost ~40 us a step), and kept up to date over the decode steps of one batch.
 
     From one step to the next every sequence gains one token, so the plan gains one slot and one
     unmasked key per row: B scattered writes instead of rebuilding all B x span entries (at batch
     256 and ~100 cached tokens, in the step: ~200 -> ~40 us). It is rebuilt whenever the span read
     changes, and whenever a step's positions are not the last step's plus one (a step it did not
-    see). The tensors it returns share memory with the arrays it updates, so a plan is good for
-    its own step only. It assumes the table entries of positions already in the plan do not change
-    while the batch lives (blocks are never moved or copied on write here)."""
+    see). Every row holds a token (a decoding sequence), so the plan's non-empty rows are None:
+    nothing to zero. The tensors it returns share memory with the arrays it updates, so a plan is
+    good for its own step only. It assumes the table entries of positions already in the plan do
+    not change while the batch lives (blocks are never moved or copied on write here)."""
 
     def __init__(self):
         self.width, self.plan, self.next_index = -1, None, None
 
     def step(self, tables: np.ndarray, rows: np.ndarray, index: np.ndarray, slots: np.ndarray, width: int, block_size: int) -> DecodePlan:
         """The plan of a step in which row b's new token is at position index[b] (int64 [B], so its
-        context holds index[b] + 1 tokens) in cache slot slots[b] (int64 [B]): equal to
-        `decode_plan_host(tables, rows, index + 1, width, block_size)` (tested)."""
+        context holds index[b] + 1 tokens) in cache slot slots[b] (int64 [B]), reading `width`
+        blocks of rows `rows` (int64 [B]) of the block-table array `tables` ([max_seqs, max_blocks]
+        int32): equal to `decode_plan(tables[rows, :width], index + 1, block_size)` (tested)."""
         if width != self.width or not np.array_equal(index, self.next_index):
-            self.slots, self.mask = _decode_plan_arrays(tables, rows, index + 1, width, block_size)
-            self.width, self.row_ids = width, np.arange(len(rows))
-            self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
+            span = width * block_size
+            every = (tables[rows, :width].astype(np.int64) * block_size)[:, :, None] + np.arange(block_size)
+            every = every.reshape(len(rows), span)  # the slot of each position the span reads
+            valid = np.arange(span) <= index[:, None]
+            self.slots, self.mask = np.where(valid, every, every[:, :1]), np.where(valid, np.float32(0), np.float32(-np.inf))
+            self.width = width
+            self._publish()
         else:
             self.slots[self.row_ids, index] = slots
             self.mask[self.row_ids, index] = 0
@@ -156,8 +141,12 @@ class HostDecodePlan:
         """Rows of the batch leave: keep the plan of the rows where `keep` (bool [B]) is True, in order."""
         if self.plan is None:
             return
-        self.slots, self.mask = self.slots[keep], self.mask[keep]
-        self.row_ids, self.next_index = np.arange(len(self.slots)), self.next_index[keep]
+        self.slots, self.mask, self.next_index = self.slots[keep], self.mask[keep], self.next_index[keep]
+        self._publish()
+
+    def _publish(self) -> None:
+        """The plan as `decode_attention_torch` takes it: views of the arrays `step` updates."""
+        self.row_ids = np.arange(len(self.slots))
         self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
 
 

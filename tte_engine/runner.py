@@ -55,7 +55,7 @@ class Runner:
         self.device = model.norm.device
         self.bias = suppression_bias(model.cfg.text.vocab_size, suppressed_ids, self.device)
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
-        # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`decode_plan_host`)
+        # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`HostDecodePlan`)
         self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
         self.max_rows = blocks.padding_row  # = max_num_seqs
         self.buckets = graph_buckets(self.max_rows)
@@ -181,7 +181,7 @@ class Runner:
         head, suppression and argmax. Returns (greedy tokens [batch] int64, normed last states
         [batch, D]). Static shapes and no host sync: this is what a CUDA graph captures (with
         `updates` True; an eager step without new blocks skips that op). `plan`: decode attention's
-        reads, worked out on the host (CPU engines; see `decode_plan_host`)."""
+        reads, worked out on the host (CPU engines; see `HostDecodePlan`)."""
         buf = self.decode_staging.device_buffer
         view = lambda name: buf[self.layout.field(name, batch)]  # noqa: E731
         if updates:

@@ -251,25 +251,34 @@ def test_prefill_given_its_longest_query_reads_nothing_back(device):
     assert ScalarReads.count == 1  # without it: the one read this test exists to keep out of the engine
 
 
-@pytest.mark.parametrize("lens", [[1], [0, 5, 17], [33, 0, 0, 150, 16, 7, 300]], ids=["one", "empty_rows", "odd7"])
+def _torch_plan(tables, rows, context_lens, width: int):
+    """`decode_plan` (the torch reference) of rows `rows` of the numpy block-table array, `width` blocks wide."""
+    return attention.decode_plan(torch.from_numpy(tables[rows, :width]), torch.from_numpy(context_lens).to(torch.int32), BLOCK_SIZE)
+
+
+def _assert_same_plan(expected, got, what: str = "") -> None:
+    """A host plan equals the torch plan, tensor for tensor; it says None for the non-empty rows
+    (every row of a decode batch holds a token), where the torch plan has all True."""
+    assert got[2] is None and bool(expected[2].all()), what
+    for e, r in zip(expected[:2], got[:2], strict=True):
+        assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r), what
+
+
+@pytest.mark.parametrize("lens", [[1], [1, 5, 17], [33, 1, 2, 150, 16, 7, 300]], ids=["one", "short_rows", "odd7"])
 @pytest.mark.parametrize("extra_blocks", [0, 2])
-def test_decode_plan_host_equals_decode_plan(lens, extra_blocks):
-    """The CPU runner works out decode attention's plan in numpy (`decode_plan_host`) from the host
+def test_host_decode_plan_equals_decode_plan(lens, extra_blocks):
+    """The CPU runner works out decode attention's plan in numpy (`HostDecodePlan`) from the host
     block-table array and a subset of its rows: it must equal the torch plan, tensor for tensor."""
     import numpy as np
 
     g = torch.Generator().manual_seed(len(lens) * 10 + extra_blocks)
-    width = max(-(-n // BLOCK_SIZE) for n in lens) + extra_blocks or 1  # table columns read (padding ones too)
+    width = max(-(-n // BLOCK_SIZE) for n in lens) + extra_blocks  # table columns read (padding ones too)
     tables = torch.randint(0, 1000, (len(lens) + 4, width + 3), generator=g, dtype=torch.int32).numpy()
     rows = torch.randperm(len(lens) + 4, generator=g)[: len(lens)].numpy().astype(np.int64)
-    ctx = np.asarray(lens, dtype=np.int64)
-    expected = attention.decode_plan(torch.from_numpy(tables[rows, :width]), torch.from_numpy(ctx).to(torch.int32), BLOCK_SIZE)
-    got = attention.decode_plan_host(tables, rows, ctx, width, BLOCK_SIZE)
-    if min(lens) > 0:  # every row holds a token: the host says so instead of a mask of Trues
-        assert got[2] is None and bool(expected[2].all())
-        expected, got = expected[:2], got[:2]
-    for e, r in zip(expected, got, strict=True):
-        assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r)
+    index = np.asarray(lens, dtype=np.int64) - 1  # the new token's position: the context holds lens tokens
+    slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
+    got = attention.HostDecodePlan().step(tables, rows, index, slots, width, BLOCK_SIZE)
+    _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got)
 
 
 def test_host_decode_plan_follows_a_batch_step_by_step():
@@ -297,7 +306,4 @@ def test_host_decode_plan_follows_a_batch_step_by_step():
         tables[rows] = np.where(np.arange(max_blocks) <= (index // BLOCK_SIZE)[:, None], held[rows], 99999)
         slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
         got = plan.step(tables, rows, index, slots, width, BLOCK_SIZE)
-        expected = attention.decode_plan_host(tables, rows, index + 1, width, BLOCK_SIZE)
-        assert got[2] is None and expected[2] is None
-        for e, r in zip(expected[:2], got[:2], strict=True):
-            assert e.dtype == r.dtype and e.shape == r.shape and torch.equal(e, r), f"step {step}"
+        _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got, f"step {step}")
