@@ -380,9 +380,7 @@ class Scheduler:
             if reason is not None:
                 stopped.append((i, seq, reason))
         if stopped:
-            batch.remove([i for i, _, _ in stopped])
-            if not batch.seqs:
-                self._decoding[stage] = None
+            self._remove_rows(stage, [i for i, _, _ in stopped])
             for _, seq, reason in stopped:
                 self._end_trace(seq, stage, reason, finished)
 
@@ -402,7 +400,12 @@ class Scheduler:
         i = next((k for k, q in enumerate(batch.seqs) if q is seq), None)
         if i is None:
             return
-        batch.remove([i])
+        self._remove_rows(stage, [i])
+
+    def _remove_rows(self, stage: int, indices: list[int]) -> None:
+        """Rows `indices` of the stage's decode batch leave it (flushed); an empty batch is dropped."""
+        batch = self._decoding[stage]
+        batch.remove(indices)
         if not batch.seqs:
             self._decoding[stage] = None
 
