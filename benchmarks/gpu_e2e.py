@@ -132,6 +132,17 @@ class DeviceClock:
         return (time.perf_counter() - self.t) * 1e3
 
 
+class ThreadClock:
+    """Milliseconds of this thread's CPU time between start() and stop() (CPU benchmarks on a shared
+    machine: other processes' load does not count)."""
+
+    def start(self) -> None:
+        self.t = time.thread_time()
+
+    def stop(self) -> float:
+        return (time.thread_time() - self.t) * 1e3
+
+
 def llm_weight_bytes(engine: Engine) -> int:
     """Bytes of the weights one decode step reads: the language model (tied embeddings counted
     once, as the LM head), not the vision tower or the embedding head."""
@@ -255,11 +266,12 @@ def naive_decode(naive: NaivePipeline, prompts: list[str], batch: int, *, short:
             "generate_ms": {short: round(t_short, 2), long: round(t_long, 2)}}
 
 
-def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], seed: int = 0) -> dict:
-    """Traces that end at different lengths beside equal ones of the same total tokens: wall ms per
-    trace token of a whole run (prefill included, the same prompts), and how many of its steps were
-    pure decode steps (the CUDA-graph path) rather than mixed with the embed suffixes of traces
-    that just ended (eager)."""
+def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], seed: int = 0, clock=None) -> dict:
+    """Traces that end at different lengths (budgets drawn uniformly from `budgets`) beside equal
+    ones of the same total tokens: ms per trace token of a whole run (prefill included, the same
+    prompts; `clock`, default the device's wall clock, `DeviceClock`), how many of its steps were
+    pure decode steps (the CUDA-graph path) rather than mixed with the embed suffixes of traces that
+    just ended (eager), and whether every trace ran to its budget."""
     import random
 
     rng = random.Random(seed)
@@ -280,15 +292,16 @@ def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], 
             for seq in seqs:
                 engine.add_request(seq)
             before, steps = pure["n"], 0
-            clock = DeviceClock(engine.device)
-            clock.start()
+            timer = clock or DeviceClock(engine.device)
+            timer.start()
             while engine.has_unfinished():
                 engine.step()
                 steps += 1
-            ms = clock.stop()
+            ms = timer.stop()
             tokens = sum(len(s.trace_ids) for s in seqs)
-            out[name] = {"ms_per_trace_token": round(ms / tokens, 4), "ms": round(ms, 1), "trace_tokens": tokens,
-                         "steps": steps, "pure_decode_steps": pure["n"] - before}
+            out[name] = {"ms_per_trace_token": round(ms / tokens, 5), "ms": round(ms, 1), "trace_tokens": tokens,
+                         "steps": steps, "pure_decode_steps": pure["n"] - before,
+                         "full_traces": all(len(s.trace_ids) == b for s, b in zip(seqs, lens))}
     finally:
         del runner._run_decode  # the class's method again
     out["varied_vs_equal"] = round(out["varied"]["ms_per_trace_token"] / out["equal"]["ms_per_trace_token"], 2)

@@ -189,48 +189,21 @@ def test_bench_decode_varied_traces(benchmark, micro):
     Reports our time per trace token with budgets drawn from VARIED_BUDGETS beside the same number
     of tokens in equal traces, in the same run, and how many steps were mixed. A plain measurement
     (no baseline engine can stop traces at per-item budgets in one batch; no target)."""
-    import random
+    import gpu_e2e as e2e
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         engine = Engine(micro, max_num_seqs=256, cuda_graphs=False, enable_prefix_caching=False)
-        rng = random.Random(0)
-        varied = [rng.randint(*VARIED_BUDGETS) for _ in range(VARIED_BATCH)]
-        equal = [round(sum(varied) / len(varied))] * VARIED_BATCH
-        runs = {"varied": [], "equal": []}
-        mixed = {}
-        runner, pure = engine.stages[0].runner, {"n": 0}
-        real_run_decode = runner._run_decode
-
-        def counted(decode):  # pure decode steps
-            pure["n"] += 1
-            return real_run_decode(decode)
-
-        runner._run_decode = counted
-
-        def run(budgets: list[int]) -> tuple[float, int, int]:
-            seqs = [engine.make_sequence(t, i, max_trace_tokens=b) for i, (t, b) in enumerate(zip(_texts(len(budgets)), budgets))]
-            for seq in seqs:
-                engine.add_request(seq)
-            pure_before, start, steps = pure["n"], time.thread_time(), 0
-            while engine.has_unfinished():
-                engine.step()
-                steps += 1
-            assert all(len(s.trace_ids) == b for s, b in zip(seqs, budgets))  # never_stop: every trace runs to its budget
-            return time.thread_time() - start, steps, pure["n"] - pure_before
-
-        def once():
-            for name, budgets in (("varied", varied), ("equal", equal)):
-                seconds, steps, pure_steps = run(budgets)
-                runs[name].append(seconds / sum(budgets))
-                mixed[name] = (steps, steps - pure_steps)
-
-        run(equal[:8])  # warm-up
-        benchmark.pedantic(once, rounds=3, iterations=1)
+        prompts, rows = _texts(VARIED_BATCH), []
+        e2e.varied_traces(engine, prompts[:8], VARIED_BUDGETS)  # warm-up
+        benchmark.pedantic(lambda: rows.append(e2e.varied_traces(engine, prompts, VARIED_BUDGETS, clock=e2e.ThreadClock())),
+                           rounds=3, iterations=1)
     finally:
         torch.set_num_threads(threads)
-    per_token = {name: statistics.median(v) * 1e6 for name, v in runs.items()}
+    assert all(row[name]["full_traces"] for row in rows for name in ("varied", "equal"))  # never_stop: every trace runs to its budget
+    per_token = {name: statistics.median(row[name]["ms_per_trace_token"] for row in rows) * 1e3 for name in ("varied", "equal")}  # us
+    mixed = {name: (rows[-1][name]["steps"], rows[-1][name]["steps"] - rows[-1][name]["pure_decode_steps"]) for name in ("varied", "equal")}
     benchmark.extra_info.update(batch=VARIED_BATCH, budgets=VARIED_BUDGETS, us_per_token=per_token, steps_and_mixed=mixed, clock="thread_time, 1 thread")
     print(f"\n[decode varied traces, B={VARIED_BATCH}] {per_token['varied']:.1f} us per trace token with budgets {VARIED_BUDGETS[0]}-{VARIED_BUDGETS[1]}"
           f" ({mixed['varied'][0]} steps, ~{mixed['varied'][1]} of them with prefill rows) vs {per_token['equal']:.1f} us with equal budgets"
