@@ -108,22 +108,28 @@ class HostDecodePlan:
 
     From one step to the next every sequence gains one token, so the plan gains one slot and one
     unmasked key per row: B scattered writes instead of rebuilding all B x span entries (at batch
-    256 and ~100 cached tokens, in the step: ~200 -> ~40 us). It is rebuilt whenever the span read
-    changes, and whenever a step's positions are not the last step's plus one (a step it did not
-    see). Every row holds a token (a decoding sequence), so the plan's non-empty rows are None:
-    nothing to zero. The tensors it returns share memory with the arrays it updates, so a plan is
-    good for its own step only. It assumes the table entries of positions already in the plan do
-    not change while the batch lives (blocks are never moved or copied on write here)."""
+    256 and ~100 cached tokens, in the step: ~200 -> ~40 us). When the span grows by whole blocks
+    the plan gains masked columns (a copy, not a rebuild: the new positions are past every
+    context). It is rebuilt when a step does not follow on from the last one it saw (`tick`) and
+    when the span shrinks. Every row holds a token (a decoding sequence), so the plan's non-empty
+    rows are None: nothing to zero. The tensors it returns share memory with the arrays it
+    updates, so a plan is good for its own step only. It assumes the table entries of positions
+    already in the plan do not change while the batch lives (blocks are never moved or copied on
+    write here)."""
 
     def __init__(self):
-        self.width, self.plan, self.next_index = -1, None, None
+        self.width, self.plan, self.tick = -1, None, None
 
-    def step(self, tables: np.ndarray, rows: np.ndarray, index: np.ndarray, slots: np.ndarray, width: int, block_size: int) -> DecodePlan:
+    def step(self, tables: np.ndarray, rows: np.ndarray, index: np.ndarray, slots: np.ndarray, width: int, block_size: int,
+             tick: int) -> DecodePlan:
         """The plan of a step in which row b's new token is at position index[b] (int64 [B], so its
         context holds index[b] + 1 tokens) in cache slot slots[b] (int64 [B]), reading `width`
         blocks of rows `rows` (int64 [B]) of the block-table array `tables` ([max_seqs, max_blocks]
-        int32): equal to `decode_plan(tables[rows, :width], index + 1, block_size)` (tested)."""
-        if width != self.width or not np.array_equal(index, self.next_index):
+        int32): equal to `decode_plan(tables[rows, :width], index + 1, block_size)` (tested).
+        `tick` (int) counts the steps of the batch: the plan is updated in place when it is one more
+        than the last step's (every index one further on), and rebuilt otherwise."""
+        follows, self.tick = self.plan is not None and tick == self.tick + 1, tick
+        if not follows or width < self.width:
             span = width * block_size
             every = (tables[rows, :width].astype(np.int64) * block_size)[:, :, None] + np.arange(block_size)
             every = every.reshape(len(rows), span)  # the slot of each position the span reads
@@ -131,17 +137,22 @@ class HostDecodePlan:
             self.slots, self.mask = np.where(valid, every, every[:, :1]), np.where(valid, np.float32(0), np.float32(-np.inf))
             self.width = width
             self._publish()
-        else:
-            self.slots[self.row_ids, index] = slots
-            self.mask[self.row_ids, index] = 0
-        self.next_index = index + 1
+            return self.plan
+        if width > self.width:  # positions past every context so far: position 0's slot, masked
+            extra = (width - self.width) * block_size
+            self.slots = np.concatenate([self.slots, np.repeat(self.slots[:, :1], extra, axis=1)], axis=1)
+            self.mask = np.concatenate([self.mask, np.full((len(self.mask), extra), -np.inf, dtype=np.float32)], axis=1)
+            self.width = width
+            self._publish()
+        self.slots[self.row_ids, index] = slots
+        self.mask[self.row_ids, index] = 0
         return self.plan
 
     def keep_rows(self, keep: np.ndarray) -> None:
         """Rows of the batch leave: keep the plan of the rows where `keep` (bool [B]) is True, in order."""
         if self.plan is None:
             return
-        self.slots, self.mask, self.next_index = self.slots[keep], self.mask[keep], self.next_index[keep]
+        self.slots, self.mask = self.slots[keep], self.mask[keep]
         self._publish()
 
     def _publish(self) -> None:

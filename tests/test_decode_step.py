@@ -12,6 +12,7 @@
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from oracle import cosine
@@ -181,13 +182,17 @@ def test_padded_rows_write_only_the_scratch_block(make_checkpoint, mixed_items):
     engine = Engine(make_checkpoint("poison", think_max_tokens=8, head="last_token"), cuda_graphs=True, max_model_len=512)
     blocks = engine.stages[0].blocks
     handed_out: set[int] = set()
-    grow = blocks.grow
+    grow, grow_by_one = blocks.grow, blocks.grow_by_one
 
     def recording_grow(seq, num_tokens):
         grow(seq, num_tokens)
         handed_out.update(seq.block_table)
 
-    blocks.grow = recording_grow
+    def recording_grow_by_one(seqs):
+        grow_by_one(seqs)
+        handed_out.update(b for seq in seqs for b in seq.block_table)
+
+    blocks.grow, blocks.grow_by_one = recording_grow, recording_grow_by_one
     _poison(engine, float("nan"))
     engine.embed((mixed_items * 2)[:7])
     k = engine.stages[0].runner.cache.k
@@ -196,7 +201,7 @@ def test_padded_rows_write_only_the_scratch_block(make_checkpoint, mixed_items):
     assert written - handed_out == {blocks.scratch_block}
 
 
-def test_decode_batch_follows_admissions_aborts_and_trace_ends(make_checkpoint, mixed_items):
+def test_decode_batch_follows_admissions_aborts_and_trace_ends(make_checkpoint, mixed_items, monkeypatch):
     """The scheduler reuses a pure decode step's batch arrays while its sequences stay the same. A
     request arriving mid-decode, an abort, traces ending at different lengths and a seeded sampled
     row must each still give every surviving sequence what it gets alone."""
@@ -205,6 +210,7 @@ def test_decode_batch_follows_admissions_aborts_and_trace_ends(make_checkpoint, 
     plan = [(0, 8, None), (1, 12, None), (2, 12, sampled), (3, 6, None)]  # (item, trace budget, sampling)
     alone = {i: engine.embed([mixed_items[i]], max_trace_tokens=n, sampling=s) for i, n, s in plan}
     seqs = {i: engine.make_sequence(mixed_items[i], i, max_trace_tokens=n, sampling=s) for i, n, s in plan}
+    checked = _check_decode_inputs(engine, monkeypatch)
     for i in (0, 1, 2):
         engine.add_request(seqs[i])
     done = []
@@ -222,7 +228,7 @@ def test_decode_batch_follows_admissions_aborts_and_trace_ends(make_checkpoint, 
         done += engine.step()
     assert len(seqs[1].trace_ids) == aborted_at  # an aborted sequence decodes no further
     assert {id(s) for s in done} == {id(seqs[i]) for i in (0, 2, 3)}
-    assert seqs[1].stop_reason == "aborted"
+    assert seqs[1].stop_reason == "aborted" and checked[0] >= 5
     for i in (0, 2, 3):
         assert seqs[i].trace_ids == alone[i].trace_token_ids[0], i
         assert cosine(seqs[i].embedding, alone[i].embeddings[0]) >= 0.99999, i
@@ -307,9 +313,70 @@ def test_a_long_lived_decode_batch_rebases_its_history(make_checkpoint, mixed_it
     monkeypatch.setattr(sched, "_HISTORY_ROWS", 2)
     monkeypatch.setattr(sched, "_REBASE_AT", 4)
     monkeypatch.setattr(sched.DecodeBatch, "_rebase", lambda self: rebases.append(self.steps) or real_rebase(self))
+    checked = _check_decode_inputs(engine, monkeypatch)
     rebased, batches = run()
     assert len(rebases) >= 5 and batches <= 2  # rebased often; one batch while anything decoded (two if it emptied once)
+    assert checked[0] >= 20  # pure decode steps whose inputs were checked
     for a, b in zip(plain, rebased):
         assert [len(a.trace_ids), a.trace_ids] == [len(b.trace_ids), b.trace_ids]
         assert a.stop_reason == b.stop_reason == "max_tokens"
         assert cosine(a.embedding, b.embedding) >= 0.99999
+
+
+def _check_decode_inputs(engine, monkeypatch) -> list[int]:
+    """From now on, before every pure decode step, compare the step inputs the decode batch keeps
+    step to step (`DecodeBatch.inputs`) with what they are, worked out from scratch: the newest
+    token, position index + M-RoPE delta, the cache slot of index in the block table, context
+    index + 1, the table row. Returns [steps checked], counted as they run."""
+    from tte_engine.runner import Runner
+
+    real, checked = Runner._fill_decode, [0]
+
+    def fill(runner, host, decode, bucket):
+        index, bs, steps = decode.index, runner.block_size, decode.steps
+        newest = [int(decode.history[steps - 1, k]) if decode.flushed[k] < steps else seq.token_ids[-1] for k, seq in enumerate(decode.seqs)]
+        slots = runner.blocks.tables[decode.rows, index // bs].astype(np.int64) * bs + index % bs
+        assert decode.inputs.tolist() == [newest, (index + decode.rope_deltas).tolist(), slots.tolist(), (index + 1).tolist(), decode.rows.tolist()]
+        assert all(len(seq.block_table) * bs > i for seq, i in zip(decode.seqs, index.tolist()))  # each new token has its block
+        checked[0] += 1
+        return real(runner, host, decode, bucket)
+
+    monkeypatch.setattr(Runner, "_fill_decode", fill)
+    return checked
+
+
+@pytest.mark.parametrize("free", [8, 3, 0], ids=["free_blocks", "then_evictions", "evictions_only"])
+def test_grow_by_one_equals_grow_one_sequence_at_a_time(free):
+    """A decode step's block growth in one pass (`BlockManager.grow_by_one`) leaves the block
+    manager exactly as `grow` does sequence by sequence: the same blocks in the same order (free
+    ones first, then the least recently released cached ones), tables, queued table updates,
+    reference counts and reservations."""
+    from copy import deepcopy
+    from types import SimpleNamespace
+
+    from tte_engine.cache import BlockManager
+
+    bm = BlockManager(num_blocks=24, block_size=4, max_num_seqs=6, max_blocks_per_seq=5)
+    seqs = [SimpleNamespace(row=None, block_table=[], reservation=0, num_registered=0) for _ in range(6)]
+    for i, seq in enumerate(seqs):
+        bm.admit(seq, worst_case_tokens=[8, 20, 4, 12, 16, 20][i])
+        bm.grow(seq, [3, 9, 4, 1, 8, 5][i])  # 1-3 blocks each; the third holds no more reservation
+    # blocks nobody holds, cached (findable), released in this order; the rest of the free list cut to `free`
+    for k, block in enumerate(bm.free_blocks[-6:]):
+        bm.free_blocks.remove(block)
+        bm.cached[1000 + k], bm.block_hash[block] = block, 1000 + k
+        bm.evictable[block] = None
+    assert len(bm.free_blocks) == 8
+    del bm.free_blocks[: 8 - free]
+    bm.take_updates()
+    growing = [seqs[i] for i in (4, 0, 2, 5, 1)]  # not in row order
+    one_pass, one_by_one = deepcopy((bm, growing)), deepcopy((bm, growing))
+    one_pass[0].grow_by_one(one_pass[1])
+    for seq in one_by_one[1]:
+        one_by_one[0].grow(seq, (len(seq.block_table) + 1) * bm.block_size)
+    (a, a_seqs), (b, b_seqs) = one_pass, one_by_one
+    assert (a.tables == b.tables).all() and a.take_updates() == b.take_updates()
+    assert (a.free_blocks, list(a.evictable), a.cached, a.block_hash, a.ref_count, a.reserved) == \
+        (b.free_blocks, list(b.evictable), b.cached, b.block_hash, b.ref_count, b.reserved)
+    assert [(s.block_table, s.reservation) for s in a_seqs] == [(s.block_table, s.reservation) for s in b_seqs]
+    assert all(len(s.block_table) == len(t.block_table) + 1 for s, t in zip(a_seqs, growing))

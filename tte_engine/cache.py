@@ -149,6 +149,27 @@ class BlockManager:
         while len(seq.block_table) * self.block_size < num_tokens:
             self._append(seq, self._take_block())
 
+    def grow_by_one(self, seqs: list["Sequence"]) -> None:
+        """Give each of `seqs` one more block, drawing on its reservation: what `grow` does for a
+        decode step whose tokens start new blocks, with the table writes in one numpy pass (at
+        batch 256, in the step: ~1 instead of ~5 us a sequence)."""
+        free, n = self.free_blocks, len(seqs)
+        take = min(n, len(free))
+        blocks = free[len(free) - take :][::-1]  # the blocks `take` pops would give, in that order
+        del free[len(free) - take :]
+        blocks += [self._take_block() for _ in range(n - take)]  # then cached blocks nobody holds, evicted
+        rows = np.fromiter((seq.row for seq in seqs), np.int64, n)
+        cols = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, n)
+        self.tables[rows, cols] = blocks
+        self.updates += zip((rows * self.tables.shape[1] + cols).tolist(), blocks)
+        ref_count = self.ref_count
+        for seq, block in zip(seqs, blocks):
+            seq.block_table.append(block)
+            ref_count[block] += 1
+            if seq.reservation > 0:
+                seq.reservation -= 1
+                self.reserved -= 1
+
     def reuse_prefix(self, seq: "Sequence", hashes: list[int]) -> int:
         """Give an empty-tabled `seq` the cached blocks its prompt starts with; returns their count."""
         found = 0

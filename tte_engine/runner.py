@@ -23,7 +23,7 @@ from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import greedy_tokens, sample, suppression_bias
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
-from .step_inputs import SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
+from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -61,6 +61,7 @@ class Runner:
         self.buckets = graph_buckets(self.max_rows)
         self.layout = DecodeLayout(self.max_rows)
         self.decode_staging = StagingBuffer(self.layout.size, self.device)
+        self._decode_inputs: dict[int, dict[str, torch.Tensor]] = {}  # views of its device buffer, per batch size
         self.prefill_staging = StagingBuffer(1 << 14, self.device)
         self.padding_slot = blocks.scratch_block * self.block_size
         # a padded decode row, per ROW_FIELDS: token 0 at position 0, k/v to the scratch slot, empty context, padding table row
@@ -97,9 +98,8 @@ class Runner:
             greedy, normed = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
         tokens = greedy[:batch]
         if not decode.greedy:
-            buf = self.decode_staging.device_buffer
             logits = self.model.lm_head(normed[:batch]).float() + self.bias
-            tokens = sample(logits, *_sampling_params(lambda name: buf[self.layout.field(name, batch)]))
+            tokens = sample(logits, *_sampling_params(self.decode_inputs(batch).__getitem__))
         return readback(tokens)
 
     def bucket_for(self, batch: int) -> int:
@@ -112,16 +112,12 @@ class Runner:
         Padded rows read the padding table row (all scratch block) with context 0 and write their
         k/v to the scratch slot: they touch no sequence's cache.
         """
-        n, index = len(decode.seqs), decode.index  # index: the token computed now
+        n = len(decode.seqs)
         ints = self.layout.row_fields(host)  # a view: one row per field
-        ints[0, :n] = decode.last
-        ints[1, :n] = index + decode.rope_deltas  # past the prompt, every M-RoPE axis is index + delta
-        ints[2, :n] = self._slots(decode.rows, index)
-        ints[3, :n] = index + 1
-        ints[4, :n] = decode.rows
+        ints[:, :n] = decode.inputs  # kept by the batch step to step (past the prompt, every M-RoPE axis is index + delta)
         if bucket > n:
             ints[:, n:bucket] = self.padding_values
-        updates = self._fill_updates(host[self.layout.field("update_index")], host[self.layout.field("update_value")], bucket)
+        updates = self._fill_updates(host, bucket)
         if not decode.greedy:
             for name, values in zip(SAMPLING_FIELDS, self._decode_sampling(decode)):
                 host[self.layout.field(name, n)] = values
@@ -140,7 +136,8 @@ class Runner:
         `slots` (int64 [B]): where their new tokens' k/v go."""
         if decode.attention_plan is None:
             decode.attention_plan = HostDecodePlan()
-        return decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, slots, self._decode_width(decode), self.block_size)
+        return decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, slots, self._decode_width(decode), self.block_size,
+                                          decode.steps_run)
 
     def _decode_width(self, decode: DecodeBatch) -> int:
         """Blocks holding the longest context of the decoding sequences after this step."""
@@ -151,14 +148,15 @@ class Runner:
         bs = self.block_size
         return self.blocks.tables[rows, index // bs].astype(np.int64) * bs + index % bs
 
-    def _fill_updates(self, index: np.ndarray, value: np.ndarray, count: int) -> bool:
-        """Block-table changes since the last step, padded to `count` with no-op rewrites of the
-        padding row; False when there were none."""
+    def _fill_updates(self, host: np.ndarray, count: int) -> bool:
+        """Block-table changes since the last step, into the decode layout's update fields of
+        `host`, padded to `count` with no-op rewrites of the padding row; False when there were none."""
         updates = self.blocks.take_updates()
         if len(updates) > count:
             raise RuntimeError(f"{len(updates)} block-table updates in a decode step of {count} rows (a scheduler bug)")
         if not updates and self.graphs is None:
             return False  # an eager step without new blocks skips the table update: nothing reads these
+        index, value = host[self.layout.field("update_index")], host[self.layout.field("update_value")]
         if updates:
             index[: len(updates)], value[: len(updates)] = np.asarray(updates, dtype=np.int64).T
         index[len(updates) : count], value[len(updates) : count] = self.noop_update
@@ -174,6 +172,15 @@ class Runner:
         temperature_bits[:n] = float_bits(np.fromiter((s.sampling.temperature for s in seqs), np.float32, n))
         top_p_bits[:n] = float_bits(np.fromiter((s.sampling.top_p for s in seqs), np.float32, n))
 
+    def decode_inputs(self, batch: int) -> dict[str, torch.Tensor]:
+        """The first `batch` entries of each decode field (DECODE_FIELDS) in the device buffer, by
+        name: views made once per batch size (the buffer never moves)."""
+        views = self._decode_inputs.get(batch)
+        if views is None:
+            buf = self.decode_staging.device_buffer
+            views = self._decode_inputs[batch] = {name: buf[self.layout.field(name, batch)] for name in DECODE_FIELDS}
+        return views
+
     def decode_forward(self, batch: int, width: int, num_splits: int | None, updates: bool = True,
                        plan: DecodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
@@ -182,18 +189,17 @@ class Runner:
         [batch, D]). Static shapes and no host sync: this is what a CUDA graph captures (with
         `updates` True; an eager step without new blocks skips that op). `plan`: decode attention's
         reads, worked out on the host (CPU engines; see `HostDecodePlan`)."""
-        buf = self.decode_staging.device_buffer
-        view = lambda name: buf[self.layout.field(name, batch)]  # noqa: E731
+        view = self.decode_inputs(batch)
         if updates:
-            self.tables.view(-1).index_copy_(0, view("update_index"), view("update_value").to(torch.int32))
+            self.tables.view(-1).index_copy_(0, view["update_index"], view["update_value"].to(torch.int32))
         if plan is None:
-            tables, context_lens = self.tables.index_select(0, view("table_rows"))[:, :width], view("context_lens").to(torch.int32)
+            tables, context_lens = self.tables.index_select(0, view["table_rows"])[:, :width], view["context_lens"].to(torch.int32)
         else:  # attention reads what the plan says: neither table rows nor int32 lengths (two ops fewer)
-            tables, context_lens = None, view("context_lens")
+            tables, context_lens = None, view["context_lens"]
         step = StepBatch(
-            input_ids=view("input_ids"),
-            positions=view("positions"),
-            slot_mapping=view("slot_mapping"),
+            input_ids=view["input_ids"],
+            positions=view["positions"],
+            slot_mapping=view["slot_mapping"],
             block_tables=tables,
             context_lens=context_lens,
             cu_seqlens_q=None,

@@ -19,14 +19,16 @@ import torch
 
 from .cache import BlockManager
 from .sequence import Phase, Sequence
+from .step_inputs import ROW_FIELDS
 
 
 # per-row int64 arrays of a DecodeBatch, kept aligned with its `seqs`
-_ROW_ARRAYS = ("rows", "start", "rope_deltas", "last", "trace_start", "max_trace", "capacity", "flushed", "sampled")
+_ROW_ARRAYS = ("rows", "start", "rope_deltas", "trace_start", "max_trace", "capacity", "flushed", "sampled")
 _HISTORY_ROWS = 64  # steps of history first allocated (it doubles), and ...
 # ... the most it holds: then every sequence is flushed and the count restarts (at batch 256 a rebase
 # costs ~1 ms, and a sequence leaving copies at most this many rows of the others' history)
 _REBASE_AT = 256
+_SET_LOOKUP_ROWS = 32  # up to this many decoding rows, stop tokens are looked up in a set (in the step: ~7 us less at 1 row than the table)
 
 
 class DecodeBatch:
@@ -48,8 +50,13 @@ class DecodeBatch:
         self.block_size = block_size
         self.seqs: list[Sequence] = []
         self.steps = 0  # decode steps run on this batch (since its last rebase)
+        self.steps_run = 0  # decode steps run on this batch since it was made (never rebased)
         for name in _ROW_ARRAYS:
             setattr(self, name, np.zeros(0, dtype=np.int64))
+        # the next step's inputs, one row per ROW_FIELDS entry (token, position, slot, context length,
+        # table row), one column per sequence: every step moves position, slot and context on by one
+        # (`record`), and a sequence's slot jumps only when it gains a block (`_prepare_decode`)
+        self.inputs = np.zeros((len(ROW_FIELDS), 0), dtype=np.int64)
         # the tokens of the steps run, one row a step, one column a sequence; `flush` writes them into the sequences
         self.history = np.empty((_HISTORY_ROWS, 0), dtype=np.int64)
         self.attention_plan = None  # a CPU runner's decode-attention plan, updated step by step (`HostDecodePlan`)
@@ -63,7 +70,6 @@ class DecodeBatch:
             "rows": np.fromiter((q.row for q in seqs), np.int64, n),  # block-table rows
             "start": np.fromiter((q.num_computed for q in seqs), np.int64, n) - s,  # + steps: the position the next step computes
             "rope_deltas": np.fromiter((q.rope_delta for q in seqs), np.int64, n),
-            "last": np.fromiter((q.token_ids[-1] for q in seqs), np.int64, n),  # the token the next step computes
             "trace_start": np.fromiter((len(q.trace_ids) for q in seqs), np.int64, n) - s,
             "max_trace": np.fromiter((q.max_trace_tokens for q in seqs), np.int64, n),
             "capacity": np.fromiter((len(q.block_table) for q in seqs), np.int64, n) * self.block_size,  # tokens their blocks hold
@@ -72,6 +78,12 @@ class DecodeBatch:
         }
         for name in _ROW_ARRAYS:
             setattr(self, name, np.concatenate([getattr(self, name), new[name]]))
+        index, bs = new["start"] + s, self.block_size
+        # a next token that starts a block has no slot yet (-1): the step's block growth gives it one
+        slots = np.fromiter((q.block_table[i // bs] * bs + i % bs if i < len(q.block_table) * bs else -1
+                             for q, i in zip(seqs, index.tolist())), np.int64, n)
+        last = np.fromiter((q.token_ids[-1] for q in seqs), np.int64, n)  # the token the next step computes
+        self.inputs = np.concatenate([self.inputs, np.stack([last, index + new["rope_deltas"], slots, index + 1, new["rows"]])], axis=1)
         self.history = np.concatenate([self.history, np.empty((self.history.shape[0], n), dtype=np.int64)], axis=1)
         self.seqs = self.seqs + list(seqs)
         self.attention_plan = None  # rebuilt for the new rows
@@ -85,6 +97,7 @@ class DecodeBatch:
         keep[indices] = False
         for name in _ROW_ARRAYS:
             setattr(self, name, getattr(self, name)[keep])
+        self.inputs = self.inputs[:, keep]
         history = np.empty((self.history.shape[0], int(keep.sum())), dtype=np.int64)
         history[: self.steps] = self.history[: self.steps, keep]  # the rows written so far, not the whole allocation
         self.history = history
@@ -102,11 +115,23 @@ class DecodeBatch:
         self.greedy = not self.sampled.any()
         self.sampling: np.ndarray | None = None  # [len(SAMPLING_FIELDS), n]: filled by the runner when not greedy
         self.sample_idx = list(range(n))
+        self.pure_step: Step | None = None  # the Step of a pure decode step over these sequences (`Scheduler._pure_decode`)
 
     @property
     def index(self) -> np.ndarray:
         """int64 [B]: the position of the token each sequence computes in the next step."""
         return self.start + self.steps
+
+    @property
+    def last(self) -> np.ndarray:
+        """int64 [B]: the token each sequence computes in the next step (its last sampled one)."""
+        return self.inputs[0]
+
+    def gained_blocks(self, rows: np.ndarray, blocks: list[int]) -> None:
+        """Rows `rows` (int64 [k]) of the batch gained one block each, `blocks` (their ids): their
+        next tokens start them."""
+        self.capacity[rows] += self.block_size
+        self.inputs[2, rows] = np.asarray(blocks, dtype=np.int64) * self.block_size
 
     @property
     def trace_lens(self) -> np.ndarray:
@@ -121,8 +146,10 @@ class DecodeBatch:
             else:
                 self.history = np.concatenate([self.history, np.empty_like(self.history)])
         self.history[self.steps] = tokens
+        self.inputs[0] = tokens
+        self.inputs[1:4] += 1  # position, slot and context length (a slot that crosses into a new block is set when it gains it)
         self.steps += 1
-        self.last = tokens.copy()  # not a view of a buffer the next step may reuse (a CUDA graph's output, on CPU)
+        self.steps_run += 1
 
     def _rebase(self) -> None:
         """Flush every sequence and count steps from 0 again (a batch may live as long as a server)."""
@@ -197,8 +224,12 @@ class Scheduler:
         """The token sequences that end a trace (each non-empty)."""
         self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
         self.stop_sequences = [list(s) for s in stop_sequences if len(s) > 1]
-        # a decode token that may end a trace: a stop token, or the last token of a stop sequence
+        # a decode token that may end a trace: a stop token, or the last token of a stop sequence. Also
+        # as a lookup table (bool [largest such id + 2]; ids past the largest read the last entry,
+        # False), so a large step's tokens are checked in one gather
         self._may_stop = frozenset(self.stop_tokens | {s[-1] for s in self.stop_sequences})
+        self._may_stop_table = np.zeros(max(self._may_stop, default=-1) + 2, dtype=bool)
+        self._may_stop_table[sorted(self._may_stop)] = True
 
     def add(self, seq: Sequence) -> None:
         seq.stage = 1 if self.two_model and seq.phase == Phase.EMBED else 0
@@ -262,7 +293,7 @@ class Scheduler:
             if not prefilling:
                 if batch is None:
                     continue
-                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch, num_decode=len(batch.seqs)))
+                return self._pure_decode(stage, batch)
             decode = batch if self.mixed_steps else None  # without mixed steps prefill work waits for nobody: decoders wait
             seqs = list(decode.seqs) if decode is not None else []
             nd = len(seqs)
@@ -287,7 +318,7 @@ class Scheduler:
             if len(seqs) == nd:  # no room for prefill (the decoding rows fill the token budget)
                 if batch is None:
                     continue
-                return self._prepare_decode(Step(stage, batch.seqs, [], decode=batch, num_decode=len(batch.seqs)))
+                return self._pure_decode(stage, batch)
             step = Step(stage, seqs, counts, decode=decode, num_decode=nd, writes_shared=findable)
             if decode is not None:
                 self._prepare_decode(step)
@@ -302,16 +333,25 @@ class Scheduler:
         seq.num_computed = found * bm.block_size
         seq.num_cached_tokens += found * bm.block_size
 
+    def _pure_decode(self, stage: int, batch: DecodeBatch) -> Step:
+        """A step of one token for each sequence of `batch`: the same Step object for as long as
+        the batch keeps its sequences."""
+        if batch.pure_step is None:
+            batch.pure_step = Step(stage, batch.seqs, [], decode=batch, num_decode=len(batch.seqs))
+        return self._prepare_decode(batch.pure_step)
+
     def _prepare_decode(self, step: Step) -> Step:
         """The decoding rows of a step: blocks for the sequences whose next token starts a new one;
         every one of them samples its next token."""
         batch, bm = step.decode, self.blocks[step.stage]
         if batch.steps >= batch.growth_at:
-            index = batch.index
-            for i in np.flatnonzero(index >= batch.capacity).tolist():
-                seq = batch.seqs[i]
-                bm.grow(seq, int(index[i]) + 1)  # index: the sequence's computed tokens (its own count lags, see DecodeBatch)
-                batch.capacity[i] = len(seq.block_table) * bm.block_size
+            index = batch.index  # the sequences' computed tokens (their own counts lag, see DecodeBatch)
+            full = np.flatnonzero(index >= batch.capacity)  # their next token starts a block: one more each
+            if (index[full] > batch.capacity[full]).any():  # a step that skipped this check: never (every decode step comes here)
+                raise RuntimeError("a decoding sequence is more than one block past its blocks (a scheduler bug)")
+            grown = [batch.seqs[i] for i in full.tolist()]
+            bm.grow_by_one(grown)
+            batch.gained_blocks(full, [seq.block_table[-1] for seq in grown])
             batch.growth_at = batch.steps + int((batch.capacity - index).min())
         step.sample_idx = batch.sample_idx
         return step
@@ -368,8 +408,10 @@ class Scheduler:
         """The hot path: one new token for every decoding sequence, recorded as one array row. Only
         the sequences whose token may end their trace are looked at (and flushed) one by one."""
         batch.record(tokens)
-        may_stop = self._may_stop  # a set lookup per token: faster than np.isin below ~1,000 rows
-        ending = [i for i, token in enumerate(tokens.tolist()) if token in may_stop]
+        if len(tokens) <= _SET_LOOKUP_ROWS:
+            ending = [i for i, token in enumerate(tokens.tolist()) if token in self._may_stop]
+        else:
+            ending = np.flatnonzero(self._may_stop_table.take(tokens, mode="clip")).tolist()
         if batch.steps >= batch.budget_at:  # some trace has spent its budget
             ending = sorted({*ending, *np.flatnonzero(batch.trace_lens >= batch.max_trace).tolist()})
         stopped = []

@@ -72,6 +72,7 @@ class StagingBuffer:
             self._host = [self.device_buffer, self.device_buffer]
         else:
             self._host = [torch.empty(size, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
+        self._host_arrays = [h.numpy() for h in self._host]  # what `host` hands out: numpy views of the same memory
 
     def host(self, size: int) -> np.ndarray:
         """The next host buffer as a numpy array of `size` entries, free to write."""
@@ -81,7 +82,7 @@ class StagingBuffer:
         event = self._events[self._turn]
         if event is not None:
             event.synchronize()  # the copy that last read this buffer (normally long done)
-        return self._host[self._turn].numpy()[:size]
+        return self._host_arrays[self._turn][:size]
 
     def send(self, size: int) -> torch.Tensor:
         """Copy the first `size` entries of the buffer `host()` returned to the device (on a CPU engine

@@ -277,18 +277,20 @@ def test_host_decode_plan_equals_decode_plan(lens, extra_blocks):
     rows = torch.randperm(len(lens) + 4, generator=g)[: len(lens)].numpy().astype(np.int64)
     index = np.asarray(lens, dtype=np.int64) - 1  # the new token's position: the context holds lens tokens
     slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
-    got = attention.HostDecodePlan().step(tables, rows, index, slots, width, BLOCK_SIZE)
+    got = attention.HostDecodePlan().step(tables, rows, index, slots, width, BLOCK_SIZE, tick=0)
     _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got)
 
 
 def test_host_decode_plan_follows_a_batch_step_by_step():
-    """`HostDecodePlan` updates its plan by one key per row a step and rebuilds it when the span
-    grows: at every step of a batch (odd lengths, blocks gained mid-run, the span crossing block
-    boundaries, rows leaving mid-run) it must equal the plan built from scratch, tensor for tensor."""
+    """`HostDecodePlan` updates its plan by one key per row a step, widens it when the span grows
+    and rebuilds it when the span shrinks or a step does not follow on: at every step of a batch
+    (odd lengths, blocks gained mid-run, the span crossing block boundaries and jumping by two
+    blocks, rows leaving mid-run, the longest among them) it must equal the plan built from
+    scratch, tensor for tensor."""
     import numpy as np
 
     g = np.random.default_rng(7)
-    bsz, steps, max_blocks = 5, 40, 8
+    bsz, steps, max_blocks = 5, 40, 10
     held = g.permutation(1000)[: (bsz + 3) * max_blocks].reshape(bsz + 3, max_blocks).astype(np.int32)
     rows = g.permutation(bsz + 3)[:bsz].astype(np.int64)  # the batch's rows of the block table
     start = np.array([1, 17, 3, 30, 16], dtype=np.int64)  # the position each row's first step computes
@@ -298,12 +300,17 @@ def test_host_decode_plan_follows_a_batch_step_by_step():
             keep = np.array([False, True, False, True, True])
             plan.keep_rows(keep)
             rows, start = rows[keep], start[keep]
+        if step == 33:  # the longest row leaves: the span shrinks
+            keep = start != 30
+            plan.keep_rows(keep)
+            rows, start = rows[keep], start[keep]
         index = start + step
-        width = int(index.max()) // BLOCK_SIZE + 1
+        # steps 10-13 read two padding blocks more (the span jumps by two blocks, then back)
+        width = int(index.max()) // BLOCK_SIZE + 1 + (2 if 10 <= step < 14 else 0)
         # a row holds the blocks up to its new token's; later entries are garbage until it gains them
         # (short rows gain theirs while the longest row sets the span: no rebuild then)
         tables = held.copy()
         tables[rows] = np.where(np.arange(max_blocks) <= (index // BLOCK_SIZE)[:, None], held[rows], 99999)
         slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
-        got = plan.step(tables, rows, index, slots, width, BLOCK_SIZE)
+        got = plan.step(tables, rows, index, slots, width, BLOCK_SIZE, tick=step)
         _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got, f"step {step}")
