@@ -15,7 +15,9 @@ and argmax: what a CUDA graph replays on a GPU; minus, too, `HostDecodePlan.step
 for device work a GPU does not do), the share a GPU would add to its replay. Clock: thread CPU time with one
 torch thread, for both engines, so a shared machine's other load does not count. transformers' per-step time is
 the slope of `generate()` between two trace lengths (so its prefill cancels out), measured before each block of
-STEPS of our steps; the speedup is the median of the blocks' ratios (on this shared VM one side measured a
+STEPS of our steps and over the same trace positions, so the same context lengths (before stop 14 it was always
+measured over positions 12-24 while our blocks ran 3-74: the later blocks, with longer contexts, were compared with
+transformers' shorter ones); the speedup is the median of the blocks' ratios (on this shared VM one side measured a
 minute after the other swung the ratio 1.2-2.6x). Targets (not
 asserted; reported): ours >= 2x faster than generate() per step at batch 1 and 64, framework
 <= 50 us at batch 1 and <= 300 us at batch 256.
@@ -102,12 +104,13 @@ def _hf_generate(model, prompts: list[list[int]], new_tokens: int, suppress: lis
     return out[:, width:]
 
 
-def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int]) -> float:
-    """transformers' time per decode step now: the slope of generate() between STEPS/2 and STEPS new
-    tokens, each the faster of two runs (a slope of single runs swung from 0.2 to 10 ms at batch 256
-    when other load hit one run; the fastest runs are the ones least disturbed, and they favour
-    transformers, whose time is the numerator of our ratio). NaN when three pairs in a row give a
-    non-positive slope: too noisy to measure, which is not a failure of either pipeline."""
+def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int], first: int) -> float:
+    """transformers' time per decode step now, over the contexts our block of steps has: the slope
+    of generate() between `first` and `first` + STEPS new tokens (generate's decode step i runs on
+    the prompt + i tokens), each the faster of two runs (a slope of single runs swung from 0.2 to
+    10 ms at batch 256 when other load hit one run; the fastest runs are the ones least disturbed,
+    and they favour transformers, whose time is the numerator of our ratio). NaN when three pairs
+    in a row give a non-positive slope: too noisy to measure, which is not a failure of either pipeline."""
 
     def run(n: int) -> float:
         start = time.thread_time()
@@ -115,10 +118,10 @@ def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int]) -> fl
         return time.thread_time() - start
 
     for _ in range(3):
-        short = min(run(STEPS // 2) for _ in range(2))
-        long = min(run(STEPS) for _ in range(2))
+        short = min(run(first) for _ in range(2))
+        long = min(run(first + STEPS) for _ in range(2))
         if long > short:
-            return (long - short) / (STEPS - STEPS // 2)
+            return (long - short) / STEPS
     return float("nan")
 
 
@@ -147,7 +150,8 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
             """Untimed, before each of our steps: before each block of STEPS timed steps, transformers'
             step time, so the two sides of each block's ratio are measured seconds apart, under the same load."""
             if len(steps) >= WARMUP and (len(steps) - WARMUP) % STEPS == 0:
-                hf_steps.append(_hf_step_seconds(hf, prompts, suppress))
+                # our next STEPS steps compute trace tokens 1 + len(steps) on (the prefill sampled the first)
+                hf_steps.append(_hf_step_seconds(hf, prompts, suppress, first=1 + len(steps)))
 
         runner = engine.stages[0].runner
         model = runner.model

@@ -144,8 +144,9 @@ class HostDecodePlan:
             self.mask = np.concatenate([self.mask, np.full((len(self.mask), extra), -np.inf, dtype=np.float32)], axis=1)
             self.width = width
             self._publish()
-        self.slots[self.row_ids, index] = slots
-        self.mask[self.row_ids, index] = 0
+        at = self.row_starts + index  # flat positions of the new keys: `put` is cheaper than 2-D fancy indexing
+        self.slots.put(at, slots)
+        self.mask.put(at, 0)
         return self.plan
 
     def keep_rows(self, keep: np.ndarray) -> None:
@@ -157,7 +158,7 @@ class HostDecodePlan:
 
     def _publish(self) -> None:
         """The plan as `decode_attention_torch` takes it: views of the arrays `step` updates."""
-        self.row_ids = np.arange(len(self.slots))
+        self.row_starts = np.arange(0, self.slots.size, self.slots.shape[1])  # each row's first flat position
         self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
 
 

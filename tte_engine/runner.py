@@ -94,9 +94,9 @@ class Runner:
         if self.graphs is not None:
             greedy, normed = self.graphs.replay(bucket)
         else:
-            plan = self._decode_plan(decode, host[self.layout.field("slot_mapping", batch)]) if self.plan_on_host else None
+            plan = self._decode_plan(decode, decode.slot_mapping) if self.plan_on_host else None
             greedy, normed = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
-        tokens = greedy[:batch]
+        tokens = greedy if bucket == batch else greedy[:batch]
         if not decode.greedy:
             logits = self.model.lm_head(normed[:batch]).float() + self.bias
             tokens = sample(logits, *_sampling_params(self.decode_inputs(batch).__getitem__))
@@ -248,7 +248,8 @@ class Runner:
         arrays = [ids, positions, slots, starts + counts, rows, cu, sample_rows, pool_rows, updates[0], updates[1], params, out_rows, out_seqs]
         host = self.prefill_staging.host(sum(a.size for a in arrays))
         parts = pack(arrays, host)
-        dev = self.prefill_staging.send(parts[-1].stop)
+        self.prefill_staging.send(parts[-1].stop)
+        dev = self.prefill_staging.device_buffer
         d_ids, d_pos, d_slots, d_ctx, d_rows, d_cu, d_sample, d_pool, d_uidx, d_uval, d_params, d_out_rows, d_out_seqs = (dev[p] for p in parts)
         num_layers = self.layers_needed(step)
         if updates.shape[1]:

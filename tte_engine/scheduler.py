@@ -127,11 +127,16 @@ class DecodeBatch:
         """int64 [B]: the token each sequence computes in the next step (its last sampled one)."""
         return self.inputs[0]
 
+    @property
+    def slot_mapping(self) -> np.ndarray:
+        """int64 [B]: the cache slot each sequence's next token's k/v go to."""
+        return self.inputs[2]
+
     def gained_blocks(self, rows: np.ndarray, blocks: list[int]) -> None:
         """Rows `rows` (int64 [k]) of the batch gained one block each, `blocks` (their ids): their
         next tokens start them."""
         self.capacity[rows] += self.block_size
-        self.inputs[2, rows] = np.asarray(blocks, dtype=np.int64) * self.block_size
+        self.slot_mapping[rows] = np.asarray(blocks, dtype=np.int64) * self.block_size
 
     @property
     def trace_lens(self) -> np.ndarray:

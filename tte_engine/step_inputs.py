@@ -84,18 +84,16 @@ class StagingBuffer:
             event.synchronize()  # the copy that last read this buffer (normally long done)
         return self._host_arrays[self._turn][:size]
 
-    def send(self, size: int) -> torch.Tensor:
-        """Copy the first `size` entries of the buffer `host()` returned to the device (on a CPU engine
-        they are there already); returns the device view."""
-        dst = self.device_buffer[:size]
+    def send(self, size: int) -> None:
+        """Copy the first `size` entries of the buffer `host()` returned to `device_buffer` (on a CPU
+        engine they are there already)."""
         if self._host[self._turn] is self.device_buffer:
-            return dst
-        dst.copy_(self._host[self._turn][:size], non_blocking=True)
+            return
+        self.device_buffer[:size].copy_(self._host[self._turn][:size], non_blocking=True)
         if self.pinned:
             event = self._events[self._turn] or torch.cuda.Event()
             event.record()
             self._events[self._turn] = event
-        return dst
 
 
 def pack(arrays: list[np.ndarray], out: np.ndarray) -> list[slice]:
