@@ -380,3 +380,49 @@ def test_grow_by_one_equals_grow_one_sequence_at_a_time(free):
         (b.free_blocks, list(b.evictable), b.cached, b.block_hash, b.ref_count, b.reserved)
     assert [(s.block_table, s.reservation) for s in a_seqs] == [(s.block_table, s.reservation) for s in b_seqs]
     assert all(len(s.block_table) == len(t.block_table) + 1 for s, t in zip(a_seqs, growing))
+
+
+def test_a_failed_step_leaves_no_table_update_a_decode_step_cannot_take(make_checkpoint, mixed_items, monkeypatch):
+    """A step that fails after the scheduler gave its prompt blocks leaves their block-table updates
+    queued (several for one sequence). Once that request is aborted, the next step is a pure decode
+    step of one row: it applies them anyway, and the decoding sequence ends as it does alone."""
+    from tte_engine.random_checkpoint import never_stop
+    from tte_engine.runner import Runner
+
+    engine = Engine(never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token")), max_model_len=512)
+    alone = engine.embed(mixed_items[:1], max_trace_tokens=20)
+    decoding = engine.make_sequence(mixed_items[0], 0, max_trace_tokens=20)
+    engine.add_request(decoding)
+    while engine.scheduler._decoding[0] is None:
+        engine.step()
+    late = engine.make_sequence("a late question " * 12, 1)  # a prompt of several blocks
+    engine.add_request(late)
+    with monkeypatch.context() as patch:
+        patch.setattr(Runner, "_encode_images", lambda runner, seqs: (_ for _ in ()).throw(RuntimeError("encoder failed")))
+        with pytest.raises(RuntimeError, match="encoder failed"):
+            engine.step()  # a mixed step: the decoding row and the late prompt's first chunk
+    assert len(engine.stages[0].blocks.updates) > 1  # the late prompt's blocks, never sent
+    assert engine.abort(late)
+    while engine.has_unfinished():
+        engine.step()
+    assert decoding.trace_ids == alone.trace_token_ids[0]
+    assert cosine(decoding.embedding, alone.embeddings[0]) >= 0.99999
+
+
+def test_grow_by_one_changes_nothing_when_it_cannot_grow_them_all():
+    """More sequences than free and evictable blocks (reservations make it a scheduler bug): it raises
+    before taking any block, so no block is lost."""
+    from types import SimpleNamespace
+
+    from tte_engine.cache import BlockManager
+    from tte_engine.errors import CapacityError
+
+    bm = BlockManager(num_blocks=4, block_size=4, max_num_seqs=3, max_blocks_per_seq=4)
+    seqs = [SimpleNamespace(row=None, block_table=[], reservation=0, num_registered=0) for _ in range(3)]
+    for seq in seqs:
+        bm.admit(seq, 4)
+        bm.grow(seq, 4)
+    before = (list(bm.free_blocks), bm.tables.copy(), [list(s.block_table) for s in seqs])
+    with pytest.raises(CapacityError, match="scheduler bug"):
+        bm.grow_by_one(seqs)  # 3 wanted, 1 free
+    assert (bm.free_blocks, [s.block_table for s in seqs]) == (before[0], before[2]) and (bm.tables == before[1]).all()

@@ -154,6 +154,8 @@ class BlockManager:
         decode step whose tokens start new blocks, with the table writes in one numpy pass (at
         batch 256, in the step: ~1 instead of ~5 us a sequence)."""
         free, n = self.free_blocks, len(seqs)
+        if n > self.num_free:  # before anything changes (reservations make this a scheduler bug)
+            raise CapacityError(f"KV cache exhausted despite reservations: {n} blocks wanted, {self.num_free} free (a scheduler bug)")
         take = min(n, len(free))
         blocks = free[len(free) - take :][::-1]  # the blocks `take` pops would give, in that order
         del free[len(free) - take :]
