@@ -266,26 +266,29 @@ def naive_decode(naive: NaivePipeline, prompts: list[str], batch: int, *, short:
             "generate_ms": {short: round(t_short, 2), long: round(t_long, 2)}}
 
 
-def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], seed: int = 0, clock=None) -> dict:
+def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], seed: int = 0, clock=None,
+                  suffix_wait_steps: int | None = None) -> dict:
     """Traces that end at different lengths (budgets drawn uniformly from `budgets`) beside equal
     ones of the same total tokens: ms per trace token of a whole run (prefill included, the same
     prompts; `clock`, default the device's wall clock, `DeviceClock`), how many of its steps were
     pure decode steps (the CUDA-graph path) rather than mixed with the embed suffixes of traces that
-    just ended (eager), and whether every trace ran to its budget."""
+    just ended (eager), and whether every trace ran to its budget. `suffix_wait_steps`: the
+    scheduler's for these runs (None: the engine's, `EngineConfig.suffix_wait_steps`)."""
     import random
 
     rng = random.Random(seed)
     varied = [rng.randint(*budgets) for _ in prompts]
     runs = {"varied": varied, "equal": [round(sum(varied) / len(varied))] * len(prompts)}
     runner, pure = engine.stages[0].runner, {"n": 0}
-    real = runner._run_decode
+    real, wait = runner._run_decode, engine.scheduler.suffix_wait_steps
 
     def counted(decode):
         pure["n"] += 1
         return real(decode)
 
     runner._run_decode = counted
-    out: dict = {"batch": len(prompts), "budgets": list(budgets)}
+    engine.scheduler.suffix_wait_steps = wait if suffix_wait_steps is None else suffix_wait_steps
+    out: dict = {"batch": len(prompts), "budgets": list(budgets), "suffix_wait_steps": engine.scheduler.suffix_wait_steps}
     try:
         for name, lens in runs.items():
             seqs = [engine.make_sequence(p, i, max_trace_tokens=b) for i, (p, b) in enumerate(zip(prompts, lens))]
@@ -304,6 +307,7 @@ def varied_traces(engine: Engine, prompts: list[str], budgets: tuple[int, int], 
                          "full_traces": all(len(s.trace_ids) == b for s, b in zip(seqs, lens))}
     finally:
         del runner._run_decode  # the class's method again
+        engine.scheduler.suffix_wait_steps = wait
     out["varied_vs_equal"] = round(out["varied"]["ms_per_trace_token"] / out["equal"]["ms_per_trace_token"], 2)
     return out
 

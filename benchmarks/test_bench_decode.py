@@ -188,27 +188,40 @@ VARIED_BUDGETS = (8, 64)  # each trace's budget is drawn uniformly from this ran
 
 
 def test_bench_decode_varied_traces(benchmark, micro):
-    """What traces of different lengths cost: most steps then mix decoding rows with the embed suffixes
-    of traces that just ended (a mixed step), where a run of equal traces has pure decode steps.
-    Reports our time per trace token with budgets drawn from VARIED_BUDGETS beside the same number
-    of tokens in equal traces, in the same run, and how many steps were mixed. A plain measurement
-    (no baseline engine can stop traces at per-item budgets in one batch; no target)."""
+    """What traces of different lengths cost: as traces end, their embed suffixes are prefilled in
+    steps that also decode the others (mixed steps), where a run of equal traces has pure decode
+    steps. Reports our time per trace token with budgets drawn from VARIED_BUDGETS beside the same
+    number of tokens in equal traces, in the same run, and how many steps were mixed: with each
+    suffix prefilled at the next step (`suffix_wait_steps=0`) and with the default wait
+    (`EngineConfig.suffix_wait_steps`: suffixes wait up to that many steps to be prefilled together).
+    A plain measurement (no baseline engine can stop traces at per-item budgets in one batch; no target)."""
     import gpu_e2e as e2e
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    policies = {"at once": 0, "default wait": None}  # suffix_wait_steps (None: the engine's default)
+    rows = {name: [] for name in policies}
     try:
         engine = Engine(micro, max_num_seqs=256, cuda_graphs=False, enable_prefix_caching=False)
-        prompts, rows = _texts(VARIED_BATCH), []
+        prompts = _texts(VARIED_BATCH)
         e2e.varied_traces(engine, prompts[:8], VARIED_BUDGETS)  # warm-up
-        benchmark.pedantic(lambda: rows.append(e2e.varied_traces(engine, prompts, VARIED_BUDGETS, clock=e2e.ThreadClock())),
-                           rounds=3, iterations=1)
+
+        def both():
+            for name, wait in policies.items():
+                rows[name].append(e2e.varied_traces(engine, prompts, VARIED_BUDGETS, clock=e2e.ThreadClock(), suffix_wait_steps=wait))
+
+        benchmark.pedantic(both, rounds=3, iterations=1)
     finally:
         torch.set_num_threads(threads)
-    assert all(row[name]["full_traces"] for row in rows for name in ("varied", "equal"))  # never_stop: every trace runs to its budget
-    per_token = {name: statistics.median(row[name]["ms_per_trace_token"] for row in rows) * 1e3 for name in ("varied", "equal")}  # us
-    mixed = {name: (rows[-1][name]["steps"], rows[-1][name]["steps"] - rows[-1][name]["pure_decode_steps"]) for name in ("varied", "equal")}
-    benchmark.extra_info.update(batch=VARIED_BATCH, budgets=VARIED_BUDGETS, us_per_token=per_token, steps_and_mixed=mixed, clock="thread_time, 1 thread")
-    print(f"\n[decode varied traces, B={VARIED_BATCH}] {per_token['varied']:.1f} us per trace token with budgets {VARIED_BUDGETS[0]}-{VARIED_BUDGETS[1]}"
-          f" ({mixed['varied'][0]} steps, ~{mixed['varied'][1]} of them with prefill rows) vs {per_token['equal']:.1f} us with equal budgets"
-          f" ({mixed['equal'][0]} steps, ~{mixed['equal'][1]} with prefill rows): x{per_token['varied'] / per_token['equal']:.2f} (thread CPU time, 1 thread; no target)")
+    report = {}
+    for name, runs in rows.items():
+        assert all(row[kind]["full_traces"] for row in runs for kind in ("varied", "equal"))  # never_stop: every trace runs to its budget
+        per_token = {kind: statistics.median(row[kind]["ms_per_trace_token"] for row in runs) * 1e3 for kind in ("varied", "equal")}  # us
+        mixed = {kind: (runs[-1][kind]["steps"], runs[-1][kind]["steps"] - runs[-1][kind]["pure_decode_steps"]) for kind in ("varied", "equal")}
+        report[name] = {"suffix_wait_steps": runs[-1]["suffix_wait_steps"], "us_per_token": per_token, "steps_and_mixed": mixed}
+        print(f"\n[decode varied traces, B={VARIED_BATCH}, suffixes {name} (suffix_wait_steps={runs[-1]['suffix_wait_steps']})]"
+              f" {per_token['varied']:.1f} us per trace token with budgets {VARIED_BUDGETS[0]}-{VARIED_BUDGETS[1]}"
+              f" ({mixed['varied'][0]} steps, ~{mixed['varied'][1]} of them with prefill rows) vs {per_token['equal']:.1f} us with equal budgets"
+              f" ({mixed['equal'][0]} steps, ~{mixed['equal'][1]} with prefill rows): x{per_token['varied'] / per_token['equal']:.2f}"
+              f" (thread CPU time, 1 thread; no target)")
+    benchmark.extra_info.update(batch=VARIED_BATCH, budgets=VARIED_BUDGETS, policies=report, clock="thread_time, 1 thread")

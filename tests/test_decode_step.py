@@ -426,3 +426,62 @@ def test_grow_by_one_changes_nothing_when_it_cannot_grow_them_all():
     with pytest.raises(CapacityError, match="scheduler bug"):
         bm.grow_by_one(seqs)  # 3 wanted, 1 free
     assert (bm.free_blocks, [s.block_table for s in seqs]) == (before[0], before[2]) and (bm.tables == before[1]).all()
+
+
+def test_embed_suffixes_wait_to_be_prefilled_together(make_checkpoint, mixed_items):
+    """`suffix_wait_steps`: the suffix of a trace that ended waits at most that many decode steps, so
+    traces ending close together have their suffixes prefilled in one step and the steps between
+    stay pure decode steps (with CUDA graphs, the ones that replay a graph). Traces and embeddings
+    do not change, and a request decoding alone never waits."""
+    from tte_engine.random_checkpoint import never_stop
+    from tte_engine.runner import Runner
+
+    path = never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token"))
+    items = (mixed_items * 3)[:10]
+    budgets = [5, 6, 7, 9, 12, 13, 17, 20, 21, 30]  # traces ending at different steps, some close together
+
+    def run(wait: int, these=items):
+        engine = Engine(path, max_model_len=512, suffix_wait_steps=wait, cuda_graphs=False)
+        steps, ended, done = {"pure": 0, "all": 0}, {}, {}
+        seqs = [engine.make_sequence(item, i, max_trace_tokens=b) for i, (item, b) in enumerate(zip(these, budgets))]
+        for seq in seqs:
+            engine.add_request(seq)
+        real_decode, real_end = Runner._run_decode, engine.scheduler._end_trace
+
+        def counted(runner, decode):
+            steps["pure"] += 1
+            return real_decode(runner, decode)
+
+        def end_trace(seq, *args):
+            ended[id(seq)] = engine.scheduler.steps_scheduled
+            return real_end(seq, *args)
+
+        engine.scheduler._end_trace = end_trace
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Runner, "_run_decode", counted)
+            while engine.has_unfinished():
+                for seq in engine.step():
+                    done[id(seq)] = engine.scheduler.steps_scheduled
+                steps["all"] += 1
+        waited = max(done[i] - ended[i] for i in ended)  # steps from the one that ended the trace to the one that pooled
+        return seqs, steps, waited
+
+    at_once, steps0, waited0 = run(0)
+    waiting, steps8, waited8 = run(8)
+    assert [s.trace_ids for s in waiting] == [s.trace_ids for s in at_once] and all(len(s.trace_ids) == b for s, b in zip(waiting, budgets))
+    for a, b in zip(waiting, at_once):
+        assert cosine(a.embedding, b.embedding) >= 0.99999
+    mixed0, mixed8 = steps0["all"] - steps0["pure"], steps8["all"] - steps8["pure"]
+    assert waited0 == 1 and 1 < waited8 <= 9  # the next step; at most 8 decode steps between
+    assert mixed8 < mixed0 - 2, (steps0, steps8)
+    alone0, alone8 = run(0, items[:1])[1], run(8, items[:1])[1]
+    assert alone0 == alone8  # nothing else decodes: the suffix goes at once
+
+
+def test_suffix_wait_steps_is_checked():
+    from tte_engine.config import EngineConfig
+
+    for bad in (-1, True, 2.5, "8", None):
+        with pytest.raises(ValueError, match="suffix_wait_steps"):
+            EngineConfig(suffix_wait_steps=bad).check()
+    EngineConfig(suffix_wait_steps=0).check()

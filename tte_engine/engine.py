@@ -126,6 +126,7 @@ class Engine:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             stop_sequences=self.prompts.stop_sequences,
             vision_token_ids=(self.model_cfg.image_token_id, self.model_cfg.video_token_id),
+            suffix_wait_steps=self.config.suffix_wait_steps,
         )
         logger.info("loaded %s (%s, %s head) on %s in %s", self.checkpoint, self.tte.mode, self.tte.head.type, self.device, self.dtype)
 

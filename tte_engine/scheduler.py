@@ -208,9 +208,15 @@ class Scheduler:
         stop_sequences: list[list[int]],
         vision_token_ids: tuple[int, ...] = (),
         mixed_steps: bool = True,
+        suffix_wait_steps: int = 0,
     ):
         self.blocks = block_managers
         self.mixed_steps = mixed_steps  # False: a step is all prefill or all decode, prefill first (the old policy)
+        self.suffix_wait_steps = suffix_wait_steps  # see EngineConfig.suffix_wait_steps
+        self.steps_scheduled = 0
+        # per stage: the value of steps_scheduled from which the embed suffixes of ended traces are
+        # prefilled (None: none waits); until then only a scan for other reasons takes them along
+        self._suffix_due: list[int | None] = [None for _ in block_managers]
         self.vision_token_ids = vision_token_ids
         self.two_model = len(block_managers) == 2
         self.max_num_seqs = max_num_seqs
@@ -220,8 +226,9 @@ class Scheduler:
         self.running: list[list[Sequence]] = [[] for _ in block_managers]
         # per stage: the sequences decoding, while there are any (their tokens lag: see DecodeBatch)
         self._decoding: list[DecodeBatch | None] = [None for _ in block_managers]
-        # per stage: whether a running sequence may need prefill (set on admission and when a trace ends;
-        # cleared by the scan that finds none), so a pure decode step never walks the running list. Any
+        # per stage: whether a running sequence may need prefill (set on admission, when a trace ends or
+        # its suffix has waited enough, and after a failed step; cleared by a step that takes all the
+        # prefill work found), so a pure decode step never walks the running list. Any
         # new way for a running sequence to need prefill must set it, or that sequence waits for the next admission or trace end.
         self._maybe_prefill: list[bool] = [False for _ in block_managers]
 
@@ -285,14 +292,23 @@ class Scheduler:
             self._maybe_prefill[stage] = True
 
     def schedule(self) -> Step | None:
+        step = self._schedule()
+        self.steps_scheduled += step is not None
+        return step
+
+    def _schedule(self) -> Step | None:
         for stage in range(len(self.blocks) - 1, -1, -1):
             self._admit(stage)
             running, bm = self.running[stage], self.blocks[stage]
+            batch = self._decoding[stage]
+            due = self._suffix_due[stage]
+            if due is not None and (self.steps_scheduled >= due or batch is None):  # waited enough, or nothing decodes
+                self._maybe_prefill[stage] = True
             prefilling: list[Sequence] = []  # in running order: prompts, chunks of long prompts, embed suffixes
             if self._maybe_prefill[stage]:
                 prefilling = [seq for seq in running if seq.needs_prefill]
                 self._maybe_prefill[stage] = bool(prefilling)
-            batch = self._decoding[stage]
+                self._suffix_due[stage] = None  # the waiting suffixes are among them
             if batch is None and len(prefilling) < len(running):  # sequences decoding since the batch was last empty
                 batch = self._decoding[stage] = DecodeBatch([seq for seq in running if not seq.needs_prefill], bm.block_size)
             if not prefilling:
@@ -304,13 +320,16 @@ class Scheduler:
             nd = len(seqs)
             counts, budget = [1] * nd, self.max_num_batched_tokens - nd
             findable = False  # whether the step writes k/v into a prompt block prefix caching does or will share
+            left = False  # prefill work this step cannot take: the next step scans again
             for seq in prefilling:
                 if budget <= 0:
+                    left = True
                     break
                 hashes = seq.prompt_block_hashes(bm.block_size, self.vision_token_ids) if bm.enable_prefix_caching else []
                 if not seq.block_table:  # its first chunk in this stage: start from the cached prefix
                     self._reuse_prefix(seq, bm, hashes)
                 n = min(seq.num_pending, budget)
+                left |= n < seq.num_pending
                 # a block filled over two steps is registered by the second: the first must compute every layer too
                 findable |= seq.num_computed < len(hashes) * bm.block_size
                 # blocks now, and registered now: a sequence later in this same step may reuse them,
@@ -320,6 +339,7 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
+            self._maybe_prefill[stage] = left
             if len(seqs) == nd:  # no room for prefill (the decoding rows fill the token budget)
                 if batch is None:
                     continue
@@ -468,6 +488,9 @@ class Scheduler:
             self._release(seq, 0)
             seq.stage, seq.num_computed, seq.image_embeds = 1, 0, None
             self.waiting[1].append(seq)
+        elif self.suffix_wait_steps:  # its suffix waits for others' (at most suffix_wait_steps steps)
+            if self._suffix_due[stage] is None:
+                self._suffix_due[stage] = self.steps_scheduled + self.suffix_wait_steps
         else:
             self._maybe_prefill[stage] = True  # its suffix is prefilled next
 
@@ -475,14 +498,17 @@ class Scheduler:
         """Drop every queued and running sequence, returning their blocks; returns what was dropped."""
         self.flush()  # every decoding sequence up to date, and the batches dropped whole (not a sequence at a time)
         self._decoding = [None for _ in self._decoding]
+        self._suffix_due = [None for _ in self._suffix_due]
         dropped = [s for q in self.waiting for s in q] + [s for r in self.running for s in r]
         for seq in dropped:
             self.abort(seq)
         return dropped
 
     def forget_registrations(self, step: Step) -> None:
-        """The step raised: the prefix-cache entries it registered may hold unwritten KV; make them unfindable."""
+        """The step raised: the prefix-cache entries it registered may hold unwritten KV; make them
+        unfindable. Its prefill work is still to do: the next step looks for it."""
         self.blocks[step.stage].forget_pending()
+        self._maybe_prefill[step.stage] = True
 
     def _trace_stop(self, seq: Sequence, token: int) -> str | None:
         trace = seq.trace_ids
