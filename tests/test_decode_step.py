@@ -485,3 +485,39 @@ def test_suffix_wait_steps_is_checked():
         with pytest.raises(ValueError, match="suffix_wait_steps"):
             EngineConfig(suffix_wait_steps=bad).check()
     EngineConfig(suffix_wait_steps=0).check()
+
+
+@pytest.mark.parametrize("abort_other", [False, True])
+def test_a_step_that_fails_while_scheduling_loses_no_prefill_work(make_checkpoint, mixed_items, monkeypatch, abort_other):
+    """Scheduling a mixed step raises (here: Ctrl-C while its decoding rows are prepared) after it
+    took an ended trace's suffix: a caller that goes on stepping gets that suffix prefilled at the
+    next step, also when the other sequence is aborted first (nothing decodes then), and the
+    results are those of a run that never failed."""
+    from tte_engine.random_checkpoint import never_stop
+    from tte_engine.scheduler import Scheduler
+
+    engine = Engine(never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token")), max_model_len=512, suffix_wait_steps=0)
+    alone = engine.embed(mixed_items[:1], max_trace_tokens=3)
+    ended, other = engine.make_sequence(mixed_items[0], 0, max_trace_tokens=3), engine.make_sequence(mixed_items[1], 1, max_trace_tokens=20)
+    engine.add_request(ended)
+    engine.add_request(other)
+    real, armed = Scheduler._prepare_decode, [True]
+
+    def prepare_decode(scheduler, step):
+        if armed[0] and step.num_decode < len(step.seqs):  # the mixed step that takes the suffix
+            armed[0] = False
+            raise KeyboardInterrupt("Ctrl-C while scheduling")
+        return real(scheduler, step)
+
+    monkeypatch.setattr(Scheduler, "_prepare_decode", prepare_decode)
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            engine.step()
+    assert ended.needs_prefill
+    if abort_other:
+        assert engine.abort(other)
+    engine.step()
+    assert ended.embedding is not None and ended.trace_ids == alone.trace_token_ids[0]
+    assert cosine(ended.embedding, alone.embeddings[0]) >= 0.99999
+    while engine.has_unfinished():
+        engine.step()

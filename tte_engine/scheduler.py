@@ -292,7 +292,11 @@ class Scheduler:
             self._maybe_prefill[stage] = True
 
     def schedule(self) -> Step | None:
-        step = self._schedule()
+        try:
+            step = self._schedule()
+        except BaseException:  # what it was taking is still to do: the next step looks for it again
+            self._maybe_prefill = [True for _ in self._maybe_prefill]
+            raise
         self.steps_scheduled += step is not None
         return step
 
@@ -305,7 +309,7 @@ class Scheduler:
             if due is not None and (self.steps_scheduled >= due or batch is None):  # waited enough, or nothing decodes
                 self._maybe_prefill[stage] = True
             prefilling: list[Sequence] = []  # in running order: prompts, chunks of long prompts, embed suffixes
-            if self._maybe_prefill[stage]:
+            if self._maybe_prefill[stage] or batch is None:  # (nothing decoding: a scan costs no decode step anything)
                 prefilling = [seq for seq in running if seq.needs_prefill]
                 self._maybe_prefill[stage] = bool(prefilling)
                 self._suffix_due[stage] = None  # the waiting suffixes are among them
