@@ -4,9 +4,10 @@ Each step is one forward of one model. Every thinking sequence whose prompt is d
 token, and the rest of the `max_num_batched_tokens` budget goes to prefill chunks (new prompts,
 chunks of long prompts, embed suffixes), so a step may mix both and decoders never wait out a
 whole prefill step. A step with no prefill chunk is a pure decode step (the runner's CUDA-graph
-path). In two-model mode the embedder's work goes before the reasoner's, since it finishes
-requests and frees memory. Sequences are admitted in arrival order while their worst case fits
-the cache.
+path); so that most steps stay pure while traces end at different steps, the embed suffix of an
+ended trace may wait up to `suffix_wait_steps` steps to be prefilled with others. In two-model
+mode the embedder's work goes before the reasoner's, since it finishes requests and frees memory.
+Sequences are admitted in arrival order while their worst case fits the cache.
 """
 
 from __future__ import annotations
