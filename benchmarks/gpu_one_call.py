@@ -307,7 +307,7 @@ def main(argv=None) -> int:
         engine = st["engine"]
         prompts = e2e.decode_prompts(engine, min(128, max(decode_batches)), prompt_tokens // 4)
         rows = {}
-        for name, wait in (("default", None), ("at_once", 0)):  # the engine's suffix_wait_steps, then each suffix at the next step
+        for name, wait in (("default", None), ("at_once", 0)):  # the engine's suffix_wait_steps (8 with graphs), then each suffix at the next step
             row = rows[name] = e2e.varied_traces(engine, prompts, (max(2, trace // 16), trace), suffix_wait_steps=wait)
             print(f"  B={row['batch']}, suffix_wait_steps={row['suffix_wait_steps']}: {row['varied']['ms_per_trace_token']} ms per trace"
                   f" token with budgets {row['budgets']} ({row['varied']['pure_decode_steps']} of {row['varied']['steps']} steps pure decode)"

@@ -38,6 +38,7 @@ from conftest import verdict
 from tte_engine import Engine
 from tte_engine.kernels.attention import HostDecodePlan
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
+from tte_engine.scheduler import SUFFIX_WAIT_WITH_GRAPHS
 
 STEPS = 24  # decode steps timed per block
 ROUNDS = 3  # blocks, each after a measurement of transformers' step (interleaved: see between_steps)
@@ -192,14 +193,14 @@ def test_bench_decode_varied_traces(benchmark, micro):
     steps that also decode the others (mixed steps), where a run of equal traces has pure decode
     steps. Reports our time per trace token with budgets drawn from VARIED_BUDGETS beside the same
     number of tokens in equal traces, in the same run, and how many steps were mixed: with each
-    suffix prefilled at the next step (`suffix_wait_steps=0`) and with the default wait
-    (`EngineConfig.suffix_wait_steps`: suffixes wait up to that many steps to be prefilled together).
+    suffix prefilled at the next step (`suffix_wait_steps=0`, a CPU engine's default) and waiting
+    up to SUFFIX_WAIT_WITH_GRAPHS steps to be prefilled with others (the default with CUDA graphs).
     A plain measurement (no baseline engine can stop traces at per-item budgets in one batch; no target)."""
     import gpu_e2e as e2e
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    policies = {"at once": 0, "default wait": None}  # suffix_wait_steps (None: the engine's default)
+    policies = {"at once": 0, "waiting": SUFFIX_WAIT_WITH_GRAPHS}  # suffix_wait_steps
     rows = {name: [] for name in policies}
     try:
         engine = Engine(micro, max_num_seqs=256, cuda_graphs=False, enable_prefix_caching=False)

@@ -481,10 +481,20 @@ def test_embed_suffixes_wait_to_be_prefilled_together(make_checkpoint, mixed_ite
 def test_suffix_wait_steps_is_checked():
     from tte_engine.config import EngineConfig
 
-    for bad in (-1, True, 2.5, "8", None):
+    for bad in (-1, True, 2.5, "8"):
         with pytest.raises(ValueError, match="suffix_wait_steps"):
             EngineConfig(suffix_wait_steps=bad).check()
     EngineConfig(suffix_wait_steps=0).check()
+    EngineConfig(suffix_wait_steps=None).check()
+
+
+def test_suffixes_wait_by_default_only_with_cuda_graphs(make_checkpoint):
+    from tte_engine.scheduler import SUFFIX_WAIT_WITH_GRAPHS
+
+    path = make_checkpoint("syncs", think_max_tokens=12, head="last_token")
+    assert Engine(path, max_model_len=512).scheduler.suffix_wait_steps == 0  # eager (CPU): no wait
+    assert Engine(path, max_model_len=512, cuda_graphs=True).scheduler.suffix_wait_steps == SUFFIX_WAIT_WITH_GRAPHS
+    assert Engine(path, max_model_len=512, cuda_graphs=True, suffix_wait_steps=3).scheduler.suffix_wait_steps == 3
 
 
 @pytest.mark.parametrize("abort_other", [False, True])

@@ -236,11 +236,11 @@ class EngineConfig:
     # Decode steps the embed suffix of a trace that just ended may wait before it is prefilled, so
     # that the suffixes of traces ending close together are prefilled in one step and the decode
     # steps in between stay pure: with CUDA graphs those replay a graph, while a step with prefill
-    # rows runs eagerly (on CPU such a step also costs more per token). It never waits once nothing
-    # else decodes, and a new prompt's prefill takes the waiting suffixes along. Results do not
-    # change. 0: prefill each suffix at the next step. (At most 1 step in 9 mixed while traces end
-    # every step; a suffix done at most 8 decode steps later, ~10 ms at batch 256 near an H200's floor.)
-    suffix_wait_steps: int = 8
+    # rows runs eagerly. It never waits once nothing else decodes, and a new prompt's prefill takes
+    # the waiting suffixes along. Results do not change. 0: prefill each suffix at the next step.
+    # None: SUFFIX_WAIT_WITH_GRAPHS (8) with CUDA graphs; 0 without, where a decode step of a large
+    # model costs enough (a 2B model's on CPU: ~0.1-1 s) that waiting would mostly add latency.
+    suffix_wait_steps: int | None = None
     # Reuse the KV of full prompt blocks already computed (same tokens, same images), as vLLM does.
     enable_prefix_caching: bool = True
     # CPU: lay the linear weights out once in oneDNN's blocked GEMM format (model/cpu_linear.py).
@@ -253,8 +253,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.suffix_wait_steps, bool) or not isinstance(self.suffix_wait_steps, int) or self.suffix_wait_steps < 0:
-            raise ValueError(f"EngineConfig.suffix_wait_steps must be an integer >= 0, got {self.suffix_wait_steps!r}")
+        if self.suffix_wait_steps is not None and (isinstance(self.suffix_wait_steps, bool) or not isinstance(self.suffix_wait_steps, int)
+                                                   or self.suffix_wait_steps < 0):
+            raise ValueError(f"EngineConfig.suffix_wait_steps must be an integer >= 0 or None, got {self.suffix_wait_steps!r}")
         if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"EngineConfig.max_model_len must be a positive integer or None, got {self.max_model_len!r}")
         for name in ("cuda_graphs", "prepack_weights"):

@@ -31,7 +31,7 @@ from .model.loader import build_model, load_checkpoint_weights
 from .model.rope import prompt_positions
 from .runner import ENCODER_CACHE_TOKENS, Runner
 from .sampling import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import SUFFIX_WAIT_WITH_GRAPHS, Scheduler
 from .sequence import Sequence
 from .vision import ImageProcessorConfig
 
@@ -126,7 +126,8 @@ class Engine:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             stop_sequences=self.prompts.stop_sequences,
             vision_token_ids=(self.model_cfg.image_token_id, self.model_cfg.video_token_id),
-            suffix_wait_steps=self.config.suffix_wait_steps,
+            suffix_wait_steps=self.config.suffix_wait_steps if self.config.suffix_wait_steps is not None
+            else SUFFIX_WAIT_WITH_GRAPHS if self.stages[-1].runner.graphs is not None else 0,
         )
         logger.info("loaded %s (%s, %s head) on %s in %s", self.checkpoint, self.tte.mode, self.tte.head.type, self.device, self.dtype)
 

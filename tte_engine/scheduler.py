@@ -29,6 +29,9 @@ _HISTORY_ROWS = 64  # steps of history first allocated (it doubles), and ...
 # ... the most it holds: then every sequence is flushed and the count restarts (at batch 256 a rebase
 # costs ~1 ms, and a sequence leaving copies at most this many rows of the others' history)
 _REBASE_AT = 256
+# EngineConfig.suffix_wait_steps with CUDA graphs: at most 1 step in 9 mixed while traces end every
+# step; a suffix done at most 8 decode steps later (~10 ms at batch 256 near an H200's floor)
+SUFFIX_WAIT_WITH_GRAPHS = 8
 _SET_LOOKUP_ROWS = 32  # up to this many decoding rows, stop tokens are looked up in a set (in the step: ~7 us less at 1 row than the table)
 
 
