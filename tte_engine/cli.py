@@ -205,13 +205,34 @@ def run_demo(engine, *, think: bool = True, max_trace_tokens: int | None = None,
     print(f"\nusage: {res.usage}")
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The engine flags tte-embed and tte-serve share (read back by `engine_switches`)."""
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt instead of reusing cached prefix blocks")
+    parser.add_argument("--suffix-wait-steps", type=nonnegative_int, metavar="N",
+                        help="decode steps an ended trace's embed suffix may wait to be prefilled with others' (default: 8 with CUDA graphs, 0 without)")
+
+
 def engine_switches(args) -> dict:
-    """EngineConfig overrides of the --enforce-eager / --no-prefix-caching flags (shared with tte-serve)."""
+    """EngineConfig overrides of the flags `add_engine_flags` adds."""
     switches = {}
     if args.enforce_eager:
         switches["cuda_graphs"] = False
     if args.no_prefix_caching:
         switches["enable_prefix_caching"] = False
+    if args.suffix_wait_steps is not None:
+        switches["suffix_wait_steps"] = args.suffix_wait_steps
     return switches
 
 
@@ -229,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt instead of reusing cached prefix blocks")
+    add_engine_flags(parser)
     parser.add_argument("--batch-size", type=int, default=256, help="items handed to the engine at a time, and written together (default 256)")
     parser.add_argument("--cache", type=Path, help="SQLite trace/embedding cache (default: $TTE_HOME/cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")

@@ -519,3 +519,21 @@ def test_an_empty_input_resumes_as_parquet(serve_checkpoint, tmp_path):
     src.write_text("\n")
     for _ in range(3):  # a finished empty Parquet output failed to read back on every second run
         assert run(src, serve_checkpoint, tmp_path / "out", "--no-cache", "--format", "parquet") == 0
+
+
+def test_engine_flags_reach_the_engine_config_of_both_clis():
+    """--enforce-eager, --no-prefix-caching and --suffix-wait-steps mean the same in tte-embed and
+    tte-serve; a negative wait is refused by the parser."""
+    import argparse
+
+    from tte_engine.cli import add_engine_flags, engine_switches
+    from tte_engine.serve.main import build_parser
+
+    embed_parser = argparse.ArgumentParser()
+    add_engine_flags(embed_parser)
+    flags = ["--enforce-eager", "--no-prefix-caching", "--suffix-wait-steps", "3"]
+    want = {"cuda_graphs": False, "enable_prefix_caching": False, "suffix_wait_steps": 3}
+    assert engine_switches(embed_parser.parse_args(flags)) == engine_switches(build_parser().parse_args(flags)) == want
+    assert engine_switches(build_parser().parse_args([])) == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--suffix-wait-steps", "-1"])

@@ -15,17 +15,9 @@ from pathlib import Path
 from ..errors import TTEError
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli import add_engine_flags, nonnegative_int
+
     p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
     p.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory, engine directory or alias (default: tiny-random)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
@@ -40,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
     p.add_argument("--max-trace-tokens", type=int, help="largest max_trace_tokens a request may ask for; above it 400 (default: the checkpoint's budget)")
     p.add_argument("--max-image-pixels", type=int, default=1 << 25, help="larger images get 400 before they are decoded (default 33554432)")
-    p.add_argument("--max-media-bytes", type=_nonnegative_int, default=4 << 30,
+    p.add_argument("--max-media-bytes", type=nonnegative_int, default=4 << 30,
                    help="bytes of preprocessed images and videos all requests in flight may hold together; a request that "
                         "would pass it gets 429, or 413 / 400 when its own items alone do (default 4 GiB)")
     p.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
@@ -53,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, help="longest prompt + trace + suffix, in tokens")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt instead of reusing cached prefix blocks")
+    add_engine_flags(p)
     p.add_argument("--prep-threads", type=int, default=4, help="threads that validate requests and decode images (default 4)")
     p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -79,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..result_cache import ResultCache
 
     from ..cli import engine_switches
-
     from .protocol import DEFAULT_MM_LIMITS
 
     limits = args.limit_mm_per_prompt
