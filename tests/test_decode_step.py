@@ -335,8 +335,9 @@ def _check_decode_inputs(engine, monkeypatch) -> list[int]:
     def fill(runner, host, decode, bucket):
         index, bs, steps = decode.index, runner.block_size, decode.steps
         newest = [int(decode.history[steps - 1, k]) if decode.flushed[k] < steps else seq.token_ids[-1] for k, seq in enumerate(decode.seqs)]
-        slots = runner.blocks.tables[decode.rows, index // bs].astype(np.int64) * bs + index % bs
-        assert decode.inputs.tolist() == [newest, (index + decode.rope_deltas).tolist(), slots.tolist(), (index + 1).tolist(), decode.rows.tolist()]
+        rows = np.array([seq.row for seq in decode.seqs], dtype=np.int64)
+        slots = runner.blocks.tables[rows, index // bs].astype(np.int64) * bs + index % bs
+        assert decode.inputs.tolist() == [newest, (index + decode.rope_deltas).tolist(), slots.tolist(), (index + 1).tolist(), rows.tolist()]
         assert all(len(seq.block_table) * bs > i for seq, i in zip(decode.seqs, index.tolist()))  # each new token has its block
         checked[0] += 1
         return real(runner, host, decode, bucket)

@@ -126,10 +126,14 @@ class BlockManager:
         self.reserved += seq.reservation
 
     def _append(self, seq: "Sequence", block: int) -> None:
-        table = seq.block_table
-        self.tables[seq.row, len(table)] = block
-        self.updates.append((seq.row * self.tables.shape[1] + len(table), block))
-        table.append(block)
+        col = len(seq.block_table)
+        self.tables[seq.row, col] = block
+        self.updates.append((seq.row * self.tables.shape[1] + col, block))
+        self._hold(seq, block)
+
+    def _hold(self, seq: "Sequence", block: int) -> None:
+        """`block` is the next of `seq`'s table (its table arrays written by the caller)."""
+        seq.block_table.append(block)
         self.ref_count[block] += 1
         if seq.reservation > 0:  # drawn from what admission promised it
             seq.reservation -= 1
@@ -164,13 +168,8 @@ class BlockManager:
         cols = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, n)
         self.tables[rows, cols] = blocks
         self.updates += zip((rows * self.tables.shape[1] + cols).tolist(), blocks)
-        ref_count = self.ref_count
         for seq, block in zip(seqs, blocks):
-            seq.block_table.append(block)
-            ref_count[block] += 1
-            if seq.reservation > 0:
-                seq.reservation -= 1
-                self.reserved -= 1
+            self._hold(seq, block)
 
     def reuse_prefix(self, seq: "Sequence", hashes: list[int]) -> int:
         """Give an empty-tabled `seq` the cached blocks its prompt starts with; returns their count."""

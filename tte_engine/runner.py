@@ -94,7 +94,7 @@ class Runner:
         if self.graphs is not None:
             greedy, normed = self.graphs.replay(bucket)
         else:
-            plan = self._decode_plan(decode, decode.slot_mapping) if self.plan_on_host else None
+            plan = self._decode_plan(decode) if self.plan_on_host else None
             greedy, normed = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
         tokens = greedy if bucket == batch else greedy[:batch]
         if not decode.greedy:
@@ -131,13 +131,12 @@ class Runner:
         decode.sampling[SAMPLING_FIELDS.index("counters")] = decode.trace_lens  # the draw's position in the trace moves on
         return decode.sampling
 
-    def _decode_plan(self, decode: DecodeBatch, slots: np.ndarray) -> DecodePlan:
-        """A CPU engine's decode-attention plan for the decoding rows of this step (`HostDecodePlan`);
-        `slots` (int64 [B]): where their new tokens' k/v go."""
+    def _decode_plan(self, decode: DecodeBatch) -> DecodePlan:
+        """A CPU engine's decode-attention plan for the decoding rows of this step (`HostDecodePlan`)."""
         if decode.attention_plan is None:
             decode.attention_plan = HostDecodePlan()
-        return decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, slots, self._decode_width(decode), self.block_size,
-                                          decode.steps_run)
+        return decode.attention_plan.step(self.blocks.tables, decode.rows, decode.index, decode.slot_mapping, self._decode_width(decode),
+                                          self.block_size, decode.steps_run)
 
     def _decode_width(self, decode: DecodeBatch) -> int:
         """Blocks holding the longest context of the decoding sequences after this step."""
@@ -166,7 +165,10 @@ class Runner:
     def _apply_updates(self, updates: list[tuple[int, int]]) -> None:
         """Apply block-table updates (flat index, block id) to the device copy now, with their own
         host-to-device copy."""
-        index, value = torch.as_tensor(np.asarray(updates, dtype=np.int64).T, device=self.device)
+        self._update_tables(*torch.as_tensor(np.asarray(updates, dtype=np.int64).T, device=self.device))
+
+    def _update_tables(self, index: torch.Tensor, value: torch.Tensor) -> None:
+        """Block-table entries (flat `index`, int64 [k]) of the device copy set to block ids `value` (int64 [k])."""
         self.tables.view(-1).index_copy_(0, index, value.to(torch.int32))
 
     @staticmethod
@@ -198,7 +200,7 @@ class Runner:
         reads, worked out on the host (CPU engines; see `HostDecodePlan`)."""
         view = self.decode_inputs(batch)
         if updates:
-            self.tables.view(-1).index_copy_(0, view["update_index"], view["update_value"].to(torch.int32))
+            self._update_tables(view["update_index"], view["update_value"])
         if plan is None:
             tables, context_lens = self.tables.index_select(0, view["table_rows"])[:, :width], view["context_lens"].to(torch.int32)
         else:  # attention reads what the plan says: neither table rows nor int32 lengths (two ops fewer)
@@ -260,11 +262,11 @@ class Runner:
         d_ids, d_pos, d_slots, d_ctx, d_rows, d_cu, d_sample, d_pool, d_uidx, d_uval, d_params, d_out_rows, d_out_seqs = (dev[p] for p in parts)
         num_layers = self.layers_needed(step)
         if updates.shape[1]:
-            self.tables.view(-1).index_copy_(0, d_uidx, d_uval.to(torch.int32))
+            self._update_tables(d_uidx, d_uval)
         width = int((starts + counts).max() - 1) // bs + 1
         plan = None
         if nd and self.plan_on_host:  # the decoding rows' reads
-            plan = self._decode_plan(decode, slots[:nd])
+            plan = self._decode_plan(decode)
         batch = StepBatch(
             input_ids=d_ids,
             positions=d_pos.view(3, -1),

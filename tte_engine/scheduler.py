@@ -24,7 +24,7 @@ from .step_inputs import ROW_FIELDS
 
 
 # per-row int64 arrays of a DecodeBatch, kept aligned with its `seqs`
-_ROW_ARRAYS = ("rows", "start", "rope_deltas", "trace_start", "max_trace", "capacity", "flushed", "sampled")
+_ROW_ARRAYS = ("start", "rope_deltas", "trace_start", "max_trace", "capacity", "flushed", "sampled")
 _HISTORY_ROWS = 64  # steps of history first allocated (it doubles), and ...
 # ... the most it holds: then every sequence is flushed and the count restarts (at batch 256 a rebase
 # costs ~1 ms, and a sequence leaving copies at most this many rows of the others' history)
@@ -71,7 +71,6 @@ class DecodeBatch:
         n, s = len(seqs), self.steps
         # a sequence that joins at step s is given start and trace_start as if it had been here from step 0
         new = {
-            "rows": np.fromiter((q.row for q in seqs), np.int64, n),  # block-table rows
             "start": np.fromiter((q.num_computed for q in seqs), np.int64, n) - s,  # + steps: the position the next step computes
             "rope_deltas": np.fromiter((q.rope_delta for q in seqs), np.int64, n),
             "trace_start": np.fromiter((len(q.trace_ids) for q in seqs), np.int64, n) - s,
@@ -87,7 +86,8 @@ class DecodeBatch:
         slots = np.fromiter((q.block_table[i // bs] * bs + i % bs if i < len(q.block_table) * bs else -1
                              for q, i in zip(seqs, index.tolist())), np.int64, n)
         last = np.fromiter((q.token_ids[-1] for q in seqs), np.int64, n)  # the token the next step computes
-        self.inputs = np.concatenate([self.inputs, np.stack([last, index + new["rope_deltas"], slots, index + 1, new["rows"]])], axis=1)
+        rows = np.fromiter((q.row for q in seqs), np.int64, n)  # block-table rows
+        self.inputs = np.concatenate([self.inputs, np.stack([last, index + new["rope_deltas"], slots, index + 1, rows])], axis=1)
         self.history = np.concatenate([self.history, np.empty((self.history.shape[0], n), dtype=np.int64)], axis=1)
         self.seqs = self.seqs + list(seqs)
         self.attention_plan = None  # rebuilt for the new rows
@@ -130,6 +130,11 @@ class DecodeBatch:
     def last(self) -> np.ndarray:
         """int64 [B]: the token each sequence computes in the next step (its last sampled one)."""
         return self.inputs[0]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """int64 [B]: each sequence's row of the block tables."""
+        return self.inputs[4]
 
     @property
     def slot_mapping(self) -> np.ndarray:
@@ -310,7 +315,7 @@ class Scheduler:
             running, bm = self.running[stage], self.blocks[stage]
             batch = self._decoding[stage]
             due = self._suffix_due[stage]
-            if due is not None and (self.steps_scheduled >= due or batch is None):  # waited enough, or nothing decodes
+            if due is not None and self.steps_scheduled >= due:  # waited enough (with nothing decoding, the scan below runs anyway)
                 self._maybe_prefill[stage] = True
             prefilling: list[Sequence] = []  # in running order: prompts, chunks of long prompts, embed suffixes
             if self._maybe_prefill[stage] or batch is None:  # (nothing decoding: a scan costs no decode step anything)
