@@ -120,45 +120,48 @@ class HostDecodePlan:
     def __init__(self):
         self.width, self.plan, self.tick = -1, None, None
 
-    def step(self, tables: np.ndarray, rows: np.ndarray, index: np.ndarray, slots: np.ndarray, width: int, block_size: int,
+    def step(self, tables: np.ndarray, rows: np.ndarray, context_lens: np.ndarray, slots: np.ndarray, width: int, block_size: int,
              tick: int) -> DecodePlan:
-        """The plan of a step in which row b's new token is at position index[b] (int64 [B], so its
-        context holds index[b] + 1 tokens) in cache slot slots[b] (int64 [B]), reading `width`
-        blocks of rows `rows` (int64 [B]) of the block-table array `tables` ([max_seqs, max_blocks]
-        int32): equal to `decode_plan(tables[rows, :width], index + 1, block_size)` (tested).
-        `tick` (int) counts the steps of the batch: the plan is updated in place when it is one more
-        than the last step's (every index one further on), and rebuilt otherwise."""
+        """The plan of a step in which row b's context holds context_lens[b] tokens (int64 [B]), the
+        last of them new, at cache slot slots[b] (int64 [B]), reading `width` blocks of rows `rows`
+        (int64 [B]) of the block-table array `tables` ([max_seqs, max_blocks] int32): equal to
+        `decode_plan(tables[rows, :width], context_lens, block_size)` (tested). `tick` (int) counts
+        the steps of the batch: the plan is updated in place when it is one more than the last
+        step's (every context one longer), and rebuilt otherwise."""
         follows, self.tick = self.plan is not None and tick == self.tick + 1, tick
         if not follows or width < self.width:
             span = width * block_size
             every = (tables[rows, :width].astype(np.int64) * block_size)[:, :, None] + np.arange(block_size)
             every = every.reshape(len(rows), span)  # the slot of each position the span reads
-            valid = np.arange(span) <= index[:, None]
+            valid = np.arange(span) < context_lens[:, None]
             self.slots, self.mask = np.where(valid, every, every[:, :1]), np.where(valid, np.float32(0), np.float32(-np.inf))
             self.width = width
-            self._publish()
+            self._publish(context_lens - 1)
             return self.plan
         if width > self.width:  # positions past every context so far: position 0's slot, masked
             extra = (width - self.width) * block_size
             self.slots = np.concatenate([self.slots, np.repeat(self.slots[:, :1], extra, axis=1)], axis=1)
             self.mask = np.concatenate([self.mask, np.full((len(self.mask), extra), -np.inf, dtype=np.float32)], axis=1)
             self.width = width
-            self._publish()
-        at = self.row_starts + index  # flat positions of the new keys: `put` is cheaper than 2-D fancy indexing
-        self.slots.put(at, slots)
-        self.mask.put(at, 0)
+            self._publish(context_lens - 2)  # the last step's new keys
+        self.new_keys += 1  # each row's new key is the one after the last step's
+        self.slots.put(self.new_keys, slots)  # `put` at flat positions: cheaper than 2-D fancy indexing
+        self.mask.put(self.new_keys, 0)
         return self.plan
 
     def keep_rows(self, keep: np.ndarray) -> None:
         """Rows of the batch leave: keep the plan of the rows where `keep` (bool [B]) is True, in order."""
         if self.plan is None:
             return
+        last = (self.new_keys - self.row_starts)[keep]  # the kept rows' last new key, as a position
         self.slots, self.mask = self.slots[keep], self.mask[keep]
-        self._publish()
+        self._publish(last)
 
-    def _publish(self) -> None:
-        """The plan as `decode_attention_torch` takes it: views of the arrays `step` updates."""
+    def _publish(self, last: np.ndarray) -> None:
+        """The plan as `decode_attention_torch` takes it: views of the arrays `step` updates. `last`
+        (int64 [B]): the position of each row's last new key (the flat positions `step` moves on)."""
         self.row_starts = np.arange(0, self.slots.size, self.slots.shape[1])  # each row's first flat position
+        self.new_keys = self.row_starts + last
         self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
 
 

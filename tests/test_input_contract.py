@@ -55,7 +55,10 @@ BAD_ITEMS = [
     ({"image": "data:image/png;base64,\u00e9\u00e9"}, "cannot decode image"),
     ({"text": "   "}, "empty item"),
     (None, "expected a str, dict or Query, got NoneType"),
-    ({"text": "hi <|image_pad|>"}, "reserved vision token"),
+    ({"text": "hi <|image_pad|>"}, "text contains the reserved vision token"),
+    ({"text": "hi", "instruction": "<|image_pad|>"}, "instruction contains the reserved vision token"),
+    ({"text": "hi", "video_options": {"num_frames": -1}}, "video_options: "),  # checked without a video too
+    ({"video": [np.zeros((56, 56, 3), np.uint8)] * 4, "video_options": {"num_frames": 1}}, "num_frames=1 rounds to 0 frames"),
     ({"text": "hi", "trace": "a <|vision_start|> b"}, "trace contains the reserved vision token"),
 ]
 
@@ -74,6 +77,9 @@ def test_each_bad_item_is_an_error_row_and_good_neighbours_are_unchanged(engine)
     with pytest.raises(InvalidInputError) as caught:
         engine.embed(["fine", {"text": "hi", "trace": b"abc"}])
     assert caught.value.index == 1 and caught.value.field == "trace"
+    with pytest.raises(InvalidInputError) as caught:  # the instruction's fault, not the text's (found by a review)
+        engine.embed(["fine", {"text": "hi", "instruction": "<|image_pad|>"}])
+    assert caught.value.index == 1 and caught.value.field == "instruction"
 
 
 def test_a_supplied_trace_holds_no_vision_token_and_no_foreign_id(engine):
@@ -110,6 +116,8 @@ def test_a_foreign_exception_while_preparing_an_item_is_that_items_error(engine,
     ({"max_trace_tokens": -1}, "max_trace_tokens must be >= 0"),
     ({"instruction": "\ud800"}, "instruction is not valid Unicode"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be >= 1 or -1"),
+    ({"instruction": "see <|vision_start|>"}, "instruction contains the reserved vision token"),
+    ({"progress": 5}, "progress must be True, False or a callable, got int"),
 ])
 def test_wrong_call_settings_raise_once_even_with_errors_return(engine, kw, message):
     with pytest.raises(InvalidInputError, match=message) as caught:
@@ -167,6 +175,23 @@ def test_truncate_prompt_tokens_cuts_the_end_of_the_text(engine):
     assert engine.embed([kept], think=False).prompt_token_ids[0] == ids
     with pytest.raises(InvalidInputError, match="cannot be truncated to 40"):
         engine.embed([{"text": "x y z", "instruction": "a long instruction " * 3}], truncate_prompt_tokens=40)
+
+
+@given(unit=st.sampled_from(["привет мир ", "😀🎉👍🏽 ", "漢字かな交じり文 ", "ab😀 c漢 d ", "e\u0301\u0327 "]), limit=st.integers(64, 110))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_truncation_cuts_multibyte_text_at_a_character(engine, unit, limit):
+    """A text whose characters span several byte-level tokens (Cyrillic, CJK, emoji, combining
+    marks) is cut to fit, never refused, and leaves no broken character: the kept text is a prefix
+    of the original (found by a bad-input review: the cut used to decode partial tokens to U+FFFD,
+    which re-tokenized longer, and truncation failed or left U+FFFD)."""
+    text = unit * 200
+    seq = engine.make_sequence(text, 0, think=False, truncate_prompt_tokens=limit)
+    ids = list(seq.prompt.token_ids)
+    assert limit - 4 <= len(ids) <= limit  # an emoji is up to 4 byte-level tokens
+    decoded = engine.prompts.tokenizer.decode(ids)  # special tokens kept: the text ends at the turn's <|im_end|>
+    assert "\ufffd" not in decoded
+    kept = decoded.split(engine.tte.instructions["default"] + "\n", 1)[1].split("<|im_end|>")[0]
+    assert kept and text.startswith(kept)
 
 
 def test_truncate_to_the_model_leaves_room_for_the_trace(make_checkpoint):
@@ -252,6 +277,21 @@ def test_error_messages_hold_no_object_reprs(engine):
 
 
 # ---------------------------------------------------------------------- kind 9: a bad cache file
+def test_a_missing_video_file_says_so_without_pyav(monkeypatch):
+    """Where the video is (no such file, bad data: URL) is checked before PyAV is needed."""
+    from tte_engine import video
+    from tte_engine.video import VideoError
+
+    def no_pyav():
+        raise VideoError("decoding video files needs PyAV")
+
+    monkeypatch.setattr(video, "_import_av", no_pyav)
+    with pytest.raises(VideoError, match="no video file at"):
+        video.decode_video("/nonexistent/clip.mp4", None, None)
+    with pytest.raises(VideoError, match="needs PyAV"):
+        video.decode_video(b"\x1a\x45\xdf\xa3", None, None)
+
+
 def test_a_file_that_is_not_a_cache_is_a_cache_error(tmp_path):
     path = tmp_path / "broken.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)

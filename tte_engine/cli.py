@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -43,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import TTEError
+from .errors import InvalidInputError, TTEError
+from .inputs import check_settings
 from .vision import REMOTE_URL
 
 MANIFEST = "manifest.json"
@@ -128,7 +130,7 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
             if not jsonl:
                 items.append(line)
                 continue
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
             if not isinstance(obj, dict):
                 raise ValueError("each line must be a JSON object")
             if _nesting(obj) > MAX_NESTING:  # the digest, and the engine, would recurse through it
@@ -148,6 +150,20 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
                 holder[key] = str(path.parent.absolute() / value)
         items.append(obj)
     return items, ids, [_digest(item) for item in items]
+
+
+def _not_json(name: str):
+    """json.loads's hook for NaN, Infinity and -Infinity, which Python accepts and JSON (RFC 8259)
+    does not: the line is malformed (else a NaN id would be written out as invalid JSON)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """json.loads's hook for numbers with a fraction or exponent: one past float range (1e400) is refused, not read as inf."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
 
 
 def _digest(item) -> str:
@@ -194,7 +210,8 @@ def run_demo(engine, *, think: bool = True, max_trace_tokens: int | None = None,
     """Embed the built-in demo items and print traces, norms and pairwise similarities."""
     items = demo_items()
     res = engine.embed(items, think=think, max_trace_tokens=max_trace_tokens, instruction=instruction)
-    labels = [it if isinstance(it, str) else (it.get("text") or "<image>") + (" +image" if it.get("image") else "") for it in items]
+    labels = [it if isinstance(it, str) else f"{it['text']} +image" if it.get("text") and it.get("image") else it.get("text") or "<image>"
+              for it in items]
     print(f"checkpoint: {engine.checkpoint}  mode: {engine.tte.mode}  head: {engine.tte.head.type}  dim: {engine.embedding_dim}")
     for label, trace, vec, reason in zip(labels, res.traces, res.embeddings, res.stop_reasons):
         print(f"\n{label!r}\n  trace ({reason}): {trace!r}\n  |embedding| = {vec.norm():.6f}")
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier (partial) results at the output prefix")
     parser.add_argument("--retry-errors", action="store_true", help="when resuming, run the items that failed before again")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the engine's progress and settings (INFO level)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.demo and args.input is None:
@@ -271,22 +288,34 @@ def main(argv: list[str] | None = None) -> int:
                          f"got {args.input.suffix or 'no extension'}")
     if args.output is not None and not args.demo and (args.output.is_dir() or args.output.name in ("", ".", "..")):
         parser.error(f"--output {str(args.output)!r} is a directory; give a file prefix in it, e.g. {str(args.output / 'embeddings')!r}")
+    try:  # the call's settings, checked before any model work (a bad one would make every row an error row)
+        check_settings(not args.no_think, args.max_trace_tokens, args.instruction, None, None, None)
+    except InvalidInputError as exc:
+        parser.error(f"--{exc.field.replace('_', '-')}: {exc.reason}")
     if args.format == "parquet" and not args.demo:
         try:
             import pyarrow  # noqa: F401  (checked before any model work, not after it)
         except ImportError:
             parser.error("--format parquet needs pyarrow: pip install pyarrow (or the [serve] extra)")
+    results = None
     try:
         from .engine import Engine
+        from .result_cache import ResultCache
 
+        if not (args.demo or args.no_cache):  # opened first: an unusable cache file is reported before the model loads
+            results = ResultCache(args.cache)
         engine = Engine(args.checkpoint, device=args.device, dtype=args.dtype, **engine_switches(args))
+        engine.prompts.check_instruction(args.instruction)  # a vision token in it (the tokenizer knows them)
         if args.demo:
             run_demo(engine, think=not args.no_think, max_trace_tokens=args.max_trace_tokens, instruction=args.instruction)
             return 0
-        return embed_file(engine, args)
+        return embed_file(engine, args, results)
     except (TTEError, OSError, ValueError) as exc:  # ValueError: an engine setting that cannot work (--device cuda without CUDA)
         print(f"tte-embed: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if results is not None:
+            results.close()
 
 
 # ---------------------------------------------------------------------- resumable file embedding
@@ -404,7 +433,7 @@ def _check_manifest(earlier: dict | None, manifest: dict, where: str) -> None:
         raise OutputConflict(f"{where}: its manifest is not a tte-embed manifest; pass --overwrite, or another --output")
     if earlier != manifest:
         changed = sorted(k for k in manifest if earlier.get(k) != manifest[k])
-        raise OutputConflict(f"{where} holds a run with other settings ({', '.join(changed)} differ); "
+        raise OutputConflict(f"{where} holds a run with other settings ({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
                              "re-run with the same settings, or pass --overwrite")
 
 
@@ -465,10 +494,12 @@ def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards
             p.unlink(missing_ok=True)
 
 
-def embed_file(engine, args) -> int:
+def embed_file(engine, args, result_cache=None) -> int:
+    """Embed `args.input` into its output files (resuming an earlier run there); `result_cache`:
+    the ResultCache to read and fill (None: none). Returns the exit status."""
     from tqdm.auto import tqdm
 
-    from .result_cache import EngineCache, ResultCache
+    from .result_cache import EngineCache
 
     items, ids, digests = read_items(args.input)
     ids = _row_ids(ids)
@@ -498,29 +529,25 @@ def embed_file(engine, args) -> int:
               + (f"; {undated} earlier row(s) carry no input_digest (an older tte-embed) and are embedded again" if undated else "")
               + (f"; {gone} earlier row(s) whose ids are not in {args.input} are dropped" if gone else ""), file=sys.stderr)
 
-    cache = None if args.no_cache else EngineCache(ResultCache(args.cache), engine)
+    cache = None if result_cache is None else EngineCache(result_cache, engine)
     stats = {"failed": 0, "embedding": 0, "trace": 0, "trace_tokens": 0}
-    try:
-        with tqdm(total=len(pending), unit="item", desc="tte-embed", dynamic_ncols=True) as bar:
-            for start in range(0, len(pending), args.batch_size):
-                batch = pending[start : start + args.batch_size]
-                results = _embed_batch(engine, [items[i] for i in batch], cache, args, bar.update)
-                vectors = np.full((len(batch), engine.embedding_dim), np.nan, dtype=np.float32)
-                records = []
-                for j, (i, r) in enumerate(zip(batch, results)):
-                    if r.embedding is not None:
-                        vectors[j] = r.embedding
-                    records.append({"index": i, "id": ids[i], "trace": engine.prompts.decode(r.trace_ids), "error": r.error,
-                                    "stop_reason": r.stop_reason, "prompt_tokens": r.prompt_tokens, "trace_tokens": len(r.trace_ids),
-                                    "cached": r.cached, "input_digest": digests[i]})
-                    stats["failed"] += r.error is not None
-                    stats["trace_tokens"] += r.trace_tokens
-                    if r.cached:
-                        stats[r.cached] += 1
-                shards.write(records, vectors)
-    finally:
-        if cache is not None:
-            cache.cache.close()
+    with tqdm(total=len(pending), unit="item", desc="tte-embed", dynamic_ncols=True, disable=not pending) as bar:
+        for start in range(0, len(pending), args.batch_size):
+            batch = pending[start : start + args.batch_size]
+            results = _embed_batch(engine, [items[i] for i in batch], cache, args, bar.update)
+            vectors = np.full((len(batch), engine.embedding_dim), np.nan, dtype=np.float32)
+            records = []
+            for j, (i, r) in enumerate(zip(batch, results)):
+                if r.embedding is not None:
+                    vectors[j] = r.embedding
+                records.append({"index": i, "id": ids[i], "trace": engine.prompts.decode(r.trace_ids), "error": r.error,
+                                "stop_reason": r.stop_reason, "prompt_tokens": r.prompt_tokens, "trace_tokens": len(r.trace_ids),
+                                "cached": r.cached, "input_digest": digests[i]})
+                stats["failed"] += r.error is not None
+                stats["trace_tokens"] += r.trace_tokens
+                if r.cached:
+                    stats[r.cached] += 1
+            shards.write(records, vectors)
     written = _assemble(prefix, args.format, shards, ids, engine.embedding_dim)
     failed = sum(r["error"] is not None for r in written)
     print(f"tte-embed: wrote {', '.join(str(p) for p in _final_paths(prefix, args.format))} ({len(ids)} x {engine.embedding_dim}); "

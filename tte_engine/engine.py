@@ -94,7 +94,7 @@ class Engine:
             keep_freed_memory()  # activations reuse heap memory instead of fresh pages every op
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.config.device!r} was asked for, but this torch build sees no CUDA device "
-                             f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch")
+                             f"(torch {torch.__version__}); use the cpu device (--device cpu on the command line) or install a CUDA build of torch")
         self.checkpoint = resolve_checkpoint(checkpoint)
         # an exported engine directory (engine.json) carries its configs and runtime-layout weights
         self.engine_dir = EngineDir.open(self.checkpoint) if is_engine_dir(self.checkpoint) else None
@@ -313,9 +313,9 @@ class Engine:
         """
         if self.has_unfinished():
             raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
-        for seq in seqs:
-            self.add_request(seq)
         try:
+            for seq in seqs:
+                self.add_request(seq)
             while self.has_unfinished():
                 done = self.step()
                 if done and on_done is not None:
@@ -374,6 +374,9 @@ class Engine:
         if errors not in ("raise", "return"):
             raise InvalidInputError(f"errors must be 'raise' or 'return', got {errors!r}", None, "errors")
         check_settings(think, max_trace_tokens, instruction, sampling, truncate_prompt_tokens, None)
+        self.prompts.check_instruction(instruction)
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise InvalidInputError(f"progress must be True, False or a callable, got {type(progress).__name__}", None, "progress")
         if self.has_unfinished():
             raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
         # one item (a text, a dict, a Query), or any collection of them: a list, a tuple, a generator, a pandas Series

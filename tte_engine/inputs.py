@@ -173,21 +173,26 @@ class PromptBuilder:
 
     def truncate(self, query: Query, prompt: Prompt, max_tokens: int, index: int, *, think: bool, instruction: str | None) -> Prompt:
         """`prompt` rebuilt with the end of `query.text` cut so it holds at most `max_tokens` tokens
-        (the image, instruction and template are kept whole). Raises InvalidInputError when even
-        an empty text does not fit."""
-        for _ in range(4):  # re-tokenizing a decoded cut can differ by a token at the boundary
-            excess = len(prompt.token_ids) - max_tokens
-            if excess <= 0:
-                return prompt
-            text_ids = self.tokenizer(query.text or "", add_special_tokens=False).input_ids
-            if excess >= len(text_ids):
-                raise InvalidInputError(f"the prompt holds {len(prompt.token_ids) - len(text_ids)} tokens besides its text; "
+        (the image, instruction and template are kept whole). The text is cut at a character
+        boundary taken from the tokenizer's offsets, so a token that holds part of a character (a
+        byte-level token of an emoji or a CJK character) never leaves a broken character (U+FFFD)
+        behind. Raises InvalidInputError when even an empty text does not fit."""
+        images = [i for i in prompt.images if not i.video]  # keep the processed images and videos as they are
+        videos = [i for i in prompt.images if i.video]
+        text = query.text or ""
+        while (excess := len(prompt.token_ids) - max_tokens) > 0:  # each pass cuts text shorter: it ends
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if excess >= len(encoded.input_ids):
+                raise InvalidInputError(f"the prompt holds {len(prompt.token_ids) - len(encoded.input_ids)} tokens besides its text; "
                                         f"it cannot be truncated to {max_tokens}", index)
-            images = [i for i in prompt.images if not i.video]  # keep the processed images and videos as they are
-            videos = [i for i in prompt.images if i.video]
-            query = replace(query, text=self.tokenizer.decode(text_ids[: len(text_ids) - excess]), image=None, images=images, video=None, videos=videos)
+            # keep the characters the first len - excess tokens cover: up to the end of the last kept
+            # token's span, or its start when that span runs to the end of the text (a character split
+            # over the last tokens); re-tokenizing a cut can merge differently: the loop then cuts again
+            start, end = encoded.offset_mapping[len(encoded.input_ids) - excess - 1]
+            text = text[: min(end if end < len(text) else start, len(text) - 1)]
+            query = replace(query, text=text, image=None, images=images, video=None, videos=videos)
             prompt = self.build(query, index, think=think, instruction=instruction)
-        raise InvalidInputError(f"the prompt cannot be truncated to {max_tokens} tokens", index)
+        return prompt
 
     def _eos_ids(self, checkpoint: Path) -> list[int]:
         ids: list[int] = []
@@ -199,6 +204,18 @@ class PromptBuilder:
             ids.append(self.tokenizer.eos_token_id)
         return list(dict.fromkeys(ids))
 
+    def _check_reserved(self, text: str, field: str, index: int | None) -> None:
+        """Raises InvalidInputError (naming `field`) when `text` holds a vision placeholder token."""
+        for token in self._reserved:
+            if token in text:
+                raise InvalidInputError(f"{field} contains the reserved vision token {token!r}", index, field)
+
+    def check_instruction(self, instruction: str | None) -> None:
+        """A call's instruction (a name or literal text; None: the default) as a call setting: raises
+        InvalidInputError(index=None, field="instruction") when it holds a vision placeholder token."""
+        if instruction is not None:
+            self._check_reserved(self.tte.instructions.get(instruction, instruction), "instruction", None)
+
     def instruction_for(self, query: Query, instruction: str | None) -> str:
         chosen = query.instruction if query.instruction is not None else instruction
         if chosen is None:
@@ -209,11 +226,10 @@ class PromptBuilder:
         """The item's prompt; `max_tokens`: the most its images and videos may take (see `_vision_inputs`)."""
         images = self._vision_inputs(query, index, max_tokens)
         text = self.instruction_for(query, instruction)
+        self._check_reserved(text, "instruction", index)
         if (query.text or "").strip():
+            self._check_reserved(query.text, "text", index)
             text = f"{text}\n{query.text}" if text else query.text
-        for token in self._reserved:
-            if token in text:
-                raise InvalidInputError(f"text contains the reserved vision token {token!r}", index, "text")
         content = [{"type": "video" if i.video else "image"} for i in images] + [{"type": "text", "text": text}]
         rendered = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -271,9 +287,7 @@ class PromptBuilder:
                 raise InvalidInputError(f"{name}: {exc}", index, name) from exc
             keep(name, processed)
         videos = ([("video", query.video)] if query.video is not None else []) + [(f"videos[{i}]", v) for i, v in enumerate(query.videos or [])]
-        if not videos:
-            return out
-        try:
+        try:  # checked even for an item without a video, as a request's video_options are
             opts = self.video_options.updated(query.video_options)
         except VideoError as exc:
             raise InvalidInputError(f"video_options: {exc}", index, "video_options") from exc

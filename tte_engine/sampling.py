@@ -2,8 +2,9 @@
 temperature / top-k / top-p sampling.
 
 Greedy decoding keeps embeddings deterministic. Vision placeholder tokens are never generated:
-`suppression_bias` is a precomputed additive mask (-inf at their ids) added to the logits before
-the choice, so no step indexes by a Python list.
+`suppress_` sets their logits to -inf before the choice, through a precomputed device index
+(`suppressed_index`), so no step indexes by a Python list. (Until stop 15 an additive [V] mask
+was added to every row: a pass over all B x V logits, where the fill writes B x k entries.)
 
 Sampling is Gumbel-max: token = argmax(filtered logits / T + g), with g ~ Gumbel(0, 1) drawn per
 (request seed, trace position, vocab id) by a counter-based hash. So a request's trace depends
@@ -34,7 +35,8 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise ValueError(f"SamplingParams.{name} must be {what}, got {value!r}")
 
-        number("temperature", lambda v: 0 <= v < float("inf"), "a number >= 0 (0 = greedy)")
+        # the device computes in fp32: a larger temperature would be inf there (logits / inf: NaN)
+        number("temperature", lambda v: 0 <= v <= _FP32_MAX, f"a number >= 0 (0 = greedy) and <= {_FP32_MAX:.7g} (fp32's largest)")
         number("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
@@ -51,14 +53,20 @@ class SamplingParams:
 
 
 _MASK31 = (1 << 31) - 1
+_FP32_MAX = float(np.finfo(np.float32).max)
 _MASK32 = (1 << 32) - 1
 
 
-def suppression_bias(vocab_size: int, suppressed_ids: list[int], device) -> torch.Tensor:
-    """[vocab_size] fp32: -inf at the ids a trace must never contain, 0 elsewhere."""
-    bias = torch.zeros(vocab_size, dtype=torch.float32)
-    bias[[i for i in suppressed_ids if 0 <= i < vocab_size]] = float("-inf")
-    return bias.to(device)
+def suppressed_index(vocab_size: int, suppressed_ids: list[int], device) -> torch.Tensor:
+    """The ids a trace must never contain that the vocabulary has, as an int64 device tensor [k]
+    (sorted, unique) for `suppress_`."""
+    return torch.tensor(sorted({i for i in suppressed_ids if 0 <= i < vocab_size}), dtype=torch.int64, device=device)
+
+
+def suppress_(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] with column `index` (int64 [k], from `suppressed_index`) set to -inf, in place;
+    returns `logits`. No host sync, static shapes (capturable in a CUDA graph)."""
+    return logits.index_fill_(-1, index, float("-inf"))
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -70,8 +78,11 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     [256, 640] 17 vs 150 us, [1, 151936] 12 vs 127 us); the result shares numpy's memory. Other
     devices and dtypes use argmax itself. Static shapes, no host sync."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype(np.int64, copy=False))
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))  # np.intp: int64 (asserted below)
     return logits.argmax(dim=-1)
+
+
+assert np.dtype(np.intp) == np.int64, "greedy_tokens assumes numpy's index type is int64 (true on 64-bit platforms)"
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +111,7 @@ def sample(
     seeds: torch.Tensor,
     counters: torch.Tensor,
 ) -> torch.Tensor:
-    """Tokens [B] int64 for logits [B, V] fp32 (suppression already added).
+    """Tokens [B] int64 for logits [B, V] fp32 (suppression already applied).
 
     temperature [B] fp32 (0 = greedy row), top_k [B] int64 (0 = off), top_p [B] fp32, seeds [B] and
     counters [B] int64 (the request's seed, and how many trace tokens it has): all on the logits'

@@ -60,7 +60,7 @@ class DecodeBatch:
         # the next step's inputs, one row per ROW_FIELDS entry (token, position, slot, context length,
         # table row), one column per sequence: every step moves position, slot and context on by one
         # (`record`), and a sequence's slot jumps only when it gains a block (`_prepare_decode`)
-        self.inputs = np.zeros((len(ROW_FIELDS), 0), dtype=np.int64)
+        self._set_inputs(np.zeros((len(ROW_FIELDS), 0), dtype=np.int64))
         # the tokens of the steps run, one row a step, one column a sequence; `flush` writes them into the sequences
         self.history = np.empty((_HISTORY_ROWS, 0), dtype=np.int64)
         self.attention_plan = None  # a CPU runner's decode-attention plan, updated step by step (`HostDecodePlan`)
@@ -87,7 +87,7 @@ class DecodeBatch:
                              for q, i in zip(seqs, index.tolist())), np.int64, n)
         last = np.fromiter((q.token_ids[-1] for q in seqs), np.int64, n)  # the token the next step computes
         rows = np.fromiter((q.row for q in seqs), np.int64, n)  # block-table rows
-        self.inputs = np.concatenate([self.inputs, np.stack([last, index + new["rope_deltas"], slots, index + 1, rows])], axis=1)
+        self._set_inputs(np.concatenate([self.inputs, np.stack([last, index + new["rope_deltas"], slots, index + 1, rows])], axis=1))
         self.history = np.concatenate([self.history, np.empty((self.history.shape[0], n), dtype=np.int64)], axis=1)
         self.seqs = self.seqs + list(seqs)
         self.attention_plan = None  # rebuilt for the new rows
@@ -101,7 +101,7 @@ class DecodeBatch:
         keep[indices] = False
         for name in _ROW_ARRAYS:
             setattr(self, name, getattr(self, name)[keep])
-        self.inputs = self.inputs[:, keep]
+        self._set_inputs(self.inputs[:, keep])
         history = np.empty((self.history.shape[0], int(keep.sum())), dtype=np.int64)
         history[: self.steps] = self.history[: self.steps, keep]  # the rows written so far, not the whole allocation
         self.history = history
@@ -126,20 +126,15 @@ class DecodeBatch:
         """int64 [B]: the position of the token each sequence computes in the next step."""
         return self.start + self.steps
 
-    @property
-    def last(self) -> np.ndarray:
-        """int64 [B]: the token each sequence computes in the next step (its last sampled one)."""
-        return self.inputs[0]
-
-    @property
-    def rows(self) -> np.ndarray:
-        """int64 [B]: each sequence's row of the block tables."""
-        return self.inputs[4]
-
-    @property
-    def slot_mapping(self) -> np.ndarray:
-        """int64 [B]: the cache slot each sequence's next token's k/v go to."""
-        return self.inputs[2]
+    def _set_inputs(self, inputs: np.ndarray) -> None:
+        """`inputs` (int64 [len(ROW_FIELDS), B]) become the next step's; its rows are kept as views,
+        made once per batch change rather than at every read (in a step each costs several us cold)."""
+        self.inputs = inputs
+        self.last = inputs[0]  # the token each sequence computes in the next step (its last sampled one)
+        self.slot_mapping = inputs[2]  # the cache slot each sequence's next token's k/v go to
+        self.context_lens = inputs[3]  # each sequence's context length after the next step (index + 1)
+        self.rows = inputs[4]  # each sequence's row of the block tables
+        self._advancing = inputs[1:4]  # what every step moves on by one: position, slot, context length
 
     def gained_blocks(self, rows: np.ndarray, blocks: list[int]) -> None:
         """Rows `rows` (int64 [k]) of the batch gained one block each, `blocks` (their ids): their
@@ -160,8 +155,8 @@ class DecodeBatch:
             else:
                 self.history = np.concatenate([self.history, np.empty_like(self.history)])
         self.history[self.steps] = tokens
-        self.inputs[0] = tokens
-        self.inputs[1:4] += 1  # position, slot and context length (a slot that crosses into a new block is set when it gains it)
+        self.last[:] = tokens
+        self._advancing += 1  # position, slot and context length (a slot that crosses into a new block is set when it gains it)
         self.steps += 1
         self.steps_run += 1
 
@@ -253,6 +248,12 @@ class Scheduler:
         self._may_stop_table[sorted(self._may_stop)] = True
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Raises ValueError for one handed to a scheduler before (running,
+        finished or aborted): its state is that run's, and a second entry would share its blocks."""
+        if seq.submitted:
+            raise ValueError(f"sequence {seq.seq_id} was already submitted (a Sequence runs once; make a new one with "
+                             "Engine.make_sequence)")
+        seq.submitted = True
         seq.stage = 1 if self.two_model and seq.phase == Phase.EMBED else 0
         self.waiting[seq.stage].append(seq)
 

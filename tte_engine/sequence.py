@@ -62,6 +62,7 @@ class Sequence:
     stop_reason: str | None = None
     seed: int = 0  # what sampling draws its noise from (see sampling.py)
     greedy: bool = True  # sampling.greedy, kept as a plain attribute for the decode hot path
+    submitted: bool = False  # handed to a scheduler (a sequence runs once: see Scheduler.add)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt.token_ids)

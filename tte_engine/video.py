@@ -159,6 +159,9 @@ def num_sampled_frames(total: int, video_fps: float | None, opts: VideoOptions, 
     """
     if opts.num_frames is not None:
         n = _round_by(opts.num_frames, factor)
+        if n < factor:
+            raise VideoError(f"num_frames={opts.num_frames} rounds to {n} frames: frames are sampled in multiples of {factor} "
+                             f"(the temporal patch size), at least {factor}")
     else:
         if not video_fps:
             raise VideoError("the video's frame rate is unknown: set num_frames to sample it")
@@ -327,8 +330,8 @@ def decode_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *, m
     pixels to decode (MAX_VIDEO_DECODE_PIXELS) and the clip's tokens (<= `max_tokens`) are checked;
     decoding stops after the last sampled frame. Raises VideoError (or Cancelled: see `stop_decoding_when`).
     """
+    source = _open_source(video)  # a missing file or bad data: URL says so, with or without PyAV
     av = _import_av()
-    source = _open_source(video)
     try:
         with _open(av, source) as container:
             if not container.streams.video:

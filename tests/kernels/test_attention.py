@@ -277,7 +277,7 @@ def test_host_decode_plan_equals_decode_plan(lens, extra_blocks):
     rows = torch.randperm(len(lens) + 4, generator=g)[: len(lens)].numpy().astype(np.int64)
     index = np.asarray(lens, dtype=np.int64) - 1  # the new token's position: the context holds lens tokens
     slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
-    got = attention.HostDecodePlan().step(tables, rows, index, slots, width, BLOCK_SIZE, tick=0)
+    got = attention.HostDecodePlan().step(tables, rows, index + 1, slots, width, BLOCK_SIZE, tick=0)
     _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got)
 
 
@@ -312,5 +312,5 @@ def test_host_decode_plan_follows_a_batch_step_by_step():
         tables = held.copy()
         tables[rows] = np.where(np.arange(max_blocks) <= (index // BLOCK_SIZE)[:, None], held[rows], 99999)
         slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
-        got = plan.step(tables, rows, index, slots, width, BLOCK_SIZE, tick=step)
+        got = plan.step(tables, rows, index + 1, slots, width, BLOCK_SIZE, tick=step)
         _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got, f"step {step}")

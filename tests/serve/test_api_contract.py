@@ -223,15 +223,18 @@ def test_txt_corpus_with_a_bad_byte(tmp_path):
     assert ids == [None, None, None]
 
 
-def test_a_bad_cache_file_is_one_line_and_exit_2(tmp_path, serve_checkpoint, capsys):
+def test_a_bad_cache_file_is_one_line_and_exit_2_before_the_model_loads(tmp_path, capsys):
+    """The cache is opened before the model: with a checkpoint that does not exist, the error is still
+    the cache's (a config error is not reported after minutes of loading a 7B model)."""
     bad = tmp_path / "cache.sqlite"
     bad.write_bytes(b"not a database" * 64)
     corpus = tmp_path / "in.txt"
     corpus.write_text("one\n")
-    assert tte_embed([str(corpus), "--checkpoint", str(serve_checkpoint), "--cache", str(bad)]) == 2
+    missing = str(tmp_path / "no-such-checkpoint")
+    assert tte_embed([str(corpus), "--checkpoint", missing, "--cache", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("tte-embed: error: ") and "not a usable tte_engine cache" in err and "delete it" in err
-    assert tte_serve(["--checkpoint", str(serve_checkpoint), "--cache", str(bad), "--device", "cpu"]) == 2
+    assert tte_serve(["--checkpoint", missing, "--cache", str(bad), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tte-serve: error: ") and "not a usable tte_engine cache" in err
 
@@ -269,3 +272,14 @@ def test_a_broken_json_line_is_named_by_its_line_and_column(tmp_path):
     items, *_ = read_items(path)
     assert items[1].reason == "line 2: not valid JSON (Expecting ',' delimiter at column 13)"
     assert items[2].reason == "line 3: each line must be a JSON object"
+
+
+def test_numbers_json_has_not_make_a_malformed_line(tmp_path):
+    """Python's json reads NaN, Infinity and 1e400 (as inf); JSON has no such numbers, and an id read
+    so was written back out as invalid JSON (found by a review)."""
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"id": NaN, "text": "a"}\n{"id": 1e400, "text": "b"}\n{"id": -Infinity, "text": "c"}\n{"id": 1.5, "text": "d"}\n')
+    items, ids, _ = read_items(path)
+    assert [getattr(i, "reason", None) for i in items] == ["line 1: NaN is not a JSON number", "line 2: the number 1e400 is out of range",
+                                                           "line 3: -Infinity is not a JSON number", None]
+    assert ids[3] == 1.5

@@ -387,7 +387,7 @@ def test_a_finished_output_is_taken_over_only_with_the_same_settings(serve_check
     capsys.readouterr()
 
     assert run(src, serve_checkpoint, out, "--no-cache", "--no-think") == 2  # it used to keep the think=True vectors
-    assert "other settings (think differ)" in capsys.readouterr().err
+    assert "other settings (think differs)" in capsys.readouterr().err
     manifest = Path(f"{out}.manifest.json")
     assert not (tmp_path / "out.parts").exists() and json.loads(manifest.read_text())["think"] is True
     finished[".manifest.json"] = manifest.read_bytes()
@@ -420,7 +420,7 @@ def test_a_finished_parquet_output_records_its_settings(serve_checkpoint, tmp_pa
     before = Path(f"{out}.parquet").read_bytes()
     capsys.readouterr()
     assert run(src, serve_checkpoint, out, "--no-cache", "--format", "parquet", "--no-think") == 2
-    assert "other settings (think differ)" in capsys.readouterr().err
+    assert "other settings (think differs)" in capsys.readouterr().err
     assert Path(f"{out}.parquet").read_bytes() == before
     assert json.loads(pq.read_schema(f"{out}.parquet").metadata[b"tte_engine.manifest"])["think"] is True
     assert run(src, serve_checkpoint, out, "--no-cache", "--format", "parquet") == 0
@@ -442,7 +442,21 @@ def test_arguments_that_cannot_work_stop_before_any_model_work(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "q.txt"), "--format", "parquet"])
     assert exit_.value.code == 2 and "--format parquet needs pyarrow" in capsys.readouterr().err
+    monkeypatch.delitem(sys.modules, "pyarrow")
+    # call settings every row would fail on (found by a review: the run went on, wrote error rows and a manifest)
+    for flags, message in ((["--max-trace-tokens", "-5"], "--max-trace-tokens: max_trace_tokens must be >= 0, got -5"),
+                           (["--instruction", "bad \udcff"], "--instruction: instruction is not valid Unicode")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "q.txt"), "--checkpoint", str(tmp_path / "no-model"), *flags])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "q.txt"]
+
+
+def test_an_instruction_with_a_vision_token_stops_before_the_run(serve_checkpoint, tmp_path, capsys):
+    (tmp_path / "q.txt").write_text("a\n")
+    assert main([str(tmp_path / "q.txt"), "--checkpoint", str(serve_checkpoint), "--instruction", "look: <|image_pad|>", "--no-cache"]) == 2
+    assert "instruction contains the reserved vision token '<|image_pad|>'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.txt"]
 
 
 def test_a_bad_or_id_less_line_among_integer_ids_is_its_own_error_row(serve_checkpoint, tmp_path):

@@ -291,6 +291,7 @@ class _Server:
             raise RequestError(400, "normalize=false is not supported: this model's embeddings are always L2-normalized", "normalize")
         try:
             check_settings(True, req.max_trace_tokens, req.instruction, None, _truncation(req), None)
+            self.engine.prompts.check_instruction(req.instruction)
             self.engine.prompts.video_options.updated(req.video_options)  # checked even when no item has a video
         except InvalidInputError as exc:
             raise RequestError(400, exc.reason, exc.field) from exc

@@ -43,12 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-use traces and embeddings from a SQLite cache ($TTE_HOME/cache.sqlite if PATH is left out)")
     p.add_argument("--think", choices=["on", "off"], help="default for requests that do not say (default: on when the checkpoint has a trace budget)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + trace + suffix, in tokens")
     add_engine_flags(p)
     p.add_argument("--prep-threads", type=int, default=4, help="threads that validate requests and decode images (default 4)")
-    p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown (default 60)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server and engine log level (default info)")
     return p
 
 
@@ -80,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = {k: v for k, v in (("max_num_seqs", args.max_batch_size), ("max_model_len", args.max_model_len)) if v is not None}
     overrides.update(engine_switches(args))
-    try:
-        engine = Engine(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype, **overrides)
+    cache = None
+    try:  # the cache first: an unusable cache file is reported before the model loads
         cache = ResultCache(args.cache or None) if args.cache is not None else None
+        engine = Engine(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype, **overrides)
     except (TTEError, OSError, ValueError) as exc:
+        if cache is not None:
+            cache.close()
         print(f"tte-serve: error: {exc}", file=sys.stderr)
         return 2
     settings = ServerSettings(
