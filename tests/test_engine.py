@@ -241,14 +241,18 @@ def test_a_sequence_runs_once(engine, mixed_items):
     """The same Sequence twice in one run, or again after it finished, is refused (found by a review:
     it raised "a scheduler bug" from deep inside a step); the engine stays usable."""
     seq = engine.make_sequence(mixed_items[0], 0)
-    with pytest.raises(ValueError, match="already submitted"):
+    with pytest.raises(ValueError, match="given twice or was already submitted"):
         engine.run([seq, seq])
     assert not engine.has_unfinished() and engine.stages[0].blocks.num_free == engine.stages[0].blocks.num_blocks
     done = engine.make_sequence(mixed_items[0], 0)
     engine.run([done])
     assert done.embedding is not None
+    with pytest.raises(ValueError, match="given twice or was already submitted"):
+        engine.run([seq, done])
+    engine.run([seq])  # refused before anything was queued: still new
+    assert seq.embedding is not None
     with pytest.raises(ValueError, match="already submitted"):
-        engine.run([done])
+        engine.add_request(done)
     assert engine.embed(mixed_items[:1]).errors == [None]
 
 

@@ -313,6 +313,9 @@ class Engine:
         """
         if self.has_unfinished():
             raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
+        if len({id(s) for s in seqs}) < len(seqs) or any(s.submitted for s in seqs):  # before any is queued: the others stay new
+            raise ValueError("a sequence is given twice or was already submitted (a Sequence runs once; make a new one with "
+                             "Engine.make_sequence)")
         try:
             for seq in seqs:
                 self.add_request(seq)

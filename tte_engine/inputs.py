@@ -177,6 +177,8 @@ class PromptBuilder:
         boundary taken from the tokenizer's offsets, so a token that holds part of a character (a
         byte-level token of an emoji or a CJK character) never leaves a broken character (U+FFFD)
         behind. Raises InvalidInputError when even an empty text does not fit."""
+        if len(prompt.token_ids) > max_tokens and not getattr(self.tokenizer, "is_fast", True):
+            raise InvalidInputError("truncation needs the checkpoint's fast tokenizer (tokenizer.json): a slow one gives no character offsets", index)
         images = [i for i in prompt.images if not i.video]  # keep the processed images and videos as they are
         videos = [i for i in prompt.images if i.video]
         text = query.text or ""

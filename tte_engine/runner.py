@@ -212,7 +212,11 @@ class Runner:
             if step is None:
                 step = self._planned_steps[batch] = self._decode_step(view, None, view["context_lens"])
             step.decode_plan = plan
-        h, residual = self.model(step, self.cache)
+        try:
+            h, residual = self.model(step, self.cache)
+        finally:
+            if plan is not None:  # the kept StepBatch must not keep this step's plan arrays alive past the step
+                step.decode_plan = None
         normed = self.model.final_norm(h, residual)
         logits = suppress_(self.model.lm_head(normed).float(), self.suppressed)  # in place: the LM head's output is a fresh tensor
         return greedy_tokens(logits), normed
