@@ -88,6 +88,9 @@ def print_summary(summary: dict) -> None:
             print(f"    embedding cosine min {a['cosine']['min']:.5f} mean {a['cosine']['mean']:.5f}; think=False min "
                   f"{a['cosine_no_think']['min']:.5f}; traces identical {a['trace_exact_match']:.0%}; "
                   f"top-1 agreement {a['retrieval_top1_agreement']:.0%}")
+    if summary["random_init"] and (acc or pt):  # a new user read "traces identical 0%" as a broken export
+        print("  (random weights: near-uniform logits, so greedy traces part at the first near-tie; trace agreement "
+              "means something on trained weights only)")
     if summary["fp8"] and not acc and not pt:
         print("  FP8 accuracy: not measured (needs --calibration > 0)")
     if "trtllm" in summary:
