@@ -363,6 +363,56 @@ def test_auth_queue_limit_cache_and_local_files(serve_checkpoint, reference, ima
         cache.close()
 
 
+def test_media_budget_counts_what_requests_are_still_preparing():
+    """Pending bytes (items prepared, the request not yet holding its share) count against the bound:
+    requests preparing side by side used to gather up to the bound each. The oldest request still
+    preparing is refused only at `take`, so competing requests never all fail; one that can never
+    fit is a 413, not a 429; a request that has ended counts nothing more."""
+    from tte_engine.serve.app import HeldMedia, MediaBudget
+
+    class Gauge:
+        def set(self, value):
+            self.value = value
+
+    budget = MediaBudget(25, Gauge())
+
+    def status(call):
+        try:
+            call()
+        except RequestError as exc:
+            return exc.status
+        return 200
+
+    a, b = HeldMedia(), HeldMedia()
+    budget.want(a, 10, "input[0]")
+    budget.want(b, 10, "input[0]")  # 20 of 25
+    budget.want(a, 10, "input[1]")  # the oldest: allowed past the bound while it prepares
+    assert status(lambda: budget.want(b, 10, "input[1]")) == 429 and budget.over(b)  # its remaining items are skipped
+    assert (budget.used, budget.pending) == (0, 30)
+    budget.take(a)
+    assert (budget.used, budget.pending) == (20, 10)
+    budget.give_back(b)
+    assert (budget.used, budget.pending) == (20, 0)
+    c = HeldMedia()
+    budget.want(c, 10, "input[0]")  # the oldest preparing now, refused at take: a holds the room
+    assert status(lambda: budget.take(c)) == 429
+    budget.give_back(c)
+    d, e = HeldMedia(), HeldMedia()
+    budget.want(d, 10, "input[0]")
+    assert status(lambda: budget.want(e, 10, "input[0]")) == 429  # 20 held + 10 pending + 10 > 25
+    budget.give_back(e)
+    budget.want(d, 10, "input[1]")
+    budget.want(d, 10, "input[2]")  # 30 of its own: never fits, skipped from here on
+    assert budget.over(d) and status(lambda: budget.take(d)) == 413
+    f = HeldMedia()
+    assert status(lambda: budget.want(f, 30, "input[0]")) == 400  # one item over the bound
+    budget.give_back(d)
+    budget.give_back(a)
+    budget.give_back(f)
+    budget.want(f, 10, "input[1]")  # an item finishing after its request ended counts nothing
+    assert (budget.used, budget.pending) == (0, 0)
+
+
 def test_media_budget_bounds_what_requests_in_flight_hold(serve_checkpoint, reference, images):
     """--max-media-bytes: the preprocessed images and videos of the requests in flight are bounded.
     An item alone over it is a 400 naming the item, a request whose own items pass it a 413, one

@@ -62,30 +62,47 @@ class MediaBudget:
     hold together, bounded. Without a bound the server's memory grew with items x images x pixels
     until the process died, taking every client with it (160 items of 8 PNGs held 776 MB).
 
-    A request's items count their bytes as they are prepared (`want`); once it has them all, the
-    request takes its whole share at once (`take`) or is refused: 413 when its own items pass the
-    bound (its remaining items are then skipped), 429 (retry later) when others' items hold the
-    room. An item alone over the bound is that item's 400. The share goes back when the request
-    ends (`give_back`). What is bounded is what requests hold while they wait and run; while items
-    are being prepared, up to `--prep-threads` items more exist beyond it."""
+    A request's items count their bytes as they are prepared (`want`): pending bytes. Once it has
+    them all, the request takes its whole share at once (`take`) or is refused: 413 when its own
+    items pass the bound (its remaining items are then skipped), 429 (retry later) when others'
+    items hold the room. An item alone over the bound is that item's 400. The share goes back when
+    the request ends (`give_back`).
+
+    Pending bytes count against the bound too, so requests preparing side by side cannot each
+    gather up to the bound (16 at once could hold 16 times it): an item whose bytes would take the
+    held and pending total past the bound makes its request a 429 at once, unless the request is
+    the oldest one still preparing, which is refused only at `take` (so one of any set of
+    competing requests always gets through: none starves the others by holding pending bytes).
+    Beyond the bound exist at most the items being prepared at that moment (`--prep-threads`) and
+    the oldest request's own pending bytes (at most the bound: past it, it is a 413)."""
 
     def __init__(self, limit: int, gauge):
         if limit < 0:
             raise ValueError(f"max_media_bytes must be >= 0, got {limit}")
-        self.limit, self.used, self._gauge, self._lock = limit, 0, gauge, threading.Lock()
+        self.limit, self.used, self.pending, self._gauge, self._lock = limit, 0, 0, gauge, threading.Lock()
+        self._preparing: dict[int, HeldMedia] = {}  # requests with pending bytes, oldest first (by id: a dict keeps insertion order)
 
     def want(self, held: "HeldMedia", nbytes: int, item: str) -> None:
         """Count `nbytes` of `item` (e.g. "input[3]") towards a request's share; raises RequestError
-        (400) when the item alone passes the bound."""
+        400 when the item alone passes the bound, 429 when the room is held by others (see above)."""
         if nbytes > self.limit:
             raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
                                     f"{self.limit} (tte-serve --max-media-bytes)", item)
         with self._lock:
+            if held.closed or not nbytes:  # the request has ended (a client that left): its items count no more
+                return
+            oldest = next(iter(self._preparing.values()), held)
+            fits_alone = held.wanted + nbytes <= self.limit  # else a 413 at `take` (a retry would not help), not a 429
+            if fits_alone and held is not oldest and self.used + self.pending + nbytes > self.limit:
+                held.refused = True
+                raise self._busy()
             held.wanted += nbytes
+            self.pending += nbytes
+            self._preparing.setdefault(id(held), held)
 
     def over(self, held: "HeldMedia") -> bool:
-        """The request's items passed the bound on their own: it is refused, its remaining items skipped."""
-        return held.wanted > self.limit
+        """The request is refused already, or its items passed the bound on their own (it will be): its remaining items are skipped."""
+        return held.refused or held.wanted > self.limit
 
     def take(self, held: "HeldMedia") -> None:
         """Take a request's whole share (every item counted); raises RequestError 413 or 429. A request
@@ -93,30 +110,43 @@ class MediaBudget:
         with self._lock:
             if held.closed:
                 return
-            if self.over(held):
+            if held.wanted > self.limit:
                 raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
                                         "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
             if self.used + held.wanted > self.limit:
-                raise RequestError(429, f"the server is busy: images and videos of requests in flight hold {self.used} of {self.limit} "
-                                        "bytes; retry later", type="rate_limit_error", headers={"Retry-After": "1"}, code="rate_limit_exceeded")
+                raise self._busy()
+            self._settle(held)
             held.taken = held.wanted
             self.used += held.taken
             self._gauge.set(self.used)
 
     def give_back(self, held: "HeldMedia") -> None:
         with self._lock:
+            if not held.taken:
+                self._settle(held)
             self.used -= held.taken
             held.taken, held.closed = 0, True
             self._gauge.set(self.used)
 
+    def _settle(self, held: "HeldMedia") -> None:
+        """The request's pending bytes stop being pending (taken, or given back)."""
+        if self._preparing.pop(id(held), None) is not None:
+            self.pending -= held.wanted
 
-@dataclass
+    def _busy(self) -> "RequestError":
+        return RequestError(429, f"the server is busy: images and videos of requests in flight hold {self.used + self.pending} of "
+                                 f"{self.limit} bytes; retry later", type="rate_limit_error", headers={"Retry-After": "1"},
+                            code="rate_limit_exceeded")
+
+
+@dataclass(eq=False)
 class HeldMedia:
     """One request's share of the MediaBudget."""
 
     wanted: int = 0  # bytes its items prepared so far
     taken: int = 0  # bytes it holds
     closed: bool = False  # given back: the request has ended
+    refused: bool = False  # a 429 while its items were prepared: the rest are skipped
 
 
 def media_bytes(plan: Plan) -> int:
