@@ -89,7 +89,7 @@ class MediaBudget:
             raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
                                     f"{self.limit} (tte-serve --max-media-bytes)", item)
         with self._lock:
-            if held.closed or not nbytes:  # the request has ended (a client that left): its items count no more
+            if held.closed or held.refused or not nbytes:  # the request has ended or will (a 429): its items count no more
                 return
             oldest = next(iter(self._preparing.values()), held)
             fits_alone = held.wanted + nbytes <= self.limit  # else a 413 at `take` (a retry would not help), not a 429
