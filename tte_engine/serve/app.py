@@ -63,10 +63,10 @@ class MediaBudget:
     until the process died, taking every client with it (160 items of 8 PNGs held 776 MB).
 
     A request's items count their bytes as they are prepared (`want`): pending bytes. Once it has
-    them all, the request takes its whole share at once (`take`) or is refused: 413 when its own
-    items pass the bound (its remaining items are then skipped), 429 (retry later) when others'
-    items hold the room. An item alone over the bound is that item's 400. The share goes back when
-    the request ends (`give_back`).
+    them all, the request takes its whole share at once (`take`) or is refused: 413 as soon as its
+    own items pass the bound, 429 (retry later) when others' items hold the room. An item alone over
+    the bound is that item's 400. A refused request's remaining items are skipped (as after a bad
+    item). The share goes back when the request ends (`give_back`).
 
     Pending bytes count against the bound too, so requests preparing side by side cannot each
     gather up to the bound (16 at once could hold 16 times it): an item whose bytes would take the
@@ -84,16 +84,20 @@ class MediaBudget:
 
     def want(self, held: "HeldMedia", nbytes: int, item: str) -> None:
         """Count `nbytes` of `item` (e.g. "input[3]") towards a request's share; raises RequestError
-        400 when the item alone passes the bound, 429 when the room is held by others (see above)."""
+        400 when the item alone passes the bound, 413 when the request's items do, 429 when the room
+        is held by others (see above). Each refuses the whole request (`held.refused`)."""
         if nbytes > self.limit:
+            held.refused = True
             raise RequestError(400, f"{item}'s images and videos take {nbytes} bytes once preprocessed; this server holds at most "
                                     f"{self.limit} (tte-serve --max-media-bytes)", item)
         with self._lock:
-            if held.closed or held.refused or not nbytes:  # the request has ended or will (a 429): its items count no more
+            if held.closed or held.refused or not nbytes:  # the request has ended or will: its items count no more
                 return
+            if held.wanted + nbytes > self.limit:  # its own items pass the bound: a retry would not help
+                held.refused = True
+                raise self._too_large()
             oldest = next(iter(self._preparing.values()), held)
-            fits_alone = held.wanted + nbytes <= self.limit  # else a 413 at `take` (a retry would not help), not a 429
-            if fits_alone and held is not oldest and self.used + self.pending + nbytes > self.limit:
+            if held is not oldest and self.used + self.pending + nbytes > self.limit:
                 held.refused = True
                 raise self._busy()
             held.wanted += nbytes
@@ -101,8 +105,8 @@ class MediaBudget:
             self._preparing.setdefault(id(held), held)
 
     def over(self, held: "HeldMedia") -> bool:
-        """The request is refused already, or its items passed the bound on their own (it will be): its remaining items are skipped."""
-        return held.refused or held.wanted > self.limit
+        """The request is refused already (413, 429, or a bad item): its remaining items are skipped."""
+        return held.refused
 
     def take(self, held: "HeldMedia") -> None:
         """Take a request's whole share (every item counted); raises RequestError 413 or 429. A request
@@ -111,8 +115,7 @@ class MediaBudget:
             if held.closed:
                 return
             if held.wanted > self.limit:
-                raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
-                                        "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
+                raise self._too_large()
             if self.used + held.wanted > self.limit:
                 raise self._busy()
             self._settle(held)
@@ -133,6 +136,10 @@ class MediaBudget:
         if self._preparing.pop(id(held), None) is not None:
             self.pending -= held.wanted
 
+    def _too_large(self) -> "RequestError":
+        return RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
+                                 "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
+
     def _busy(self) -> "RequestError":
         return RequestError(429, f"the server is busy: images and videos of requests in flight hold {self.used + self.pending} of "
                                  f"{self.limit} bytes; retry later", type="rate_limit_error", headers={"Retry-After": "1"},
@@ -146,7 +153,7 @@ class HeldMedia:
     wanted: int = 0  # bytes its items prepared so far
     taken: int = 0  # bytes it holds
     closed: bool = False  # given back: the request has ended
-    refused: bool = False  # a 429 while its items were prepared: the rest are skipped
+    refused: bool = False  # a 413, 429 or bad item while its items were prepared: the rest are skipped
 
 
 def media_bytes(plan: Plan) -> int:
@@ -298,6 +305,7 @@ class _Server:
         except Cancelled:
             return None
         except InvalidInputError as exc:
+            held.refused = True  # the request fails: its later items are not prepared (earlier ones have started: items start in order)
             raise RequestError(400, exc.reason, _blame(req, params, exc.field)) from exc
         self.media.want(held, media_bytes(plan), _blame(req, params, None))
         return plan
