@@ -195,7 +195,7 @@ def _stubbed_host_seconds(engine: Engine, runner, host_plan: _ForwardTimer) -> f
     a GPU, whose host replays a graph and waits. The CPU engine's host-side attention plan
     (`host_plan`'s calls, a stand-in for device work) is subtracted, as in "outside the device step".
     This is the closer estimate of what a GPU host adds to each graph replay; the in-step figures
-    pay a cold cache after every forward (on this VM the same host code runs 2-5x slower right
+    pay a cold cache after every forward (on this VM the same host code runs 3-7x slower right
     after a forward than in a loop)."""
     outputs = {}
     real = runner.decode_forward

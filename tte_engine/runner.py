@@ -34,7 +34,7 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 def readback(tokens: torch.Tensor) -> np.ndarray:
     """The one device-to-host transfer of a decode step: the sampled token ids (int64)."""
-    return tokens.numpy() if tokens.device.type == "cpu" else tokens.cpu().numpy()
+    return tokens.cpu().numpy()
 
 
 class Runner:
@@ -62,7 +62,6 @@ class Runner:
         self.layout = DecodeLayout(self.max_rows)
         self.decode_staging = StagingBuffer(self.layout.size, self.device)
         self._decode_inputs: dict[int, dict[str, torch.Tensor]] = {}  # views of its device buffer, per batch size
-        self._planned_steps: dict[int, StepBatch] = {}  # a CPU engine's decode StepBatch per batch size (its plan set per step)
         self.prefill_staging = StagingBuffer(1 << 14, self.device)
         self.padding_slot = blocks.scratch_block * self.block_size
         # a padded decode row, per ROW_FIELDS: token 0 at position 0, k/v to the scratch slot, empty context, padding table row
@@ -205,27 +204,15 @@ class Runner:
         if updates:
             self._update_tables(view["update_index"], view["update_value"])
         if plan is None:
-            step = self._decode_step(view, self.tables.index_select(0, view["table_rows"])[:, :width], view["context_lens"].to(torch.int32))
-            step.num_splits = num_splits
-        else:  # attention reads what the plan says: neither table rows nor int32 lengths (two ops fewer), so the
-            step = self._planned_steps.get(batch)  # rest of the StepBatch is the same at every step of this batch size
-            if step is None:
-                step = self._planned_steps[batch] = self._decode_step(view, None, view["context_lens"])
-            step.decode_plan = plan
-        try:
-            h, residual = self.model(step, self.cache)
-        finally:
-            if plan is not None:  # the kept StepBatch must not keep this step's plan arrays alive past the step
-                step.decode_plan = None
+            tables, context_lens = self.tables.index_select(0, view["table_rows"])[:, :width], view["context_lens"].to(torch.int32)
+        else:  # attention reads what the plan says: neither table rows nor int32 lengths (two ops fewer)
+            tables, context_lens = None, view["context_lens"]
+        step = StepBatch(input_ids=view["input_ids"], positions=view["positions"], slot_mapping=view["slot_mapping"], block_tables=tables,
+                         context_lens=context_lens, cu_seqlens_q=None, is_prefill=False, num_splits=num_splits, decode_plan=plan)
+        h, residual = self.model(step, self.cache)
         normed = self.model.final_norm(h, residual)
         logits = suppress_(self.model.lm_head(normed).float(), self.suppressed)  # in place: the LM head's output is a fresh tensor
         return greedy_tokens(logits), normed
-
-    @staticmethod
-    def _decode_step(view: dict[str, torch.Tensor], block_tables: torch.Tensor | None, context_lens: torch.Tensor) -> StepBatch:
-        """A decode step's StepBatch over the decode-buffer views `view` (see `decode_inputs`)."""
-        return StepBatch(input_ids=view["input_ids"], positions=view["positions"], slot_mapping=view["slot_mapping"],
-                         block_tables=block_tables, context_lens=context_lens, cu_seqlens_q=None, is_prefill=False)
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:

@@ -78,11 +78,8 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     [256, 640] 17 vs 150 us, [1, 151936] 12 vs 127 us); the result shares numpy's memory. Other
     devices and dtypes use argmax itself. Static shapes, no host sync."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))  # np.intp: int64 (asserted below)
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype(np.int64, copy=False))
     return logits.argmax(dim=-1)
-
-
-assert np.dtype(np.intp) == np.int64, "greedy_tokens assumes numpy's index type is int64 (true on 64-bit platforms)"
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

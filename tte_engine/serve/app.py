@@ -95,7 +95,8 @@ class MediaBudget:
                 return
             if held.wanted + nbytes > self.limit:  # its own items pass the bound: a retry would not help
                 held.refused = True
-                raise self._too_large()
+                raise RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
+                                        "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
             oldest = next(iter(self._preparing.values()), held)
             if held is not oldest and self.used + self.pending + nbytes > self.limit:
                 held.refused = True
@@ -109,13 +110,12 @@ class MediaBudget:
         return held.refused
 
     def take(self, held: "HeldMedia") -> None:
-        """Take a request's whole share (every item counted); raises RequestError 413 or 429. A request
-        whose handler already returned takes nothing."""
+        """Take a request's whole share (every item counted; `want` refused it already past the bound
+        on its own); raises RequestError 429 while others hold the room. A request whose handler
+        already returned takes nothing."""
         with self._lock:
             if held.closed:
                 return
-            if held.wanted > self.limit:
-                raise self._too_large()
             if self.used + held.wanted > self.limit:
                 raise self._busy()
             self._settle(held)
@@ -135,10 +135,6 @@ class MediaBudget:
         """The request's pending bytes stop being pending (taken, or given back)."""
         if self._preparing.pop(id(held), None) is not None:
             self.pending -= held.wanted
-
-    def _too_large(self) -> "RequestError":
-        return RequestError(413, f"this request's images and videos take more than {self.limit} bytes once preprocessed, the "
-                                 "most this server holds (tte-serve --max-media-bytes); send fewer per request", "input")
 
     def _busy(self) -> "RequestError":
         return RequestError(429, f"the server is busy: images and videos of requests in flight hold {self.used + self.pending} of "
