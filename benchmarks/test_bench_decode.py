@@ -36,7 +36,7 @@ import torch
 from transformers import Qwen2VLForConditionalGeneration
 
 from conftest import verdict
-from tte_engine import Engine
+from tte_engine import Engine, SamplingParams
 from tte_engine.kernels.attention import HostDecodePlan
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 from tte_engine.scheduler import SUFFIX_WAIT_WITH_GRAPHS
@@ -261,3 +261,87 @@ def test_bench_decode_varied_traces(benchmark, micro):
               f" ({mixed['equal'][0]} steps, ~{mixed['equal'][1]} with prefill rows): x{per_token['varied'] / per_token['equal']:.2f}"
               f" (thread CPU time, 1 thread; no target)")
     benchmark.extra_info.update(batch=VARIED_BATCH, budgets=VARIED_BUDGETS, policies=report, clock="thread_time, 1 thread")
+
+
+SAMPLED_STEPS = 12  # decode steps timed per mode in the sampled-decoding benchmark
+REAL_VOCAB = 151_936  # Qwen2-VL's vocabulary (config.json `vocab_size`): what a sampling pass covers per row
+SAMPLING_MODES = {  # (our SamplingParams, transformers' generate() sampling arguments)
+    "greedy": (None, dict(do_sample=False)),
+    "temperature 0.7": (SamplingParams(temperature=0.7, seed=1), dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0)),
+    "temperature 0.7, top_p 0.9": (SamplingParams(temperature=0.7, top_p=0.9, seed=1),
+                                   dict(do_sample=True, temperature=0.7, top_k=0, top_p=0.9)),
+}
+
+
+@pytest.fixture(scope="module")
+def micro_real_vocab(tmp_path_factory):
+    """The micro model with Qwen2-VL's real vocabulary: sampling's passes over the logits then cost what they cost on the real model."""
+    spec = replace(SPECS["tiny-random"], hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                   mrope_section=(2, 3, 3), head="last_token", vocab_size=REAL_VOCAB, think_max_tokens=SAMPLED_STEPS + 8)
+    return never_stop(build_random_checkpoint(tmp_path_factory.mktemp("micro-vocab"), spec, seed=0))
+
+
+def _hf_sampled_step_seconds(model, prompts: list[list[int]], suppress: list[int], first: int, options: dict) -> float:
+    """transformers' time per decode step with `options` (generate()'s sampling arguments): the slope
+    between `first` and `first` + SAMPLED_STEPS new tokens, each the faster of two runs (see `_hf_step_seconds`)."""
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+
+    @torch.no_grad()
+    def run(n: int) -> float:
+        start = time.thread_time()
+        model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                       suppress_tokens=suppress, **options)
+        return time.thread_time() - start
+
+    short = min(run(first) for _ in range(2))
+    long = min(run(first + SAMPLED_STEPS) for _ in range(2))
+    return (long - short) / SAMPLED_STEPS if long > short else float("nan")
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_bench_decode_sampled(benchmark, micro_real_vocab, batch):
+    """What sampling adds to a decode step at the real vocabulary (151,936 ids): our time per decode
+    step greedy, with temperature alone and with temperature and top-p, beside transformers'
+    generate() with the same settings in the same run (its per-step slope, as in the host-cost
+    benchmark). The micro model's forward is small, so the sampling pass over [B, 151,936] logits is
+    most of a sampled step here: on the real 2B model it adds the same seconds to a much larger
+    forward. Thread CPU time, one thread. A plain report (no target)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    report = {}
+    try:
+        engine = Engine(micro_real_vocab, max_num_seqs=max(batch, 2), cuda_graphs=False, enable_prefix_caching=False)
+        hf = _hf_model(micro_real_vocab)
+        suppress = engine.prompts.suppressed_ids
+
+        def run_all():
+            for name, (params, options) in SAMPLING_MODES.items():
+                seqs = [engine.make_sequence(t, i, max_trace_tokens=SAMPLED_STEPS + 4, sampling=params) for i, t in enumerate(_texts(batch))]
+                for seq in seqs:
+                    engine.add_request(seq)
+                while any(s.needs_prefill for s in engine.scheduler.running[0]) or engine.scheduler.waiting[0]:
+                    engine.step()
+                times = []
+                for _ in range(SAMPLED_STEPS):
+                    start = time.thread_time()
+                    engine.step()
+                    times.append(time.thread_time() - start)
+                engine.scheduler.abort_all()
+                prompts = [list(s.prompt.token_ids) for s in seqs]
+                hf_s = _hf_sampled_step_seconds(hf, prompts, suppress, 2, options)
+                report.setdefault(name, []).append((statistics.median(times), hf_s))
+
+        benchmark.pedantic(run_all, rounds=2, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    greedy_ms = statistics.median(ours for ours, _ in report["greedy"]) * 1e3
+    lines, info = [], {}
+    for name, runs in report.items():
+        ours_ms = statistics.median(ours for ours, _ in runs) * 1e3
+        hf_ms = statistics.median(hf for _, hf in runs) * 1e3
+        info[name] = dict(ours_ms=round(ours_ms, 3), hf_generate_ms=round(hf_ms, 3), ratio_to_greedy=round(ours_ms / greedy_ms, 2))
+        lines.append(f"{name}: ours {ours_ms:.2f} ms/step (x{ours_ms / greedy_ms:.2f} greedy's) vs generate() {hf_ms:.2f} ms: {hf_ms / ours_ms:.2f}x")
+    benchmark.extra_info.update(batch=batch, vocab=REAL_VOCAB, modes=info, clock="thread_time, 1 thread")
+    print(f"\n[decode sampled B={batch}, vocab {REAL_VOCAB:,}] " + "; ".join(lines) + " (thread CPU time, 1 thread; no target)")

@@ -97,7 +97,7 @@ def watch_decode_steps(engine: Engine):
             r._run_decode = original
 
 
-SAMPLINGS = {"greedy": None, "seeded": SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5)}
+SAMPLINGS = {"greedy": None, "temperature": SamplingParams(temperature=0.8, seed=5), "seeded": SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5)}
 
 
 @pytest.mark.parametrize("head", ["last_token", "mhsa"])
@@ -106,7 +106,8 @@ SAMPLINGS = {"greedy": None, "seeded": SamplingParams(temperature=0.8, top_k=20,
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
 def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, batch, graphs):
     """One device-to-host transfer per decode step (the token ids) and no data-dependent shapes,
-    for both heads, greedy and seeded sampling, batch 1 and 7, eager and graph paths."""
+    for both heads, greedy and seeded sampling (temperature alone: no sort; with top-k and top-p),
+    batch 1 and 7, eager and graph paths."""
     overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
     engine = Engine(make_checkpoint("syncs", think_max_tokens=6, **overrides), cuda_graphs=graphs, max_model_len=512)
     items = (mixed_items * 2)[:batch]

@@ -150,6 +150,20 @@ def test_seeded_sampling_is_batch_invariant(engine, mixed_items):
     assert greedy.trace_token_ids != batch.trace_token_ids
 
 
+def test_a_sampled_trace_does_not_depend_on_whether_its_batch_filters(engine, mixed_items):
+    """A step whose requests set neither top-k nor top-p samples without sorting the vocabulary; one
+    where any request sets them sorts for all. A temperature-only request draws the same trace either
+    way: alone, and beside requests with top_p and top_k (ids chosen in vocabulary order both ways)."""
+    plain = SamplingParams(temperature=1.3, seed=11)
+    alone = engine.make_sequence(mixed_items[0], 0, sampling=plain)
+    engine.run([alone])
+    together = [engine.make_sequence(mixed_items[0], 0, sampling=plain),
+                engine.make_sequence(mixed_items[1], 1, sampling=SamplingParams(temperature=0.9, top_p=0.5, seed=2)),
+                engine.make_sequence(mixed_items[3], 3, sampling=SamplingParams(temperature=0.9, top_k=3, seed=4))]
+    engine.run(together)
+    assert together[0].trace_ids == alone.trace_ids and len(alone.trace_ids) > 2
+
+
 def test_generate_traces_matches_embed(engine, mixed_items):
     assert engine.generate_traces(mixed_items) == engine.embed(mixed_items).traces
 

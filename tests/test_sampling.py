@@ -1,12 +1,16 @@
-"""`greedy_tokens` (numpy's argmax on CPU) against `torch.argmax`, its reference: the same index
-on fresh random logits of odd shapes, ties, NaN and -inf included."""
+"""Choosing trace tokens. `greedy_tokens` (numpy's argmax on CPU) against `torch.argmax`, its
+reference: the same index on fresh random logits of odd shapes, ties, NaN and -inf included.
+`sample`: its chunked CPU pass against the one-pass reference, the fast path (no top-k / top-p)
+against the filtered one, batch invariance, and its distribution (Gumbel-max: frequencies over
+many seeds match softmax(logits / T), restricted to top-k / the top-p nucleus)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tte_engine.sampling import greedy_tokens
+from tte_engine import sampling
+from tte_engine.sampling import _sorted_descending, greedy_tokens, gumbel_argmax, gumbel_noise, sample
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,3 +55,115 @@ def test_engine_traces_do_not_change_with_numpy_argmax(make_checkpoint, mixed_it
     numpy_argmax = engine.embed(mixed_items[:4], max_trace_tokens=12)
     assert numpy_argmax.trace_token_ids == plain.trace_token_ids
     assert torch.equal(numpy_argmax.embeddings, plain.embeddings)
+
+
+def _params(rows, temperature=0.7, top_k=0, top_p=1.0, seed=0):
+    """sample()'s per-row arguments: rows with seeds seed.. seed + rows - 1, counters 0.. rows - 1."""
+    return (torch.full((rows,), float(temperature)), torch.full((rows,), top_k, dtype=torch.int64), torch.full((rows,), float(top_p)),
+            torch.arange(seed, seed + rows), torch.arange(rows))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 7), vocab=st.integers(1, 3000), chunk=st.integers(1, 5000), levels=st.integers(2, 50),
+       specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["nan", "-inf"])), max_size=3),
+       seed=st.integers(0, 2**31 - 1))
+def test_gumbel_argmax_in_chunks_is_the_one_pass_argmax(rows, vocab, chunk, levels, specials, seed):
+    """The CPU pass over the vocabulary in chunks (any chunk size) picks what one argmax over
+    logits + noise picks: the first maximum, a NaN first of all."""
+    g = torch.Generator().manual_seed(seed)
+    scaled = torch.randint(0, levels, (rows, vocab), generator=g).float() / 4  # few levels: ties after the noise are possible
+    for where, value in specials:
+        scaled.view(-1)[where % scaled.numel()] = float(value)
+    seeds, counters = torch.randint(0, 2**31, (rows,), generator=g), torch.randint(0, 10**6, (rows,), generator=g)
+    reference = (scaled + gumbel_noise(seeds, counters, torch.arange(vocab)[None, :])).argmax(dim=-1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "CPU_NOISE_CHUNK", chunk)
+        assert torch.equal(gumbel_argmax(scaled, seeds, counters), reference)
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (4, 997), (3, 151936)])
+def test_sorted_descending_is_torch_sort(rows, vocab):
+    """numpy's sort (the CPU path of top-k / top-p) against torch.sort, its reference: the same
+    values in the same order, ties, -inf and inf included."""
+    x = torch.randint(-20, 20, (rows, vocab), generator=torch.Generator().manual_seed(vocab)).float() / 3
+    x[:, ::11] = float("-inf")
+    x[0, -1] = float("inf")
+    assert torch.equal(_sorted_descending(x), x.sort(dim=-1, descending=True).values)
+
+
+@pytest.mark.parametrize("rows, vocab", [(5, 1001), (3, 151936)])
+def test_sample_without_filters_skips_the_sort_and_picks_the_same(rows, vocab):
+    """A batch without top-k / top-p takes the path without the sort (`filtered=False`); with it
+    (as when another request of the batch sets top_p), the rows without filters pick the same."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[:, ::7] = float("-inf")  # suppressed ids
+    for temperature in (0.0, 0.3, 1.0, 5.0):
+        args = _params(rows, temperature=temperature)
+        assert torch.equal(sample(logits, *args, filtered=False), sample(logits, *args, filtered=True))
+
+
+def test_sample_is_batch_invariant_and_greedy_at_temperature_0():
+    """A row's token depends on its own logits, seed and counter only: the same alone, in another
+    order, beside other requests; temperature 0 is argmax."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 513, generator=g)
+    temperature = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.0, 1.0])
+    top_k, top_p = torch.tensor([0, 0, 5, 0, 3, 40]), torch.tensor([1.0, 0.9, 1.0, 0.5, 1.0, 0.95])
+    seeds, counters = torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([0, 1, 2, 3, 4, 5])
+    batch = sample(logits, temperature, top_k, top_p, seeds, counters)
+    order = torch.tensor([5, 2, 0, 4, 1, 3])
+    shuffled = sample(logits[order], temperature[order], top_k[order], top_p[order], seeds[order], counters[order])
+    assert torch.equal(shuffled, batch[order])
+    for i in range(6):
+        alone = sample(logits[i : i + 1], temperature[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], counters[i : i + 1])
+        assert alone.item() == batch[i].item()
+    assert batch[0] == logits[0].argmax() and batch[4] == logits[4].argmax()
+
+
+DRAWS = 20000  # rows of one call, each its own seed: that many independent draws of one distribution
+
+
+def _frequencies(logits_row: torch.Tensor, **kwargs) -> torch.Tensor:
+    args = _params(DRAWS, **kwargs)
+    tokens = sample(logits_row.expand(DRAWS, -1).contiguous(), *args, filtered=kwargs.get("top_k", 0) > 0 or kwargs.get("top_p", 1.0) < 1)
+    return torch.bincount(tokens, minlength=logits_row.numel()).double() / DRAWS
+
+
+def test_sample_draws_from_softmax_of_logits_over_temperature():
+    """Frequencies over 20,000 seeds match softmax(logits / T) (a 0.02 total-variation bound: ~4x
+    the expected sampling error), for temperatures below and above 1, and across counters too."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf"), 1.5])
+    for temperature in (0.5, 1.0, 2.0):
+        expected = torch.softmax(logits.double() / temperature, dim=-1)
+        got = _frequencies(logits, temperature=temperature, seed=int(temperature * 1000))
+        assert (got - expected).abs().sum() / 2 < 0.02, (temperature, got, expected)
+        assert got[5] == 0  # a suppressed id is never drawn
+
+
+def test_top_k_and_top_p_restrict_the_support_and_renormalize():
+    """top-k keeps the k largest logits (ties with the k-th too); top-p the smallest prefix of the
+    ranked tokens holding top_p of the probability; within it the draw follows the renormalized softmax."""
+    logits = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.0, -1.0])
+    probs = torch.softmax(logits.double(), dim=-1)  # 0.63, 0.23, 0.086, 0.086, 0.032, 0.012
+
+    def renormalized(kept):
+        p = torch.zeros_like(probs)
+        p[kept] = probs[kept] / probs[kept].sum()
+        return p
+
+    cases = {(2, 1.0): [0, 1], (3, 1.0): [0, 1, 2, 3], (0, 0.8): [0, 1], (0, 0.9): [0, 1, 2, 3], (0, 0.5): [0], (1, 0.99): [0]}
+    for (k, p), kept in cases.items():
+        got = _frequencies(logits, temperature=1.0, top_k=k, top_p=p, seed=k * 100 + int(p * 100))
+        assert (got - renormalized(kept)).abs().sum() / 2 < 0.02, (k, p, got)
+
+
+def test_draws_at_successive_counters_are_independent():
+    """One seed's draws along a trace (counter 0, 1, 2, ...) follow the distribution too, and do
+    not repeat each other: the counter is mixed into the noise of every id."""
+    logits = torch.zeros(1, 10)
+    rows = 5000
+    tokens = sample(logits.expand(rows, -1).contiguous(), torch.ones(rows), torch.zeros(rows, dtype=torch.int64), torch.ones(rows),
+                    torch.full((rows,), 42), torch.arange(rows), filtered=False)
+    freq = torch.bincount(tokens, minlength=10).double() / rows
+    assert (freq - 0.1).abs().sum() / 2 < 0.03
+    assert (tokens[1:] == tokens[:-1]).double().mean() < 0.15  # 0.1 expected for independent draws

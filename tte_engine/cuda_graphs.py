@@ -69,9 +69,11 @@ class DecodeGraphs:
             for bucket in reversed(r.buckets):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=side):
-                    outputs = r.decode_forward(bucket, self.width, self.num_splits(bucket))
+                    greedy, normed, _ = r.decode_forward(bucket, self.width, self.num_splits(bucket))
                 pool = graph.pool() if pool is None else pool
-                self.graphs[bucket] = (graph, outputs)
+                # no logits kept: [bucket, V] fp32 per bucket would hold ~1.3 GB of the pool at
+                # Qwen2-VL's vocabulary over the default buckets; a sampled step computes them again
+                self.graphs[bucket] = (graph, (greedy, normed))
             torch.cuda.synchronize(r.device)
             logger.info("captured decode CUDA graphs for batch sizes %s", r.buckets)
         except Exception as exc:  # a capture failure must not take the engine down: run eagerly instead
@@ -79,11 +81,12 @@ class DecodeGraphs:
             self.eager_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
             logger.warning("%s; decode steps run eagerly", self.eager_reason)
 
-    def replay(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(greedy tokens [bucket], normed states [bucket, D]) of the decode step now in the runner's buffer."""
+    def replay(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(greedy tokens [bucket], normed states [bucket, D], logits [bucket, V] or None) of the
+        decode step now in the runner's buffer: a replayed graph gives no logits."""
         if bucket in self.graphs:
-            graph, outputs = self.graphs[bucket]
+            graph, (greedy, normed) = self.graphs[bucket]
             graph.replay()
-            return outputs
+            return greedy, normed, None
         return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket))
 

@@ -94,14 +94,15 @@ class Runner:
         updates = self._fill_decode(host, decode, bucket)
         self.decode_staging.send(self.layout.size)
         if self.graphs is not None:
-            greedy, normed = self.graphs.replay(bucket)
+            greedy, normed, logits = self.graphs.replay(bucket)
         else:
             plan = self._decode_plan(decode) if self.plan_on_host else None
-            greedy, normed = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
+            greedy, normed, logits = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
         tokens = greedy if bucket == batch else greedy[:batch]
         if not decode.greedy:
-            logits = suppress_(self.model.lm_head(normed[:batch]).float(), self.suppressed)
-            tokens = sample(logits, *_sampling_params(self.decode_inputs(batch).__getitem__))
+            if logits is None:  # a replayed graph keeps no logits (see DecodeGraphs): the LM head again
+                logits = suppress_(self.model.lm_head(normed[:batch]).float(), self.suppressed)
+            tokens = sample(logits[:batch], *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling))
         return readback(tokens)
 
     def bucket_for(self, batch: int) -> int:
@@ -193,13 +194,14 @@ class Runner:
         return views
 
     def decode_forward(self, batch: int, width: int, num_splits: int | None, updates: bool = True,
-                       plan: DecodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       plan: DecodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
         block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
         head, suppression and argmax. Returns (greedy tokens [batch] int64, normed last states
-        [batch, D]). Static shapes and no host sync: this is what a CUDA graph captures (with
-        `updates` True; an eager step without new blocks skips that op). `plan`: decode attention's
-        reads, worked out on the host (CPU engines; see `HostDecodePlan`)."""
+        [batch, D], suppressed logits [batch, V] fp32: what a sampled step samples from). Static
+        shapes and no host sync: this is what a CUDA graph captures (with `updates` True; an eager
+        step without new blocks skips that op). `plan`: decode attention's reads, worked out on the
+        host (CPU engines; see `HostDecodePlan`)."""
         view = self.decode_inputs(batch)
         if updates:
             self._update_tables(view["update_index"], view["update_value"])
@@ -212,7 +214,7 @@ class Runner:
         h, residual = self.model(step, self.cache)
         normed = self.model.final_norm(h, residual)
         logits = suppress_(self.model.lm_head(normed).float(), self.suppressed)  # in place: the LM head's output is a fresh tensor
-        return greedy_tokens(logits), normed
+        return greedy_tokens(logits), normed, logits
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
@@ -282,7 +284,7 @@ class Runner:
             logits = suppress_(self.model.logits(h[d_sample], residual[d_sample]), self.suppressed)
             if sampling:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
-                chosen = sample(logits, *_sampling_params(by_name.__getitem__))
+                chosen = sample(logits, *_sampling_params(by_name.__getitem__), filtered=_filters(params))
             else:
                 chosen = greedy_tokens(logits)
             tokens = readback(chosen)
@@ -385,6 +387,15 @@ def _packed(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _vision_tokens_before(spans: list[tuple[int, int]], position: int) -> int:
     """How many image/video placeholder tokens of a prompt come before `position`."""
     return sum(min(end, position) - start for start, end in spans if start < position)
+
+
+_NO_TOP_P = int(float_bits(np.ones(1, dtype=np.float32))[0])  # top_p = 1.0's bits
+
+
+def _filters(params: np.ndarray) -> bool:
+    """Whether any row of host sampling fields `params` ([len(SAMPLING_FIELDS), B] int64) sets
+    top_k or top_p < 1: only then does `sample` sort the vocabulary."""
+    return bool(params[SAMPLING_FIELDS.index("top_k")].any() or (params[SAMPLING_FIELDS.index("top_p_bits")] != _NO_TOP_P).any())
 
 
 def _sampling_params(field) -> tuple[torch.Tensor, ...]:
