@@ -138,8 +138,10 @@ def cases(device: str = "cuda", dtype: torch.dtype = DTYPE, quick: bool = False)
 SHAPES = {"tokens": (1, 256, 4096), "pool": (1, 64, 256),
           "decode": ((1, 4096), (32, 1024), (32, 4096), (256, 512), (256, 4096)),
           "prefill": ((1, 4096, 4096), (8, 512, 512), (32, 16, 1024)),  # fresh prompts; embed suffixes
-          "split_sweep": ((1, 4096), (8, 1024), (64, 512))}
-QUICK_SHAPES = {"tokens": (3,), "pool": (2,), "decode": ((2, 100),), "prefill": ((2, 24, 40),), "split_sweep": ((2, 100),)}  # dry runs
+          "split_sweep": ((1, 4096), (8, 1024), (64, 512)),
+          "sample": ((1, 151936), (32, 151936), (256, 151936))}  # (rows, vocab): Qwen2-VL's vocabulary
+QUICK_SHAPES = {"tokens": (3,), "pool": (2,), "decode": ((2, 100),), "prefill": ((2, 24, 40),), "split_sweep": ((2, 100),),
+                "sample": ((2, 1000),)}  # dry runs
 
 
 def _all_cases(kernels, device, shapes):
@@ -204,6 +206,15 @@ def _all_cases(kernels, device, shapes):
                lambda i: kernels.prefill_attention(q, k_cache, v_cache, tables, cu, lens, SCALE, impl=i),
                b * (2 * q_len * HEADS * HEAD_DIM * ELEM + ctx * KV_HEADS * HEAD_DIM * 2 * ELEM),
                4 * visible * HEADS * HEAD_DIM, True)
+
+
+    # temperature sampling's Gumbel-max pass over fp32 logits (ids may differ from the reference's in
+    # near-ties: the logs round differently, see tests/kernels/test_sampling_kernel.py; not compared here)
+    for rows, vocab in shapes["sample"]:
+        scaled = torch.randn(rows, vocab, device=device)
+        seeds, counters = torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.int64, device=device)
+        yield ("gumbel_argmax", f"B={rows} V={vocab}", lambda i: kernels.sampling.gumbel_argmax(scaled, seeds, counters, impl=i),
+               rows * (vocab * 4 + 24), 0, False)
 
 
 def _outputs(result) -> tuple[torch.Tensor, ...]:

@@ -4,13 +4,17 @@ reference: the same index on fresh random logits of odd shapes, ties, NaN and -i
 against the filtered one, batch invariance, and its distribution (Gumbel-max: frequencies over
 many seeds match softmax(logits / T), restricted to top-k / the top-p nucleus)."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tte_engine import sampling
-from tte_engine.sampling import _sorted_descending, greedy_tokens, gumbel_argmax, gumbel_noise, sample
+from tte_engine.kernels import sampling as kernel
+from tte_engine.kernels.sampling import gumbel_argmax_torch, gumbel_noise
+from tte_engine.sampling import SamplingParams as sampling_params
+from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_tokens, sample
 
 
 @settings(max_examples=60, deadline=None)
@@ -77,8 +81,8 @@ def test_gumbel_argmax_in_chunks_is_the_one_pass_argmax(rows, vocab, chunk, leve
     seeds, counters = torch.randint(0, 2**31, (rows,), generator=g), torch.randint(0, 10**6, (rows,), generator=g)
     reference = (scaled + gumbel_noise(seeds, counters, torch.arange(vocab)[None, :])).argmax(dim=-1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sampling, "CPU_NOISE_CHUNK", chunk)
-        assert torch.equal(gumbel_argmax(scaled, seeds, counters), reference)
+        patch.setattr(kernel, "CPU_NOISE_CHUNK", chunk)
+        assert torch.equal(gumbel_argmax_torch(scaled, seeds, counters), reference)
 
 
 @pytest.mark.parametrize("rows, vocab", [(1, 1), (4, 997), (3, 151936)])
@@ -167,3 +171,57 @@ def test_draws_at_successive_counters_are_independent():
     freq = torch.bincount(tokens, minlength=10).double() / rows
     assert (freq - 0.1).abs().sum() / 2 < 0.03
     assert (tokens[1:] == tokens[:-1]).double().mean() < 0.15  # 0.1 expected for independent draws
+
+
+def test_gumbel_noise_is_finite_and_increasing_over_every_hash_value():
+    """The noise of the extreme hash values is finite (with 24 bits in fp32 the largest gave u = 1.0
+    and +inf noise: 1 id in 2**24 won whatever its logit, a suppressed one included) and keeps their
+    order: strictly where the largest noise values are (there two ids tie only when their hashes do)."""
+    x = torch.tensor([0, 1, 2, 2**23, 2**24 - 1, 2**24, 2**31, 2**32 - 3, 2**32 - 2, 2**32 - 1])
+    g = kernel.gumbel_from_bits(x)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and (g[1:] >= g[:-1]).all() and (g[-3:].diff() > 0).all()
+    assert -3.2 < g[0] < -3.1 and 22.8 < g[-1] < 23.0
+
+
+def test_a_near_certain_token_is_drawn_at_the_real_vocabulary():
+    """One id 100 logits above the other 151,935: every one of 400 seeds draws it, with and without
+    top_k = 1 (the +inf noise of the old 24-bit noise drew another id for ~0.9% of seeds; seed 13 was one)."""
+    rows, vocab = 400, 151936
+    logits = torch.full((rows, vocab), -50.0)
+    logits[:, 0] = 50.0
+    for top_k, filtered in ((0, False), (1, True)):
+        args = _params(rows, temperature=1.0, top_k=top_k, seed=0)
+        assert sample(logits, *args, filtered=filtered).tolist() == [0] * rows
+
+
+def test_broken_rows_do_not_take_the_batch_down():
+    """A row whose logits hold NaN or inf, or are all -inf, under top-p picks some id; the other rows
+    of the batch draw as they would alone (top-p on a NaN row used to gather at index -1: a crash)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = float("-inf")
+    args = _params(4, temperature=0.8, top_p=0.9)
+    tokens = sample(logits, *args, filtered=True)
+    assert tokens.shape == (4,) and tokens[1] == 7 and tokens[2] == 0
+    assert tokens[3] == sample(logits[3:], *(a[3:] for a in args), filtered=True)[0]
+
+
+def test_top_p_stops_at_the_token_that_reaches_it():
+    """probs 0.5, 0.375, 0.125 and top_p 0.5: the first token alone reaches it (as transformers'
+    TopPLogitsWarper keeps); a top_p that rounds to 0 in fp32 keeps the largest."""
+    scaled = torch.tensor([[math.log(4), math.log(3), 0.0]] * 2)
+    cutoffs = filter_cutoffs(scaled, torch.zeros(2, dtype=torch.int64), torch.tensor([0.5, 1e-50]))
+    assert cutoffs.tolist() == [pytest.approx(math.log(4))] * 2
+
+
+def test_tiny_temperature_is_not_floored():
+    """A temperature of 1e-30 divides the logits by 1e-30 (until stop 16 it was clamped to 1e-6, which
+    turned ids 8e-7 apart into a 31/69 draw): the larger id, every time."""
+    logits = torch.tensor([[1.0, 1.0000008]]).expand(200, -1).contiguous()
+    assert sample(logits, *_params(200, temperature=1e-30), filtered=False).tolist() == [1] * 200
+
+
+def test_a_top_k_past_int64_is_refused_when_made():
+    with pytest.raises(ValueError, match="top_k"):
+        sampling_params(temperature=1.0, top_k=2**63)

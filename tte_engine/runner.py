@@ -102,7 +102,7 @@ class Runner:
         if not decode.greedy:
             if logits is None:  # a replayed graph keeps no logits (see DecodeGraphs): the LM head again
                 logits = suppress_(self.model.lm_head(normed[:batch]).float(), self.suppressed)
-            tokens = sample(logits[:batch], *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling))
+            tokens = sample(logits[:batch], *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling), impl=self.model.impl)
         return readback(tokens)
 
     def bucket_for(self, batch: int) -> int:
@@ -284,7 +284,7 @@ class Runner:
             logits = suppress_(self.model.logits(h[d_sample], residual[d_sample]), self.suppressed)
             if sampling:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
-                chosen = sample(logits, *_sampling_params(by_name.__getitem__), filtered=_filters(params))
+                chosen = sample(logits, *_sampling_params(by_name.__getitem__), filtered=_filters(params), impl=self.model.impl)
             else:
                 chosen = greedy_tokens(logits)
             tokens = readback(chosen)

@@ -12,7 +12,7 @@ block, read with the cuobjdump Triton bundles); spilled bytes are reported.
 Workloads: a checkpoint with Qwen2-VL-2B's layer geometry (hidden 1536, 12/2 heads, head dim 128,
 intermediate 8960; one layer, one vision block) in bf16, each head type, with decode graphs'
 fixed-split code; and tiny-random in fp32 (the GPU parity dtype). Text and image items, a chunked
-long prompt, several decode buckets.
+long prompt, several decode buckets; the sampling kernel on its own.
 
     python tests/kernels/gpu_compile.py [--arch 90] [--json out.json]
 
@@ -158,6 +158,13 @@ def run_workloads(workdir: Path) -> list[str]:
     tiny = build_random_checkpoint(workdir / "tiny", SPECS["tiny-random"], dtype="float32")
     Engine(tiny, impl="triton", dtype="float32", cuda_graphs=True, max_num_seqs=8).embed(items, max_trace_tokens=3)
     runs.append("tiny-random, mhsa, fp32, cuda_graphs=True")
+    # temperature sampling's kernel, called directly: in an engine, a compile-only launch's unwritten
+    # output would come back as the next token ids
+    from tte_engine.kernels import sampling
+
+    for vocab in (151936, 1001):  # Qwen2-VL's vocabulary, and an odd size (nothing divisible to specialize on)
+        sampling.gumbel_argmax(torch.randn(4, vocab), torch.arange(4), torch.zeros(4, dtype=torch.int64), impl="triton")
+    runs.append("gumbel_argmax, 4 rows of 151,936 and of 1,001 ids")
     return runs
 
 

@@ -45,7 +45,7 @@ def compile_all() -> list[str]:
 
     JITFunction.__getitem__ = compile_only
 
-    from tte_engine.kernels import activations, attention, norms, pooling, rotary
+    from tte_engine.kernels import activations, attention, norms, pooling, rotary, sampling
 
     for dtype in (torch.bfloat16, torch.float32):
         for d, inter, heads, kv_heads in ((1536, 8960, 12, 2), (3584, 18944, 28, 4)):
@@ -78,6 +78,8 @@ def compile_all() -> list[str]:
                 cu_q = torch.tensor([0, q_len, 2 * q_len], dtype=torch.int32)
                 q = torch.randn(2 * q_len, heads, hd, dtype=dtype)
                 attention.prefill_attention_triton(q, k_cache, v_cache, tables, cu_q, lens, 0.1)
+
+    sampling.gumbel_argmax_triton(torch.randn(4, 151936), torch.arange(4), torch.zeros(4, dtype=torch.int64))  # Qwen2-VL's vocabulary
 
     lines = []
     for kernel in {k.hash: k for k in compiled}.values():
@@ -120,7 +122,7 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "_decode_merge_kernel" in run.stdout and "_prefill_kernel" in run.stdout
+    assert "_decode_merge_kernel" in run.stdout and "_prefill_kernel" in run.stdout and "_gumbel_argmax_kernel" in run.stdout
 
 
 if __name__ == "__main__":
