@@ -9,7 +9,7 @@ never 0 or 1; g = -log(E) with E = -log(u) taken in fp64 and rounded to fp32 (E 
 precision there), so g lies in [-3.14, 22.9] and two ids tie only when their hashes do (about
 V / 2**32 of draws at the top). In fp32, u near 1 has steps of 2**-24: with 24 bits (until stop 16)
 1 id in 2**24 got u = 1.0 and noise +inf (0.9% of draws at 151,936 ids picked an arbitrary id, a
-suppressed one included), and 23 bits would still tie the top two ids in ~2% of such draws.
+suppressed one included), and 23 bits would still tie the top two ids in 1-2% of such draws.
 
 - `gumbel_argmax_torch`, the reference: the noise as [B, V] temporaries, ~20 elementwise passes
   over int64 tensors. On CPU it runs in bands of the vocabulary sized to stay in cache.
@@ -21,7 +21,7 @@ suppressed one included), and 23 bits would still tie the top two ids in ~2% of 
   it under the interpreter and compiles it for sm_90).
 
 Ties go to the lower id, as argmax. The reference counts a NaN as the maximum (argmax's rule); the
-kernel's max ignores NaN where the GPU's does: NaN logits (a broken model) pick some id either way.
+kernel's `tl.max` may pass over a NaN: NaN logits (a broken model) pick some id either way.
 """
 
 from __future__ import annotations
