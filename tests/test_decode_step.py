@@ -384,31 +384,76 @@ def test_grow_by_one_equals_grow_one_sequence_at_a_time(free):
     assert all(len(s.block_table) == len(t.block_table) + 1 for s, t in zip(a_seqs, growing))
 
 
-def test_a_failed_step_leaves_no_table_update_a_decode_step_cannot_take(make_checkpoint, mixed_items, monkeypatch):
-    """A step that fails after the scheduler gave its prompt blocks leaves their block-table updates
-    queued (several for one sequence). Once that request is aborted, the next step is a pure decode
-    step of one row: it applies them anyway, and the decoding sequence ends as it does alone."""
+def test_a_failed_step_loses_no_block_table_update(make_checkpoint, mixed_items, monkeypatch):
+    """A step that fails after the runner took the block-table updates (here: its prompt's image
+    encoder fails) must not lose them: on a GPU the device copy of the tables would keep stale
+    entries for the blocks given in that step, which the retried step reads and writes through.
+    The runner's copy is made a real copy here, as on CUDA (on CPU it shares the host array); after
+    the failure it equals the host's, and a caller that retries gets the results of a run that
+    never failed (the graph path: decode reads the runner's copy too)."""
     from tte_engine.random_checkpoint import never_stop
     from tte_engine.runner import Runner
 
-    engine = Engine(never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token")), max_model_len=512)
-    alone = engine.embed(mixed_items[:1], max_trace_tokens=20)
-    decoding = engine.make_sequence(mixed_items[0], 0, max_trace_tokens=20)
-    engine.add_request(decoding)
-    while engine.scheduler._decoding[0] is None:
-        engine.step()
-    late = engine.make_sequence("a late question " * 12, 1)  # a prompt of several blocks
-    engine.add_request(late)
+    path = never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token"))
+
+    def engine():
+        e = Engine(path, max_model_len=512, block_size=4, cuda_graphs=True)
+        e.stages[0].runner.tables = e.stages[0].runner.tables.clone()
+        return e
+
+    items = [mixed_items[0], "a late question " * 12]  # the second: a prompt of several blocks
+    alone = engine().embed(items, max_trace_tokens=12)
+    e = engine()
+    decoding, late = e.make_sequence(items[0], 0, max_trace_tokens=12), e.make_sequence(items[1], 1, max_trace_tokens=12)
+    e.add_request(decoding)
+    while e.scheduler._decoding[0] is None:
+        e.step()
+    e.add_request(late)
     with monkeypatch.context() as patch:
         patch.setattr(Runner, "_encode_images", lambda runner, seqs: (_ for _ in ()).throw(RuntimeError("encoder failed")))
         with pytest.raises(RuntimeError, match="encoder failed"):
-            engine.step()  # a mixed step: the decoding row and the late prompt's first chunk
-    assert len(engine.stages[0].blocks.updates) > 1  # the late prompt's blocks, never sent
-    assert engine.abort(late)
-    while engine.has_unfinished():
-        engine.step()
-    assert decoding.trace_ids == alone.trace_token_ids[0]
-    assert cosine(decoding.embedding, alone.embeddings[0]) >= 0.99999
+            e.step()  # a mixed step: the decoding row and the late prompt's first chunk, its blocks given
+    runner, blocks = e.stages[0].runner, e.stages[0].blocks
+    assert (runner.tables.numpy() == blocks.tables).all() and not blocks.updates
+    while e.has_unfinished():
+        e.step()
+    for i, seq in enumerate((decoding, late)):
+        assert seq.trace_ids == alone.trace_token_ids[i]
+        assert cosine(seq.embedding, alone.embeddings[i]) >= 0.99999
+
+
+def test_an_interrupt_between_giving_and_noting_a_block_gives_it_once(make_checkpoint, mixed_items, monkeypatch):
+    """A decode step gives a sequence whose next token starts a block that block, then notes it in
+    the decode batch; Ctrl-C between the two must not make the retried step give it a second block
+    (the token's k/v would go to one while the table maps its position to the other: the suffix
+    read unwritten memory, NaN here)."""
+    from tte_engine.random_checkpoint import never_stop
+    from tte_engine.scheduler import DecodeBatch
+
+    path = never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token"))
+    alone = Engine(path, max_model_len=512, block_size=4).embed(mixed_items[:1], max_trace_tokens=20)
+    e = Engine(path, max_model_len=512, block_size=4)
+    _poison(e, float("nan"))
+    seq = e.make_sequence(mixed_items[0], 0, max_trace_tokens=20)
+    e.add_request(seq)
+    real, armed = DecodeBatch.gained_blocks, [True]
+
+    def gained_blocks(batch, rows, blocks):
+        if armed[0] and len(rows):
+            armed[0] = False
+            raise KeyboardInterrupt
+        return real(batch, rows, blocks)
+
+    monkeypatch.setattr(DecodeBatch, "gained_blocks", gained_blocks)
+    interrupted = False
+    while e.has_unfinished():
+        try:
+            e.step()
+        except KeyboardInterrupt:
+            interrupted = True
+    assert interrupted and not armed[0]
+    assert seq.trace_ids == alone.trace_token_ids[0] and cosine(seq.embedding, alone.embeddings[0]) >= 0.99999
+    assert e.stages[0].blocks.num_free == Engine(path, max_model_len=512, block_size=4).stages[0].blocks.num_free
 
 
 def test_grow_by_one_changes_nothing_when_it_cannot_grow_them_all():

@@ -89,6 +89,65 @@ def test_a_failed_step_leaves_no_cache_entry(path):
     _same(engine.embed(items), Engine(path, enable_prefix_caching=False).embed(items))
 
 
+def _nan_cache(engine) -> None:
+    for t in (engine.stages[0].runner.cache.k, engine.stages[0].runner.cache.v):
+        t.fill_(float("nan"))  # memory nobody wrote
+
+
+def test_a_step_that_fails_while_scheduled_leaves_no_cache_entry(path, monkeypatch):
+    """Scheduling registers a prompt's blocks before the step is built; a failure after that (here
+    while the decoding rows are prepared: Ctrl-C, an out-of-memory) must forget them too, or the
+    blocks, freed by the abort that follows, stay findable with KV nobody wrote (until stop 16 the
+    next request with that prompt reused them: a NaN embedding)."""
+    from tte_engine.scheduler import Scheduler
+
+    prompt = "the same long prompt about cats and dogs and chairs " * 3
+    want = Engine(path, enable_prefix_caching=False).embed([prompt], max_trace_tokens=5)
+    engine = Engine(path, block_size=4)
+    _nan_cache(engine)
+    decoding = engine.make_sequence("a decoding request", 0, max_trace_tokens=6)
+    engine.add_request(decoding)
+    while engine.scheduler._decoding[0] is None:
+        engine.step()
+    real = Scheduler._prepare_decode
+    monkeypatch.setattr(Scheduler, "_prepare_decode",
+                        lambda s, step: (_ for _ in ()).throw(MemoryError("while scheduling")) if step.num_decode < len(step.seqs) else real(s, step))
+    engine.add_request(engine.make_sequence(prompt, 1, max_trace_tokens=5))
+    with pytest.raises(MemoryError):
+        engine.step()  # the mixed step that takes the new prompt, its blocks registered
+    monkeypatch.setattr(Scheduler, "_prepare_decode", real)
+    assert not engine.stages[0].blocks.pending
+    engine.scheduler.abort_all()  # what Engine.run and tte-serve do after a failed step
+    _same(engine.embed([prompt], max_trace_tokens=5), want)
+
+
+def test_a_prompt_that_reused_a_failed_steps_blocks_computes_them(path, monkeypatch):
+    """Two requests with one prompt in one step: the second reuses the blocks the first registers
+    in that step. The step fails; the first is then aborted (its client went away) and the engine
+    goes on: the second computes those blocks itself (it used to count them as computed, and read
+    KV nobody wrote)."""
+    from tte_engine.runner import Runner
+
+    prompt = "the same long prompt about cats and dogs and chairs " * 3
+    want = Engine(path, enable_prefix_caching=False).embed([prompt], max_trace_tokens=5)
+    engine = Engine(path, block_size=4)
+    _nan_cache(engine)
+    first, second = engine.make_sequence(prompt, 0, max_trace_tokens=5), engine.make_sequence(prompt, 1, max_trace_tokens=5)
+    engine.add_request(first)
+    engine.add_request(second)
+    real = Runner._run_prefill
+    monkeypatch.setattr(Runner, "_run_prefill", lambda runner, step: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    monkeypatch.setattr(Runner, "_run_prefill", real)
+    assert second.block_table[:3] == first.block_table[:3] and second.num_computed == 0 and second.num_cached_tokens == 0
+    assert engine.abort(first)
+    while engine.has_unfinished():
+        engine.step()
+    assert second.trace_ids == want.trace_token_ids[0] and cosine(second.embedding, want.embeddings[0]) >= 0.99999
+    assert engine.stages[0].blocks.cached  # its blocks registered again, once computed
+
+
 def test_prefix_caching_off_reuses_nothing(path):
     engine = Engine(path, enable_prefix_caching=False)
     items = [{"text": "same", "image": _image(5)}] * 3

@@ -203,8 +203,10 @@ class BlockManager:
         """The step in flight ran: what it registered holds what it computed."""
         self.pending.clear()
 
-    def forget_pending(self) -> None:
-        """Forget the blocks the step in flight registered: it failed, so their KV may be unwritten."""
+    def forget_pending(self) -> list[int]:
+        """Forget the blocks the step in flight registered: it failed, so their KV may be unwritten.
+        Returns those blocks."""
+        forgotten = self.pending
         for block in self.pending:
             h = self.block_hash.pop(block, None)
             if h is not None and self.cached.get(h) == block:
@@ -212,7 +214,8 @@ class BlockManager:
             if block in self.evictable:
                 del self.evictable[block]
                 self.free_blocks.append(block)
-        self.pending.clear()
+        self.pending = []
+        return forgotten
 
     def free(self, seq: "Sequence") -> None:
         """Return `seq`'s blocks, row and unused reservation. Cached blocks stay findable (tail blocks

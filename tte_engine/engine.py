@@ -279,15 +279,21 @@ class Engine:
 
         Mid-trace, a decoding sequence's `trace_ids`, `token_ids` and `num_computed` may lag
         behind the steps run (the hot path records tokens as arrays); `scheduler.flush()` brings
-        them up to date. Finished and aborted sequences are always up to date."""
-        step = self.scheduler.schedule()
+        them up to date. Finished and aborted sequences are always up to date.
+
+        If scheduling or running the step raises, what it left half done is undone before the
+        exception propagates (`Scheduler.step_failed`, `Runner.resync_tables`): the next step
+        retries its work, and aborting any of its sequences leaves the others correct."""
         self.last_step_size = 0
-        if step is None:
-            return []
         try:
+            step = self.scheduler.schedule()
+            if step is None:
+                return []
             tokens, embeddings = self.stages[step.stage].runner.run(step)
         except BaseException:
-            self.scheduler.forget_registrations(step)
+            self.scheduler.step_failed()
+            for stage in self.stages:
+                stage.runner.resync_tables()
             raise
         self.last_step_size = len(step.seqs)
         return self.scheduler.update(step, tokens, embeddings)

@@ -170,6 +170,14 @@ class Runner:
         host-to-device copy."""
         self._update_tables(*torch.as_tensor(np.asarray(updates, dtype=np.int64).T, device=self.device))
 
+    def resync_tables(self) -> None:
+        """After a failed step: the device copy of the block tables set to the host's whole, and the
+        pending updates dropped (a step that took them may have failed before applying them). On a
+        CPU engine the two are one array: nothing to do."""
+        self.blocks.take_updates()
+        if self.tables.data_ptr() != self.blocks.tables.ctypes.data:
+            self.tables.copy_(torch.from_numpy(self.blocks.tables))
+
     def _update_tables(self, index: torch.Tensor, value: torch.Tensor) -> None:
         """Block-table entries (flat `index`, int64 [k]) of the device copy set to block ids `value` (int64 [k])."""
         self.tables.view(-1).index_copy_(0, index, value.to(torch.int32))

@@ -136,6 +136,14 @@ class DecodeBatch:
         self.rows = inputs[4]  # each sequence's row of the block tables
         self._advancing = inputs[1:4]  # what every step moves on by one: position, slot, context length
 
+    def note_held_blocks(self) -> None:
+        """After a failed step: a sequence given a block that `gained_blocks` did not record (an
+        interrupt between the two) has it recorded now, so the next step does not grow it again."""
+        held = np.fromiter((len(q.block_table) for q in self.seqs), np.int64, len(self.seqs)) * self.block_size
+        rows = np.flatnonzero(held > self.capacity)
+        if rows.size:
+            self.gained_blocks(rows, [self.seqs[i].block_table[-1] for i in rows.tolist()])
+
     def gained_blocks(self, rows: np.ndarray, blocks: list[int]) -> None:
         """Rows `rows` (int64 [k]) of the batch gained one block each, `blocks` (their ids): their
         next tokens start them."""
@@ -518,11 +526,25 @@ class Scheduler:
             self.abort(seq)
         return dropped
 
-    def forget_registrations(self, step: Step) -> None:
-        """The step raised: the prefix-cache entries it registered may hold unwritten KV; make them
-        unfindable. Its prefill work is still to do: the next step looks for it."""
-        self.blocks[step.stage].forget_pending()
-        self._maybe_prefill[step.stage] = True
+    def step_failed(self) -> None:
+        """A step raised while it was scheduled or run: undo what it left half done. The prefix-cache
+        entries it registered may hold unwritten KV: they are made unfindable, and every sequence
+        holding one counts its tokens from that block on as not computed again (a prompt that reused
+        another's blocks in the same step included: it no longer depends on that one being retried).
+        A decode batch records the blocks its sequences were given but it did not note (an
+        interrupt between the two). Its prefill work is still to do: the next step looks for it."""
+        for stage, bm in enumerate(self.blocks):
+            forgotten = set(bm.forget_pending())
+            for seq in self.running[stage] if forgotten else ():
+                first = next((i for i, block in enumerate(seq.block_table) if block in forgotten), None)
+                if first is not None:
+                    seq.num_registered = min(seq.num_registered, first)
+                    rewound = max(seq.num_computed - first * bm.block_size, 0)
+                    seq.num_computed -= rewound
+                    seq.num_cached_tokens = max(seq.num_cached_tokens - rewound, 0)  # (tokens a failed step reused)
+            if self._decoding[stage] is not None:
+                self._decoding[stage].note_held_blocks()
+            self._maybe_prefill[stage] = True
 
     def _trace_stop(self, seq: Sequence, token: int) -> str | None:
         trace = seq.trace_ids
