@@ -120,6 +120,7 @@ class Engine:
         share = cache_budget_bytes(self.config.cache_memory, self.device) // len(models)  # two models split the cache
         self.stages = [self._make_stage(d, m, share) for d, m in zip(stage_dirs, models)]
         self.last_step_size = 0  # sequences the last step() ran
+        self.failed_step_seqs: list[Sequence] | None = None  # the sequences of the last step() that raised (see step)
         self.scheduler = Scheduler(
             [s.blocks for s in self.stages],
             max_num_seqs=self.config.max_num_seqs,
@@ -283,14 +284,18 @@ class Engine:
 
         If scheduling or running the step raises, what it left half done is undone before the
         exception propagates (`Scheduler.step_failed`, `Runner.resync_tables`): the next step
-        retries its work, and aborting any of its sequences leaves the others correct."""
+        retries its work, and aborting any of its sequences leaves the others correct.
+        `failed_step_seqs` then lists the sequences the step ran (None: it failed before it had
+        any), so a server can fail those requests alone."""
         self.last_step_size = 0
+        step = None
         try:
             step = self.scheduler.schedule()
             if step is None:
                 return []
             tokens, embeddings = self.stages[step.stage].runner.run(step)
         except BaseException:
+            self.failed_step_seqs = list(step.seqs) if step is not None else None
             self.scheduler.step_failed()
             for stage in self.stages:
                 stage.runner.resync_tables()

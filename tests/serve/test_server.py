@@ -535,6 +535,49 @@ def test_engine_failure_fails_requests_not_the_server(serve_checkpoint, monkeypa
         srv.stop()
 
 
+def test_a_failed_step_fails_only_the_requests_it_ran(serve_checkpoint):
+    """A step that raises fails the requests whose sequences it ran (500, the request's other items
+    dropped with it); a request waiting for room meanwhile (max_num_seqs 1 here) never ran in it and
+    is served. Until stop 16 every request in flight failed."""
+    engine = Engine(serve_checkpoint, max_num_seqs=1)
+    runner = engine.stages[0].runner
+    real_run, others_waiting, long_steps = runner.run, threading.Event(), []
+
+    def run(step):
+        if any(len(seq.prompt.token_ids) > 100 for seq in step.seqs):  # the long item's steps
+            long_steps.append(step)
+            if len(long_steps) > 1:  # its second: the others are queued in the loop by then
+                raise RuntimeError("simulated device error")
+            others_waiting.wait(60)
+        return real_run(step)
+
+    runner.run = run
+    srv = start_server(engine)
+    try:
+        async def both():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                failing = asyncio.ensure_future(c.post("/v1/embeddings", json={"input": ["word " * 150, "a"]}))
+                served = asyncio.ensure_future(c.post("/v1/embeddings", json={"input": ["fine"]}))
+                deadline = time.monotonic() + 60
+                while (await asyncio.to_thread(srv.metrics))["tte_queue_depth"] < 3:  # all three items in: "a" and "fine" wait behind the long one
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                others_waiting.set()
+                return await failing, await served
+
+        failed, served = asyncio.run(both())
+        _error(failed, 500, contains="simulated device error")
+        assert served.status_code == 200 and len(served.json()["data"]) == 1
+        deadline = time.monotonic() + 30
+        while engine.has_unfinished() or srv.metrics()["tte_running_items"]:  # the failed request's other item, dropped with it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert engine.stages[0].blocks.reserved == 0
+    finally:
+        others_waiting.set()
+        srv.stop()
+
+
 def test_json_body_is_openai_shaped(client):
     r = client.post("/v1/embeddings", json={"input": "shape"})
     assert r.headers["content-type"] == "application/json"

@@ -492,6 +492,7 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
         try:
             done = work.result()
         except EngineFailure as exc:
+            server.loop.abort([p.seq for p in runnable])  # its other items (a failed step ran only some) stop too
             raise RequestError(500, str(exc), type="server_error") from exc
         seqs = {p.index: s for p, s in zip(runnable, done)}
         body = await aio.run_in_executor(server.prep, server.respond, plans, seqs, req)

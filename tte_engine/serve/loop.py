@@ -29,7 +29,7 @@ class ShuttingDown(Exception):
 
 
 class EngineFailure(Exception):
-    """An engine step raised, or the loop thread died; the sequences in flight were dropped."""
+    """An engine step that ran this sequence raised (it was dropped), or the loop thread died."""
 
 
 @dataclass(eq=False)
@@ -162,14 +162,29 @@ class EngineLoop:
             began = time.perf_counter()
             try:
                 done = self.engine.step()
-            except Exception as exc:  # a bug or an out-of-memory: fail what is in flight, keep serving
-                failed = [*self._queued.values(), *self._running.values()]
-                logger.exception("engine step failed; dropping %d sequence(s) in flight", len(failed))
-                self.engine.scheduler.abort_all()
-                for x in failed:
-                    self._retire(x, None, EngineFailure(f"engine step failed: {exc}"))
+            except Exception as exc:  # a bug or an out-of-memory: fail the step's requests, keep serving
+                self._fail_step(exc)
                 continue
             self._observe(done, began)
+
+    def _fail_step(self, exc: Exception) -> None:
+        """A step raised (the engine undid its half-done work): the sequences it ran are dropped and
+        their requests fail; the others go on. A step that failed before it had sequences (while
+        scheduled) names none: then everything in flight is dropped, so a fault that repeats cannot
+        stall the loop (each failed step drops at least one sequence either way)."""
+        ran = self.engine.failed_step_seqs
+        live = [*self._queued.values(), *self._running.values()]
+        if ran is None:
+            failed = live
+            self.engine.scheduler.abort_all()
+        else:
+            ids = {seq.seq_id for seq in ran}
+            failed = [x for x in live if x.seq.seq_id in ids]
+            for x in failed:
+                self.engine.abort(x.seq)
+        logger.exception("engine step failed; dropping the %d sequence(s) it ran of %d in flight", len(failed), len(live))
+        for x in failed:
+            self._retire(x, None, EngineFailure(f"engine step failed: {exc}"))
 
     def _observe(self, done: list[Sequence], began: float) -> None:
         """Time the phases and count the step's sequences."""
