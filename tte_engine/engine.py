@@ -287,7 +287,7 @@ class Engine:
         retries its work, and aborting any of its sequences leaves the others correct.
         `failed_step_seqs` then lists the sequences the step ran (None: it failed before it had
         any), so a server can fail those requests alone."""
-        self.last_step_size = 0
+        self.last_step_size, self.failed_step_seqs = 0, None
         step = None
         try:
             step = self.scheduler.schedule()

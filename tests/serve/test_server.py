@@ -541,13 +541,14 @@ def test_a_failed_step_fails_only_the_requests_it_ran(serve_checkpoint):
     is served. Until stop 16 every request in flight failed."""
     engine = Engine(serve_checkpoint, max_num_seqs=1)
     runner = engine.stages[0].runner
-    real_run, others_waiting, long_steps = runner.run, threading.Event(), []
+    real_run, long_started, others_waiting, long_steps = runner.run, threading.Event(), threading.Event(), []
 
     def run(step):
         if any(len(seq.prompt.token_ids) > 100 for seq in step.seqs):  # the long item's steps
             long_steps.append(step)
             if len(long_steps) > 1:  # its second: the others are queued in the loop by then
                 raise RuntimeError("simulated device error")
+            long_started.set()
             others_waiting.wait(60)
         return real_run(step)
 
@@ -557,6 +558,7 @@ def test_a_failed_step_fails_only_the_requests_it_ran(serve_checkpoint):
         async def both():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
                 failing = asyncio.ensure_future(c.post("/v1/embeddings", json={"input": ["word " * 150, "a"]}))
+                assert await asyncio.to_thread(long_started.wait, 60)  # the long item is in its first step
                 served = asyncio.ensure_future(c.post("/v1/embeddings", json={"input": ["fine"]}))
                 deadline = time.monotonic() + 60
                 while (await asyncio.to_thread(srv.metrics))["tte_queue_depth"] < 3:  # all three items in: "a" and "fine" wait behind the long one

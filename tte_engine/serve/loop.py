@@ -169,19 +169,18 @@ class EngineLoop:
 
     def _fail_step(self, exc: Exception) -> None:
         """A step raised (the engine undid its half-done work): the sequences it ran are dropped and
-        their requests fail; the others go on. A step that failed before it had sequences (while
-        scheduled) names none: then everything in flight is dropped, so a fault that repeats cannot
-        stall the loop (each failed step drops at least one sequence either way)."""
-        ran = self.engine.failed_step_seqs
+        their requests fail; the others go on. A step that names none of them (it failed while
+        scheduled, before it had sequences) drops everything in flight, so a fault that repeats
+        cannot stall the loop: each failed step drops at least one sequence."""
+        ran = {seq.seq_id for seq in self.engine.failed_step_seqs or ()}
         live = [*self._queued.values(), *self._running.values()]
-        if ran is None:
-            failed = live
-            self.engine.scheduler.abort_all()
-        else:
-            ids = {seq.seq_id for seq in ran}
-            failed = [x for x in live if x.seq.seq_id in ids]
+        failed = [x for x in live if x.seq.seq_id in ran]
+        if failed:
             for x in failed:
                 self.engine.abort(x.seq)
+        else:  # no request of ours is named (it failed before it had sequences): drop them all
+            failed = live
+            self.engine.scheduler.abort_all()
         logger.exception("engine step failed; dropping the %d sequence(s) it ran of %d in flight", len(failed), len(live))
         for x in failed:
             self._retire(x, None, EngineFailure(f"engine step failed: {exc}"))
