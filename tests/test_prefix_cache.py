@@ -6,6 +6,8 @@ block, cached blocks give way before admission fails, a failed step leaves no en
 image whose blocks are all cached is not encoded again.
 """
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -241,3 +243,69 @@ def test_prompt_blocks_written_by_an_early_exit_step_hold_every_layer(make_check
     again = engine.embed([item], max_trace_tokens=8)
     assert again.usage["cached_tokens"] > 0
     _same(again, alone)
+
+
+class _InterruptAt:
+    """A profile function that raises KeyboardInterrupt at the n-th call event (Python or C) it sees,
+    before the step's results are applied (`Scheduler.update`, which `Engine.step` does not undo)."""
+
+    def __init__(self, n: int):
+        from tte_engine.scheduler import Scheduler
+
+        self.n, self.seen, self.fired, self.update = n, 0, False, Scheduler.update.__code__
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code is self.update:
+            self.n = 0  # the step ran: nothing more to interrupt
+        if event in ("call", "c_call") and not self.fired and self.n:
+            self.seen += 1
+            if self.seen == self.n:
+                self.fired = True
+                raise KeyboardInterrupt(f"interrupt at call {self.n}")
+
+
+def _interrupted_run(path, prompts: list[str], n: int, abort_first: bool):
+    """Both prompts admitted together; their first step interrupted at call n; then, after aborting
+    the first or not, stepped to the end. Returns (the second's result, engine, whether it fired)."""
+    engine = Engine(path, block_size=4)
+    _nan_cache(engine)
+    seqs = [engine.make_sequence(p, i, max_trace_tokens=4) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        engine.add_request(seq)
+    interrupt = _InterruptAt(n)
+    sys.setprofile(interrupt)
+    try:
+        engine.step()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+    if interrupt.fired and abort_first:
+        engine.abort(seqs[0])
+    while engine.has_unfinished():
+        engine.step()
+    return seqs[1], engine, interrupt.fired
+
+
+@pytest.mark.parametrize("abort_first", [False, True], ids=["retry", "abort-the-other"])
+def test_a_step_interrupted_anywhere_is_undone(path, abort_first):
+    """Ctrl-C at any point of a step until it ran (here every 23rd call, Python or C, of a prefill
+    step whose second prompt reuses blocks the first registers in it): the retried work gives the results of a
+    run never interrupted, with the first request aborted or not, no block or row is lost, and the
+    prefix cache serves nothing unwritten afterwards. (From a sweep over every call of several kinds
+    of step that found sequences lost mid-admission, blocks leaked mid-grow, a block findable before
+    it was noted as pending, and a slot moved before its capacity.)"""
+    prompts = ["a cat on a red chair near the window", "a cat on a red chair near the door"]
+    want = Engine(path, enable_prefix_caching=False).embed(prompts, max_trace_tokens=4)
+    fresh = Engine(path, block_size=4).stages[0].blocks
+    n = 1
+    while True:
+        seq, engine, fired = _interrupted_run(path, prompts, n, abort_first)
+        assert seq.trace_ids == want.trace_token_ids[1], n
+        assert cosine(seq.embedding, want.embeddings[1]) >= 0.99999, n
+        blocks = engine.stages[0].blocks
+        assert (blocks.num_free, blocks.reserved, sorted(blocks.free_rows)) == (fresh.num_free, 0, sorted(fresh.free_rows)), n
+        _same(engine.embed(prompts, max_trace_tokens=4), want)  # what the prefix cache kept is what was computed
+        if not fired:
+            break
+        n += 23

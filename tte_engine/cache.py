@@ -10,7 +10,7 @@ than the cache simply waits its turn.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -194,9 +194,9 @@ class BlockManager:
         for i in range(seq.num_registered, min(len(hashes), num_tokens // self.block_size)):
             block = seq.block_table[i]
             if hashes[i] not in self.cached and block not in self.block_hash:
+                self.pending.append(block)  # first: an interrupt after it leaves nothing findable that a failure forgets not
                 self.cached[hashes[i]] = block
                 self.block_hash[block] = hashes[i]
-                self.pending.append(block)
             seq.num_registered = i + 1
 
     def commit(self) -> None:
@@ -216,6 +216,26 @@ class BlockManager:
                 self.free_blocks.append(block)
         self.pending = []
         return forgotten
+
+    def reclaim(self, live: list["Sequence"]) -> None:
+        """After a failed step: the books rebuilt from the sequences that hold blocks (`live`, each
+        stage's running ones). A block neither free, evictable nor in a live table (taken by an
+        interrupted grow before a table held it) goes back to the free list, unfindable; reference
+        counts, free rows and the reservation total are recounted. One pass over the blocks."""
+        held = Counter(block for seq in live for block in seq.block_table)
+        self.ref_count = [held.get(block, 0) for block in range(self.num_blocks)]
+        for block in [b for b in self.evictable if held.get(b)]:
+            del self.evictable[block]
+        free = set(self.free_blocks)
+        for block in range(self.num_blocks):
+            if not held.get(block) and block not in free and block not in self.evictable:
+                h = self.block_hash.pop(block, None)
+                if h is not None and self.cached.get(h) == block:
+                    del self.cached[h]
+                self.free_blocks.append(block)
+        rows = {seq.row for seq in live if seq.row is not None}
+        self.free_rows = [row for row in range(self.padding_row - 1, -1, -1) if row not in rows]
+        self.reserved = sum(seq.reservation for seq in live)
 
     def free(self, seq: "Sequence") -> None:
         """Return `seq`'s blocks, row and unused reservation. Cached blocks stay findable (tail blocks

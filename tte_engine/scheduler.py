@@ -147,8 +147,8 @@ class DecodeBatch:
     def gained_blocks(self, rows: np.ndarray, blocks: list[int]) -> None:
         """Rows `rows` (int64 [k]) of the batch gained one block each, `blocks` (their ids): their
         next tokens start them."""
-        self.capacity[rows] += self.block_size
         self.slot_mapping[rows] = np.asarray(blocks, dtype=np.int64) * self.block_size
+        self.capacity[rows] += self.block_size  # second: an interrupt before it leaves both for note_held_blocks
 
     @property
     def trace_lens(self) -> np.ndarray:
@@ -304,9 +304,9 @@ class Scheduler:
             need = self._worst_case(seq, stage)
             if not bm.can_admit(need):
                 break
-            waiting.popleft()
-            bm.admit(seq, need)
+            bm.admit(seq, need)  # in this order: an interrupt anywhere leaves it in a queue (see step_failed)
             running.append(seq)
+            waiting.popleft()
             self._maybe_prefill[stage] = True
 
     def schedule(self) -> Step | None:
@@ -532,8 +532,17 @@ class Scheduler:
         holding one counts its tokens from that block on as not computed again (a prompt that reused
         another's blocks in the same step included: it no longer depends on that one being retried).
         A decode batch records the blocks its sequences were given but it did not note (an
-        interrupt between the two). Its prefill work is still to do: the next step looks for it."""
+        interrupt between the two). A sequence caught half admitted is in one queue again, and the
+        block manager's books are rebuilt from the running sequences (`BlockManager.reclaim`: a
+        block taken by an interrupted grow comes back). Its prefill work is still to do: the next
+        step looks for it. (An interrupt inside `update`, which applies a step that ran, is not
+        undone: `abort_all` then.)"""
         for stage, bm in enumerate(self.blocks):
+            waiting, running = self.waiting[stage], self.running[stage]
+            for seq in [q for q in waiting if any(q is r for r in running)]:
+                waiting.remove(seq)  # admitted: it runs
+            for seq in waiting:
+                seq.row, seq.reservation = None, 0  # a row given just before the interrupt (reclaim recounts)
             forgotten = set(bm.forget_pending())
             for seq in self.running[stage] if forgotten else ():
                 first = next((i for i, block in enumerate(seq.block_table) if block in forgotten), None)
@@ -544,6 +553,7 @@ class Scheduler:
                     seq.num_cached_tokens = max(seq.num_cached_tokens - rewound, 0)  # (tokens a failed step reused)
             if self._decoding[stage] is not None:
                 self._decoding[stage].note_held_blocks()
+            bm.reclaim(running)
             self._maybe_prefill[stage] = True
 
     def _trace_stop(self, seq: Sequence, token: int) -> str | None:
