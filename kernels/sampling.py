@@ -67,24 +67,29 @@ def gumbel_from_bits(x: torch.Tensor) -> torch.Tensor:
 CPU_NOISE_CHUNK = 1 << 16
 
 
-def _first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim (int64 [B]) of x [B, N] fp32: numpy's on CPU (~5x faster there than
-    torch's over a row; the same index, a NaN counting as the maximum), torch's elsewhere."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(x.numpy().argmax(axis=-1).astype("int64", copy=False))
-    return x.argmax(dim=-1)
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` (int64 [B]) for logits [B, V], the same index bit for bit (the first
+    maximum; a NaN counts as the maximum, as in argmax).
+
+    On CPU, fp32 logits go through numpy's argmax, which is vectorized where torch's argmax over
+    the last dimension is a scalar loop (torch 2.13, numpy 2.4, the 2-core EPYC VM, one thread:
+    [256, 640] 17 vs 150 us, [1, 151936] 12 vs 127 us); the result shares numpy's memory. Other
+    devices and dtypes use argmax itself. Static shapes, no host sync."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype("int64", copy=False))
+    return logits.argmax(dim=-1)
 
 
 def gumbel_argmax_torch(scaled: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     rows, vocab = scaled.shape
     if scaled.device.type != "cpu" or rows * vocab <= CPU_NOISE_CHUNK:
-        return _first_argmax(gumbel_noise(seeds, counters, torch.arange(vocab, device=scaled.device)[None, :]).add_(scaled))
+        return greedy_tokens(gumbel_noise(seeds, counters, torch.arange(vocab, device=scaled.device)[None, :]).add_(scaled))
     width = max(1, CPU_NOISE_CHUNK // rows)
     best = torch.full((rows,), float("-inf"))
     token = torch.zeros(rows, dtype=torch.int64)
     for start in range(0, vocab, width):
         noisy = gumbel_noise(seeds, counters, torch.arange(start, min(start + width, vocab))[None, :]).add_(scaled[:, start : start + width])
-        index = _first_argmax(noisy)
+        index = greedy_tokens(noisy)
         value = noisy.gather(1, index[:, None])[:, 0]
         better = ~(value <= best) & ~best.isnan()  # as argmax: an equal value further on loses, the first NaN wins
         best, token = torch.where(better, value, best), torch.where(better, index + start, token)

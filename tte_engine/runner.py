@@ -101,8 +101,9 @@ class Runner:
         tokens = greedy if bucket == batch else greedy[:batch]
         if not decode.greedy:
             if logits is None:  # a replayed graph keeps no logits (see DecodeGraphs): the LM head again
-                logits = suppress_(self.model.lm_head(normed[:batch]).float(), self.suppressed)
-            tokens = sample(logits[:batch], *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling), impl=self.model.impl)
+                logits = self._head_logits(normed[:batch])
+            tokens = sample(logits[:batch], *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling),
+                            impl=self.model.impl, greedy=tokens)
         return readback(tokens)
 
     def bucket_for(self, batch: int) -> int:
@@ -221,8 +222,12 @@ class Runner:
                          context_lens=context_lens, cu_seqlens_q=None, is_prefill=False, num_splits=num_splits, decode_plan=plan)
         h, residual = self.model(step, self.cache)
         normed = self.model.final_norm(h, residual)
-        logits = suppress_(self.model.lm_head(normed).float(), self.suppressed)  # in place: the LM head's output is a fresh tensor
+        logits = self._head_logits(normed)
         return greedy_tokens(logits), normed, logits
+
+    def _head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] fp32 of normed last states [B, D], suppressed ids at -inf."""
+        return suppress_(self.model.lm_head(normed).float(), self.suppressed)  # in place: the LM head's output is a fresh tensor
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
@@ -289,7 +294,7 @@ class Runner:
         h, residual = self.model(batch, self.cache)
         tokens = np.zeros(0, dtype=np.int64)
         if step.sample_idx:
-            logits = suppress_(self.model.logits(h[d_sample], residual[d_sample]), self.suppressed)
+            logits = self._head_logits(self.model.final_norm(h[d_sample], residual[d_sample]))
             if sampling:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
                 chosen = sample(logits, *_sampling_params(by_name.__getitem__), filtered=_filters(params), impl=self.model.impl)

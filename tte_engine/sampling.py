@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels.sampling import gumbel_argmax
+from .kernels.sampling import greedy_tokens, gumbel_argmax
 
 
 @dataclass(frozen=True)
@@ -76,19 +76,6 @@ def suppress_(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return logits.index_fill_(-1, index, float("-inf"))
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(-1)` (int64 [B]) for logits [B, V], the same index bit for bit (the first
-    maximum; a NaN counts as the maximum, as in argmax).
-
-    On CPU, fp32 logits go through numpy's argmax, which is vectorized where torch's argmax over
-    the last dimension is a scalar loop (torch 2.13, numpy 2.4, the 2-core EPYC VM, one thread:
-    [256, 640] 17 vs 150 us, [1, 151936] 12 vs 127 us); the result shares numpy's memory. Other
-    devices and dtypes use argmax itself. Static shapes, no host sync."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype(np.int64, copy=False))
-    return logits.argmax(dim=-1)
-
-
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -99,6 +86,7 @@ def sample(
     *,
     filtered: bool = True,
     impl: str = "auto",
+    greedy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokens [B] int64 for logits [B, V] fp32 (suppression already applied).
 
@@ -110,7 +98,8 @@ def sample(
     top_p < 1, which skips the sort over the vocabulary that only the filters need. Either way a
     row's token is the same (the filters' cutoff is a value, applied in vocabulary order), so which
     path a batch takes never changes a request's trace. `impl`: the Gumbel-max kernel's
-    (`kernels.sampling`: Triton on CUDA by default).
+    (`kernels.sampling`: Triton on CUDA by default). `greedy`: `greedy_tokens(logits)` where the
+    caller has it already (the tokens of temperature-0 rows); computed here otherwise.
     """
     # the row's largest logit first taken off, so a tiny temperature gives 0 at the top and -inf
     # below, never inf - inf (a non-finite largest logit, a broken row, is left alone)
@@ -118,7 +107,7 @@ def sample(
     scaled = (logits - top).div_(temperature.clamp_min(_FP32_TINY)[:, None])
     if filtered:
         scaled = scaled.masked_fill_(scaled < filter_cutoffs(scaled, top_k, top_p)[:, None], float("-inf"))
-    return torch.where(temperature > 0, gumbel_argmax(scaled, seeds, counters, impl), greedy_tokens(logits))
+    return torch.where(temperature > 0, gumbel_argmax(scaled, seeds, counters, impl), greedy_tokens(logits) if greedy is None else greedy)
 
 
 def filter_cutoffs(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -544,7 +544,7 @@ class Scheduler:
             for seq in waiting:
                 seq.row, seq.reservation = None, 0  # a row given just before the interrupt (reclaim recounts)
             forgotten = set(bm.forget_pending())
-            for seq in self.running[stage] if forgotten else ():
+            for seq in running if forgotten else ():
                 first = next((i for i, block in enumerate(seq.block_table) if block in forgotten), None)
                 if first is not None:
                     seq.num_registered = min(seq.num_registered, first)

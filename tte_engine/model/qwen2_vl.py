@@ -178,10 +178,6 @@ class Qwen2VL(nn.Module):
     def final_norm(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return kernels.add_rms_norm(h, residual, self.norm, self.cfg.text.rms_norm_eps, impl=self.impl)[0]
 
-    def logits(self, h_rows: torch.Tensor, residual_rows: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (fp32) for selected rows of the last layer's output."""
-        return self.lm_head(self.final_norm(h_rows, residual_rows)).float()
-
     def pool_last_token(self, h: torch.Tensor, residual: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """The last-token head: final norm at each sequence's last row, L2-normalized, fp32."""
         return kernels.pool_last_rmsnorm_normalize(
