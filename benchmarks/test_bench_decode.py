@@ -4,10 +4,13 @@ On a micro checkpoint (hidden 64, 2 layers) the model's FLOPs are negligible, so
 costs is framework: scheduling, building step inputs, sampling, bookkeeping. That is the cost a
 GPU pays on top of its 0.73 ms weight-read floor for a 2B model, and it can be measured here.
 
-For each batch size: time `Engine.step()` over decode steps only, and inside it the model forward:
-the decoder (`Qwen2VL.forward`: embedding and layers), the final norm and the LM head, i.e. what
-transformers' `forward` computes (the logits). Framework share = step - forward: scheduling,
-step inputs, attention's plan, suppression, argmax, readback, bookkeeping. (Before stop 13 the
+For each batch size: time `Engine.step()` over decode steps only (inside one inference mode, as
+`Engine.embed` and tte-serve's loop run them), and inside it the model forward: the decoder
+(`Qwen2VL.forward`: embedding and layers), the final norm and the LM head (`Runner._head_logits`,
+one matmul whose bias also suppresses the vision ids: since stop 17; before, the LM head module,
+with the suppression a separate op counted as framework), i.e. what transformers' `forward`
+computes (the logits). Framework share = step - forward: scheduling, step inputs, attention's
+plan, argmax, readback, bookkeeping. (Before stop 13 the
 forward counted the decoder alone, so the final norm and LM head counted as framework: the LM
 head alone is ~0.3 ms a step at batch 256 here; that figure is still printed, as "step - decoder".)
 Also reported: the host work outside the device step (step - `Runner.decode_forward`, i.e. minus embedding, layers, final norm, LM head
@@ -158,8 +161,11 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
 
         runner = engine.stages[0].runner
         model = runner.model
-        with (_ForwardTimer(model) as decoder, _ForwardTimer(model, "final_norm") as norm, _ForwardTimer(model.lm_head) as lm_head,
-              _ForwardTimer(runner, "decode_forward") as device_step, _ForwardTimer(HostDecodePlan, "step") as host_plan):
+        # inference mode entered once around the loop, as `Engine.embed` and tte-serve's loop do (transformers'
+        # generate() runs in it too, between blocks: no slower than under its own no_grad)
+        with (torch.inference_mode(), _ForwardTimer(model) as decoder, _ForwardTimer(model, "final_norm") as norm,
+              _ForwardTimer(runner, "_head_logits") as lm_head, _ForwardTimer(runner, "decode_forward") as device_step,
+              _ForwardTimer(HostDecodePlan, "step") as host_plan):
             benchmark.pedantic(step, setup=between_steps, rounds=STEPS * ROUNDS, iterations=1, warmup_rounds=WARMUP)
             stubbed_s = _stubbed_host_seconds(engine, runner, host_plan)
         engine.scheduler.abort_all()

@@ -27,6 +27,30 @@ def test_packed_linear_matches_nn_linear(dtype, atol, bias, shape):
     assert torch.allclose(got, want, atol=atol, rtol=1e-2)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 19])
+def test_a_suppression_bias_changes_no_other_logit(packed, dtype, rows):
+    """The LM head with `suppression_bias`: -inf at the suppressed ids, every other logit the layer's
+    own bit for bit (x + 0 = x), packed or not; ids outside the vocabulary are ignored."""
+    from tte_engine.sampling import suppression_bias
+
+    torch.manual_seed(rows)
+    layer = nn.Linear(45, 301, bias=False).to(dtype)
+    if packed:
+        layer = PackedLinear(layer)
+    assert cpu_linear.linear_dtype(layer) == dtype
+    bias = suppression_bias(301, [300, 7, 7, 0, 301, -1, 1000], dtype, "cpu")
+    assert bias.dtype == dtype and bias.shape == (301,) and torch.isneginf(bias).nonzero().flatten().tolist() == [0, 7, 300]
+    assert suppression_bias(301, [301, -3], dtype, "cpu") is None  # none inside the vocabulary: no bias at all
+    x = torch.randn(rows, 45, dtype=dtype)
+    with torch.inference_mode():
+        plain, biased = layer(x), cpu_linear.linear_with_bias(layer, x, bias)
+    kept = torch.isfinite(bias)
+    assert torch.isneginf(biased[:, ~kept]).all()
+    assert torch.equal(biased[:, kept], plain[:, kept])
+
+
 def test_packed_linear_keeps_the_exact_weight():
     dense = nn.Linear(19, 23)
     packed = PackedLinear(dense)

@@ -49,6 +49,10 @@ def test_max_tokens_and_vision_tokens_never_generated(engine, mixed_items):
     zero = engine.embed(mixed_items[:2], max_trace_tokens=0)
     assert zero.trace_token_ids == [[], []]
     assert zero.embed_token_ids[0] == engine.prompts.think_end_ids + engine.prompts.suffix_ids
+    # the steps ran inside one inference mode (Engine.run enters it once); what comes back is an
+    # ordinary tensor, and the caller's own code is not left in inference mode
+    assert not res.embeddings.is_inference() and not torch.is_inference_mode_enabled()
+    res.embeddings.mul_(2)
 
 
 def test_batch_invariance(engine, mixed_items):

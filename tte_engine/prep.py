@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from .sequence import Sequence
 
 PREP_THREADS = min(4, os.cpu_count() or 1)
@@ -50,18 +52,19 @@ def run_prepared(engine, n: int, prepare: Callable[[int], Sequence | None], on_d
         futures = [pool.submit(prepare, i) for i in range(n)]
         added = steps = 0
         try:
-            while added < n or engine.has_unfinished():
-                # this step's wave joins (waiting for it if need be), and more while the engine has nothing to do
-                while added < min(n, (steps + 1) * WAVE) or (added < n and not engine.has_unfinished()):
-                    seq = futures[added].result()
-                    added += 1
-                    if seq is not None:
-                        engine.add_request(seq)
-                if engine.has_unfinished():
-                    done = engine.step()
-                    steps += 1
-                    if done and on_done is not None:
-                        on_done(done)
+            with torch.inference_mode():  # once, not at every step (see Runner.run)
+                while added < n or engine.has_unfinished():
+                    # this step's wave joins (waiting for it if need be), and more while the engine has nothing to do
+                    while added < min(n, (steps + 1) * WAVE) or (added < n and not engine.has_unfinished()):
+                        seq = futures[added].result()
+                        added += 1
+                        if seq is not None:
+                            engine.add_request(seq)
+                    if engine.has_unfinished():
+                        done = engine.step()
+                        steps += 1
+                        if done and on_done is not None:
+                            on_done(done)
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -19,8 +19,9 @@ import torch
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
 from .kernels.attention import DecodePlan, HostDecodePlan
+from .model.cpu_linear import linear_dtype, linear_with_bias
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import greedy_tokens, sample, suppress_, suppressed_index
+from .sampling import greedy_tokens, sample, suppression_bias
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
@@ -53,7 +54,7 @@ class Runner:
         self.block_size = blocks.block_size
         self.max_vision_patches = max_vision_patches
         self.device = model.norm.device
-        self.suppressed = suppressed_index(model.cfg.text.vocab_size, suppressed_ids, self.device)
+        self.head_bias = suppression_bias(model.cfg.text.vocab_size, suppressed_ids, linear_dtype(model.lm_head), self.device)
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
         # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`HostDecodePlan`)
         self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
@@ -79,12 +80,15 @@ class Runner:
     # ------------------------------------------------------------------ entry
     def run(self, step: Step) -> tuple[np.ndarray, torch.Tensor | None]:
         """Execute a step; returns (tokens int64 [len(sample_idx)], embeddings [len(pool_idx), D] fp32 on CPU)."""
-        # inference mode (~70 us a step faster in the micro benchmark's forward than grad mode), entered
-        # through the guard `torch.inference_mode` itself uses: its Python wrapper costs 2-4x more per step
-        with torch._C._InferenceMode(True):
-            if step.pure_decode:
-                return self._run_decode(step.decode), None
-            return self._run_prefill(step)
+        # inference mode (~70 us a step faster in the micro benchmark's forward than grad mode): the
+        # engine's loops (`Engine.embed`, tte-serve's) enter it once; a step called outside one enters
+        # it here, through the guard `torch.inference_mode` itself uses (its Python wrapper costs 2-4x more)
+        if not torch.is_inference_mode_enabled():
+            with torch._C._InferenceMode(True):
+                return self.run(step)
+        if step.pure_decode:
+            return self._run_decode(step.decode), None
+        return self._run_prefill(step)
 
     # ------------------------------------------------------------------ decode
     def _run_decode(self, decode: DecodeBatch) -> np.ndarray:
@@ -220,14 +224,15 @@ class Runner:
             tables, context_lens = None, view["context_lens"]
         step = StepBatch(input_ids=view["input_ids"], positions=view["positions"], slot_mapping=view["slot_mapping"], block_tables=tables,
                          context_lens=context_lens, cu_seqlens_q=None, is_prefill=False, num_splits=num_splits, decode_plan=plan)
-        h, residual = self.model(step, self.cache)
+        h, residual = self.model.forward(step, self.cache)  # not through Module.__call__: no hooks here, ~3 us less a step on CPU
         normed = self.model.final_norm(h, residual)
         logits = self._head_logits(normed)
         return greedy_tokens(logits), normed, logits
 
     def _head_logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, V] fp32 of normed last states [B, D], suppressed ids at -inf."""
-        return suppress_(self.model.lm_head(normed).float(), self.suppressed)  # in place: the LM head's output is a fresh tensor
+        """Next-token logits [B, V] fp32 of normed last states [B, D], suppressed ids at -inf: the LM
+        head with the suppression bias (`suppression_bias`), one op."""
+        return linear_with_bias(self.model.lm_head, normed, self.head_bias).float()
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from ..sequence import Phase, Sequence
 from .metrics import Metrics
 
@@ -114,7 +116,8 @@ class EngineLoop:
     # ------------------------------------------------------------------ the loop thread
     def _run(self) -> None:
         try:
-            self._serve()
+            with torch.inference_mode():  # once for the thread, not at every step (see Runner.run)
+                self._serve()
         except BaseException as exc:  # a bug outside the guarded step: nothing may wait forever on a dead thread
             logger.exception("the engine loop failed; failing the requests in flight and refusing new ones")
             self._die(exc)
