@@ -68,15 +68,16 @@ CPU_NOISE_CHUNK = 1 << 16
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(-1)` (int64 [B]) for logits [B, V], the same index bit for bit (the first
-    maximum; a NaN counts as the maximum, as in argmax).
+    """`logits.argmax(-1)` (int64 [B]) for logits [B, V] (any float dtype), the same index bit for
+    bit (the first maximum; a NaN counts as the maximum, as in argmax).
 
-    On CPU, fp32 logits go through numpy's argmax, which is vectorized where torch's argmax over
-    the last dimension is a scalar loop (torch 2.13, numpy 2.4, the 2-core EPYC VM, one thread:
-    [256, 640] 17 vs 150 us, [1, 151936] 12 vs 127 us); the result shares numpy's memory. Other
-    devices and dtypes use argmax itself. Static shapes, no host sync."""
-    if logits.is_cpu and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype("int64", copy=False))
+    On CPU, logits go through numpy's argmax (in fp32: an exact, order-keeping conversion), which is
+    vectorized where torch's argmax over the last dimension is a scalar loop (torch 2.13, numpy
+    2.4, the 2-core EPYC VM, one thread: [256, 640] 17 vs 150 us, [1, 151936] 12 vs 127 us); the
+    result shares numpy's memory. Other devices take argmax in the logits' own dtype (no fp32 copy
+    of a bf16 [B, V]). Static shapes, no host sync."""
+    if logits.is_cpu:
+        return torch.from_numpy(logits.detach().float().numpy().argmax(axis=-1).astype("int64", copy=False))
     return logits.argmax(dim=-1)
 
 

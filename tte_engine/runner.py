@@ -106,7 +106,7 @@ class Runner:
         if not decode.greedy:
             if logits is None:  # a replayed graph keeps no logits (see DecodeGraphs): the LM head again
                 logits = self._head_logits(normed[:batch])
-            tokens = sample(logits[:batch], *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling),
+            tokens = sample(logits[:batch].float(), *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling),
                             impl=self.model.impl, greedy=tokens)
         return readback(tokens)
 
@@ -211,7 +211,8 @@ class Runner:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
         block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
         head, suppression and argmax. Returns (greedy tokens [batch] int64, normed last states
-        [batch, D], suppressed logits [batch, V] fp32: what a sampled step samples from). Static
+        [batch, D], suppressed logits [batch, V] in the LM head's dtype: what a sampled step
+        samples from, in fp32). Static
         shapes and no host sync: this is what a CUDA graph captures (with `updates` True; an eager
         step without new blocks skips that op). `plan`: decode attention's reads, worked out on the
         host (CPU engines; see `HostDecodePlan`)."""
@@ -230,9 +231,10 @@ class Runner:
         return greedy_tokens(logits), normed, logits
 
     def _head_logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, V] fp32 of normed last states [B, D], suppressed ids at -inf: the LM
-        head with the suppression bias (`suppression_bias`), one op."""
-        return linear_with_bias(self.model.lm_head, normed, self.head_bias).float()
+        """Next-token logits [B, V] of normed last states [B, D], suppressed ids at -inf, in the LM
+        head's dtype (greedy takes their argmax as they are: no fp32 copy of a bf16 [B, V] on a
+        GPU; sampling converts): the LM head with the suppression bias (`suppression_bias`), one op."""
+        return linear_with_bias(self.model.lm_head, normed, self.head_bias)
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
@@ -302,7 +304,7 @@ class Runner:
             logits = self._head_logits(self.model.final_norm(h[d_sample], residual[d_sample]))
             if sampling:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
-                chosen = sample(logits, *_sampling_params(by_name.__getitem__), filtered=_filters(params), impl=self.model.impl)
+                chosen = sample(logits.float(), *_sampling_params(by_name.__getitem__), filtered=_filters(params), impl=self.model.impl)
             else:
                 chosen = greedy_tokens(logits)
             tokens = readback(chosen)
