@@ -77,7 +77,9 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     result shares numpy's memory. Other devices take argmax in the logits' own dtype (no fp32 copy
     of a bf16 [B, V]). Static shapes, no host sync."""
     if logits.is_cpu:
-        return torch.from_numpy(logits.detach().float().numpy().argmax(axis=-1).astype("int64", copy=False))
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype("int64", copy=False))
     return logits.argmax(dim=-1)
 
 

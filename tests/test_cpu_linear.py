@@ -46,9 +46,14 @@ def test_a_suppression_bias_changes_no_other_logit(packed, dtype, rows):
     x = torch.randn(rows, 45, dtype=dtype)
     with torch.inference_mode():
         plain, biased = layer(x), cpu_linear.linear_with_bias(layer, x, bias)
+        buffer = torch.full((rows + 2, 301), float("nan"), dtype=dtype)  # a graph's static buffer, larger than the batch
+        into = cpu_linear.linear_with_bias(layer, x, bias, out=buffer[:rows])
+        unbiased = cpu_linear.linear_with_bias(layer, x, None, out=buffer[:rows].clone())
     kept = torch.isfinite(bias)
     assert torch.isneginf(biased[:, ~kept]).all()
     assert torch.equal(biased[:, kept], plain[:, kept])
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, biased) and buffer[rows:].isnan().all()
+    assert torch.equal(unbiased, plain)
 
 
 def test_packed_linear_keeps_the_exact_weight():

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tte_engine import Engine, SamplingParams
 from tte_engine import runner as runner_module
+from tte_engine.model import cpu_linear
 
 aten = torch.ops.aten
 
@@ -118,15 +119,22 @@ def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, ba
     assert report["readbacks"] == report["decode_steps"]  # the single allowed sync of each step
 
 
-@pytest.mark.parametrize("head", ["last_token", "mhsa"])
-def test_graph_path_matches_eager(make_checkpoint, mixed_items, head):
-    """Static buffers padded to buckets, full-width tables and fixed splits give the eager results."""
+@pytest.mark.parametrize("head", ["last_token", "mhsa", "last_token_prepacked"])
+def test_graph_path_matches_eager(make_checkpoint, mixed_items, head, monkeypatch):
+    """Static buffers padded to buckets, full-width tables and fixed splits give the eager results;
+    sampled steps sample from the logits the graph path left in its static buffer (written by the
+    LM head's GEMM, or copied there from a oneDNN-packed LM head)."""
     overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
+    if head == "last_token_prepacked":
+        monkeypatch.setattr(cpu_linear, "MIN_PACKED_ELEMENTS", 0)
     path = make_checkpoint("syncs", think_max_tokens=6, **overrides)
     sampling = SamplingParams(temperature=1.0, top_p=0.95, seed=3)
     for params in (None, sampling):
         eager = Engine(path, cuda_graphs=False, max_model_len=512).embed(mixed_items, sampling=params)
-        graphed = Engine(path, cuda_graphs=True, max_model_len=512).embed(mixed_items, sampling=params)
+        graphed_engine = Engine(path, cuda_graphs=True, max_model_len=512)
+        lm_head = graphed_engine.stages[0].runner.model.lm_head
+        assert isinstance(lm_head, cpu_linear.PackedLinear) == (head == "last_token_prepacked" and cpu_linear.prepacking_available())
+        graphed = graphed_engine.embed(mixed_items, sampling=params)
         assert graphed.trace_token_ids == eager.trace_token_ids
         for i in range(len(mixed_items)):
             assert cosine(graphed.embeddings[i], eager.embeddings[i]) >= 0.99999

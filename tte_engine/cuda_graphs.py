@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kernels.attention import decode_splits
+from .model.cpu_linear import linear_dtype
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -34,6 +35,12 @@ class DecodeGraphs:
         self.runner = runner
         self.width = runner.blocks.tables.shape[1]  # block-table columns: the longest allowed context
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # the LM head's output of every bucket, at one address: a sampled step samples from it. One
+        # [max_num_seqs, V] buffer in the LM head's dtype (78 MB at 256 rows of Qwen2-VL's 151,936
+        # ids in bf16), outside the graphs' pool, where each bucket's own would hold ~0.65 GB over
+        # the default buckets; before stop 17 no logits were kept and a sampled step ran the LM head again
+        lm_head = runner.model.lm_head
+        self.logits = torch.empty(runner.max_rows, lm_head.out_features, dtype=linear_dtype(lm_head), device=runner.device)
         self.eager_reason: str | None = None if runner.device.type == "cuda" else "not a CUDA device"
         self._fill_padding()
         if self.eager_reason is None:
@@ -63,17 +70,15 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream(r.device))
             with torch.cuda.stream(side):
                 for bucket in reversed(r.buckets):  # compiles every kernel variant outside the capture
-                    r.decode_forward(bucket, self.width, self.num_splits(bucket))
+                    self._forward(bucket)
             torch.cuda.synchronize(r.device)
             pool = None
             for bucket in reversed(r.buckets):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=side):
-                    greedy, normed, _ = r.decode_forward(bucket, self.width, self.num_splits(bucket))
+                    outputs = self._forward(bucket)
                 pool = graph.pool() if pool is None else pool
-                # no logits kept: [bucket, V] fp32 per bucket would hold ~1.3 GB of the pool at
-                # Qwen2-VL's vocabulary over the default buckets; a sampled step computes them again
-                self.graphs[bucket] = (graph, (greedy, normed))
+                self.graphs[bucket] = (graph, outputs)
             torch.cuda.synchronize(r.device)
             logger.info("captured decode CUDA graphs for batch sizes %s", r.buckets)
         except Exception as exc:  # a capture failure must not take the engine down: run eagerly instead
@@ -81,12 +86,15 @@ class DecodeGraphs:
             self.eager_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
             logger.warning("%s; decode steps run eagerly", self.eager_reason)
 
-    def replay(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(greedy tokens [bucket], normed states [bucket, D], logits [bucket, V] or None) of the
-        decode step now in the runner's buffer: a replayed graph gives no logits."""
+    def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket), logits_out=self.logits[:bucket])
+
+    def replay(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(greedy tokens [bucket], logits [bucket, V]: static buffers, good until the next replay)
+        of the decode step now in the runner's buffer."""
         if bucket in self.graphs:
-            graph, (greedy, normed) = self.graphs[bucket]
+            graph, outputs = self.graphs[bucket]
             graph.replay()
-            return greedy, normed, None
-        return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket))
+            return outputs
+        return self._forward(bucket)
 

@@ -98,14 +98,12 @@ class Runner:
         updates = self._fill_decode(host, decode, bucket)
         self.decode_staging.send(self.layout.size)
         if self.graphs is not None:
-            greedy, normed, logits = self.graphs.replay(bucket)
+            greedy, logits = self.graphs.replay(bucket)
         else:
             plan = self._decode_plan(decode) if self.plan_on_host else None
-            greedy, normed, logits = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
+            greedy, logits = self.decode_forward(batch, self._decode_width(decode), None, updates, plan)
         tokens = greedy if bucket == batch else greedy[:batch]
         if not decode.greedy:
-            if logits is None:  # a replayed graph keeps no logits (see DecodeGraphs): the LM head again
-                logits = self._head_logits(normed[:batch])
             tokens = sample(logits[:batch].float(), *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling),
                             impl=self.model.impl, greedy=tokens)
         return readback(tokens)
@@ -207,15 +205,15 @@ class Runner:
         return views
 
     def decode_forward(self, batch: int, width: int, num_splits: int | None, updates: bool = True,
-                       plan: DecodePlan | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       plan: DecodePlan | None = None, logits_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
         block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
-        head, suppression and argmax. Returns (greedy tokens [batch] int64, normed last states
-        [batch, D], suppressed logits [batch, V] in the LM head's dtype: what a sampled step
-        samples from, in fp32). Static
+        head, suppression and argmax. Returns (greedy tokens [batch] int64, suppressed logits
+        [batch, V] in the LM head's dtype: what a sampled step samples from, in fp32). Static
         shapes and no host sync: this is what a CUDA graph captures (with `updates` True; an eager
         step without new blocks skips that op). `plan`: decode attention's reads, worked out on the
-        host (CPU engines; see `HostDecodePlan`)."""
+        host (CPU engines; see `HostDecodePlan`). `logits_out` ([batch, V], the LM head's dtype):
+        where the logits go (a graph's static buffer); a fresh tensor when None."""
         view = self.decode_inputs(batch)
         if updates:
             self._update_tables(view["update_index"], view["update_value"])
@@ -226,15 +224,15 @@ class Runner:
         step = StepBatch(input_ids=view["input_ids"], positions=view["positions"], slot_mapping=view["slot_mapping"], block_tables=tables,
                          context_lens=context_lens, cu_seqlens_q=None, is_prefill=False, num_splits=num_splits, decode_plan=plan)
         h, residual = self.model.forward(step, self.cache)  # not through Module.__call__: no hooks here, ~3 us less a step on CPU
-        normed = self.model.final_norm(h, residual)
-        logits = self._head_logits(normed)
-        return greedy_tokens(logits), normed, logits
+        logits = self._head_logits(self.model.final_norm(h, residual), logits_out)
+        return greedy_tokens(logits), logits
 
-    def _head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+    def _head_logits(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits [B, V] of normed last states [B, D], suppressed ids at -inf, in the LM
         head's dtype (greedy takes their argmax as they are: no fp32 copy of a bf16 [B, V] on a
-        GPU; sampling converts): the LM head with the suppression bias (`suppression_bias`), one op."""
-        return linear_with_bias(self.model.lm_head, normed, self.head_bias)
+        GPU; sampling converts): the LM head with the suppression bias (`suppression_bias`), one op,
+        into `out` if given."""
+        return linear_with_bias(self.model.lm_head, normed, self.head_bias, out)
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
