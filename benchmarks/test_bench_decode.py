@@ -157,12 +157,13 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
             step time, so the two sides of each block's ratio are measured seconds apart, under the same load."""
             if len(steps) >= WARMUP and (len(steps) - WARMUP) % STEPS == 0:
                 # our next STEPS steps compute trace tokens 1 + len(steps) on (the prefill sampled the first)
-                hf_steps.append(_hf_step_seconds(hf, prompts, suppress, first=1 + len(steps)))
+                with torch.inference_mode(False):  # generate() as a user runs it: under its own no_grad
+                    hf_steps.append(_hf_step_seconds(hf, prompts, suppress, first=1 + len(steps)))
 
         runner = engine.stages[0].runner
         model = runner.model
-        # inference mode entered once around the loop, as `Engine.embed` and tte-serve's loop do (transformers'
-        # generate() runs in it too, between blocks: no slower than under its own no_grad)
+        # inference mode entered once around our steps, as `Engine.embed` and tte-serve's loop do (transformers'
+        # generate(), between blocks, runs outside it, under its own no_grad, as a user runs it)
         with (torch.inference_mode(), _ForwardTimer(model) as decoder, _ForwardTimer(model, "final_norm") as norm,
               _ForwardTimer(runner, "_head_logits") as lm_head, _ForwardTimer(runner, "decode_forward") as device_step,
               _ForwardTimer(HostDecodePlan, "step") as host_plan):
