@@ -248,7 +248,8 @@ class Engine:
         room = self.max_model_len - len(prompt.token_ids) - tail
         if room < 0:
             raise InvalidInputError(
-                f"prompt of {len(prompt.token_ids)} tokens (+{tail} trace/suffix) exceeds the model limit of {self.max_model_len} tokens", index
+                f"prompt of {len(prompt.token_ids)} tokens, with the {tail} tokens that must follow it (think end, embed suffix"
+                f"{', given trace' if prompt.given_trace_ids else ''}), exceeds the model limit of {self.max_model_len} tokens", index
             )
         if positions is None:
             grids = [i.grid_thw for i in prompt.images]

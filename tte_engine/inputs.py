@@ -167,9 +167,9 @@ class PromptBuilder:
         fields = [("instruction", self.instruction_for(query, instruction)), ("trace", query.trace)] + ([("text", query.text)] if text else [])
         for name, value in fields:
             if isinstance(value, str) and len(value) > cap:
-                raise InvalidInputError(f"{name} of {len(value)} characters cannot fit the model limit of {max_tokens} tokens", index, name)
+                raise InvalidInputError(f"{name} of {len(value)} characters cannot fit the model limit (a prompt may hold {max_tokens} tokens here)", index, name)
             if isinstance(value, list) and len(value) > max_tokens:
-                raise InvalidInputError(f"{name} of {len(value)} tokens exceeds the model limit of {max_tokens} tokens", index, name)
+                raise InvalidInputError(f"{name} of {len(value)} tokens exceeds the model limit (a prompt may hold {max_tokens} tokens here)", index, name)
 
     def truncate(self, query: Query, prompt: Prompt, max_tokens: int, index: int, *, think: bool, instruction: str | None) -> Prompt:
         """`prompt` rebuilt with the end of `query.text` cut so it holds at most `max_tokens` tokens

@@ -239,6 +239,19 @@ def test_a_bad_cache_file_is_one_line_and_exit_2_before_the_model_loads(tmp_path
     assert err.startswith("tte-serve: error: ") and "not a usable tte_engine cache" in err
 
 
+def test_a_taken_port_is_reported_before_the_model_loads(tmp_path, capsys):
+    """tte-serve binds its port before it loads the model: a port in use is one line and exit 2 at
+    once (uvicorn found it only after the load, and exited 3). The checkpoint here does not exist:
+    the port's error comes first."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert tte_serve(["--checkpoint", str(tmp_path / "no-such-checkpoint"), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err == f"tte-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)"
+
+
 @pytest.mark.parametrize("limits", ['{"imag": 3}', '{"image": -1}', '{"image": "2"}', '[1]'])
 def test_limit_mm_per_prompt_is_checked_at_start(limits, capsys):
     """A misspelled or ill-typed limit used to be accepted silently (no limit at all)."""

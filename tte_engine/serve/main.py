@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -53,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) and listening, as uvicorn would bind it; raises OSError naming
+    the address when it cannot be (a port in use: found before the model loads, not after)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc})") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"tte-serve: error: {exc.name} is missing; install the server extra: pip install 'tte-engine[serve]'", file=sys.stderr)
         return 2
-    import os
-
     import torch
 
     from ..engine import Engine
@@ -81,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = {k: v for k, v in (("max_num_seqs", args.max_batch_size), ("max_model_len", args.max_model_len)) if v is not None}
     overrides.update(engine_switches(args))
-    cache = None
-    try:  # the cache first: an unusable cache file is reported before the model loads
+    cache = listener = None
+    try:  # the cache and the port first: an unusable cache file or a taken port is reported before the model loads
         cache = ResultCache(args.cache or None) if args.cache is not None else None
+        listener = _listen(args.host, args.port)
         engine = Engine(args.checkpoint, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype, **overrides)
     except (TTEError, OSError, ValueError) as exc:
-        if cache is not None:
-            cache.close()
+        for held in (cache, listener):
+            if held is not None:
+                held.close()
         print(f"tte-serve: error: {exc}", file=sys.stderr)
         return 2
     settings = ServerSettings(
@@ -110,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful shutdown: end with 0 instead
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    host, port = listener.getsockname()[:2]
+    # uvicorn says where it listens only when it binds the socket itself
+    logging.getLogger("tte_engine").info("tte-serve listening on http://%s:%d (Ctrl+C to quit)", f"[{host}]" if ":" in host else host, port)
+    uvicorn.Server(config).run(sockets=[listener])
     logging.getLogger("tte_engine").info("tte-serve stopped")
     if cache is not None:
         cache.close()
