@@ -55,6 +55,53 @@ def test_max_tokens_and_vision_tokens_never_generated(engine, mixed_items):
     res.embeddings.mul_(2)
 
 
+@pytest.mark.parametrize("errors", ["raise", "return"])  # two loops: Engine.run and the prep loop
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+def test_a_progress_callback_runs_in_the_callers_mode(engine, mixed_items, errors, mode):
+    """The engine steps inside one inference mode, but a user's progress callback gets the
+    caller's own autograd mode back: the tensors it makes are ordinary ones outside inference mode."""
+    seen = []
+
+    def progress(n):
+        made = torch.zeros(2)
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), made.is_inference()))
+        if not made.is_inference():
+            made.add_(1)  # an inference tensor would refuse this outside inference mode
+
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with context():
+        engine.embed(mixed_items[:3], max_trace_tokens=3, progress=progress, errors=errors)
+    inference = mode == "inference"
+    assert seen and set(seen) == {(inference, mode == "grad", inference)}
+
+
+@pytest.mark.parametrize("row", ["nan", "overflow", "boosted"])
+def test_a_suppressed_id_is_never_chosen_whatever_its_logit(make_checkpoint, tmp_path, mixed_items, row):
+    """The LM head rows of every suppressed id made NaN, huge (logits overflow to +-inf) or merely
+    favoured: no trace holds a suppressed id, greedy or sampled, eager or on the graph path (an
+    additive -inf would give NaN for the first two, and argmax takes NaN as the largest)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tte_engine import SamplingParams
+
+    src = make_checkpoint("parity", head="last_token", think_max_tokens=12)
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    suppressed = Engine(src).prompts.suppressed_ids
+    weights = load_file(str(dst / "model.safetensors"))
+    head = weights["lm_head.weight"]
+    for tid in suppressed:
+        head[tid] = float("nan") if row == "nan" else head[tid].sign() * 3e38 if row == "overflow" else head[tid] * 1e4
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for graphs in (False, True):
+        engine = Engine(dst, cuda_graphs=graphs, max_model_len=512)
+        for sampling in (None, SamplingParams(temperature=0.8, top_p=0.9, seed=5), SamplingParams(temperature=1.0, seed=2)):
+            res = engine.embed(mixed_items, max_trace_tokens=6, sampling=sampling)
+            assert all(len(ids) > 0 and not set(ids) & set(suppressed) for ids in res.trace_token_ids), (graphs, sampling)
+
+
 def test_batch_invariance(engine, mixed_items):
     batch = mixed_items + mixed_items[:2]  # 8 items
     together = engine.embed(batch)

@@ -20,7 +20,7 @@ from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_token
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 9), vocab=st.integers(1, 1700), levels=st.integers(2, 1000),
        specials=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["nan", "-inf", "inf"])), max_size=4),
-       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
 def test_greedy_tokens_is_argmax(rows, vocab, levels, specials, seed, dtype):
     """In every float dtype the LM head may give (a bf16 model's logits are not copied to fp32 first)."""
     g = torch.Generator().manual_seed(seed)
@@ -28,7 +28,10 @@ def test_greedy_tokens_is_argmax(rows, vocab, levels, specials, seed, dtype):
     for where, value in specials:
         logits.view(-1)[where % logits.numel()] = float(value)
     got = greedy_tokens(logits)
-    assert got.dtype == torch.int64 and torch.equal(got, logits.float().argmax(dim=-1))
+    assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1))
+    if dtype == torch.float64:  # values fp32 cannot tell apart: still told apart
+        close = torch.tensor([[1.0, 1.0 + 1e-12, 0.5], [1e39, 2e39, 0.0]], dtype=dtype)
+        assert greedy_tokens(close).tolist() == [1, 1]
 
 
 def test_greedy_tokens_rows_of_minus_inf_the_last_id_and_ties():

@@ -29,7 +29,7 @@ from .prep import prepare_all, run_prepared
 from .model.cpu_linear import pack_linears
 from .model.loader import build_model, load_checkpoint_weights
 from .model.rope import prompt_positions
-from .runner import ENCODER_CACHE_TOKENS, Runner
+from .runner import ENCODER_CACHE_TOKENS, Runner, step_loop_mode
 from .sampling import SamplingParams
 from .scheduler import SUFFIX_WAIT_WITH_GRAPHS, Scheduler
 from .sequence import Sequence
@@ -335,11 +335,12 @@ class Engine:
         try:
             for seq in seqs:
                 self.add_request(seq)
-            with torch.inference_mode():  # once, not at every step (see Runner.run)
+            with step_loop_mode() as callers_mode:
                 while self.has_unfinished():
                     done = self.step()
                     if done and on_done is not None:
-                        on_done(done)
+                        with callers_mode():
+                            on_done(done)
         except BaseException:
             self.scheduler.abort_all()
             raise

@@ -14,8 +14,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
+from .runner import step_loop_mode
 from .sequence import Sequence
 
 PREP_THREADS = min(4, os.cpu_count() or 1)
@@ -52,7 +51,7 @@ def run_prepared(engine, n: int, prepare: Callable[[int], Sequence | None], on_d
         futures = [pool.submit(prepare, i) for i in range(n)]
         added = steps = 0
         try:
-            with torch.inference_mode():  # once, not at every step (see Runner.run)
+            with step_loop_mode() as callers_mode:
                 while added < n or engine.has_unfinished():
                     # this step's wave joins (waiting for it if need be), and more while the engine has nothing to do
                     while added < min(n, (steps + 1) * WAVE) or (added < n and not engine.has_unfinished()):
@@ -64,7 +63,8 @@ def run_prepared(engine, n: int, prepare: Callable[[int], Sequence | None], on_d
                         done = engine.step()
                         steps += 1
                         if done and on_done is not None:
-                            on_done(done)
+                            with callers_mode():
+                                on_done(done)
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -10,6 +10,7 @@ reading back the sampled tokens; it runs from a CUDA graph per batch bucket when
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import OrderedDict
 
@@ -19,9 +20,9 @@ import torch
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
 from .kernels.attention import DecodePlan, HostDecodePlan
-from .model.cpu_linear import linear_dtype, linear_with_bias
+from .model.cpu_linear import linear_into
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import greedy_tokens, sample, suppression_bias
+from .sampling import greedy_tokens, sample, suppress_, suppressed_index
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
@@ -31,6 +32,25 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     """Decode batch sizes a graph is captured for: 1, 2, 4, 8, then every 16 up to max_num_seqs."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16)) + [max_num_seqs]
     return sorted(set(sizes))
+
+
+@contextlib.contextmanager
+def step_loop_mode():
+    """Inference mode for a loop of engine steps, entered once (`Runner.run` then skips its own
+    guard at every step); yields `callers_mode`, a function whose context gives code called back
+    from inside the loop (a user's progress callback) the caller's own autograd mode, so the
+    tensors it makes are ordinary ones, as they were outside the loop."""
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def callers_mode() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if not inference:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.set_grad_enabled(grad))
+        return stack
+
+    with torch.inference_mode():
+        yield callers_mode
 
 
 def readback(tokens: torch.Tensor) -> np.ndarray:
@@ -54,7 +74,7 @@ class Runner:
         self.block_size = blocks.block_size
         self.max_vision_patches = max_vision_patches
         self.device = model.norm.device
-        self.head_bias = suppression_bias(model.cfg.text.vocab_size, suppressed_ids, linear_dtype(model.lm_head), self.device)
+        self.suppressed = suppressed_index(model.cfg.text.vocab_size, suppressed_ids, self.device)
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
         # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`HostDecodePlan`)
         self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
@@ -81,8 +101,9 @@ class Runner:
     def run(self, step: Step) -> tuple[np.ndarray, torch.Tensor | None]:
         """Execute a step; returns (tokens int64 [len(sample_idx)], embeddings [len(pool_idx), D] fp32 on CPU)."""
         # inference mode (~70 us a step faster in the micro benchmark's forward than grad mode): the
-        # engine's loops (`Engine.embed`, tte-serve's) enter it once; a step called outside one enters
-        # it here, through the guard `torch.inference_mode` itself uses (its Python wrapper costs 2-4x more)
+        # engine's loops (`Engine.embed`, tte-serve's) enter it once (`step_loop_mode`); a step called
+        # outside one enters it here, through the guard `torch.inference_mode` itself uses (its Python
+        # wrapper costs 2-4x more)
         if not torch.is_inference_mode_enabled():
             with torch._C._InferenceMode(True):
                 return self.run(step)
@@ -230,9 +251,8 @@ class Runner:
     def _head_logits(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits [B, V] of normed last states [B, D], suppressed ids at -inf, in the LM
         head's dtype (greedy takes their argmax as they are: no fp32 copy of a bf16 [B, V] on a
-        GPU; sampling converts): the LM head with the suppression bias (`suppression_bias`), one op,
-        into `out` if given."""
-        return linear_with_bias(self.model.lm_head, normed, self.head_bias, out)
+        GPU; sampling converts), into `out` if given."""
+        return suppress_(linear_into(self.model.lm_head, normed, out), self.suppressed)
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:

@@ -2,10 +2,11 @@
 temperature / top-k / top-p sampling.
 
 Greedy decoding keeps embeddings deterministic. Vision placeholder tokens are never generated:
-their logits are -inf before the choice, through the LM head's bias (`suppression_bias`), so no
-step indexes by a Python list and suppression costs no op of its own. (Until stop 15 an additive
-[V] mask was added to every row: a pass over all B x V logits; until stop 17 an `index_fill_`
-set B x k entries: one more op a step, ~7 us at batch 1 on CPU.)
+`suppress_` sets their logits to -inf before the choice, through a precomputed device index
+(`suppressed_index`), so no step indexes by a Python list. (Until stop 15 an additive [V] mask
+was added to every row: a pass over all B x V logits, where the fill writes B x k entries. An
+additive -inf, in the LM head's bias, was tried in stop 17 and dropped: a NaN or inf raw logit,
+from a broken or uninitialised weight row, plus -inf is NaN, and argmax takes NaN as the largest.)
 
 Sampling is Gumbel-max: token = argmax(filtered logits / T + g), with g ~ Gumbel(0, 1) drawn per
 (request seed, trace position, vocab id) by a counter-based hash. So a request's trace depends
@@ -65,15 +66,17 @@ _FP32_MAX = float(np.finfo(np.float32).max)
 _FP32_TINY = float(np.finfo(np.float32).tiny)  # the smallest temperature divided by (a smaller one would be inf)
 
 
-def suppression_bias(vocab_size: int, suppressed_ids: list[int], dtype: torch.dtype, device) -> torch.Tensor | None:
-    """The LM head's bias [vocab_size] (`dtype`, on `device`) that keeps the ids a trace must never
-    contain out of every choice: -inf at those ids (the ones the vocabulary has), 0 elsewhere; None
-    when there are none. Added inside the LM head's matmul (`F.linear`: an epilogue on a GPU), it
-    costs no op of its own, and x + 0 = x leaves every other logit unchanged bit for bit."""
-    ids = sorted({i for i in suppressed_ids if 0 <= i < vocab_size})
-    if not ids:
-        return None
-    return torch.zeros(vocab_size, dtype=dtype, device=device).index_fill_(0, torch.tensor(ids, device=device), float("-inf"))
+def suppressed_index(vocab_size: int, suppressed_ids: list[int], device) -> torch.Tensor:
+    """The ids a trace must never contain that the vocabulary has, as an int64 device tensor [k]
+    (sorted, unique) for `suppress_`."""
+    return torch.tensor(sorted({i for i in suppressed_ids if 0 <= i < vocab_size}), dtype=torch.int64, device=device)
+
+
+def suppress_(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] with column `index` (int64 [k], from `suppressed_index`) set to -inf, in place
+    (whatever they held: NaN or inf too); returns `logits`. No host sync, static shapes (capturable
+    in a CUDA graph)."""
+    return logits.index_fill_(-1, index, float("-inf"))
 
 
 def sample(

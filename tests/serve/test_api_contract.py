@@ -88,6 +88,17 @@ def test_strict_types(client):
         _error(post(client, {"input": "x", field: value}), 422, field)
 
 
+def test_a_422_names_the_specific_fault_not_every_union_member(client):
+    """An item with an unknown key fails every member of the item union; the message is the key's
+    error alone (it used to add "input[0]: Input should be a valid string; ... (and 2 more)")."""
+    err = _error(post(client, {"input": [{"txt": "a"}]}), 422, "input[0].txt")
+    assert err["message"] == "input[0].txt: Extra inputs are not permitted"
+    err = _error(post(client, {"input": ["fine", {"txt": 1, "image": 2}]}), 422)  # two faults in one item: both, nothing else
+    assert sorted(err["message"].split("; ")) == ["input[1].image: Input should be a valid string", "input[1].txt: Extra inputs are not permitted"]
+    err = _error(post(client, {"input": 5}), 422, "input")  # no member got further: each says why
+    assert "valid string" in err["message"] and "valid list" in err["message"]
+
+
 def test_per_item_failures_are_400s_naming_the_item(client, server):
     raw = '{"input": ["fine", "a \\ud800 b"]}'.encode()  # a lone surrogate, as JSON allows
     _error(client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"}), 400, "input[1]", "not valid Unicode")

@@ -77,19 +77,19 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn_packed=True"
 
 
-def linear_with_bias(layer: nn.Linear | PackedLinear, x: torch.Tensor, bias: torch.Tensor | None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """`layer(x)` for x [M, K] with `bias` ([N], the layer's dtype, or None) in place of the layer's
-    own: one op, packed or not, and no `Module.__call__` (its Python costs ~3 us a call on CPU). For
-    the LM head, whose bias suppresses ids (`sampling.suppression_bias`). `out` ([M, N], contiguous,
-    the layer's dtype): written in place (a plain layer's GEMM writes it directly, as `F.linear`
-    computes: addmm / mm; a packed layer's result is copied in) and returned."""
+def linear_into(layer: nn.Linear | PackedLinear, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer(x)` for x [M, K] ([M, N] in the layer's dtype) without `Module.__call__` (its Python
+    costs ~3 us a call on CPU), packed or not; the layer's bias, if any, included. `out` ([M, N],
+    contiguous, the layer's dtype): written in place (a plain layer's GEMM writes it directly, as
+    `F.linear` computes: addmm / mm; a packed layer's result is copied in) and returned."""
     if isinstance(layer, PackedLinear):
-        y = torch.ops.mkldnn._linear_pointwise(x, layer.packed, bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
         return y if out is None else out.copy_(y)
     if out is None:
-        return F.linear(x, layer.weight, bias)
-    return torch.mm(x, layer.weight.t(), out=out) if bias is None else torch.addmm(bias, x, layer.weight.t(), out=out)
+        return F.linear(x, layer.weight, layer.bias)
+    if layer.bias is None:
+        return torch.mm(x, layer.weight.t(), out=out)
+    return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
 
 
 def linear_dtype(layer: nn.Linear | PackedLinear) -> torch.dtype:

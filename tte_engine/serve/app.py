@@ -402,7 +402,11 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
         if any(e.get("type") == "json_invalid" for e in errors):
             detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
             return _error(400, f"the body is not valid JSON: {detail}")
-        # a value that fits no member of a union fails once per member: report the deepest (most specific) path
+        # a value that fits no member of a union fails once per member: report the deepest (most
+        # specific) paths, without the members that failed at a path above them (an item with an
+        # unknown key is that key's error, not also "should be a valid string")
+        paths = [_field_path(e["loc"]) for e in errors]
+        errors = [e for e, p in zip(errors, paths) if not any(_inside(q, p) for q in paths)]
         errors = sorted(errors, key=lambda e: -len(_field_path(e["loc"])))
         param = (_field_path(errors[0]["loc"]) if errors else None) or None  # the body as a whole: no param
         messages = [f"{_field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
@@ -508,6 +512,11 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects (the body is already read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _inside(path: str, outer: str) -> bool:
+    """Whether field path `path` (e.g. "input[0].text") lies strictly inside `outer` ("input[0]"; "" = the body)."""
+    return path != outer and (not outer or path.startswith(outer + ".") or path.startswith(outer + "["))
 
 
 def _field_path(loc) -> str:

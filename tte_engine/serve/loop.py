@@ -14,8 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
-
+from ..runner import step_loop_mode
 from ..sequence import Phase, Sequence
 from .metrics import Metrics
 
@@ -116,7 +115,7 @@ class EngineLoop:
     # ------------------------------------------------------------------ the loop thread
     def _run(self) -> None:
         try:
-            with torch.inference_mode():  # once for the thread, not at every step (see Runner.run)
+            with step_loop_mode():  # once for the thread, not at every step (see Runner.run)
                 self._serve()
         except BaseException as exc:  # a bug outside the guarded step: nothing may wait forever on a dead thread
             logger.exception("the engine loop failed; failing the requests in flight and refusing new ones")
