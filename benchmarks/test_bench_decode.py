@@ -6,11 +6,10 @@ GPU pays on top of its 0.73 ms weight-read floor for a 2B model, and it can be m
 
 For each batch size: time `Engine.step()` over decode steps only (inside one inference mode, as
 `Engine.embed` and tte-serve's loop run them), and inside it the model forward: the decoder
-(`Qwen2VL.forward`: embedding and layers), the final norm and the LM head (`Runner._head_logits`,
-one matmul whose bias also suppresses the vision ids: since stop 17; before, the LM head module,
-with the suppression a separate op counted as framework), i.e. what transformers' `forward`
-computes (the logits). Framework share = step - forward: scheduling, step inputs, attention's
-plan, argmax, readback, bookkeeping. (Before stop 13 the
+(`Qwen2VL.forward`: embedding and layers), the final norm and the LM head (`linear_into`, which
+the runner calls for it since stop 17, without the module's `__call__`), i.e. what transformers'
+`forward` computes (the logits). Framework share = step - forward: scheduling, step inputs,
+attention's plan, suppression, argmax, readback, bookkeeping. (Before stop 13 the
 forward counted the decoder alone, so the final norm and LM head counted as framework: the LM
 head alone is ~0.3 ms a step at batch 256 here; that figure is still printed, as "step - decoder".)
 Also reported: the host work outside the device step (step - `Runner.decode_forward`, i.e. minus embedding, layers, final norm, LM head
@@ -40,6 +39,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from conftest import verdict
 from tte_engine import Engine, SamplingParams
+from tte_engine import runner as runner_module
 from tte_engine.kernels.attention import HostDecodePlan
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 from tte_engine.scheduler import SUFFIX_WAIT_WITH_GRAPHS
@@ -165,7 +165,7 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
         # inference mode entered once around our steps, as `Engine.embed` and tte-serve's loop do (transformers'
         # generate(), between blocks, runs outside it, under its own no_grad, as a user runs it)
         with (torch.inference_mode(), _ForwardTimer(model) as decoder, _ForwardTimer(model, "final_norm") as norm,
-              _ForwardTimer(runner, "_head_logits") as lm_head, _ForwardTimer(runner, "decode_forward") as device_step,
+              _ForwardTimer(runner_module, "linear_into") as lm_head, _ForwardTimer(runner, "decode_forward") as device_step,
               _ForwardTimer(HostDecodePlan, "step") as host_plan):
             benchmark.pedantic(step, setup=between_steps, rounds=STEPS * ROUNDS, iterations=1, warmup_rounds=WARMUP)
             stubbed_s = _stubbed_host_seconds(engine, runner, host_plan)
