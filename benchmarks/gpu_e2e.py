@@ -22,8 +22,9 @@ The parts `benchmarks/gpu_one_call.py` runs (and this script runs alone, see `ma
   shorter trace budget and is extrapolated per step: t(trace) = t(long) + (trace - long) x
   (t(long) - t(short)) / (long - short); both measured points are kept in the result.
 - **Parity** (`graph_parity`): on a small random checkpoint, `embed()` with graphs on and off
-  (on CUDA the graphed engine must really have captured): greedy traces identical and cosine >=
-  0.999 in bf16, >= 0.99999 in fp32. `agreement` compares the engine with the naive pipeline.
+  (on CUDA the graphed engine must really have captured): greedy traces identical, seeded
+  sampled traces identical (temperature 0.8, top_p 0.9), and cosine >= 0.999 in bf16, >= 0.99999
+  in fp32. `agreement` compares the engine with the naive pipeline.
 
     python benchmarks/gpu_e2e.py --out e2e.json                                   # on a CUDA machine
     python benchmarks/gpu_e2e.py --device cpu --spec tiny --batches 1,2 --out /tmp/e2e.json  # dry run
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import synthetic_image  # noqa: E402
 from naive_pipeline import NaivePipeline  # noqa: E402
 
-from tte_engine import Engine  # noqa: E402
+from tte_engine import Engine, SamplingParams  # noqa: E402
 from tte_engine.random_checkpoint import SPECS, RandomSpec, build_random_checkpoint, never_stop  # noqa: E402
 from tte_engine.sequence import Phase  # noqa: E402
 
@@ -369,22 +370,24 @@ def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12) -
              "two dogs play with a ball in the park while a man rides a bicycle along the river",
              {"text": "Describe it.", "image": synthetic_image(112, 56, 2)}, "a table of numbers"]
     cache = 256 << 20  # a tiny model: without it each engine would take 80% of the GPU as cache
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=7)  # a sampled graph step samples from the graph's logits buffer
     eager, _ = make_engine(path, device, dtype, graphs=False, max_num_seqs=16, max_model_len=1024, cache_memory=cache)
-    ref = eager.embed(items, max_trace_tokens=trace)
+    ref, ref_sampled = eager.embed(items, max_trace_tokens=trace), eager.embed(items, max_trace_tokens=trace, sampling=sampled)
     del eager
     free()
     graphed, info = make_engine(path, device, dtype, graphs=True, max_num_seqs=16, max_model_len=1024, cache_memory=cache)
-    res = graphed.embed(items, max_trace_tokens=trace)
+    res, res_sampled = graphed.embed(items, max_trace_tokens=trace), graphed.embed(items, max_trace_tokens=trace, sampling=sampled)
     del graphed
     free()
     equal = sum(a == b for a, b in zip(res.trace_token_ids, ref.trace_token_ids))
+    sampled_equal = sum(a == b for a, b in zip(res_sampled.trace_token_ids, ref_sampled.trace_token_ids))
     cos = float(F.cosine_similarity(res.embeddings, ref.embeddings).min())
     threshold = PARITY_COSINE[getattr(torch, dtype)]
     captured = bool(info["captured_buckets"]) or torch.device(device).type != "cuda"
-    return {"dtype": dtype, "head": head, "items": len(items), "traces_equal": equal, "cosine_min": round(cos, 7),
-            "cosine_threshold": threshold, "trace_lengths": [len(t) for t in ref.trace_token_ids],
+    return {"dtype": dtype, "head": head, "items": len(items), "traces_equal": equal, "sampled_traces_equal": sampled_equal,
+            "cosine_min": round(cos, 7), "cosine_threshold": threshold, "trace_lengths": [len(t) for t in ref.trace_token_ids],
             "captured_buckets": info["captured_buckets"], "eager_reason": info["eager_reason"],
-            "passed": equal == len(items) and cos >= threshold and captured}
+            "passed": equal == len(items) and sampled_equal == len(items) and cos >= threshold and captured}
 
 
 def compare_tokens(a: list[list[int]], b: list[list[int]]) -> dict:

@@ -25,7 +25,7 @@ Parts, in order (what each measures: `gpu_e2e.py` and `gpu_check.py`):
   checkpoint        DESIGN §6's Qwen2-VL-2B-sized random model (bf16, stop tokens demoted).
   copy_bandwidth    1 GiB device copy (read + write bytes / s): the floor's denominator.
   graph_parity      tiny model, graphs on vs off, last_token and mhsa heads, fp32 and bf16:
-                    identical greedy traces, cosine >= 0.99999 (fp32) / 0.999 (bf16).
+                    identical greedy and seeded sampled traces, cosine >= 0.99999 (fp32) / 0.999 (bf16).
   decode_graphs     2B bf16, cuda_graphs=True: ms per pure decode step at B = 1, 8, 32, 128, 256
                     (CUDA events around `steps` Engine.step() calls after prefill + warm-up).
   tte_engine        same engine: TTE query latency at B=1, queries/s at larger batches (448x448
