@@ -208,14 +208,19 @@ class BlockManager:
         Returns those blocks."""
         forgotten = self.pending
         for block in self.pending:
-            h = self.block_hash.pop(block, None)
-            if h is not None and self.cached.get(h) == block:
-                del self.cached[h]
+            self._unfind(block)
             if block in self.evictable:
                 del self.evictable[block]
                 self.free_blocks.append(block)
         self.pending = []
         return forgotten
+
+    def _unfind(self, block: int) -> None:
+        """`block` no longer found by the prefix cache, if it was registered (its hash's entry is
+        dropped only if it still names this block)."""
+        h = self.block_hash.pop(block, None)
+        if h is not None and self.cached.get(h) == block:
+            del self.cached[h]
 
     def reclaim(self, live: list["Sequence"]) -> None:
         """After a failed step: the books rebuilt from the sequences that hold blocks (`live`, each
@@ -229,9 +234,7 @@ class BlockManager:
         free = set(self.free_blocks)
         for block in range(self.num_blocks):
             if not held.get(block) and block not in free and block not in self.evictable:
-                h = self.block_hash.pop(block, None)
-                if h is not None and self.cached.get(h) == block:
-                    del self.cached[h]
+                self._unfind(block)
                 self.free_blocks.append(block)
         rows = {seq.row for seq in live if seq.row is not None}
         self.free_rows = [row for row in range(self.padding_row - 1, -1, -1) if row not in rows]
