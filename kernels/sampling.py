@@ -26,6 +26,7 @@ kernel's `tl.max` may pass over a NaN: NaN logits (a broken model) pick some id 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._dispatch import HAS_TRITON, use_triton
@@ -69,17 +70,27 @@ CPU_NOISE_CHUNK = 1 << 16
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(-1)` (int64 [B]) for logits [B, V] (any float dtype), the same index bit for
-    bit (the first maximum; a NaN counts as the maximum, as in argmax).
+    bit (the first maximum; a NaN counts as the maximum, as in argmax), as a tensor on the logits'
+    device (on CPU it shares the memory of `greedy_ids`' numpy array)."""
+    return torch.as_tensor(greedy_ids(logits))
+
+
+def greedy_ids(logits: torch.Tensor) -> np.ndarray | torch.Tensor:
+    """`greedy_tokens` as a decode step reads it back: on CPU a numpy int64 array [B], elsewhere a
+    tensor on the logits' device. Static shapes, no host sync.
 
     On CPU, logits go through numpy's argmax (16-bit ones converted to fp32 first: exact, order
     kept), which is vectorized where torch's argmax over the last dimension is a scalar loop
     (torch 2.13, numpy 2.4, the 2-core EPYC VM, one thread: [256, 640] 17 vs 150 us, [1, 151936]
-    12 vs 127 us); the result shares numpy's memory. Other devices take argmax in the logits' own
-    dtype (no fp32 copy of a bf16 [B, V]). Static shapes, no host sync."""
+    12 vs 127 us); the ids stay a numpy array, as the step's readback wants them: wrapping them
+    in a tensor and unwrapping it again cost ~15 us of a batch-1 decode step's ~80 us of host work
+    on the micro model (stop 18, alternating step by step; right after a forward every call runs
+    several times slower than in a loop). Other devices take argmax in the logits' own dtype (no
+    fp32 copy of a bf16 [B, V])."""
     if logits.is_cpu:
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
-        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1).astype("int64", copy=False))
+        return (logits.detach() if logits.requires_grad else logits).numpy().argmax(axis=-1).astype(np.int64, copy=False)
     return logits.argmax(dim=-1)
 
 

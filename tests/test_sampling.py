@@ -6,6 +6,7 @@ many seeds match softmax(logits / T), restricted to top-k / the top-p nucleus)."
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from tte_engine.kernels import sampling as kernel
 from tte_engine.kernels.sampling import gumbel_argmax_torch, gumbel_noise
 from tte_engine.sampling import SamplingParams as sampling_params
-from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_tokens, sample
+from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_ids, greedy_tokens, sample
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,6 +51,17 @@ def test_greedy_tokens_strided_and_large(shape):
     assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
 
 
+def test_greedy_ids_on_cpu_are_the_numpy_array_the_step_reads_back():
+    """A CPU decode step's greedy ids stay numpy (no tensor wrapped and unwrapped); readback hands them on as they are."""
+    from tte_engine.runner import readback
+
+    logits = torch.randn(3, 17, generator=torch.Generator().manual_seed(1), requires_grad=True)  # grad mode: still readable
+    ids = greedy_ids(logits)
+    assert isinstance(ids, np.ndarray) and ids.dtype == np.int64 and ids.tolist() == logits.argmax(dim=-1).tolist()
+    assert readback(ids) is ids
+    assert readback(torch.tensor([4, 2])).tolist() == [4, 2]
+
+
 def test_engine_traces_do_not_change_with_numpy_argmax(make_checkpoint, mixed_items, monkeypatch):
     """The engine's greedy choice through numpy's argmax gives the same traces and embeddings as
     torch's argmax itself (put in its place for the first run)."""
@@ -57,7 +69,7 @@ def test_engine_traces_do_not_change_with_numpy_argmax(make_checkpoint, mixed_it
 
     engine = Engine(make_checkpoint("syncs", think_max_tokens=12, head="last_token"), max_model_len=512)
     with monkeypatch.context() as patch:
-        patch.setattr(runner, "greedy_tokens", lambda logits: logits.argmax(dim=-1))
+        patch.setattr(runner, "greedy_ids", lambda logits: logits.argmax(dim=-1))
         plain = engine.embed(mixed_items[:4], max_trace_tokens=12)
     engine.reset_prefix_cache()  # the same work as the first run, so the same bits
     numpy_argmax = engine.embed(mixed_items[:4], max_trace_tokens=12)

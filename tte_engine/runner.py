@@ -22,7 +22,7 @@ from .kernels._dispatch import use_triton
 from .kernels.attention import DecodePlan, HostDecodePlan
 from .model.cpu_linear import linear_into
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import greedy_tokens, sample, suppress_, suppressed_index
+from .sampling import greedy_ids, sample, suppress_, suppressed_index
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
@@ -53,9 +53,10 @@ def step_loop_mode():
         yield callers_mode
 
 
-def readback(tokens: torch.Tensor) -> np.ndarray:
-    """The one device-to-host transfer of a decode step: the sampled token ids (int64)."""
-    return tokens.cpu().numpy()
+def readback(tokens: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The one device-to-host transfer of a decode step: the sampled token ids (int64); a CPU
+    engine's greedy ids are a numpy array already (`greedy_ids`)."""
+    return tokens if isinstance(tokens, np.ndarray) else tokens.cpu().numpy()
 
 
 class Runner:
@@ -126,7 +127,7 @@ class Runner:
         tokens = greedy if bucket == batch else greedy[:batch]
         if not decode.greedy:
             tokens = sample(logits[:batch].float(), *_sampling_params(self.decode_inputs(batch).__getitem__), filtered=_filters(decode.sampling),
-                            impl=self.model.impl, greedy=tokens)
+                            impl=self.model.impl, greedy=torch.as_tensor(tokens))
         return readback(tokens)
 
     def bucket_for(self, batch: int) -> int:
@@ -229,7 +230,8 @@ class Runner:
                        plan: DecodePlan | None = None, logits_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
         block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
-        head, suppression and argmax. Returns (greedy tokens [batch] int64, suppressed logits
+        head, suppression and argmax. Returns (greedy tokens [batch] int64: on a CPU engine a numpy
+        array, see `greedy_ids`; suppressed logits
         [batch, V] in the LM head's dtype: what a sampled step samples from, in fp32). Static
         shapes and no host sync: this is what a CUDA graph captures (with `updates` True; an eager
         step without new blocks skips that op). `plan`: decode attention's reads, worked out on the
@@ -246,7 +248,7 @@ class Runner:
                          context_lens=context_lens, cu_seqlens_q=None, is_prefill=False, num_splits=num_splits, decode_plan=plan)
         h, residual = self.model.forward(step, self.cache)  # not through Module.__call__: no hooks here, ~3 us less a step on CPU
         logits = self._head_logits(self.model.final_norm(h, residual), logits_out)
-        return greedy_tokens(logits), logits
+        return greedy_ids(logits), logits
 
     def _head_logits(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits [B, V] of normed last states [B, D], suppressed ids at -inf, in the LM
@@ -324,7 +326,7 @@ class Runner:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
                 chosen = sample(logits.float(), *_sampling_params(by_name.__getitem__), filtered=_filters(params), impl=self.model.impl)
             else:
-                chosen = greedy_tokens(logits)
+                chosen = greedy_ids(logits)
             tokens = readback(chosen)
         embeddings = None
         if step.pool_idx:
