@@ -174,23 +174,22 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scal
     if k.dtype != q.dtype:  # an fp8 cache
         k, v = k.to(q.dtype), v.to(q.dtype)
     heads, mask = q.shape[1], mask.to(q.dtype)
-    if hd >= GROUPED_ROWS_MIN_HEAD_DIM and heads > kvh:
-        # the query heads sharing a KV head, as the rows of one [group, hd] query: the same scores, one
-        # fused call per KV head instead of one per query head
-        out = F.scaled_dot_product_attention(q.view(bsz, kvh, heads // kvh, hd), k, v, attn_mask=mask, scale=scale).view(bsz, heads, hd)
-    else:
-        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0, :]
+    # each GQA group's query heads as the rows of one [group, hd] query (see the note below)
+    out = F.scaled_dot_product_attention(q.view(bsz, kvh, heads // kvh, hd), k, v, attn_mask=mask, scale=scale).view(bsz, heads, hd)
     return out if nonempty is None else torch.where(nonempty, out, 0)  # an empty context (a padded row) gives zeros
 
 
-# Decode attention on CPU: SDPA's flash kernel handles one query row per (sequence, head) poorly. At
-# head_dim 128 (Qwen2-VL-2B and -7B) giving it each GQA group's query heads as the rows of one query
-# measured 1.7-2.5x faster for the SDPA call (2-core EPYC VM, torch 2.13, 1 and 2 threads, batch 1-64,
-# 512-2,048 cached tokens; the whole op with its gather at 8 x 512 tokens: 1.08 -> 0.69 ms); at
-# head_dim 16-64 it was no faster, and up to 2x slower with 2 threads. Unlike the one-row layout it is
-# batch-invariant to ~1e-7 rather than bit for bit (a row padded to a longer span in a batch differs
-# in the last bits from the same row alone), inside the parity contract.
-GROUPED_ROWS_MIN_HEAD_DIM = 128
+# Decode attention on CPU: SDPA's flash kernel handles one query row per (sequence, head) poorly;
+# given each GQA group's query heads as the rows of one query (the same scores, one fused call per
+# KV head instead of one per query head; with no GQA, a group of one is the one-row layout) it ran
+# 1.3-3x faster at every shape measured (stop 18: a 2-core Xeon VM, torch 2.13, 1 and 2 threads,
+# head_dim 16 / 64 / 128, batch 1-256, 128 and 1,024 cached tokens, keys gathered as the engine
+# gathers them). On the 2-core EPYC VM of earlier stops it measured 1.7-2.5x at head_dim 128, but
+# at 16-64 it was reported no faster and up to 2x slower with 2 threads, so until stop 18 only
+# head_dim >= 128 used it; only the test models have head_dim < 128. It is batch-invariant to ~1e-7
+# rather than bit for bit (a row padded to a longer span in a batch differs in the last bits from
+# the same row alone), inside the parity contract. Plain q @ k^T, softmax, @ v was slower at every
+# one of those shapes (2-10x at batch >= 16: the gathered keys are strided).
 
 
 def varlen_groups(q_lens: list[int], ctxs: list[int], max_padding: float = 0.5) -> list[tuple[list[int], bool]]:

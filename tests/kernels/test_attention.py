@@ -211,18 +211,29 @@ def test_decode_scratch_is_never_read_unwritten(device, assert_matches, monkeypa
     assert_matches(out, want, torch.float32)
 
 
+def _decode_per_head(q, k_cache, v_cache, tables, ctx, scale):
+    """Each sequence's one query row per head over its own context alone, in fp64 (zeros for an empty context)."""
+    heads, head_dim = q.shape[1:]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, n in enumerate(ctx.tolist()):
+        pos = torch.arange(n)
+        slots = tables[b, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+        k, v = (c.view(-1, KV_HEADS, head_dim)[slots].double().repeat_interleave(heads // KV_HEADS, dim=1) for c in (k_cache, v_cache))
+        if n:
+            out[b] = torch.einsum("hn,nhd->hd", (torch.einsum("hd,nhd->hn", q[b].double(), k) * scale).softmax(-1), v)
+    return out
+
+
 @pytest.mark.parametrize("head_dim", [16, 128])
-def test_decode_attention_grouped_query_rows_match_one_row_per_head(head_dim, monkeypatch):
-    """On CPU, decode attention may hand SDPA a GQA group's query heads as the rows of one query
-    (`GROUPED_ROWS_MIN_HEAD_DIM`); both layouts give the same attention, padded rows included."""
+@pytest.mark.parametrize("heads", [HEADS, KV_HEADS], ids=["gqa", "no_gqa"])
+def test_decode_attention_grouped_query_rows_are_attention_per_head(heads, head_dim):
+    """On CPU, decode attention hands SDPA each GQA group's query heads as the rows of one query (a
+    group of one without GQA): the attention of each head alone, padded and empty rows included."""
     k_cache, v_cache, tables, ctx = _paged_cache([1, 17, 0, 300, 33], head_dim, torch.float32, "cpu")
-    q = torch.randn(len(ctx), HEADS, head_dim)
-    outs = []
-    for threshold in (0, 10**9):  # grouped rows always, never
-        monkeypatch.setattr(attention, "GROUPED_ROWS_MIN_HEAD_DIM", threshold)
-        outs.append(attention.decode_attention_torch(q, k_cache, v_cache, tables, ctx, head_dim**-0.5))
-    assert outs[0].isfinite().all() and outs[0][2].eq(0).all()
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    q = torch.randn(len(ctx), heads, head_dim)
+    out = attention.decode_attention_torch(q, k_cache, v_cache, tables, ctx, head_dim**-0.5)
+    assert out.isfinite().all() and out[2].eq(0).all()
+    torch.testing.assert_close(out.double(), _decode_per_head(q, k_cache, v_cache, tables, ctx, head_dim**-0.5), rtol=1e-5, atol=1e-6)
 
 
 def test_prefill_given_its_longest_query_reads_nothing_back(device):

@@ -60,7 +60,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(endless_checkpoint):
             try:
                 httpx.get(url + "/health", timeout=2)
                 time.sleep(0.02)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                # refused; or, under load, accepted by the closing listener's backlog and then reset
+                # or dropped unanswered (seen once with the machine's two cores busy): closed either way
                 refused = True
         assert refused and t.is_alive(), "the listener should close while the request is still running"
         t.join(120)
