@@ -222,14 +222,23 @@ def run_demo(engine, *, think: bool = True, max_trace_tokens: int | None = None,
     print(f"\nusage: {res.usage}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
     return value
 
 
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tte-embed", description="Think-Then-Embed: embed a .txt or .jsonl file.")
     parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (one JSON object per line: text, image, "
                         "images, video, videos, video_options, instruction, id)")
-    parser.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory or alias (default: tiny-random)")
+    parser.add_argument("--checkpoint", help="checkpoint directory or alias (default: tiny-random, a random test checkpoint whose "
+                        "vectors mean nothing; a warning says so)")
     parser.add_argument("--output", type=Path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
     parser.add_argument("--format", choices=["npy", "parquet"], default="npy", help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
     parser.add_argument("--demo", action="store_true", help="embed a few built-in text and image queries and print them")
@@ -278,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.demo and args.input is None:
         parser.error("give an INPUT file or --demo")
+    if args.demo and (args.input is not None or args.output is not None):
+        parser.error("--demo embeds its own queries and prints them: it takes no INPUT file or --output")
+    if args.checkpoint is None:
+        args.checkpoint = "tiny-random"
+        if not args.demo:
+            print("tte-embed: warning: no --checkpoint given: embedding with tiny-random, a random test checkpoint "
+                  "(its vectors mean nothing)", file=sys.stderr)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.input is not None and not args.demo:

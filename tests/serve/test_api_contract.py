@@ -263,6 +263,45 @@ def test_a_taken_port_is_reported_before_the_model_loads(tmp_path, capsys):
     assert "\n" not in err and err == f"tte-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "argument --port: must be a port number, 0-65535, got '99999'"),  # was a traceback (OverflowError)
+    (["--port", "http"], "argument --port: must be a port number"),
+    (["--limit-mm-per-prompt", "notjson"], "argument --limit-mm-per-prompt: must be JSON"),  # was "invalid loads value"
+    (["--max-batch-size", "0"], "argument --max-batch-size: must be an integer >= 1, got '0'"),  # was EngineConfig's field name
+    (["--max-model-len", "-3"], "argument --max-model-len: must be an integer >= 1"),
+    (["--prep-threads", "0"], "argument --prep-threads: must be an integer >= 1"),
+])
+def test_serve_flags_out_of_range_are_usage_errors_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tte_serve(flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_without_a_checkpoint_both_clis_warn_that_tiny_random_is_random(tmp_path, monkeypatch, capsys, caplog):
+    """A forgotten --checkpoint used to embed a corpus with random weights without a word."""
+    import tte_engine.engine
+    from tte_engine.errors import TTEError
+
+    loaded = []
+
+    def no_model(checkpoint, **kwargs):  # where the model would load: stop here
+        loaded.append(checkpoint)
+        raise TTEError("stopped before loading")
+
+    monkeypatch.setattr(tte_engine.engine, "Engine", no_model)
+    (tmp_path / "q.txt").write_text("a\n")
+    assert tte_embed([str(tmp_path / "q.txt"), "--no-cache"]) == 2
+    assert "tte-embed: warning: no --checkpoint given: embedding with tiny-random" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="tte_engine"):
+        assert tte_serve(["--port", "0", "--device", "cpu"]) == 2
+    assert "no --checkpoint given: serving tiny-random" in caplog.text
+    assert loaded == ["tiny-random", "tiny-random"]
+    for argv in ([str(tmp_path / "q.txt"), "--demo"], ["--demo", "--output", str(tmp_path / "out")]):
+        with pytest.raises(SystemExit) as exit_:  # --demo with a file: the file was ignored without a word
+            tte_embed(argv)
+        assert exit_.value.code == 2 and "--demo embeds its own queries and prints them" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("limits", ['{"imag": 3}', '{"image": -1}', '{"image": "2"}', '[1]'])
 def test_limit_mm_per_prompt_is_checked_at_start(limits, capsys):
     """A misspelled or ill-typed limit used to be accepted silently (no limit at all)."""

@@ -18,18 +18,19 @@ from ..errors import TTEError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_engine_flags, nonnegative_int
+    from ..cli import add_engine_flags, nonnegative_int, positive_int
 
     p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
-    p.add_argument("--checkpoint", default="tiny-random", help="checkpoint directory, engine directory or alias (default: tiny-random)")
+    p.add_argument("--checkpoint", help="checkpoint directory, engine directory or alias (default: tiny-random, a random test "
+                   "checkpoint whose vectors mean nothing; a warning says so)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: one the system picks, logged)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health and /metrics "
                                      "(default: $TTE_API_KEY, else open)")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="the model name in responses and /v1/models, then other names requests may use (default: the checkpoint's "
                         "directory name; that and the --checkpoint argument are always accepted; other names get 404)")
-    p.add_argument("--max-batch-size", type=int, help="sequences the engine runs together (default: the engine's max_num_seqs, 256)")
+    p.add_argument("--max-batch-size", type=positive_int, help="sequences the engine runs together (default: the engine's max_num_seqs, 256)")
     p.add_argument("--max-queue", type=int, default=1024, help="items waiting beyond the batch before requests get 429 (default 1024)")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
     p.add_argument("--max-trace-tokens", type=int, help="largest max_trace_tokens a request may ask for; above it 400 (default: the checkpoint's budget)")
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-media-bytes", type=nonnegative_int, default=4 << 30,
                    help="bytes of preprocessed images and videos all requests in flight may hold together; a request that "
                         "would pass it gets 429, or 413 / 400 when its own items alone do (default 4 GiB)")
-    p.add_argument("--limit-mm-per-prompt", type=json.loads, metavar="JSON",
+    p.add_argument("--limit-mm-per-prompt", type=json_value, metavar="JSON",
                    help='most images and videos per item, e.g. \'{"image": 8, "video": 1}\' (the default); more get 400')
     p.add_argument("--allow-local-files", nargs="?", const="/", metavar="DIR",
                    help="accept image paths (under DIR, default anywhere) besides data: URLs")
@@ -47,12 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
-    p.add_argument("--max-model-len", type=int, help="longest prompt + trace + suffix, in tokens")
+    p.add_argument("--max-model-len", type=positive_int, help="longest prompt + trace + suffix, in tokens")
     add_engine_flags(p)
-    p.add_argument("--prep-threads", type=int, default=4, help="threads that validate requests and decode images (default 4)")
+    p.add_argument("--prep-threads", type=positive_int, default=4, help="threads that validate requests and decode images (default 4)")
     p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown (default 60)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server and engine log level (default info)")
     return p
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port number, 0-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0-65535, got {text!r}")
+    return value
+
+
+def json_value(text: str):
+    """argparse type: a JSON document."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be JSON, e.g. '{{\"image\": 4}}', got {text!r} ({exc})") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -68,6 +88,9 @@ def _listen(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.checkpoint is None:
+        args.checkpoint = "tiny-random"
+        logging.getLogger("tte_engine").warning("no --checkpoint given: serving tiny-random, a random test checkpoint (its vectors mean nothing)")
     try:
         import uvicorn
 
