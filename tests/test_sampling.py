@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tte_engine.kernels import sampling as kernel
-from tte_engine.kernels.sampling import gumbel_argmax_torch, gumbel_noise
+from tte_engine.kernels.sampling import greedy_ids, gumbel_argmax_torch, gumbel_noise
 from tte_engine.sampling import SamplingParams as sampling_params
-from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_ids, greedy_tokens, sample
+from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_tokens, sample
 
 
 @settings(max_examples=60, deadline=None)

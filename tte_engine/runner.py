@@ -20,9 +20,10 @@ import torch
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
 from .kernels.attention import DecodePlan, HostDecodePlan
+from .kernels.sampling import greedy_ids
 from .model.cpu_linear import linear_into
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import greedy_ids, sample, suppress_, suppressed_index
+from .sampling import sample, suppress_, suppressed_index
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack

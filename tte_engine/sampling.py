@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels.sampling import greedy_ids, greedy_tokens, gumbel_argmax
+from .kernels.sampling import greedy_tokens, gumbel_argmax
 
 
 @dataclass(frozen=True)
