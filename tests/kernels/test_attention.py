@@ -292,7 +292,8 @@ def test_host_decode_plan_equals_decode_plan(lens, extra_blocks):
     _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got)
 
 
-def test_host_decode_plan_follows_a_batch_step_by_step():
+@pytest.mark.parametrize("keys_ahead", [attention.KEYS_AHEAD, 3])  # 3: new keys worked out again mid-run, often
+def test_host_decode_plan_follows_a_batch_step_by_step(keys_ahead, monkeypatch):
     """`HostDecodePlan` updates its plan by one key per row a step, widens it when the span grows
     and rebuilds it when the span shrinks or a step does not follow on: at every step of a batch
     (odd lengths, blocks gained mid-run, the span crossing block boundaries and jumping by two
@@ -300,6 +301,7 @@ def test_host_decode_plan_follows_a_batch_step_by_step():
     scratch, tensor for tensor."""
     import numpy as np
 
+    monkeypatch.setattr(attention, "KEYS_AHEAD", keys_ahead)
     g = np.random.default_rng(7)
     bsz, steps, max_blocks = 5, 40, 10
     held = g.permutation(1000)[: (bsz + 3) * max_blocks].reshape(bsz + 3, max_blocks).astype(np.int32)
