@@ -201,6 +201,20 @@ def test_truncate_to_the_model_leaves_room_for_the_trace(make_checkpoint):
     assert res.errors == [None] and room - 2 <= len(res.prompt_token_ids[0]) <= room
 
 
+def test_a_model_length_no_item_fits_is_refused_at_start(make_checkpoint):
+    """max_model_len below the shortest prompt used to start an engine on which every item then failed
+    alone; the smallest length that holds it starts, and that item embeds."""
+    path = make_checkpoint("contract", think_max_tokens=4)
+    with pytest.raises(ValueError, match=r"max_model_len 10 holds no item: the shortest prompt \(a one-word text, no instruction"):
+        Engine(path, max_model_len=10)
+    probe = Engine(path, max_model_len=512)
+    need = len(probe.embed(["a"], think=False, instruction="").prompt_token_ids[0]) + len(probe.prompts.think_end_ids) + len(probe.prompts.suffix_ids)
+    with pytest.raises(ValueError, match=f"take {need}"):
+        Engine(path, max_model_len=need - 1)
+    tight = Engine(path, max_model_len=need)
+    assert tight.embed(["a"], think=False, instruction="", errors="return").errors == [None]
+
+
 # ---------------------------------------------------------------------- kind 5: EXIF orientation
 UNDO = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}

@@ -112,6 +112,7 @@ class Engine:
         self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
         if self.engine_dir:
             self.engine_dir.check_tokens(self.prompts)
+        self._check_model_len()
 
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
@@ -133,6 +134,17 @@ class Engine:
         logger.info("loaded %s (%s, %s head) on %s in %s", self.checkpoint, self.tte.mode, self.tte.head.type, self.device, self.dtype)
 
     # ------------------------------------------------------------------ loading
+    def _check_model_len(self) -> None:
+        """Refuse a max_model_len that no item can fit (every request would fail, one by one): the
+        shortest prompt (a one-word text, no instruction, no thinking) and the tokens that must
+        follow any prompt (think end, embed suffix) must fit. Raises ValueError."""
+        shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)
+        tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids)
+        if shortest + tail > self.max_model_len:
+            raise ValueError(f"max_model_len {self.max_model_len} holds no item: the shortest prompt (a one-word text, no instruction, "
+                             f"no thinking: {shortest} tokens) and the {tail} tokens that must follow any prompt (think end, embed "
+                             f"suffix) take {shortest + tail}")
+
     def _reasoner_dir(self) -> Path:
         ref = Path(self.tte.reasoner)
         path = resolve_checkpoint(self.checkpoint / ref if not ref.is_absolute() and (self.checkpoint / ref).is_dir() else self.tte.reasoner)

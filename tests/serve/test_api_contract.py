@@ -277,6 +277,13 @@ def test_serve_flags_out_of_range_are_usage_errors_naming_the_flag(flags, messag
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_model_length_no_item_fits_stops_tte_serve_at_start(serve_checkpoint, capsys):
+    """--max-model-len 10 started a server whose every request got 400."""
+    assert tte_serve(["--checkpoint", str(serve_checkpoint), "--max-model-len", "10", "--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("tte-serve: error: max_model_len 10 holds no item")
+
+
 def test_without_a_checkpoint_both_clis_warn_that_tiny_random_is_random(tmp_path, monkeypatch, capsys, caplog):
     """A forgotten --checkpoint used to embed a corpus with random weights without a word."""
     import tte_engine.engine
