@@ -405,12 +405,11 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
         # a value that fits no member of a union fails once per member: report the deepest (most
         # specific) paths, without the members that failed at a path above them (an item with an
         # unknown key is that key's error, not also "should be a valid string")
-        paths = [_field_path(e["loc"]) for e in errors]
-        errors = [e for e, p in zip(errors, paths) if not any(_inside(q, p) for q in paths)]
-        errors = sorted(errors, key=lambda e: -len(_field_path(e["loc"])))
-        param = (_field_path(errors[0]["loc"]) if errors else None) or None  # the body as a whole: no param
-        messages = [f"{_field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
-        return _error(422, "; ".join(messages) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""), param)
+        every = [(_field_path(e["loc"]), e["msg"]) for e in errors]
+        found = sorted([(path, msg) for path, msg in every if not any(_inside(q, path) for q, _ in every)], key=lambda pm: -len(pm[0]))
+        param = (found[0][0] if found else None) or None  # the body as a whole: no param
+        messages = [f"{path or 'body'}: {msg}" for path, msg in found[:3]]
+        return _error(422, "; ".join(messages) + (f" (and {len(found) - 3} more)" if len(found) > 3 else ""), param)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
