@@ -421,8 +421,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
 
 def context_budget(engine, max_prompt: int) -> int:
     """Longest context a TensorRT-LLM engine must take: prompt + trace budget + think-end + embed suffix."""
-    p = engine.prompts
-    return max_prompt + engine.tte.think.max_tokens + len(p.think_end_ids) + len(p.suffix_ids)
+    return max_prompt + engine.tte.think.max_tokens + engine.prompts.closing_tokens
 
 
 TRTLLM_TORCH_README = """# TensorRT-LLM (PyTorch backend) export, written by tte-export

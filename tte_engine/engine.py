@@ -139,7 +139,7 @@ class Engine:
         shortest prompt (a one-word text, no instruction, no thinking) and the tokens that must
         follow any prompt (think end, embed suffix) must fit. Raises ValueError."""
         shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)
-        tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids)
+        tail = self.prompts.closing_tokens
         if shortest + tail > self.max_model_len:
             raise ValueError(f"max_model_len {self.max_model_len} holds no item: the shortest prompt (a one-word text, no instruction, "
                              f"no thinking: {shortest} tokens) and the {tail} tokens that must follow any prompt (think end, embed "
@@ -227,7 +227,7 @@ class Engine:
         budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
         try:
             query = as_query(item, index)
-            fit = self.max_model_len - len(self.prompts.think_end_ids) - len(self.prompts.suffix_ids)  # the most a prompt may take
+            fit = self.max_model_len - self.prompts.closing_tokens  # the most a prompt may take
             if truncate_prompt_tokens is not None:
                 reserve = len(query.trace) if isinstance(query.trace, list) else budget if think and query.trace is None else 0
                 fit = max(1, min(fit - reserve, fit if truncate_prompt_tokens == -1 else truncate_prompt_tokens))
@@ -256,7 +256,7 @@ class Engine:
     def _sequence(self, prompt, positions, rope_delta, index, *, budget, think, sampling, embed, tag) -> Sequence:
         """A Sequence for a built prompt, once it is known to fit the model and the cache
         (positions None: computed here, after the length check)."""
-        tail = len(self.prompts.think_end_ids) + len(self.prompts.suffix_ids) + len(prompt.given_trace_ids or [])
+        tail = self.prompts.closing_tokens + len(prompt.given_trace_ids or [])
         room = self.max_model_len - len(prompt.token_ids) - tail
         if room < 0:
             raise InvalidInputError(

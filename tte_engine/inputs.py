@@ -144,6 +144,7 @@ class PromptBuilder:
         self.think_start_ids = _single_or_sequence(tokenizer, tte.think.start)
         self.think_end_ids = _single_or_sequence(tokenizer, tte.think.end)
         self.suffix_ids = _single_or_sequence(tokenizer, tte.embed_suffix) if tte.embed_suffix else []
+        self.closing_tokens = len(self.think_end_ids) + len(self.suffix_ids)  # what follows every prompt, given trace aside
         self.eos_ids = self._eos_ids(checkpoint)
         self.stop_sequences = [self.think_end_ids] + [[e] for e in self.eos_ids]
         self.suppressed_ids = [
