@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tte_engine.kernels import sampling as kernel
 from tte_engine.kernels.sampling import greedy_ids, gumbel_argmax_torch, gumbel_noise
 from tte_engine.sampling import SamplingParams as sampling_params
-from tte_engine.sampling import _sorted_descending, filter_cutoffs, greedy_tokens, sample
+from tte_engine.sampling import Suppression, _sorted_descending, filter_cutoffs, greedy_tokens, sample
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,6 +51,77 @@ def test_greedy_tokens_strided_and_large(shape):
     assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
 
 
+def _suppressed_reference(logits: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with columns `ids` at -inf, their argmax): torch's index_fill_ and argmax, on a copy."""
+    out = logits.clone().index_fill_(-1, torch.tensor(ids, dtype=torch.int64), float("-inf"))
+    return out, out.argmax(dim=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.integers(1, 40), min_size=1, max_size=4), vocab=st.integers(1, 700),
+       suppressed=st.lists(st.integers(-3, 720), max_size=9), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), strided=st.booleans())
+def test_suppression_is_index_fill_then_argmax(batches, vocab, suppressed, seed, dtype, strided):
+    """`Suppression.greedy` (numpy's put and argmax for fp32 CPU logits, torch's ops otherwise) gives
+    the reference's ids and leaves the logits as the reference's fill does: whatever a suppressed
+    column held (NaN, +inf, the largest value) is -inf, batch after batch of changing size through
+    one object (its flat positions grow), ids outside the vocabulary ignored."""
+    g = torch.Generator().manual_seed(seed)
+    suppression = Suppression(vocab, suppressed, "cpu", dtype)
+    assert suppression.on_numpy == (dtype == torch.float32)
+    kept = sorted({i for i in suppressed if 0 <= i < vocab})
+    assert suppression.index.tolist() == kept
+    for rows in batches:
+        logits = torch.randint(0, 50, (rows * (2 if strided else 1), vocab), generator=g).to(dtype)
+        logits = logits[::2] if strided else logits
+        for i, column in enumerate(kept):  # a suppressed column holding what would otherwise win
+            logits[i % rows, column] = (float("nan"), float("inf"), 1e4)[i % 3]
+        want_logits, want_ids = _suppressed_reference(logits, kept)
+        got = suppression.greedy(logits)
+        assert isinstance(got, np.ndarray)  # on CPU, whichever path: what the step reads back
+        got = torch.as_tensor(got)
+        assert got.dtype == torch.int64 and torch.equal(got, want_ids)
+        assert torch.equal(logits, want_logits)  # suppressed in place (what a sampled step samples from)
+        again = logits.clone()
+        assert suppression.apply_(again) is again and torch.equal(again, want_logits)
+
+
+def test_suppression_given_other_logits_than_it_was_made_for():
+    """The path is chosen when made: logits of another dtype are still suppressed right (fp64 through
+    numpy, fp32 through torch) or refused loudly (bf16 has no numpy dtype), never silently wrong."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logits[:, 7] = float("nan")
+    want_logits, want_ids = _suppressed_reference(logits, [7, 9])
+    for made_for, given in ((torch.float32, logits), (torch.bfloat16, logits.float())):
+        got = given.clone()
+        assert torch.as_tensor(Suppression(50, [7, 9], "cpu", made_for).greedy(got)).tolist() == want_ids.tolist()
+        assert torch.equal(got, want_logits.to(given.dtype))
+    with pytest.raises(TypeError):
+        Suppression(50, [7, 9], "cpu", torch.float32).greedy(logits.bfloat16())
+
+
+def test_suppression_on_cpu_is_one_numpy_pass():
+    """fp32 CPU logits: greedy ids come back as the numpy array the step reads back, and the
+    suppression is numpy's (no torch op runs: not even index_fill_)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    suppression = Suppression(640, [3, 600, 639], "cpu")
+    logits = torch.randn(7, 640, generator=torch.Generator().manual_seed(2))
+    logits[:, 600] = float("inf")
+    with Ops() as ops:
+        ids = suppression.greedy(logits)
+    assert isinstance(ids, np.ndarray) and ids.dtype == np.int64
+    assert ids.tolist() == _suppressed_reference(logits, [3, 600, 639])[1].tolist()
+    assert not [op for op in ops.seen if "fill" in op or "argmax" in op], ops.seen
+
+
 def test_greedy_ids_on_cpu_are_the_numpy_array_the_step_reads_back():
     """A CPU decode step's greedy ids stay numpy (no tensor wrapped and unwrapped); readback hands them on as they are."""
     from tte_engine.runner import readback
@@ -62,14 +133,14 @@ def test_greedy_ids_on_cpu_are_the_numpy_array_the_step_reads_back():
     assert readback(torch.tensor([4, 2])).tolist() == [4, 2]
 
 
-def test_engine_traces_do_not_change_with_numpy_argmax(make_checkpoint, mixed_items, monkeypatch):
-    """The engine's greedy choice through numpy's argmax gives the same traces and embeddings as
-    torch's argmax itself (put in its place for the first run)."""
-    from tte_engine import Engine, runner
+def test_engine_traces_do_not_change_with_numpy_suppression_and_argmax(make_checkpoint, mixed_items, monkeypatch):
+    """The engine's greedy choice through numpy (put and argmax) gives the same traces and embeddings
+    as torch's index_fill_ and argmax (put in its place for the first run)."""
+    from tte_engine import Engine
 
     engine = Engine(make_checkpoint("syncs", think_max_tokens=12, head="last_token"), max_model_len=512)
     with monkeypatch.context() as patch:
-        patch.setattr(runner, "greedy_ids", lambda logits: logits.argmax(dim=-1))
+        patch.setattr(Suppression, "greedy", lambda self, logits: logits.index_fill_(-1, self.index, float("-inf")).argmax(dim=-1))
         plain = engine.embed(mixed_items[:4], max_trace_tokens=12)
     engine.reset_prefix_cache()  # the same work as the first run, so the same bits
     numpy_argmax = engine.embed(mixed_items[:4], max_trace_tokens=12)

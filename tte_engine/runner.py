@@ -20,10 +20,9 @@ import torch
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
 from .kernels.attention import DecodePlan, HostDecodePlan
-from .kernels.sampling import greedy_ids
-from .model.cpu_linear import linear_into
+from .model.cpu_linear import linear_dtype, linear_into
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
-from .sampling import sample, suppress_, suppressed_index
+from .sampling import Suppression, sample
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
 from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
@@ -56,7 +55,7 @@ def step_loop_mode():
 
 def readback(tokens: torch.Tensor | np.ndarray) -> np.ndarray:
     """The one device-to-host transfer of a decode step: the sampled token ids (int64); a CPU
-    engine's greedy ids are a numpy array already (`greedy_ids`)."""
+    engine's greedy ids are a numpy array already (`Suppression.greedy`)."""
     return tokens if isinstance(tokens, np.ndarray) else tokens.cpu().numpy()
 
 
@@ -76,7 +75,7 @@ class Runner:
         self.block_size = blocks.block_size
         self.max_vision_patches = max_vision_patches
         self.device = model.norm.device
-        self.suppressed = suppressed_index(model.cfg.text.vocab_size, suppressed_ids, self.device)
+        self.suppression = Suppression(model.cfg.text.vocab_size, suppressed_ids, self.device, linear_dtype(model.lm_head))
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
         # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`HostDecodePlan`)
         self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
@@ -232,7 +231,7 @@ class Runner:
         """The decode step on the device, reading the first `batch` rows of the decode buffer:
         block-table updates, embedding, layers (with the mhsa source recording), final norm, LM
         head, suppression and argmax. Returns (greedy tokens [batch] int64: on a CPU engine a numpy
-        array, see `greedy_ids`; suppressed logits
+        array, see `Suppression.greedy`; suppressed logits
         [batch, V] in the LM head's dtype: what a sampled step samples from, in fp32). Static
         shapes and no host sync: this is what a CUDA graph captures (with `updates` True; an eager
         step without new blocks skips that op). `plan`: decode attention's reads, worked out on the
@@ -248,14 +247,8 @@ class Runner:
         step = StepBatch(input_ids=view["input_ids"], positions=view["positions"], slot_mapping=view["slot_mapping"], block_tables=tables,
                          context_lens=context_lens, cu_seqlens_q=None, is_prefill=False, num_splits=num_splits, decode_plan=plan)
         h, residual = self.model.forward(step, self.cache)  # not through Module.__call__: no hooks here, ~3 us less a step on CPU
-        logits = self._head_logits(self.model.final_norm(h, residual), logits_out)
-        return greedy_ids(logits), logits
-
-    def _head_logits(self, normed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits [B, V] of normed last states [B, D], suppressed ids at -inf, in the LM
-        head's dtype (greedy takes their argmax as they are: no fp32 copy of a bf16 [B, V] on a
-        GPU; sampling converts), into `out` if given."""
-        return suppress_(linear_into(self.model.lm_head, normed, out), self.suppressed)
+        logits = linear_into(self.model.lm_head, self.model.final_norm(h, residual), logits_out)
+        return self.suppression.greedy(logits), logits
 
     # ------------------------------------------------------------------ prefill (and mixed) steps
     def _run_prefill(self, step: Step) -> tuple[list[int], torch.Tensor | None]:
@@ -322,12 +315,13 @@ class Runner:
         h, residual = self.model(batch, self.cache)
         tokens = np.zeros(0, dtype=np.int64)
         if step.sample_idx:
-            logits = self._head_logits(self.model.final_norm(h[d_sample], residual[d_sample]))
+            logits = linear_into(self.model.lm_head, self.model.final_norm(h[d_sample], residual[d_sample]))
             if sampling:
                 by_name = dict(zip(SAMPLING_FIELDS, d_params.view(len(SAMPLING_FIELDS), -1)))
-                chosen = sample(logits.float(), *_sampling_params(by_name.__getitem__), filtered=_filters(params), impl=self.model.impl)
+                chosen = sample(self.suppression.apply_(logits).float(), *_sampling_params(by_name.__getitem__), filtered=_filters(params),
+                                impl=self.model.impl)
             else:
-                chosen = greedy_ids(logits)
+                chosen = self.suppression.greedy(logits)
             tokens = readback(chosen)
         embeddings = None
         if step.pool_idx:

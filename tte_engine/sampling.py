@@ -2,11 +2,12 @@
 temperature / top-k / top-p sampling.
 
 Greedy decoding keeps embeddings deterministic. Vision placeholder tokens are never generated:
-`suppress_` sets their logits to -inf before the choice, through a precomputed device index
-(`suppressed_index`), so no step indexes by a Python list. (Until stop 15 an additive [V] mask
-was added to every row: a pass over all B x V logits, where the fill writes B x k entries. An
-additive -inf, in the LM head's bias, was tried in stop 17 and dropped: a NaN or inf raw logit,
-from a broken or uninitialised weight row, plus -inf is NaN, and argmax takes NaN as the largest.)
+`Suppression` sets their logits to -inf before the choice, through a precomputed device index
+(on a CPU engine: precomputed flat positions in numpy), so no step indexes by a Python list.
+(Until stop 15 an additive [V] mask was added to every row: a pass over all B x V logits, where
+the fill writes B x k entries. An additive -inf, in the LM head's bias, was tried in stop 17 and
+dropped: a NaN or inf raw logit, from a broken or uninitialised weight row, plus -inf is NaN, and
+argmax takes NaN as the largest.)
 
 Sampling is Gumbel-max: token = argmax(filtered logits / T + g), with g ~ Gumbel(0, 1) drawn per
 (request seed, trace position, vocab id) by a counter-based hash. So a request's trace depends
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels.sampling import greedy_tokens, gumbel_argmax
+from .kernels.sampling import greedy_ids, greedy_tokens, gumbel_argmax
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,72 @@ _FP32_MAX = float(np.finfo(np.float32).max)
 _FP32_TINY = float(np.finfo(np.float32).tiny)  # the smallest temperature divided by (a smaller one would be inf)
 
 
-def suppressed_index(vocab_size: int, suppressed_ids: list[int], device) -> torch.Tensor:
-    """The ids a trace must never contain that the vocabulary has, as an int64 device tensor [k]
-    (sorted, unique) for `suppress_`."""
-    return torch.tensor(sorted({i for i in suppressed_ids if 0 <= i < vocab_size}), dtype=torch.int64, device=device)
+class Suppression:
+    """The ids a trace must never contain (vision placeholders; a reasoner's ids past the embedder's
+    vocabulary), set to -inf in next-token logits [B, V] before any choice, and the greedy choice
+    after it. Made for logits of one dtype on one device (the LM head's).
 
+    `apply_` writes -inf over whatever the LM head gave those columns (NaN or inf too: an additive
+    -inf would leave NaN + -inf = NaN, which argmax takes as the largest). On a GPU it is one
+    `index_fill_` through a precomputed device index (no host sync, static shapes: capturable in a
+    CUDA graph), and `greedy` takes torch's argmax in the logits' own dtype. For fp32 logits on the
+    CPU both work on the logits' memory as a numpy array: the fill is `put` at flat positions worked
+    out once (for the largest batch seen; a batch of B rows reads the first B * k), and the greedy
+    ids are numpy's argmax of the same array (numpy's is vectorized where torch's over the last
+    dimension is a scalar loop; see `kernels.sampling.greedy_ids`), left a numpy array for the
+    step's readback. Which of the two a call takes is settled when the object is made, not checked
+    per call: right after a forward, each small check and op costs several microseconds. Measured
+    alternating step by step (stop 19, the 2-core Xeon VM, micro model, one thread): the host work
+    beside a decode step's forward 0.89-0.92 / 0.93 / 0.92-0.95 of a torch `index_fill_` then
+    `greedy_ids` at batch 1 / 64 / 256 (a per-call check of the logits' dtype and device alone
+    cost ~5% at batch 1).
 
-def suppress_(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Logits [B, V] with column `index` (int64 [k], from `suppressed_index`) set to -inf, in place
-    (whatever they held: NaN or inf too); returns `logits`. No host sync, static shapes (capturable
-    in a CUDA graph)."""
-    return logits.index_fill_(-1, index, float("-inf"))
+    vocab_size: ids at or past it are dropped (the LM head has no such column); device, dtype: the
+    logits'. Calls with other logits stay correct, or fail loudly: numpy's path raises on a bf16,
+    CUDA or grad-requiring tensor (`Tensor.numpy`), and torch's takes any."""
+
+    def __init__(self, vocab_size: int, suppressed_ids: list[int], device: torch.device | str, dtype: torch.dtype = torch.float32):
+        ids = sorted({i for i in suppressed_ids if 0 <= i < vocab_size})
+        self.index = torch.tensor(ids, dtype=torch.int64, device=device)  # int64 [k], sorted, unique
+        self.on_numpy = torch.device(device).type == "cpu" and dtype == torch.float32
+        self._ids = np.array(ids, dtype=np.int64)
+        self._flat = np.zeros(0, dtype=np.int64)  # row b's suppressed columns at b * V + ids, rows 0, 1, ...
+        self._flat_vocab = -1  # the V `_flat` holds positions for
+        self._flat_by_shape: dict[tuple[int, int], np.ndarray] = {}  # (B, V) -> the first B * k of `_flat` (a view)
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] with the suppressed columns set to -inf, in place; returns `logits`."""
+        if self.on_numpy:
+            self._put(logits.numpy())
+            return logits
+        return logits.index_fill_(-1, self.index, float("-inf"))
+
+    def greedy(self, logits: torch.Tensor) -> np.ndarray | torch.Tensor:
+        """`apply_` (the logits suppressed in place), then each row's greedy id: int64 [B] (ties
+        go to the lower id, a NaN counts as the largest), a numpy array for fp32 CPU logits
+        (numpy's argmax gives intp, which is int64 on every 64-bit platform), else a tensor on the
+        logits' device (`kernels.sampling.greedy_ids`)."""
+        if self.on_numpy:
+            array = logits.numpy()
+            self._put(array)
+            return array.argmax(axis=-1)
+        return greedy_ids(logits.index_fill_(-1, self.index, float("-inf")))
+
+    def _put(self, array: np.ndarray) -> None:
+        flat = self._flat_by_shape.get(array.shape)
+        if flat is None:
+            flat = self._positions(*array.shape)
+        array.put(flat, -np.inf)
+
+    def _positions(self, rows: int, vocab: int) -> np.ndarray:
+        """The flat positions of the suppressed columns of a C-contiguous [rows, vocab] array."""
+        k = self._ids.size
+        if vocab != self._flat_vocab or rows * k > self._flat.size:
+            grown = max(rows, 2 * self._flat.size // k if k else 0)
+            self._flat = (np.arange(grown, dtype=np.int64)[:, None] * vocab + self._ids).reshape(-1)
+            self._flat_vocab, self._flat_by_shape = vocab, {}
+        flat = self._flat_by_shape[(rows, vocab)] = self._flat[: rows * k]
+        return flat
 
 
 def sample(
