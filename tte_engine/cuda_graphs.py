@@ -54,11 +54,11 @@ class DecodeGraphs:
     def _fill_padding(self) -> None:
         """Every row of the decode buffer a padded row, so a warm-up of any bucket touches no real slot."""
         r = self.runner
-        host = r.decode_staging.host(r.layout.size)
-        host[:] = 0
-        r.layout.row_fields(host)[:] = r.padding_values
-        host[r.layout.field("update_index")], host[r.layout.field("update_value")] = r.noop_update
-        r.decode_staging.send(r.layout.size)
+        views = r.decode_views[r.decode_staging.next_turn()]
+        views.buffer[:] = 0
+        views.row_fields[:] = r.padding_values
+        views.update_index[:], views.update_value[:] = r.noop_update
+        r.decode_staging.send(r.decode_size)
 
     @torch.inference_mode()
     def capture(self) -> None:

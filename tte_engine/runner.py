@@ -25,7 +25,7 @@ from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import Suppression, sample
 from .scheduler import DecodeBatch, Step
 from .sequence import Phase, Sequence
-from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, StagingBuffer, bits_float, float_bits, pack
+from .step_inputs import DECODE_FIELDS, SAMPLING_FIELDS, DecodeLayout, DecodeViews, StagingBuffer, bits_float, float_bits, pack
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -82,7 +82,9 @@ class Runner:
         self.max_rows = blocks.padding_row  # = max_num_seqs
         self.buckets = graph_buckets(self.max_rows)
         self.layout = DecodeLayout(self.max_rows)
-        self.decode_staging = StagingBuffer(self.layout.size, self.device)
+        self.decode_size = self.layout.size
+        self.decode_staging = StagingBuffer(self.decode_size, self.device)
+        self.decode_views = [self.layout.views(host) for host in self.decode_staging.host_arrays]  # per host buffer (never regrown)
         self._decode_inputs: dict[int, dict[str, torch.Tensor]] = {}  # views of its device buffer, per batch size
         self.prefill_staging = StagingBuffer(1 << 14, self.device)
         self.padding_slot = blocks.scratch_block * self.block_size
@@ -116,9 +118,9 @@ class Runner:
     def _run_decode(self, decode: DecodeBatch) -> np.ndarray:
         batch = len(decode.seqs)
         bucket = self.bucket_for(batch) if self.graphs is not None else batch
-        host = self.decode_staging.host(self.layout.size)
-        updates = self._fill_decode(host, decode, bucket)
-        self.decode_staging.send(self.layout.size)
+        views = self.decode_views[self.decode_staging.next_turn()]
+        updates = self._fill_decode(views, decode, bucket)
+        self.decode_staging.send(self.decode_size)
         if self.graphs is not None:
             greedy, logits = self.graphs.replay(bucket)
         else:
@@ -133,22 +135,22 @@ class Runner:
     def bucket_for(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def _fill_decode(self, host: np.ndarray, decode: DecodeBatch, bucket: int) -> bool:
-        """Write a decode batch into the fixed layout, padded to `bucket` rows; returns whether
-        there is a block-table update.
+    def _fill_decode(self, views: DecodeViews, decode: DecodeBatch, bucket: int) -> bool:
+        """Write a decode batch into the fixed layout of a host buffer (`views`), padded to `bucket`
+        rows; returns whether there is a block-table update.
 
         Padded rows read the padding table row (all scratch block) with context 0 and write their
         k/v to the scratch slot: they touch no sequence's cache.
         """
         n = len(decode.seqs)
-        ints = self.layout.row_fields(host)  # a view: one row per field
+        ints = views.row_fields  # one row per field
         ints[:, :n] = decode.inputs  # kept by the batch step to step (past the prompt, every M-RoPE axis is index + delta)
         if bucket > n:
             ints[:, n:bucket] = self.padding_values
-        updates = self._fill_updates(host, bucket)
+        updates = self._fill_updates(views, bucket)
         if not decode.greedy:
             for name, values in zip(SAMPLING_FIELDS, self._decode_sampling(decode)):
-                host[self.layout.field(name, n)] = values
+                views.buffer[self.layout.field(name, n)] = values
         return updates
 
     def _decode_sampling(self, decode: DecodeBatch) -> np.ndarray:
@@ -175,16 +177,17 @@ class Runner:
         bs = self.block_size
         return self.blocks.tables[rows, index // bs].astype(np.int64) * bs + index % bs
 
-    def _fill_updates(self, host: np.ndarray, count: int) -> bool:
-        """Block-table changes since the last step, into the decode layout's update fields of
-        `host`, padded to `count` with no-op rewrites of the padding row; False when there were none."""
+    def _fill_updates(self, views: DecodeViews, count: int) -> bool:
+        """Block-table changes since the last step, into the decode layout's update fields of a
+        host buffer (`views`), padded to `count` with no-op rewrites of the padding row; False when
+        there were none."""
         updates = self.blocks.take_updates()
         if len(updates) > count:  # more than a block a row: left by a step that failed after its blocks were taken
             self._apply_updates(updates)  # (only then), applied here, outside the step's fixed layout
             updates = []
         if not updates and self.graphs is None:
             return False  # an eager step without new blocks skips the table update: nothing reads these
-        index, value = host[self.layout.field("update_index")], host[self.layout.field("update_value")]
+        index, value = views.update_index, views.update_value
         if updates:
             index[: len(updates)], value[: len(updates)] = np.asarray(updates, dtype=np.int64).T
         index[len(updates) : count], value[len(updates) : count] = self.noop_update

@@ -14,6 +14,7 @@ step of a batch bucket, padded to the bucket, so a captured CUDA graph reads its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,20 @@ class DecodeLayout:
     def size(self) -> int:
         return len(DECODE_FIELDS) * self.rows
 
+    def views(self, buffer: np.ndarray) -> DecodeViews:
+        """The fields a decode step writes into `buffer` (at least `size` entries), as views."""
+        return DecodeViews(buffer[: self.size], self.row_fields(buffer), buffer[self.field("update_index")], buffer[self.field("update_value")])
+
+
+class DecodeViews(NamedTuple):
+    """A host buffer's decode layout as views, made once per buffer (right after a forward, each
+    slice or reshape of a step costs ~1 us)."""
+
+    buffer: np.ndarray  # [DecodeLayout.size] int64: the whole layout
+    row_fields: np.ndarray  # [len(ROW_FIELDS), rows]: `DecodeLayout.row_fields`
+    update_index: np.ndarray  # [rows]: block-table updates, flat index
+    update_value: np.ndarray  # [rows]: block-table updates, block id
+
 
 def float_bits(values: np.ndarray) -> np.ndarray:
     """fp32 values as int64 holding their bit patterns (so floats ride in the int64 buffer)."""
@@ -68,21 +83,28 @@ class StagingBuffer:
         """(Re)allocate for `size` entries. Only a buffer no graph reads may grow: the decode buffer
         is sized for the largest bucket once."""
         self.device_buffer = torch.empty(size, dtype=torch.int64, device=self.device)
+        self.capacity = size
         if self.device.type == "cpu":  # written in place: the step that reads it is over before the next write
             self._host = [self.device_buffer, self.device_buffer]
         else:
             self._host = [torch.empty(size, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
-        self._host_arrays = [h.numpy() for h in self._host]  # what `host` hands out: numpy views of the same memory
+        self.host_arrays = [h.numpy() for h in self._host]  # what `host` hands out: numpy views of the same memory
 
     def host(self, size: int) -> np.ndarray:
         """The next host buffer as a numpy array of `size` entries, free to write."""
-        if size > self._host[0].numel():
-            self._grow(max(size, 2 * self._host[0].numel()))
+        if size > self.capacity:
+            self._grow(max(size, 2 * self.capacity))
+        return self.host_arrays[self.next_turn()][:size]
+
+    def next_turn(self) -> int:
+        """Switch to the other host buffer, once the copy that last read it is done (normally long
+        since), and return its index in `host_arrays` (whole, `capacity` entries), free to write.
+        For a caller that keeps views of both buffers and never needs more than `capacity`."""
         self._turn ^= 1
         event = self._events[self._turn]
         if event is not None:
-            event.synchronize()  # the copy that last read this buffer (normally long done)
-        return self._host_arrays[self._turn][:size]
+            event.synchronize()
+        return self._turn
 
     def send(self, size: int) -> None:
         """Copy the first `size` entries of the buffer `host()` returned to `device_buffer` (on a CPU
