@@ -332,6 +332,37 @@ def test_a_long_lived_decode_batch_rebases_its_history(make_checkpoint, mixed_it
         assert cosine(a.embedding, b.embedding) >= 0.99999
 
 
+@pytest.mark.parametrize("steps_ahead", [16, 3])
+def test_decode_inputs_worked_out_steps_ahead(make_checkpoint, mixed_items, monkeypatch, steps_ahead):
+    """A decode batch works out the inputs of STEPS_AHEAD steps at once. With blocks of 4 tokens one
+    window crosses several blocks (the slots past each crossing set when the block is gained), a
+    window of 3 rolls over often and out of step with the blocks, and sequences join and leave
+    mid-window: every pure decode step's inputs equal their from-scratch values, and traces and
+    embeddings equal those of one step at a time (STEPS_AHEAD = 1: the add of one a step that the
+    window replaced)."""
+    from tte_engine import scheduler as sched
+    from tte_engine.random_checkpoint import never_stop
+
+    engine = Engine(never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token")), max_model_len=512, max_num_seqs=3,
+                    block_size=4)
+    budgets = [30, 12, 25, 7, 18]  # 5 items, 3 at a time: later ones join while others decode
+
+    def run(ahead):
+        monkeypatch.setattr(sched, "STEPS_AHEAD", ahead)
+        seqs = [engine.make_sequence(item, i, max_trace_tokens=b) for i, (item, b) in enumerate(zip(mixed_items[:5], budgets))]
+        engine.run(seqs)
+        return seqs
+
+    one_at_a_time = run(1)
+    engine.reset_prefix_cache()  # the same work again, so the same bits
+    checked = _check_decode_inputs(engine, monkeypatch)
+    ahead = run(steps_ahead)
+    assert checked[0] >= 20
+    assert [len(seq.trace_ids) for seq in ahead] == budgets
+    for a, b in zip(one_at_a_time, ahead):
+        assert a.trace_ids == b.trace_ids and torch.equal(a.embedding, b.embedding)
+
+
 def _check_decode_inputs(engine, monkeypatch) -> list[int]:
     """From now on, before every pure decode step, compare the step inputs the decode batch keeps
     step to step (`DecodeBatch.inputs`) with what they are, worked out from scratch: the newest
