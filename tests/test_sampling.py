@@ -98,6 +98,9 @@ def test_suppression_given_other_logits_than_it_was_made_for():
         assert torch.equal(got, want_logits.to(given.dtype))
     with pytest.raises(TypeError):
         Suppression(50, [7, 9], "cpu", torch.float32).greedy(logits.bfloat16())
+    for dtype in (torch.float32, torch.bfloat16):  # logits narrower than a suppressed id: an error on either path, not a write into the next row
+        with pytest.raises((ValueError, RuntimeError, IndexError)):
+            Suppression(60, [7, 55], "cpu", dtype).greedy(torch.zeros(3, 50, dtype=dtype))
 
 
 def test_suppression_on_cpu_is_one_numpy_pass():

@@ -125,8 +125,11 @@ class Suppression:
         array.put(flat, -np.inf)
 
     def _positions(self, rows: int, vocab: int) -> np.ndarray:
-        """The flat positions of the suppressed columns of a C-contiguous [rows, vocab] array."""
+        """The flat positions of the suppressed columns of a C-contiguous [rows, vocab] array.
+        Raises ValueError if a suppressed id has no column there (as `index_fill_` raises)."""
         k = self._ids.size
+        if k and self._ids[-1] >= vocab:
+            raise ValueError(f"logits of {vocab} ids have no column for suppressed id {int(self._ids[-1])}")
         if vocab != self._flat_vocab or rows * k > self._flat.size:
             grown = max(rows, 2 * self._flat.size // k if k else 0)
             self._flat = (np.arange(grown, dtype=np.int64)[:, None] * vocab + self._ids).reshape(-1)
