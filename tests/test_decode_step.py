@@ -108,9 +108,12 @@ SAMPLINGS = {"greedy": None, "temperature": SamplingParams(temperature=0.8, seed
 def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, batch, graphs):
     """One device-to-host transfer per decode step (the token ids) and no data-dependent shapes,
     for both heads, greedy and seeded sampling (temperature alone: no sort; with top-k and top-p),
-    batch 1 and 7, eager and graph paths."""
+    batch 1 and 7, eager and graph paths. The graph path suppresses and takes the argmax with torch's
+    ops, as on a GPU (a CPU engine's fp32 logits otherwise go through numpy, which no dispatch mode sees)."""
     overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
     engine = Engine(make_checkpoint("syncs", think_max_tokens=6, **overrides), cuda_graphs=graphs, max_model_len=512)
+    if graphs:
+        engine.stages[0].runner.suppression.on_numpy = False
     items = (mixed_items * 2)[:batch]
     with watch_decode_steps(engine) as report:
         engine.embed(items, sampling=SAMPLINGS[sampling])
