@@ -224,21 +224,23 @@ def run_demo(engine, *, think: bool = True, max_trace_tokens: int | None = None,
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
+    return int_within(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
+    return int_within(text, 0)
 
 
-def _int_at_least(text: str, least: int) -> int:
+def int_within(text: str, least: int, most: int | None = None, what: str | None = None) -> int:
+    """The core of an argparse integer type: `text` as an integer in [least, most] (most None: no
+    upper bound), else ArgumentTypeError saying it must be `what` (default: "an integer >= least")."""
     try:
         value = int(text)
     except ValueError:
         value = least - 1
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+    if value < least or (most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"must be {what or f'an integer >= {least}'}, got {text!r}")
     return value
 
 

@@ -58,13 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port number, 0-65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number, 0-65535, got {text!r}")
-    return value
+    from ..cli import int_within
+
+    return int_within(text, 0, 65535, "a port number, 0-65535")
 
 
 def json_value(text: str):
