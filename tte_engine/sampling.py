@@ -116,7 +116,7 @@ class Suppression:
             array = logits.numpy()
             self._put(array)
             return array.argmax(axis=-1)
-        return greedy_ids(logits.index_fill_(-1, self.index, float("-inf")))
+        return greedy_ids(self.apply_(logits))
 
     def _put(self, array: np.ndarray) -> None:
         flat = self._flat_by_shape.get(array.shape)
