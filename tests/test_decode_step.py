@@ -143,6 +143,48 @@ def test_graph_path_matches_eager(make_checkpoint, mixed_items, head, monkeypatc
             assert cosine(graphed.embeddings[i], eager.embeddings[i]) >= 0.99999
 
 
+def test_logits_buffer_hands_out_rows_of_one_buffer():
+    """`LogitsBuffer.rows(B)`: the first B rows, as a tensor and (fp32 on the CPU) a numpy array of
+    the same memory, made once per batch size; it grows to the largest batch (doubling, at most
+    max_rows), and `reserve` sizes it up front."""
+    buf = runner_module.LogitsBuffer(max_rows=8, vocab=5, dtype=torch.float32, device=torch.device("cpu"))
+    logits, array = buf.rows(3)
+    assert logits.shape == (3, 5) and array.shape == (3, 5) and buf.rows(3)[0] is logits
+    array[2, 4] = 7.0
+    assert logits[2, 4].item() == 7.0 and logits.data_ptr() == buf.buffer.data_ptr()
+    assert buf.rows(2)[0].data_ptr() == buf.buffer.data_ptr()
+    buf.rows(4)  # past 3 rows: at least doubled (6), within max_rows
+    assert len(buf.buffer) == 6 and buf.rows(3)[0] is not logits and buf.rows(3)[0].data_ptr() == buf.buffer.data_ptr()
+    buf.rows(7)
+    assert len(buf.buffer) == 8  # doubling stops at max_rows
+    buf.reserve(2)
+    assert len(buf.buffer) == 8
+    half = runner_module.LogitsBuffer(max_rows=4, vocab=5, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert half.rows(2)[1] is None and half.rows(2)[0].dtype == torch.bfloat16  # numpy has no bf16: torch's path
+
+
+def test_decode_steps_write_their_logits_into_one_buffer(make_checkpoint, mixed_items, monkeypatch):
+    """Eager decode steps of a batch write their logits into the runner's one `LogitsBuffer` (no
+    fresh [B, V] tensor a step), and greedy ids come from those logits, suppressed."""
+    engine = Engine(make_checkpoint("syncs", think_max_tokens=6, head="last_token"), cuda_graphs=False, max_model_len=512)
+    runner = engine.stages[0].runner
+    seen = []
+    real = runner.decode_forward
+
+    def forward(batch, *args, **kwargs):
+        greedy, logits = real(batch, *args, **kwargs)
+        seen.append((logits.data_ptr(), logits.shape, np.asarray(greedy).tolist(), logits.argmax(-1).tolist(),
+                     logits[:, runner.suppression.index].max().item()))
+        return greedy, logits
+
+    monkeypatch.setattr(runner, "decode_forward", forward)
+    engine.embed(mixed_items, max_trace_tokens=6)
+    assert len(seen) >= 3
+    assert {ptr for ptr, *_ in seen} == {runner.logits.buffer.data_ptr()}
+    for _, shape, greedy, argmax, suppressed in seen:
+        assert shape[0] == len(greedy) and greedy == argmax and suppressed == float("-inf")
+
+
 def _poison(engine: Engine, value: float) -> None:
     """Fill every cache block with `value`, except blocks the prefix cache holds (memory that was
     written, and that a later prompt may rightly reuse)."""

@@ -143,7 +143,7 @@ def test_engine_traces_do_not_change_with_numpy_suppression_and_argmax(make_chec
 
     engine = Engine(make_checkpoint("syncs", think_max_tokens=12, head="last_token"), max_model_len=512)
     with monkeypatch.context() as patch:
-        patch.setattr(Suppression, "greedy", lambda self, logits: logits.index_fill_(-1, self.index, float("-inf")).argmax(dim=-1))
+        patch.setattr(Suppression, "greedy", lambda self, logits, array=None: logits.index_fill_(-1, self.index, float("-inf")).argmax(dim=-1))
         plain = engine.embed(mixed_items[:4], max_trace_tokens=12)
     engine.reset_prefix_cache()  # the same work as the first run, so the same bits
     numpy_argmax = engine.embed(mixed_items[:4], max_trace_tokens=12)

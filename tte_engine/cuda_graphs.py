@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kernels.attention import decode_splits
-from .model.cpu_linear import linear_dtype
 
 if TYPE_CHECKING:
     from .runner import Runner
@@ -35,12 +34,8 @@ class DecodeGraphs:
         self.runner = runner
         self.width = runner.blocks.tables.shape[1]  # block-table columns: the longest allowed context
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        # the LM head's output of every bucket, at one address: a sampled step samples from it. One
-        # [max_num_seqs, V] buffer in the LM head's dtype (78 MB at 256 rows of Qwen2-VL's 151,936
-        # ids in bf16), outside the graphs' pool, where each bucket's own would hold ~0.65 GB over
-        # the default buckets; before stop 17 no logits were kept and a sampled step ran the LM head again
-        lm_head = runner.model.lm_head
-        self.logits = torch.empty(runner.max_rows, lm_head.out_features, dtype=linear_dtype(lm_head), device=runner.device)
+        # the LM head's output of every bucket at one address (`LogitsBuffer`): a sampled step samples from it
+        runner.logits.reserve(runner.max_rows)
         self.eager_reason: str | None = None if runner.device.type == "cuda" else "not a CUDA device"
         self._fill_padding()
         if self.eager_reason is None:
@@ -87,7 +82,7 @@ class DecodeGraphs:
             logger.warning("%s; decode steps run eagerly", self.eager_reason)
 
     def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket), logits_out=self.logits[:bucket])
+        return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket))
 
     def replay(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(greedy tokens [bucket], logits [bucket, V]: static buffers, good until the next replay)
