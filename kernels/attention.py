@@ -155,8 +155,10 @@ class HostDecodePlan:
             self._plan_keys(self.new_keys)
         self.new_keys = self.keys[self.taken]  # each row's new key: the one after the last step's
         self.taken += 1
-        self.slots.put(self.new_keys, slots)  # `put` at flat positions: cheaper than 2-D fancy indexing
-        self.mask.put(self.new_keys, 0)
+        # assignments at flat positions of flat views, from arrays of the same length: numpy's fast
+        # path (warm: 0.2 us at batch 1, 1.4 at 256, where two `put`s took 0.5 and 2.5)
+        self.flat_slots[self.new_keys] = slots
+        self.flat_mask[self.new_keys] = self.zeros
         return self.plan
 
     def keep_rows(self, keep: np.ndarray) -> None:
@@ -172,7 +174,9 @@ class HostDecodePlan:
         (int64 [B]): the position of each row's last new key (the flat positions `step` moves on)."""
         self.row_starts = np.arange(0, self.slots.size, self.slots.shape[1])  # each row's first flat position
         self._plan_keys(self.row_starts + last)
-        self.plan = (torch.from_numpy(self.slots.reshape(-1)), torch.from_numpy(self.mask)[:, None, None, :], None)
+        self.flat_slots, self.flat_mask = self.slots.reshape(-1), self.mask.reshape(-1)  # what `step` writes; the plan reads them
+        self.zeros = np.zeros(len(self.mask), dtype=np.float32)  # an unmasked key for every row
+        self.plan = (torch.from_numpy(self.flat_slots), torch.from_numpy(self.flat_mask).view(self.mask.shape)[:, None, None, :], None)
 
     def _plan_keys(self, last_keys: np.ndarray) -> None:
         """The flat positions of each row's new key in the next KEYS_AHEAD steps ([KEYS_AHEAD, B]
