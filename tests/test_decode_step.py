@@ -468,25 +468,29 @@ def test_grow_by_one_equals_grow_one_sequence_at_a_time(free):
     assert all(len(s.block_table) == len(t.block_table) + 1 for s, t in zip(a_seqs, growing))
 
 
-def test_a_failed_step_loses_no_block_table_update(make_checkpoint, mixed_items, monkeypatch):
+@pytest.mark.parametrize("graphs", [True, False], ids=["graph-path", "eager"])
+def test_a_failed_step_loses_no_block_table_update(make_checkpoint, mixed_items, monkeypatch, graphs):
     """A step that fails after the runner took the block-table updates (here: its prompt's image
     encoder fails) must not lose them: on a GPU the device copy of the tables would keep stale
     entries for the blocks given in that step, which the retried step reads and writes through.
-    The runner's copy is made a real copy here, as on CUDA (on CPU it shares the host array); after
-    the failure it equals the host's, and a caller that retries gets the results of a run that
-    never failed (the graph path: decode reads the runner's copy too)."""
+    The runner's copy is made a real copy here, as on CUDA (on CPU it shares the host array, and
+    eager decode steps skip the updates); after the failure it equals the host's, and a caller
+    that retries gets the results of a run that never failed (decode steps, eager or the graph
+    path, read the runner's copy too: the updates they apply are checked here as well)."""
     from tte_engine.random_checkpoint import never_stop
     from tte_engine.runner import Runner
 
     path = never_stop(make_checkpoint("long_trace", think_max_tokens=80, head="last_token"))
 
     def engine():
-        e = Engine(path, max_model_len=512, block_size=4, cuda_graphs=True)
-        e.stages[0].runner.tables = e.stages[0].runner.tables.clone()
+        e = Engine(path, max_model_len=512, block_size=4, cuda_graphs=graphs)
+        runner = e.stages[0].runner
+        runner.tables, runner.tables_are_host = runner.tables.clone(), False
+        runner.plan_on_host = False  # decode reads the runner's copy, as on a GPU (a CPU engine's plan reads the host's)
         return e
 
     items = [mixed_items[0], "a late question " * 12]  # the second: a prompt of several blocks
-    alone = engine().embed(items, max_trace_tokens=12)
+    alone = Engine(path, max_model_len=512, block_size=4).embed(items, max_trace_tokens=12)  # a CPU engine as it is: one table array
     e = engine()
     decoding, late = e.make_sequence(items[0], 0, max_trace_tokens=12), e.make_sequence(items[1], 1, max_trace_tokens=12)
     e.add_request(decoding)

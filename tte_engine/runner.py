@@ -78,6 +78,8 @@ class Runner:
         self.suppression = Suppression(model.cfg.text.vocab_size, suppressed_ids, self.device, linear_dtype(model.lm_head))
         self.logits = LogitsBuffer(blocks.padding_row, model.lm_head.out_features, linear_dtype(model.lm_head), self.device)
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
+        # a CPU engine's "device copy" is the host's array: eager decode steps have no updates to apply
+        self.tables_are_host = self.tables.data_ptr() == blocks.tables.ctypes.data
         # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`HostDecodePlan`)
         self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
         self.max_rows = blocks.padding_row  # = max_num_seqs
@@ -181,13 +183,16 @@ class Runner:
     def _fill_updates(self, views: DecodeViews, count: int) -> bool:
         """Block-table changes since the last step, into the decode layout's update fields of a
         host buffer (`views`), padded to `count` with no-op rewrites of the padding row; False when
-        there were none."""
+        there is nothing to apply (an eager step without new blocks, or on a CPU engine, whose
+        block tables are one array)."""
         updates = self.blocks.take_updates()
+        if self.graphs is None and (not updates or self.tables_are_host):
+            # an eager step skips the table update when there is none, or when the "device copy" is the host's
+            # array, which has them already (at batch 64 and 256, host work beside the forward 0.97-0.98)
+            return False
         if len(updates) > count:  # more than a block a row: left by a step that failed after its blocks were taken
             self._apply_updates(updates)  # (only then), applied here, outside the step's fixed layout
             updates = []
-        if not updates and self.graphs is None:
-            return False  # an eager step without new blocks skips the table update: nothing reads these
         index, value = views.update_index, views.update_value
         if updates:
             index[: len(updates)], value[: len(updates)] = np.asarray(updates, dtype=np.int64).T
