@@ -147,7 +147,7 @@ def test_logits_buffer_hands_out_rows_of_one_buffer():
     """`LogitsBuffer.rows(B)`: the first B rows, as a tensor and (fp32 on the CPU) a numpy array of
     the same memory, made once per batch size; it grows to the largest batch (doubling, at most
     max_rows), and `reserve` sizes it up front."""
-    buf = runner_module.LogitsBuffer(max_rows=8, vocab=5, dtype=torch.float32, device=torch.device("cpu"))
+    buf = runner_module.LogitsBuffer(max_rows=8, vocab=5, dtype=torch.float32, device=torch.device("cpu"), numpy_view=True)
     logits, array = buf.rows(3)
     assert logits.shape == (3, 5) and array.shape == (3, 5) and buf.rows(3)[0] is logits
     array[2, 4] = 7.0
@@ -159,7 +159,7 @@ def test_logits_buffer_hands_out_rows_of_one_buffer():
     assert len(buf.buffer) == 8  # doubling stops at max_rows
     buf.reserve(2)
     assert len(buf.buffer) == 8
-    half = runner_module.LogitsBuffer(max_rows=4, vocab=5, dtype=torch.bfloat16, device=torch.device("cpu"))
+    half = runner_module.LogitsBuffer(max_rows=4, vocab=5, dtype=torch.bfloat16, device=torch.device("cpu"), numpy_view=False)
     assert half.rows(2)[1] is None and half.rows(2)[0].dtype == torch.bfloat16  # numpy has no bf16: torch's path
 
 

@@ -76,7 +76,8 @@ class Runner:
         self.max_vision_patches = max_vision_patches
         self.device = model.norm.device
         self.suppression = Suppression(model.cfg.text.vocab_size, suppressed_ids, self.device, linear_dtype(model.lm_head))
-        self.logits = LogitsBuffer(blocks.padding_row, model.lm_head.out_features, linear_dtype(model.lm_head), self.device)
+        self.logits = LogitsBuffer(blocks.padding_row, model.lm_head.out_features, linear_dtype(model.lm_head), self.device,
+                                   numpy_view=self.suppression.on_numpy)  # a numpy view where suppression works in numpy
         self.tables = torch.from_numpy(blocks.tables).to(self.device)  # device copy, updated incrementally
         # a CPU engine's "device copy" is the host's array: eager decode steps have no updates to apply
         self.tables_are_host = self.tables.data_ptr() == blocks.tables.ctypes.data
@@ -209,7 +210,7 @@ class Runner:
         pending updates dropped (a step that took them may have failed before applying them). On a
         CPU engine the two are one array: nothing to do."""
         self.blocks.take_updates()
-        if self.tables.data_ptr() != self.blocks.tables.ctypes.data:
+        if not self.tables_are_host:
             self.tables.copy_(torch.from_numpy(self.blocks.tables))
 
     def _update_tables(self, index: torch.Tensor, value: torch.Tensor) -> None:
@@ -453,9 +454,9 @@ ENCODER_CACHE_TOKENS = 16384  # vision-tower output tokens kept for reuse (~2 MB
 
 class LogitsBuffer:
     """Where the decode step's LM head writes: one [rows, V] buffer in the LM head's dtype, reused
-    step after step, whose first B rows `rows(B)` hands out as a tensor and, for fp32 on the CPU,
-    as a numpy array of the same memory (what `Suppression.greedy` works on there), both made once
-    per batch size. A step's logits are good until the next decode step.
+    step after step, whose first B rows `rows(B)` hands out as a tensor and, with `numpy_view`
+    (fp32 on the CPU: where `Suppression` works in numpy), as a numpy array of the same memory,
+    both made once per batch size. A step's logits are good until the next decode step.
 
     It grows to the largest batch asked for (at least doubling, at most `max_rows`); CUDA graphs
     `reserve` all `max_rows` before capture, so every bucket's LM head writes at a fixed address
@@ -464,19 +465,19 @@ class LogitsBuffer:
     and its `.numpy()` at every step, the host work beside a batch-1 decode step's forward was
     0.92-0.93 (stop 20, the 2-core Xeon VM, micro model, alternating step by step)."""
 
-    def __init__(self, max_rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.max_rows, self.on_numpy = max_rows, torch.device(device).type == "cpu" and dtype == torch.float32
+    def __init__(self, max_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, *, numpy_view: bool):
+        self.max_rows, self.numpy_view = max_rows, numpy_view
         self.buffer = torch.empty(0, vocab, dtype=dtype, device=device)
         self._rows: dict[int, tuple[torch.Tensor, np.ndarray | None]] = {}
 
     def rows(self, batch: int) -> tuple[torch.Tensor, np.ndarray | None]:
-        """(the first `batch` rows [batch, V], the same as a numpy array or None: not fp32 on the CPU)."""
+        """(the first `batch` rows [batch, V], the same as a numpy array or None: no `numpy_view`)."""
         got = self._rows.get(batch)
         if got is None:
             if batch > len(self.buffer):
                 self.reserve(max(batch, min(2 * len(self.buffer), self.max_rows)))
             view = self.buffer[:batch]
-            got = self._rows[batch] = (view, view.numpy() if self.on_numpy else None)
+            got = self._rows[batch] = (view, view.numpy() if self.numpy_view else None)
         return got
 
     def reserve(self, rows: int) -> None:
