@@ -5,28 +5,33 @@ costs is framework: scheduling, building step inputs, sampling, bookkeeping. Tha
 GPU pays on top of its 0.73 ms weight-read floor for a 2B model, and it can be measured here.
 
 For each batch size: time `Engine.step()` over decode steps only (inside one inference mode, as
-`Engine.embed` and tte-serve's loop run them), and inside it the model forward: the decoder
-(`Qwen2VL.forward`: embedding and layers), the final norm and the LM head (`linear_into`, which
-the runner calls for it since stop 17, without the module's `__call__`), i.e. what transformers'
-`forward` computes (the logits). Framework share = step - forward: scheduling, step inputs,
+`Engine.embed` and tte-serve's loop run them), and inside it the model forward
+(`Qwen2VL.decode_logits`: embedding, layers, final norm and LM head, i.e. what transformers'
+`forward` computes, the logits). Framework share = step - forward: scheduling, step inputs,
 attention's plan, suppression, argmax, readback, bookkeeping; the median over steps of each
 step's difference (since stop 20; before, the difference of the two medians, which at batch 256
 let the forward's own spread, a few percent of a ~5 ms step, swing the ~200 us share by 100 us
-and more from run to run; "outside the device step" and "step - decoder" likewise). (Before stop 13 the
-forward counted the decoder alone, so the final norm and LM head counted as framework: the LM
-head alone is ~0.3 ms a step at batch 256 here; that figure is still printed, as "step - decoder".)
-Also reported: the host work outside the device step (step - `Runner.decode_forward`, i.e. minus embedding, layers, final norm, LM head
-and argmax: what a CUDA graph replays on a GPU; minus, too, `HostDecodePlan.step`, the CPU engine's numpy stand-in
-for device work a GPU does not do), the share a GPU would add to its replay, and the same with the device
-step stubbed out (`_stubbed_host_seconds`: the host code then runs with warm caches, as a GPU host's does). Clock: thread CPU time with one
-torch thread, for both engines, so a shared machine's other load does not count. transformers' per-step time is
-the slope of `generate()` between two trace lengths (so its prefill cancels out), measured before each block of
-STEPS of our steps and over the same trace positions, so the same context lengths (before stop 14 it was always
-measured over positions 12-24 while our blocks ran 3-74: the later blocks, with longer contexts, were compared with
-transformers' shorter ones); the speedup is the median of the blocks' ratios (on this shared VM one side measured a
-minute after the other swung the ratio 1.2-2.6x). Targets (not
-asserted; reported): ours >= 2x faster than generate() per step at batch 1 and 64, framework
-<= 50 us at batch 1 and <= 300 us at batch 256.
+and more from run to run; that figure is still printed beside it). The timed steps carry one
+timer, the forward's (since stop 21; until then five, on the decoder, final norm, LM head,
+device step and attention plan, whose own calls, ~1-3 us each right after a forward, counted as
+framework: with two of them removed the batch-1 share read ~5 us less). The other figures come
+from BREAKDOWN_STEPS steps after the timed ones, with a timer on each part (`_breakdown`): the
+host work outside the device step (step - `Runner.decode_forward`, i.e. minus embedding, layers,
+final norm, LM head and argmax: what a CUDA graph replays on a GPU; minus, too,
+`HostDecodePlan.step`, the CPU engine's numpy stand-in for device work a GPU does not do), the
+step beside the decoder alone ("step - decoder": before stop 13 the forward counted the decoder
+alone; the LM head alone is ~0.3 ms a step at batch 256 here), and the host's own work with the
+device step stubbed out (`_stubbed_host_seconds`: the host code then runs with warm caches, as a
+GPU host's does). Clock: thread CPU time with one torch thread, for both engines, so a shared
+machine's other load does not count. transformers' per-step time is the slope of `generate()`
+between two trace lengths (so its prefill cancels out), measured before each block of STEPS of
+our steps and over the same trace positions, so the same context lengths (before stop 14 it was
+always measured over positions 12-24 while our blocks ran 3-74: the later blocks, with longer
+contexts, were compared with transformers' shorter ones); the speedup is the median of the
+blocks' ratios (on this shared VM one side measured a minute after the other swung the ratio
+1.2-2.6x; five blocks since stop 21, three before). Targets (not asserted; reported): ours >= 2x
+faster than generate() per step at batch 1 and 64, framework <= 50 us at batch 1 and <= 300 us
+at batch 256.
 """
 
 from __future__ import annotations
@@ -42,15 +47,15 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from conftest import verdict
 from tte_engine import Engine, SamplingParams
-from tte_engine import runner as runner_module
 from tte_engine.kernels.attention import HostDecodePlan
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 from tte_engine.scheduler import SUFFIX_WAIT_WITH_GRAPHS
 
 STEPS = 24  # decode steps timed per block
-ROUNDS = 3  # blocks, each after a measurement of transformers' step (interleaved: see between_steps)
+ROUNDS = 5  # blocks, each after a measurement of transformers' step (interleaved: see between_steps)
 WARMUP = 2  # untimed steps first
 STUBBED_STEPS = 24  # then steps timed with the device step stubbed out (the host's own cost, warm)
+BREAKDOWN_STEPS = 24  # then steps with a timer on each part (`_breakdown`)
 SPEEDUP_TARGETS = {1: [2.0], 64: [2.0]}  # issue 8, vs transformers' generate() per step
 FRAMEWORK_TARGETS_US = {1: [50], 256: [300]}  # issue 8, step - forward
 
@@ -91,7 +96,7 @@ class _ForwardTimer:
 
 def _start_decoding(engine: Engine, batch: int) -> list[list[int]]:
     """Admit `batch` texts and prefill them, so every following step is a pure decode step; returns the prompts."""
-    seqs = [engine.make_sequence(t, i, max_trace_tokens=STEPS * ROUNDS + STUBBED_STEPS + 8) for i, t in enumerate(_texts(batch))]
+    seqs = [engine.make_sequence(t, i, max_trace_tokens=STEPS * ROUNDS + BREAKDOWN_STEPS + STUBBED_STEPS + 8) for i, t in enumerate(_texts(batch))]
     for seq in seqs:
         engine.add_request(seq)
     while any(s.needs_prefill for s in engine.scheduler.running[0]) or engine.scheduler.waiting[0]:
@@ -166,25 +171,21 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
         runner = engine.stages[0].runner
         model = runner.model
         # inference mode entered once around our steps, as `Engine.embed` and tte-serve's loop do (transformers'
-        # generate(), between blocks, runs outside it, under its own no_grad, as a user runs it)
-        with (torch.inference_mode(), _ForwardTimer(model) as decoder, _ForwardTimer(model, "final_norm") as norm,
-              _ForwardTimer(runner_module, "linear_into") as lm_head, _ForwardTimer(runner, "decode_forward") as device_step,
-              _ForwardTimer(HostDecodePlan, "step") as host_plan):
+        # generate(), between blocks, runs outside it, under its own no_grad, as a user runs it). One timer
+        # inside the timed steps: the forward's (each timer costs the step ~1-3 us beside what it times)
+        with torch.inference_mode(), _ForwardTimer(model, "decode_logits") as forward:
             benchmark.pedantic(step, setup=between_steps, rounds=STEPS * ROUNDS, iterations=1, warmup_rounds=WARMUP)
-            stubbed_s = _stubbed_host_seconds(engine, runner, host_plan)
+        with torch.inference_mode():
+            parts = _breakdown(engine, runner)
         engine.scheduler.abort_all()
         timed = steps[WARMUP:]
         step_s = statistics.median(timed)
-        n = len(steps)  # each timed step made one call of each timed part (the stubbed run's calls come after)
-        # each step's model forward: decoder, final norm, LM head
-        forwards = list(map(sum, zip(decoder.seconds, norm.seconds, lm_head.seconds, strict=True)))[WARMUP:n]
-        # the device step, and the CPU engine's host-side stand-in for part of it (a GPU needs no plan)
-        devices = list(map(sum, zip(device_step.seconds[:n], host_plan.seconds[:n], strict=True)))[WARMUP:]
-        # shares beside a part: the median over steps of each step's time less its part's (see the module docstring)
+        forwards = forward.seconds[WARMUP : len(steps)]  # each step's model forward: decoder, final norm, LM head
         forward_s = statistics.median(forwards)
         medians_us = (step_s - forward_s) * 1e6  # the framework share as worked out before stop 20, printed beside it
-        framework_us, host_us, beside_decoder_us = (statistics.median(map(float.__sub__, timed, part)) * 1e6
-                                                    for part in (forwards, devices, decoder.seconds[WARMUP:n]))
+        # the median over steps of each step's time less its forward's (see the module docstring)
+        framework_us = statistics.median(map(float.__sub__, timed, forwards)) * 1e6
+        host_us, beside_decoder_us, stubbed_s = parts["outside_device_us"], parts["beside_decoder_us"], parts["stubbed_s"]
         # each block's ratio: transformers' step just before it / our median step in it; their median
         ratios = [hf / statistics.median(timed[k * STEPS : (k + 1) * STEPS]) for k, hf in enumerate(hf_steps) if hf == hf]
         speedup = statistics.median(ratios) if ratios else float("nan")
@@ -202,6 +203,25 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
           f" | transformers generate() {hf_s * 1e3:.3f} ms/step | ours {speedup:.2f}x faster (median of {len(ratios)} interleaved blocks: {', '.join(f'{r:.2f}' for r in ratios)}; thread CPU time, 1 thread)"
           + "".join(f"; speedup {verdict(speedup, t)}" for t in SPEEDUP_TARGETS.get(batch, []))
           + "".join(f"; framework {verdict(framework_us, t, ' us', most=True)}" for t in FRAMEWORK_TARGETS_US.get(batch, [])))
+
+
+def _breakdown(engine: Engine, runner) -> dict[str, float]:
+    """After the timed steps, BREAKDOWN_STEPS more with a timer on each part, so that the timed
+    steps carry only the forward's: the host work outside the device step (step -
+    `Runner.decode_forward` - `HostDecodePlan.step`), the step beside the decoder alone (step -
+    `Qwen2VL.forward`), medians over steps of each step's difference, in us; and `stubbed_s`,
+    the host's own work with the device step stubbed out (`_stubbed_host_seconds`)."""
+    steps = []
+    with (_ForwardTimer(runner.model) as decoder, _ForwardTimer(runner, "decode_forward") as device_step,
+          _ForwardTimer(HostDecodePlan, "step") as host_plan):
+        for _ in range(BREAKDOWN_STEPS):
+            start = time.thread_time()
+            engine.step()
+            steps.append(time.thread_time() - start)
+        devices = list(map(sum, zip(device_step.seconds, host_plan.seconds, strict=True)))
+        beside = {name: statistics.median(map(float.__sub__, steps, part)) * 1e6 for name, part in
+                  (("outside_device_us", devices), ("beside_decoder_us", decoder.seconds))}
+        return beside | {"stubbed_s": _stubbed_host_seconds(engine, runner, host_plan)}
 
 
 def _stubbed_host_seconds(engine: Engine, runner, host_plan: _ForwardTimer) -> float:

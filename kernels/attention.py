@@ -35,6 +35,8 @@ benchmarks/gpu_check.py times both kernels against the SDPA-based references.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,61 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_len
     return _rows(cache, slots.reshape(-1)).view(slots.shape[0], width, *cache.shape[2:]).transpose(1, 2)
 
 
-DecodePlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+class DecodePlan(NamedTuple):
+    """What `decode_attention_torch` reads, worked out once per step (every layer shares it)."""
+
+    slots: torch.Tensor  # [B * span] int64: the cache slot of each position the span reads (see `_context_slots`)
+    mask: torch.Tensor  # [B, 1, 1, span] fp32: additive key mask, 0 or -inf
+    nonempty: torch.Tensor | None  # [B, 1, 1] bool: rows with a context (None: every row has one)
+    kept: KeptContext | None = None  # a host plan's gathered keys and values, kept from step to step
+
+
+# A host plan keeps its gathered context (`KeptContext`) from step to step only from this many
+# rows (batch x span) up: below, gathering them costs about what copying in the new rows does
+# (the micro model's batch-1 decode forward was ~2% slower keeping them; stop 21). And at most
+# this many bytes of them per plan (over all layers; past it, a layer gathers at every step as
+# before): each layer's kept keys and values are as large as its gather's temporaries, which
+# were freed layer by layer.
+KEEP_MIN_ROWS = 512
+KEPT_CONTEXT_BYTES = 256 << 20
+
+
+class KeptContext:
+    """Each layer's gathered context keys and values (`_rows` of the plan's slots), kept from one
+    decode step to the next while the plan's layout stays: a step then copies in each row's new
+    key and value (B cache rows per layer and tensor) where it would gather all B x span rows
+    again. At batch 64 / 256 of the micro model (spans of ~50-180 positions) the decode forward
+    took 0.87 / 0.73-0.78 of the time it took gathering (stop 21, the 2-core Xeon VM, one
+    thread). Equal to the gather bit for bit: copies of the same cache rows (positions past a
+    context hold position 0's k/v in both, and the cache rows under the plan's positions do not
+    change while the batch lives, as `HostDecodePlan` assumes). Layers are told apart by their
+    cache's address; at most KEPT_CONTEXT_BYTES are kept.
+
+    Made by `HostDecodePlan._publish` (a CPU engine) for each new layout; `HostDecodePlan.step`
+    sets `new_keys` and `new_slots` at every step that follows on from the last."""
+
+    def __init__(self, slots: torch.Tensor):
+        self.slots = slots  # [B * span] int64: the plan's
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bytes = 0  # kept so far
+        # this step's new key of each row: its flat position in the span ([B] int64) and its cache slot ([B] int64)
+        self.new_keys: torch.Tensor | None = None
+        self.new_slots: torch.Tensor | None = None
+
+    def rows(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's context keys and values, [B * span, KVH * hd] each, this step's new ones
+        included (the caller stores them in the cache first)."""
+        kept = self.layers.get(k_cache.data_ptr())
+        if kept is not None:
+            kept[0].index_copy_(0, self.new_keys, _rows(k_cache, self.new_slots))
+            kept[1].index_copy_(0, self.new_keys, _rows(v_cache, self.new_slots))
+            return kept
+        gathered = _rows(k_cache, self.slots), _rows(v_cache, self.slots)
+        size = 2 * gathered[0].nbytes
+        if self.bytes + size <= KEPT_CONTEXT_BYTES:
+            self.layers[k_cache.data_ptr()] = gathered
+            self.bytes += size
+        return gathered
 
 
 def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
@@ -99,7 +155,7 @@ def decode_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_si
     masked = ~valid
     masked[:, 0] = False
     mask = torch.zeros(masked.shape, dtype=torch.float32, device=masked.device).masked_fill_(masked, float("-inf"))
-    return slots.view(-1), mask[:, None, None, :], (context_lens > 0)[:, None, None]
+    return DecodePlan(slots.view(-1), mask[:, None, None, :], (context_lens > 0)[:, None, None])
 
 
 # Steps whose new-key positions `HostDecodePlan` works out at once: a step then takes a row of them
@@ -159,6 +215,8 @@ class HostDecodePlan:
         # path (warm: 0.2 us at batch 1, 1.4 at 256, where two `put`s took 0.5 and 2.5)
         self.flat_slots[self.new_keys] = slots
         self.flat_mask[self.new_keys] = self.zeros
+        if self.kept is not None:
+            self.kept.new_keys, self.kept.new_slots = torch.from_numpy(self.new_keys), torch.from_numpy(slots)
         return self.plan
 
     def keep_rows(self, keep: np.ndarray) -> None:
@@ -176,7 +234,9 @@ class HostDecodePlan:
         self._plan_keys(self.row_starts + last)
         self.flat_slots, self.flat_mask = self.slots.reshape(-1), self.mask.reshape(-1)  # what `step` writes; the plan reads them
         self.zeros = np.zeros(len(self.mask), dtype=np.float32)  # an unmasked key for every row
-        self.plan = (torch.from_numpy(self.flat_slots), torch.from_numpy(self.flat_mask).view(self.mask.shape)[:, None, None, :], None)
+        slots = torch.from_numpy(self.flat_slots)
+        self.kept = KeptContext(slots) if self.slots.size >= KEEP_MIN_ROWS else None
+        self.plan = DecodePlan(slots, torch.from_numpy(self.flat_mask).view(self.mask.shape)[:, None, None, :], None, self.kept)
 
     def _plan_keys(self, last_keys: np.ndarray) -> None:
         """The flat positions of each row's new key in the next KEYS_AHEAD steps ([KEYS_AHEAD, B]
@@ -187,9 +247,9 @@ class HostDecodePlan:
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, plan: DecodePlan | None = None):
     bsz = q.shape[0]
     block_size, kvh, hd = k_cache.shape[1:]
-    slots, mask, nonempty = plan if plan is not None else decode_plan(block_tables, context_lens, block_size)
-    k = _rows(k_cache, slots).view(bsz, -1, kvh, hd).transpose(1, 2)  # [B, KVH, span, hd]
-    v = _rows(v_cache, slots).view(bsz, -1, kvh, hd).transpose(1, 2)
+    slots, mask, nonempty, kept = plan if plan is not None else decode_plan(block_tables, context_lens, block_size)
+    k, v = (_rows(k_cache, slots), _rows(v_cache, slots)) if kept is None else kept.rows(k_cache, v_cache)
+    k, v = k.view(bsz, -1, kvh, hd).transpose(1, 2), v.view(bsz, -1, kvh, hd).transpose(1, 2)  # [B, KVH, span, hd]
     if k.dtype != q.dtype:  # an fp8 cache
         k, v = k.to(q.dtype), v.to(q.dtype)
     heads, mask = q.shape[1], mask.to(q.dtype)

@@ -288,6 +288,58 @@ def test_decode_batch_follows_admissions_aborts_and_trace_ends(make_checkpoint, 
         assert cosine(seqs[i].embedding, alone[i].embeddings[0]) >= 0.99999, i
 
 
+@pytest.mark.parametrize("head", ["last_token", "mhsa"])
+def test_kept_context_gives_what_gathering_gives(make_checkpoint, mixed_items, monkeypatch, head):
+    """A CPU engine's decode steps keep each layer's gathered context from step to step
+    (`attention.KeptContext`, from KEEP_MIN_ROWS rows up): kept from the first row, a run with
+    traces ending at different steps (rows leave), a request arriving mid-decode (a mixed step)
+    and a step failing between two layers, then retried, must give the traces and embeddings of
+    a run that gathers at every step, bit for bit."""
+    from tte_engine.kernels import attention
+    from tte_engine.random_checkpoint import never_stop
+
+    overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
+    path = never_stop(make_checkpoint("long_trace", think_max_tokens=40, **overrides))
+    budgets = [9, 30, 17, 4, 23]
+
+    def run(keep_from: int, fail_at: int | None = None):
+        monkeypatch.setattr(attention, "KEEP_MIN_ROWS", keep_from)
+        engine = Engine(path, max_model_len=512, block_size=4)
+        seqs = [engine.make_sequence(item, i, max_trace_tokens=n) for i, (item, n) in enumerate(zip(mixed_items, budgets))]
+        for seq in seqs[:4]:
+            engine.add_request(seq)
+        real, calls, kept_steps = attention.decode_attention_torch, [0], [0]
+
+        def attend(q, k_cache, v_cache, block_tables, context_lens, scale, plan=None):
+            calls[0] += 1
+            if calls[0] == fail_at:  # once, in the second layer of a step (the first has updated its kept context)
+                raise RuntimeError("a layer failed")
+            kept_steps[0] += plan is not None and plan.kept is not None and bool(plan.kept.layers)
+            return real(q, k_cache, v_cache, block_tables, context_lens, scale, plan)
+
+        monkeypatch.setattr(attention, "decode_attention_torch", attend)
+        steps, failed = 0, 0
+        while engine.has_unfinished():
+            if steps == 6:
+                engine.add_request(seqs[4])
+            try:
+                engine.step()
+            except RuntimeError as exc:
+                assert str(exc) == "a layer failed"
+                failed += 1
+            steps += 1
+        assert failed == (fail_at is not None)
+        return seqs, kept_steps[0]
+
+    layers = len(Engine(path, max_model_len=512).stages[0].runner.model.layers)
+    gathered, none_kept = run(keep_from=1 << 40)
+    kept, kept_steps = run(keep_from=0, fail_at=12 * layers + 2)
+    assert layers >= 2 and none_kept == 0 and kept_steps > 40
+    for a, b in zip(gathered, kept, strict=True):
+        assert a.trace_ids == b.trace_ids and len(a.trace_ids) > 0
+        assert torch.equal(a.embedding, b.embedding)
+
+
 def test_multi_token_stop_sequence_ends_a_decoding_trace(make_checkpoint, mixed_items):
     """A stop sequence of several tokens ends the trace on its last token (the decode step only
     looks closer at sequences whose newest token ends some stop sequence)."""

@@ -292,23 +292,20 @@ def test_host_decode_plan_equals_decode_plan(lens, extra_blocks):
     _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got)
 
 
-@pytest.mark.parametrize("keys_ahead", [attention.KEYS_AHEAD, 3])  # 3: new keys worked out again mid-run, often
-def test_host_decode_plan_follows_a_batch_step_by_step(keys_ahead, monkeypatch):
-    """`HostDecodePlan` updates its plan by one key per row a step, widens it when the span grows
-    and rebuilds it when the span shrinks or a step does not follow on: at every step of a batch
-    (odd lengths, blocks gained mid-run, the span crossing block boundaries and jumping by two
-    blocks, rows leaving mid-run, the longest among them) it must equal the plan built from
-    scratch, tensor for tensor."""
+def _walk_batch(plan):
+    """Run `plan` (a HostDecodePlan) over the steps of a batch of 5 rows: odd lengths, blocks
+    gained mid-run, the span crossing block boundaries and jumping by two blocks, rows leaving
+    mid-run, the longest among them, then a jump (steps it did not see) and the same step again
+    (a retried step). Yields, per step, (step, its plan, the block-table array, the rows'
+    table rows, the positions their new tokens take, those tokens' slots, the span in blocks)."""
     import numpy as np
 
-    monkeypatch.setattr(attention, "KEYS_AHEAD", keys_ahead)
     g = np.random.default_rng(7)
     bsz, steps, max_blocks = 5, 40, 10
     held = g.permutation(1000)[: (bsz + 3) * max_blocks].reshape(bsz + 3, max_blocks).astype(np.int32)
     rows = g.permutation(bsz + 3)[:bsz].astype(np.int64)  # the batch's rows of the block table
     start = np.array([1, 17, 3, 30, 16], dtype=np.int64)  # the position each row's first step computes
-    plan = attention.HostDecodePlan()
-    for step in [*range(steps), steps + 3, steps + 3]:  # then a jump (steps it did not see), then the same step again
+    for step in [*range(steps), steps + 3, steps + 3]:
         if step == 25:  # two short rows leave (the longest still sets the span: the plan is compacted, not rebuilt)
             keep = np.array([False, True, False, True, True])
             plan.keep_rows(keep)
@@ -325,5 +322,58 @@ def test_host_decode_plan_follows_a_batch_step_by_step(keys_ahead, monkeypatch):
         tables = held.copy()
         tables[rows] = np.where(np.arange(max_blocks) <= (index // BLOCK_SIZE)[:, None], held[rows], 99999)
         slots = tables[rows, index // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + index % BLOCK_SIZE
-        got = plan.step(tables, rows, index + 1, slots, width, BLOCK_SIZE, tick=step)
+        yield step, plan.step(tables, rows, index + 1, slots, width, BLOCK_SIZE, tick=step), tables, rows, index, slots, width
+
+
+@pytest.mark.parametrize("keys_ahead", [attention.KEYS_AHEAD, 3])  # 3: new keys worked out again mid-run, often
+def test_host_decode_plan_follows_a_batch_step_by_step(keys_ahead, monkeypatch):
+    """`HostDecodePlan` updates its plan by one key per row a step, widens it when the span grows
+    and rebuilds it when the span shrinks or a step does not follow on: at every step of a batch
+    (`_walk_batch`) it must equal the plan built from scratch, tensor for tensor."""
+    monkeypatch.setattr(attention, "KEYS_AHEAD", keys_ahead)
+    for step, got, tables, rows, index, _, width in _walk_batch(attention.HostDecodePlan()):
         _assert_same_plan(_torch_plan(tables, rows, index + 1, width), got, f"step {step}")
+
+
+@pytest.mark.parametrize("kept_bytes", [attention.KEPT_CONTEXT_BYTES, 1, "one layer"])  # 1: nothing kept
+def test_kept_context_attends_as_gathering_at_every_step(kept_bytes, monkeypatch):
+    """A host plan keeps each layer's gathered keys and values from step to step (`KeptContext`)
+    and copies in only the new rows: over the steps of a batch (`_walk_batch`: rows gaining
+    blocks, leaving, the span growing and shrinking, a jump, a retried step), with each step's
+    new k/v stored first, as the model does, decode attention of three layers must give what
+    it gives gathering every position at every step, bit for bit; with room for all layers, for
+    none, and for one (the others gather)."""
+    g = torch.Generator().manual_seed(3)
+    hd, layers = 24, 3
+    caches = [(torch.randn(1000, BLOCK_SIZE, KV_HEADS, hd, generator=g), torch.randn(1000, BLOCK_SIZE, KV_HEADS, hd, generator=g))
+              for _ in range(layers)]
+    monkeypatch.setattr(attention, "KEEP_MIN_ROWS", 0)  # keep from the first row
+    plan = attention.HostDecodePlan()
+    for step, got, tables, rows, index, slots, width in _walk_batch(plan):
+        # "one layer": room for one layer's keys and values (fp32) at this step's span
+        monkeypatch.setattr(attention, "KEPT_CONTEXT_BYTES", 2 * 4 * got.slots.numel() * KV_HEADS * hd if kept_bytes == "one layer" else kept_bytes)
+        assert got.kept is not None
+        reference = _torch_plan(tables, rows, index + 1, width)
+        q = torch.randn(len(rows), HEADS, hd, generator=g)
+        for k_cache, v_cache in caches:
+            new = torch.from_numpy(slots)
+            attention.store_kv_torch(torch.randn(len(rows), KV_HEADS, hd, generator=g), torch.randn(len(rows), KV_HEADS, hd, generator=g),
+                                     k_cache, v_cache, new)
+            kept = attention.decode_attention_torch(q, k_cache, v_cache, None, None, 0.2, got)
+            gathered = attention.decode_attention_torch(q, k_cache, v_cache, None, None, 0.2, reference)
+            assert torch.equal(kept, gathered), f"step {step}"
+        expected_kept = {attention.KEPT_CONTEXT_BYTES: layers, 1: 0}.get(kept_bytes, 1)
+        assert len(got.kept.layers) == expected_kept, f"step {step}"
+
+
+def test_small_plans_keep_no_context():
+    """Below KEEP_MIN_ROWS (batch x span) a host plan gathers at every step: keeping costs more there."""
+    import numpy as np
+
+    tables = np.arange(64, dtype=np.int32).reshape(4, 16)
+    rows, ctx = np.arange(4, dtype=np.int64), np.array([3, 9, 20, 40], dtype=np.int64)
+    slots = tables[rows, (ctx - 1) // BLOCK_SIZE].astype(np.int64) * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE
+    small = attention.HostDecodePlan().step(tables, rows, ctx, slots, 3, BLOCK_SIZE, tick=0)  # 4 x 48 rows
+    assert small.kept is None and 4 * 3 * BLOCK_SIZE < attention.KEEP_MIN_ROWS
+    large = attention.HostDecodePlan().step(tables, rows, ctx, slots, 16, BLOCK_SIZE, tick=0)  # 4 x 256 rows
+    assert large.kept is not None

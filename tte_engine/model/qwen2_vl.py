@@ -17,6 +17,7 @@ from .. import kernels
 from ..kernels._dispatch import use_triton
 from ..kernels.attention import DecodePlan, decode_plan
 from ..config import HeadConfig, ModelConfig
+from .cpu_linear import linear_into
 from .decoder import DecoderLayer, Rotary
 from .heads import MHSAHead
 from .vision_tower import VisionTower
@@ -177,6 +178,13 @@ class Qwen2VL(nn.Module):
 
     def final_norm(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return kernels.add_rms_norm(h, residual, self.norm, self.cfg.text.rms_norm_eps, impl=self.impl)[0]
+
+    def decode_logits(self, batch: StepBatch, cache: KVCache, out: torch.Tensor) -> torch.Tensor:
+        """A decode step's forward to its logits: decoder, final norm and LM head, written into
+        `out` ([B, V] in the LM head's dtype; returned). Every row of a decode step samples, so
+        every row gets logits. What transformers' `forward` computes for the same step."""
+        h, residual = self.forward(batch, cache)
+        return linear_into(self.lm_head, self.final_norm(h, residual), out)
 
     def pool_last_token(self, h: torch.Tensor, residual: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """The last-token head: final norm at each sequence's last row, L2-normalized, fp32."""
