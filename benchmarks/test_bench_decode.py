@@ -22,14 +22,16 @@ final norm, LM head and argmax: what a CUDA graph replays on a GPU; minus, too,
 step beside the decoder alone ("step - decoder": before stop 13 the forward counted the decoder
 alone; the LM head alone is ~0.3 ms a step at batch 256 here), and the host's own work with the
 device step stubbed out (`_stubbed_host_seconds`: the host code then runs with warm caches, as a
-GPU host's does). Clock: thread CPU time with one torch thread, for both engines, so a shared
-machine's other load does not count. transformers' per-step time is the slope of `generate()`
-between two trace lengths (so its prefill cancels out), measured before each block of STEPS of
-our steps and over the same trace positions, so the same context lengths (before stop 14 it was
-always measured over positions 12-24 while our blocks ran 3-74: the later blocks, with longer
-contexts, were compared with transformers' shorter ones); the speedup is the median of the
-blocks' ratios (on this shared VM one side measured a minute after the other swung the ratio
-1.2-2.6x; five blocks since stop 21, three before). Targets (not asserted; reported): ours >= 2x
+GPU host's does), and the same for the CUDA-graph path's host code (`_graph_path_host_seconds`:
+an engine with `cuda_graphs=True`, its replay stubbed; since stop 21). Clock: thread CPU time with one torch thread, for both engines, so a shared
+machine's other load does not count. transformers' per-step time is the median of its decode
+steps inside `generate()`, each timed from one forward call to the next (`_hf_step_seconds`;
+until stop 21 the slope of two generate() runs of different lengths), measured before each
+block of STEPS of our steps and over the same trace positions, so the same context lengths
+(before stop 14 it was always measured over positions 12-24 while our blocks ran 3-74: the
+later blocks, with longer contexts, were compared with transformers' shorter ones); the speedup
+is the median of the blocks' ratios (on this shared VM one side measured a minute after the
+other swung the ratio 1.2-2.6x; five blocks since stop 21, three before). Targets (not asserted; reported): ours >= 2x
 faster than generate() per step at batch 1 and 64, framework <= 50 us at batch 1 and <= 300 us
 at batch 256.
 """
@@ -109,34 +111,39 @@ def _hf_model(checkpoint):
 
 
 @torch.no_grad()
-def _hf_generate(model, prompts: list[list[int]], new_tokens: int, suppress: list[int]) -> torch.Tensor:
+def _hf_generate(model, prompts: list[list[int]], new_tokens: int, suppress: list[int], **options) -> torch.Tensor:
+    """generate() over left-padded prompts, exactly `new_tokens` new ones; `options`: its sampling
+    arguments (default greedy)."""
     width = max(map(len, prompts))
     input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
     mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
     out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0, suppress_tokens=suppress)
+                         pad_token_id=0, suppress_tokens=suppress, **(options or dict(do_sample=False)))
     return out[:, width:]
 
 
-def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int], first: int) -> float:
-    """transformers' time per decode step now, over the contexts our block of steps has: the slope
-    of generate() between `first` and `first` + STEPS new tokens (generate's decode step i runs on
-    the prompt + i tokens), each the faster of two runs (a slope of single runs swung from 0.2 to
-    10 ms at batch 256 when other load hit one run; the fastest runs are the ones least disturbed,
-    and they favour transformers, whose time is the numerator of our ratio). NaN when three pairs
-    in a row give a non-positive slope: too noisy to measure, which is not a failure of either pipeline."""
-
-    def run(n: int) -> float:
-        start = time.thread_time()
-        _hf_generate(model, prompts, n, suppress)
-        return time.thread_time() - start
-
-    for _ in range(3):
-        short = min(run(first) for _ in range(2))
-        long = min(run(first + STEPS) for _ in range(2))
-        if long > short:
-            return (long - short) / STEPS
-    return float("nan")
+def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int], first: int, steps: int = STEPS, **options) -> float:
+    """transformers' time per decode step now, over the contexts our block of steps has: inside
+    `generate()` run for first + steps + 1 new tokens (`options`: its sampling arguments), the
+    median of its decode steps first .. first + steps - 1 (its decode step i runs on the prompt + i tokens), each step timed
+    from the start of its forward call to the start of the next (the whole loop: forward, logits
+    processors, the choice, stopping criteria, the cache's growth), as our steps are timed; the
+    faster of two runs (they favour transformers, whose time is the numerator of our ratio).
+    Until stop 21 this was the slope of two whole generate() runs of different lengths, whose
+    difference let one disturbed run swing a block's ratio from 0.1 to 3.6 on this VM."""
+    stamps: list[float] = []
+    hook = model.register_forward_pre_hook(lambda module, args: stamps.append(time.thread_time()))
+    try:
+        medians = []
+        for _ in range(2):
+            stamps.clear()
+            _hf_generate(model, prompts, first + steps + 1, suppress, **options)
+            assert len(stamps) == first + steps + 1, "one forward call per new token"
+            # stamps[0]: the prefill's forward; stamps[i]: decode step i's
+            medians.append(statistics.median(b - a for a, b in zip(stamps[first : first + steps], stamps[first + 1 : first + steps + 1])))
+    finally:
+        hook.remove()
+    return min(medians)
 
 
 @pytest.mark.parametrize("batch", [1, 64, 256])
@@ -178,6 +185,7 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
         with torch.inference_mode():
             parts = _breakdown(engine, runner)
         engine.scheduler.abort_all()
+        graph_path_s = _graph_path_host_seconds(micro, batch)
         timed = steps[WARMUP:]
         step_s = statistics.median(timed)
         forwards = forward.seconds[WARMUP : len(steps)]  # each step's model forward: decoder, final norm, LM head
@@ -194,12 +202,13 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
         torch.set_num_threads(threads)
     benchmark.extra_info.update(batch=batch, ours_step_ms=round(step_s * 1e3, 3), forward_ms=round(forward_s * 1e3, 3),
                                 framework_us=round(framework_us, 1), framework_us_from_medians=round(medians_us, 1), host_us=round(host_us, 1), host_stubbed_us=round(stubbed_s * 1e6, 1),
-                                step_minus_decoder_us=round(beside_decoder_us, 1),
+                                step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=round(graph_path_s * 1e6, 1),
                                 hf_generate_step_ms=round(hf_s * 1e3, 3),
                                 speedup_vs_hf=round(speedup, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
     print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step (forward {forward_s * 1e3:.3f} ms, framework {framework_us:.0f} us"
           f" (median step - median forward: {medians_us:.0f} us);"
-          f" outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us)"
+          f" outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us;"
+          f" graph path's host work {graph_path_s * 1e6:.0f} us with the replay stubbed)"
           f" | transformers generate() {hf_s * 1e3:.3f} ms/step | ours {speedup:.2f}x faster (median of {len(ratios)} interleaved blocks: {', '.join(f'{r:.2f}' for r in ratios)}; thread CPU time, 1 thread)"
           + "".join(f"; speedup {verdict(speedup, t)}" for t in SPEEDUP_TARGETS.get(batch, []))
           + "".join(f"; framework {verdict(framework_us, t, ' us', most=True)}" for t in FRAMEWORK_TARGETS_US.get(batch, [])))
@@ -222,6 +231,34 @@ def _breakdown(engine: Engine, runner) -> dict[str, float]:
         beside = {name: statistics.median(map(float.__sub__, steps, part)) * 1e6 for name, part in
                   (("outside_device_us", devices), ("beside_decoder_us", decoder.seconds))}
         return beside | {"stubbed_s": _stubbed_host_seconds(engine, runner, host_plan)}
+
+
+def _graph_path_host_seconds(checkpoint, batch: int) -> float:
+    """Median thread seconds per decode step of the host's work on the CUDA-graph path (what a GPU
+    host does around each replay: scheduling, the padded fixed-layout inputs, block-table update
+    fill, readback, bookkeeping), on an engine with `cuda_graphs=True` whose replay is stubbed
+    (it returns a real call's outputs, as `_stubbed_host_seconds`). On CPU the graph path's
+    forward runs eagerly over full-width tables, so it is not timed: only the host work is."""
+    engine = Engine(checkpoint, max_num_seqs=256, cuda_graphs=True)
+    graphs, outputs = engine.stages[0].runner.graphs, {}
+    real = graphs.replay
+
+    def stub(bucket):
+        if bucket not in outputs:
+            outputs[bucket] = real(bucket)
+        return outputs[bucket]
+
+    graphs.replay = stub
+    times = []
+    with torch.inference_mode():
+        _start_decoding(engine, batch)
+        engine.step()  # the real call
+        for _ in range(STUBBED_STEPS):
+            start = time.thread_time()
+            engine.step()
+            times.append(time.thread_time() - start)
+    engine.scheduler.abort_all()
+    return statistics.median(times)
 
 
 def _stubbed_host_seconds(engine: Engine, runner, host_plan: _ForwardTimer) -> float:
@@ -317,30 +354,11 @@ def micro_real_vocab(tmp_path_factory):
     return never_stop(build_random_checkpoint(tmp_path_factory.mktemp("micro-vocab"), spec, seed=0))
 
 
-def _hf_sampled_step_seconds(model, prompts: list[list[int]], suppress: list[int], first: int, options: dict) -> float:
-    """transformers' time per decode step with `options` (generate()'s sampling arguments): the slope
-    between `first` and `first` + SAMPLED_STEPS new tokens, each the faster of two runs (see `_hf_step_seconds`)."""
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-
-    @torch.no_grad()
-    def run(n: int) -> float:
-        start = time.thread_time()
-        model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                       suppress_tokens=suppress, **options)
-        return time.thread_time() - start
-
-    short = min(run(first) for _ in range(2))
-    long = min(run(first + SAMPLED_STEPS) for _ in range(2))
-    return (long - short) / SAMPLED_STEPS if long > short else float("nan")
-
-
 @pytest.mark.parametrize("batch", [1, 16])
 def test_bench_decode_sampled(benchmark, micro_real_vocab, batch):
     """What sampling adds to a decode step at the real vocabulary (151,936 ids): our time per decode
     step greedy, with temperature alone and with temperature and top-p, beside transformers'
-    generate() with the same settings in the same run (its per-step slope, as in the host-cost
+    generate() with the same settings in the same run (its median decode step, as in the host-cost
     benchmark). The micro model's forward is small, so the sampling pass over [B, 151,936] logits is
     most of a sampled step here: on the real 2B model it adds the same seconds to a much larger
     forward. Thread CPU time, one thread. A plain report (no target)."""
@@ -366,7 +384,7 @@ def test_bench_decode_sampled(benchmark, micro_real_vocab, batch):
                     times.append(time.thread_time() - start)
                 engine.scheduler.abort_all()
                 prompts = [list(s.prompt.token_ids) for s in seqs]
-                hf_s = _hf_sampled_step_seconds(hf, prompts, suppress, 2, options)
+                hf_s = _hf_step_seconds(hf, prompts, suppress, 2, SAMPLED_STEPS, **options)
                 report.setdefault(name, []).append((statistics.median(times), hf_s))
 
         benchmark.pedantic(run_all, rounds=2, iterations=1)

@@ -25,10 +25,17 @@ from tte_engine.model import cpu_linear
 aten = torch.ops.aten
 
 # Ops that make the host wait for the device, or whose output shape depends on tensor values.
+# Under inference mode (where the engine's steps run) `.item()`, `int(t)`, `float(t)` and a tensor
+# used as a slice bound reach a dispatch mode as `aten.item`, outside it as `_local_scalar_dense`;
+# `torch.where(mask)` as `where.default`, elsewhere as `nonzero` (`test_the_detector_sees_every_sync`).
 SYNCING = {
-    aten._local_scalar_dense.default,  # .item(), int(t), bool(t)
+    aten._local_scalar_dense.default,  # .item(), int(t), bool(t) outside inference mode
+    aten.item.default,  # the same inside it
     aten.nonzero.default,
     aten.nonzero_static.default,
+    aten.nonzero_numpy.default,
+    aten.argwhere.default,
+    aten.where.default,  # torch.where(mask): nonzero
     aten.masked_select.default,
     aten.masked_scatter.default,
     aten.masked_scatter_.default,
@@ -39,14 +46,21 @@ SYNCING = {
     aten.is_nonzero.default,
     aten.allclose.default,
 }
+# A tensor made from host data (a Python list, a numpy array): on a GPU a pageable host-to-device
+# copy. (A Python scalar makes a 0-dim one, which a GPU op takes by value: not recorded.)
+FRESH_FROM_HOST = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+REPEAT_INTERLEAVE = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 
 
 class SyncDetector(TorchDispatchMode):
-    """Records every op of `SYNCING`, boolean-mask indexing, and repeat_interleave without output_size."""
+    """Records every op of `SYNCING`, boolean-mask indexing, and repeat_interleave without
+    output_size; with `host_data`, also every tensor made from host data (`FRESH_FROM_HOST`)
+    unless `allowed()` says the caller may."""
 
-    def __init__(self):
+    def __init__(self, host_data: bool = False, allowed=lambda: False):
         super().__init__()
         self.found: list[str] = []
+        self.host_data, self.allowed = host_data, allowed
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -55,30 +69,69 @@ class SyncDetector(TorchDispatchMode):
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
                 self.found.append(f"{func} with a boolean mask")
-        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        elif func in REPEAT_INTERLEAVE and kwargs.get("output_size") is None:
             self.found.append(f"{func} without output_size")
+        elif func in FRESH_FROM_HOST and self.host_data and args[0].dim() > 0 and not self.allowed():
+            self.found.append(f"{func}: a tensor made from host data")  # (a Python scalar, 0-dim, is passed by value)
         return func(*args, **kwargs)
 
 
+# Tensor methods that copy a tensor's data to the host (no dispatch mode sees them on CPU, where
+# they copy nothing): on a GPU each is a device-to-host transfer and a sync.
+TO_HOST = ("tolist", "cpu", "numpy", "__array__")
+
+
 @contextlib.contextmanager
-def watch_decode_steps(engine: Engine):
-    """Run every decode step of `engine` under a SyncDetector; yields a report dict."""
-    report = {"decode_steps": 0, "readbacks": 0, "found": [], "in_decode": False}
+def host_reads(found: list[str], allowed=lambda: False):
+    """Record in `found` every call of a TO_HOST method unless `allowed()` says the caller may."""
+    originals = {name: getattr(torch.Tensor, name) for name in TO_HOST}
+
+    def recording(name):
+        def method(self, *args, **kwargs):
+            if not allowed():
+                found.append(f"Tensor.{name}")
+            return originals[name](self, *args, **kwargs)
+
+        return method
+
+    for name in TO_HOST:
+        setattr(torch.Tensor, name, recording(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@contextlib.contextmanager
+def watch_decode_steps(engine: Engine, transfers: bool = False):
+    """Run every decode step of `engine` under a SyncDetector; yields a report dict. `transfers`:
+    also record every host-to-device tensor (made from host data) and every device-to-host read
+    outside the step's readback; for an engine set up as a GPU runs (`gpu_like`), where no CPU
+    shortcut reads tensors through numpy."""
+    report = {"decode_steps": 0, "readbacks": 0, "found": [], "in_decode": False, "in_readback": False}
     runners = [s.runner for s in engine.stages]
     originals = [r._run_decode for r in runners]
     real_readback = runner_module.readback
 
     def counting_readback(tokens):
         report["readbacks"] += report["in_decode"]
-        return real_readback(tokens)
+        report["in_readback"] = True
+        try:
+            return real_readback(tokens)
+        finally:
+            report["in_readback"] = False
+
+    def allowed() -> bool:
+        return report["in_readback"]
 
     def wrap(original):
         def run_decode(seqs):
             report["decode_steps"] += 1
             report["in_decode"] = True
-            detector = SyncDetector()
+            detector = SyncDetector(host_data=transfers, allowed=allowed)
             try:
-                with detector:
+                with detector, host_reads(detector.found, allowed) if transfers else contextlib.nullcontext():
                     out = original(seqs)
             finally:
                 report["in_decode"] = False
@@ -98,6 +151,69 @@ def watch_decode_steps(engine: Engine):
             r._run_decode = original
 
 
+def gpu_like(engine: Engine, monkeypatch) -> None:
+    """Turn off a CPU engine's numpy shortcuts in the decode step (suppression and argmax in
+    numpy, the logits' numpy view, argmax and top-k / top-p's sort through numpy), so that it runs
+    the ops a GPU runs; with `cuda_graphs=True` it then takes the graph path's code too (no host
+    attention plan)."""
+    from tte_engine import sampling
+    from tte_engine.kernels import sampling as sampling_kernels
+
+    for stage in engine.stages:
+        runner = stage.runner
+        runner.suppression.on_numpy = False
+        runner.logits.numpy_view = False
+        runner.logits._rows.clear()
+    on_device = lambda logits: logits.argmax(dim=-1)  # noqa: E731  (kernels.sampling.greedy_ids off CPU)
+    monkeypatch.setattr(sampling, "greedy_ids", on_device)
+    monkeypatch.setattr(sampling_kernels, "greedy_ids", on_device)
+    monkeypatch.setattr(sampling, "_sorted_descending", lambda x: x.sort(dim=-1, descending=True).values)  # its branch off CPU
+
+
+# What no decode step may do, each of which the detector must see, in inference mode and out of it.
+FORBIDDEN = {
+    "item": lambda t, m: t.max().item(),
+    "int": lambda t, m: int(t[0]),
+    "float": lambda t, m: float(t.sum()),
+    "bool": lambda t, m: bool(t[0] > 0),
+    "slice bound": lambda t, m: t[: t[2].long()],
+    "nonzero": lambda t, m: t.nonzero(),
+    "where(mask)": lambda t, m: torch.where(m),
+    "argwhere": lambda t, m: torch.argwhere(m),
+    "boolean mask read": lambda t, m: t[m],
+    "boolean mask write": lambda t, m: t.__setitem__(m, 0.0),
+    "masked_select": lambda t, m: t.masked_select(m),
+    "unique": lambda t, m: torch.unique(t),
+    "repeat_interleave": lambda t, m: torch.repeat_interleave(t, m.long()),
+    "Tensor.repeat_interleave": lambda t, m: t.repeat_interleave(m.long()),
+    "list index": lambda t, m: t[[1, 2]],
+    "tensor from a list": lambda t, m: torch.tensor([1, 2, 3]),
+    "tensor from numpy": lambda t, m: torch.as_tensor(np.arange(3)),
+    "tolist": lambda t, m: t.tolist(),
+    "cpu": lambda t, m: t.cpu(),
+    "numpy": lambda t, m: t.numpy(),
+    "np.asarray": lambda t, m: np.asarray(t),
+}
+
+
+@pytest.mark.parametrize("inference", [True, False], ids=["inference_mode", "no_grad"])
+@pytest.mark.parametrize("name", list(FORBIDDEN))
+def test_the_detector_sees_every_sync(name, inference):
+    """Each forbidden op, alone, is recorded (a torch upgrade that changes how one reaches a
+    dispatch mode must not weaken the detector silently); the allowed ones are not."""
+    with torch.inference_mode() if inference else torch.no_grad():
+        t, m = torch.arange(6.0), torch.tensor([True, False, True, True, False, True])
+        detector = SyncDetector(host_data=True)
+        with detector, host_reads(detector.found):
+            FORBIDDEN[name](t, m)
+        assert detector.found, name
+        fine = SyncDetector(host_data=True)
+        with fine, host_reads(fine.found):
+            torch.where(m, t, 0.0).index_select(0, torch.arange(3)).argmax(-1)
+            t.repeat_interleave(m.long(), output_size=4)
+        assert fine.found == []
+
+
 SAMPLINGS = {"greedy": None, "temperature": SamplingParams(temperature=0.8, seed=5), "seeded": SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5)}
 
 
@@ -105,17 +221,19 @@ SAMPLINGS = {"greedy": None, "temperature": SamplingParams(temperature=0.8, seed
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
-def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, batch, graphs):
+def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, batch, graphs, monkeypatch):
     """One device-to-host transfer per decode step (the token ids) and no data-dependent shapes,
     for both heads, greedy and seeded sampling (temperature alone: no sort; with top-k and top-p),
-    batch 1 and 7, eager and graph paths. The graph path suppresses and takes the argmax with torch's
-    ops, as on a GPU (a CPU engine's fp32 logits otherwise go through numpy, which no dispatch mode sees)."""
+    batch 1 and 7, eager and graph paths. The graph path runs set up as a GPU runs (`gpu_like`:
+    suppression and argmax in torch's ops, where a CPU engine's fp32 logits otherwise go through
+    numpy, which no dispatch mode sees), and there no tensor is made from host data and none is
+    read to the host besides the readback: on a GPU, transfers."""
     overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
     engine = Engine(make_checkpoint("syncs", think_max_tokens=6, **overrides), cuda_graphs=graphs, max_model_len=512)
     if graphs:
-        engine.stages[0].runner.suppression.on_numpy = False
+        gpu_like(engine, monkeypatch)
     items = (mixed_items * 2)[:batch]
-    with watch_decode_steps(engine) as report:
+    with watch_decode_steps(engine, transfers=graphs) as report:
         engine.embed(items, sampling=SAMPLINGS[sampling])
     assert report["decode_steps"] >= 3
     assert report["found"] == []
@@ -141,6 +259,29 @@ def test_graph_path_matches_eager(make_checkpoint, mixed_items, head, monkeypatc
         assert graphed.trace_token_ids == eager.trace_token_ids
         for i in range(len(mixed_items)):
             assert cosine(graphed.embeddings[i], eager.embeddings[i]) >= 0.99999
+
+
+def test_a_failed_capture_falls_back_to_plain_eager_with_one_warning(make_checkpoint, mixed_items, monkeypatch):
+    """Capture is tried (as on CUDA) and fails (here: a CPU build has no CUDA stream): one
+    RuntimeWarning says why, the runner drops its graphs (plain eager steps, not the padded
+    graph-path code) and keeps the reason, and results are the eager engine's."""
+    import warnings
+
+    from tte_engine import cuda_graphs
+
+    path = make_checkpoint("syncs", think_max_tokens=6, head="last_token")
+    want = Engine(path, cuda_graphs=False, max_model_len=512).embed(mixed_items[:3])
+    monkeypatch.setattr(cuda_graphs, "capture_refused", lambda device: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = Engine(path, cuda_graphs=True, max_model_len=512)
+    said = [w for w in caught if issubclass(w.category, RuntimeWarning) and "CUDA graph capture failed" in str(w.message)]
+    assert len(said) == 1 and "decode steps run eagerly" in str(said[0].message)
+    runner = engine.stages[0].runner
+    assert runner.graphs is None and runner.graphs_eager_reason.startswith("CUDA graph capture failed")
+    got = engine.embed(mixed_items[:3])
+    assert got.trace_token_ids == want.trace_token_ids
+    assert torch.equal(got.embeddings, want.embeddings)
 
 
 def test_logits_buffer_hands_out_rows_of_one_buffer():
@@ -232,9 +373,23 @@ def test_never_written_memory_does_not_reach_results(make_checkpoint, mixed_item
 
 def test_padded_rows_write_only_the_scratch_block(make_checkpoint, mixed_items):
     """7 sequences decode in the bucket of 8: the padded row's k/v go to the scratch block, and no
-    block that was never handed to a sequence is written."""
+    block that was never handed to a sequence is written. And it reads no real cache: the device
+    step sees it with an empty context, through the padding row of the block tables (all scratch
+    block), writing the scratch slot."""
     engine = Engine(make_checkpoint("poison", think_max_tokens=8, head="last_token"), cuda_graphs=True, max_model_len=512)
-    blocks = engine.stages[0].blocks
+    blocks, runner = engine.stages[0].blocks, engine.stages[0].runner
+    padded_steps, device_step = [], runner.decode_forward
+
+    def checking_device_step(bucket, *args, **kwargs):
+        decoding = len(engine.scheduler._decoding[0].seqs)
+        view, pad = runner.decode_inputs(bucket), slice(decoding, bucket)
+        assert (view["context_lens"][pad] == 0).all() and (view["table_rows"][pad] == runner.max_rows).all()
+        assert (view["slot_mapping"][pad] == blocks.scratch_block * blocks.block_size).all()
+        assert (runner.tables[runner.max_rows] == blocks.scratch_block).all()
+        padded_steps.append(bucket - decoding)
+        return device_step(bucket, *args, **kwargs)
+
+    runner.decode_forward = checking_device_step
     handed_out: set[int] = set()
     grow, grow_by_one = blocks.grow, blocks.grow_by_one
 
@@ -251,7 +406,7 @@ def test_padded_rows_write_only_the_scratch_block(make_checkpoint, mixed_items):
     engine.embed((mixed_items * 2)[:7])
     k = engine.stages[0].runner.cache.k
     written = {b for b in range(k.shape[1]) if not k[:, b].isnan().all()}
-    assert blocks.scratch_block in written  # padded rows did run
+    assert blocks.scratch_block in written and max(padded_steps) >= 1  # padded rows did run
     assert written - handed_out == {blocks.scratch_block}
 
 

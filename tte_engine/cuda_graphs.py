@@ -8,8 +8,10 @@ as the longest allowed context, decode attention's split count is fixed per buck
 write only the scratch slot, and nothing syncs with the host.
 
 Buckets are warmed up eagerly first (so every Triton variant is compiled outside the capture),
-then captured largest first into one shared memory pool. If capture fails the engine keeps
-running eagerly, with one warning saying why. On a CPU engine with `cuda_graphs=True` nothing
+then captured largest first into one shared memory pool. If capture fails the engine runs its
+decode steps plainly eagerly (the runner drops its `DecodeGraphs`), with one `RuntimeWarning`
+saying why (a warning, not a log record: a library user sees it without configuring logging);
+`Runner.graphs_eager_reason` keeps the reason. On a CPU engine with `cuda_graphs=True` nothing
 is captured: `replay` runs the same padded, fixed-width code eagerly, which is how the test
 suite checks the graph path without a GPU.
 """
@@ -17,6 +19,7 @@ suite checks the graph path without a GPU.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +32,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tte_engine")
 
 
+def capture_refused(device: torch.device) -> str | None:
+    """Why decode steps on `device` are not captured (None: they are)."""
+    return None if device.type == "cuda" else "not a CUDA device"
+
+
 class DecodeGraphs:
     def __init__(self, runner: "Runner"):
         self.runner = runner
@@ -36,7 +44,8 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         # the LM head's output of every bucket at one address (`LogitsBuffer`): a sampled step samples from it
         runner.logits.reserve(runner.max_rows)
-        self.eager_reason: str | None = None if runner.device.type == "cuda" else "not a CUDA device"
+        self.eager_reason: str | None = capture_refused(runner.device)
+        self.failed = False  # capture was tried and failed: the runner then runs plain eager steps
         self._fill_padding()
         if self.eager_reason is None:
             self.capture()
@@ -78,8 +87,10 @@ class DecodeGraphs:
             logger.info("captured decode CUDA graphs for batch sizes %s", r.buckets)
         except Exception as exc:  # a capture failure must not take the engine down: run eagerly instead
             self.graphs.clear()
+            self.failed = True
             self.eager_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
-            logger.warning("%s; decode steps run eagerly", self.eager_reason)
+            warnings.warn(f"{self.eager_reason}; decode steps run eagerly (EngineConfig(cuda_graphs=False) / --enforce-eager "
+                          "skip the capture)", RuntimeWarning, stacklevel=2)
 
     def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.runner.decode_forward(bucket, self.width, self.num_splits(bucket))

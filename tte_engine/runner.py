@@ -99,10 +99,13 @@ class Runner:
         self.vision_ids = (model.cfg.image_token_id, model.cfg.video_token_id)
         self.encoder_cache = EncoderCache(max_tokens=encoder_cache_tokens)  # 0: nothing kept past its step
         self.graphs = None
+        self.graphs_eager_reason: str | None = None  # why decode steps are not replayed from CUDA graphs (None: they are, or graphs are off)
         if cuda_graphs:
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self)
+            graphs = DecodeGraphs(self)
+            self.graphs_eager_reason = graphs.eager_reason
+            self.graphs = None if graphs.failed else graphs  # a failed capture: plain eager steps (it has warned why)
 
     # ------------------------------------------------------------------ entry
     def run(self, step: Step) -> tuple[np.ndarray, torch.Tensor | None]:
