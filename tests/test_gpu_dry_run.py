@@ -1,7 +1,12 @@
 """The one-call GPU check (`benchmarks/gpu_one_call.py`, issue 8) dry-runs on CPU: every part that
 does not need CUDA runs on a tiny model and must pass. A GPU is lent rarely and for minutes, so a
 part broken by a change elsewhere (say, a benchmark reading engine state the engine stopped
-keeping up to date) must fail here, not on the device."""
+keeping up to date) must fail here, not on the device.
+
+Also its plan: the device call has a hard 6-minute limit that the pip install before the script
+shares, so the budgets must fit the script's cap, and the parts issue 8 requires beside their
+baselines (the naive pipeline's, the eager engine's, graph parity) must run before the optional
+ones, which a slow run then loses instead."""
 
 import json
 import os
@@ -10,14 +15,55 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_BESIDE_BASELINES = ["graph_parity", "decode_graphs", "decode_eager", "naive_decode", "tte_engine", "tte_naive", "agreement"]
+
+
+def _plan(dry: bool) -> dict:
+    """The driver's plan, read in a child process (the benchmarks' imports stay out of this one)."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import gpu_one_call as g; "
+            f"print(json.dumps({{'parts': g.PARTS, 'order': g.ORDER, 'optional': g.OPTIONAL, 'cap': g.CAP_S[{int(dry)}], "
+            f"'startup': g.STARTUP_S[{int(dry)}], 'planned': g.planned_s({dry})}}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_gpu_one_call_plan_fits_the_device_call_and_runs_baselines_first():
+    gpu, dry = _plan(False), _plan(True)
+    order, optional = gpu["order"], gpu["optional"]
+    # 6 minutes, less the pip install (~20-40 s) that runs first in the same call, less the exit
+    assert 300 <= gpu["cap"] <= 320 and gpu["cap"] + 40 <= 360
+    assert gpu["planned"] <= gpu["cap"], gpu
+    assert dry["planned"] <= dry["cap"], dry
+    # the worst case: startup, the overlapping checkpoint/kernel_tests pair as the longer one, the rest added up
+    budgets = {name: b for name, b, _, _ in gpu["parts"]}
+    rest = sum(b for n, b in budgets.items() if n not in ("checkpoint", "kernel_tests"))
+    assert gpu["planned"] == gpu["startup"] + max(budgets["checkpoint"], budgets["kernel_tests"]) + rest
+    # every required part before every optional one; varied_traces is optional
+    assert "varied_traces" in optional and not set(REQUIRED_BESIDE_BASELINES) & set(optional)
+    assert max(order.index(n) for n in order if n not in optional) < min(order.index(n) for n in optional)
+    # each baseline right after its counterpart
+    for part, baselines in (("decode_graphs", ["decode_eager", "naive_decode"]), ("tte_engine", ["tte_naive", "agreement"])):
+        i = order.index(part)
+        assert order[i + 1 : i + 1 + len(baselines)] == baselines, order
 
 
 def test_gpu_one_call_dry_run_passes(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_one_call.py"), "--dry-run", "--out", str(out),
-                           "--workdir", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--workdir", str(tmp_path / "work")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     report = json.loads(out.read_text())
     failed = {name: part.get("error") or part.get("skipped") or part.get("result") for name, part in report["parts"].items() if not part["ok"]}
     assert proc.returncode == 0 and not failed, f"{failed}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert {"decode_graphs", "graph_parity", "varied_traces"} <= set(report["parts"])
+    # every part ran, in the planned order, and the clock started before the imports
+    assert list(report["parts"]) == report["plan"]["order"]
+    assert report["startup_s"] > 0 and report["plan"]["planned_s"] <= report["budget_s"]
+    assert [n for n, p in report["parts"].items() if p["optional"]] == report["plan"]["optional"]
+    # graph parity keeps a strict fp32 comparison; bf16 trace equality is reported, not required
+    runs = report["parts"]["graph_parity"]["result"]["runs"]
+    strict = [r for r in runs if r["strict_traces"]]
+    assert strict and all(r["dtype"] == "float32" and r["traces_identical"] and r["cosine_threshold"] == 0.99999 for r in strict)
+    assert [r for r in runs if r["dtype"] == "bfloat16" and not r["strict_traces"] and "first_divergence" in r]
