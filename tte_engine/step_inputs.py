@@ -97,9 +97,11 @@ class StagingBuffer:
         return self.host_arrays[self.next_turn()][:size]
 
     def next_turn(self) -> int:
-        """Switch to the other host buffer, once the copy that last read it is done (normally long
-        since), and return its index in `host_arrays` (whole, `capacity` entries), free to write.
-        For a caller that keeps views of both buffers and never needs more than `capacity`."""
+        """Switch to the other host buffer, once the copy that last read it is done, and return its
+        index in `host_arrays` (whole, `capacity` entries), free to write. For a caller that keeps
+        views of both buffers and never needs more than `capacity`. The wait never waits in a loop
+        of decode steps: that copy was two steps ago, and the last step's token readback already
+        waited for everything its stream ran before it (a decode step's one sync)."""
         self._turn ^= 1
         event = self._events[self._turn]
         if event is not None:
