@@ -374,8 +374,10 @@ def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12, s
     `strict_traces` (default: fp32 only): the greedy and the seeded sampled traces must be
     identical and every item's cosine >= PARITY_COSINE[dtype]. Otherwise (bf16) trace equality is
     reported, not required (`traces_identical`, `first_divergence`: see the module docstring for
-    why a bf16 token may flip), and the cosine bound applies to the items whose greedy traces are
-    identical (`cosine_min_identical`, over `cosine_items` items)."""
+    why a bf16 token may flip), but at least half of the items' greedy traces must be identical (a
+    near-tie flips a token here and there; a graph path wrong only in bf16 would flip them all, and
+    with no identical trace left the cosine bound would check nothing), and the cosine bound applies
+    to those items (`cosine_min_identical`, over `cosine_items` items)."""
     strict = dtype == "float32" if strict_traces is None else strict_traces
     path = ensure_checkpoint(workdir, "tiny", "float32", stop=True, head=head)
     items = ["a cat on a chair", {"text": "What is in the picture?", "image": synthetic_image(56, 84, 1)},
@@ -401,8 +403,8 @@ def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12, s
     captured = bool(info["captured_buckets"]) or torch.device(device).type != "cuda"
     if strict:
         passed = identical and float(cos.min()) >= threshold and captured
-    else:  # bf16: traces informational; the cosine bound where the traces agree
-        passed = captured and (cos_identical is None or cos_identical >= threshold)
+    else:  # bf16: most traces identical, and the cosine bound where they are
+        passed = captured and 2 * len(kept) >= len(items) and cos_identical is not None and cos_identical >= threshold
     return {"dtype": dtype, "head": head, "items": len(items), "strict_traces": strict,
             "traces_identical": identical, "traces_equal": sum(same), "sampled_traces_equal": sampled_equal,
             "first_divergence": {"greedy": first_divergence(ref.trace_token_ids, res.trace_token_ids),

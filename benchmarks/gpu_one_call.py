@@ -43,8 +43,9 @@ Parts, in order, budget on a GPU (what each measures: `gpu_e2e.py` and `gpu_chec
   copy_bandwidth     10 s  1 GiB device copy (read + write bytes / s): the floor's denominator.
   graph_parity       30 s  tiny model, graphs on vs off: fp32 with the last_token and the mhsa head
                            (strict: identical greedy and seeded sampled traces, cosine >= 0.99999),
-                           then bf16 last_token (traces informational, `traces_identical` and
-                           `first_divergence`; cosine >= 0.999 where the traces agree). In bf16
+                           then bf16 last_token (traces looser: `traces_identical` and
+                           `first_divergence` reported, at least half the items' traces
+                           identical, cosine >= 0.999 on those). In bf16
                            the eager and the graphed step differ in split counts and padded GEMM
                            rows, so a near-tie in a random model can flip a token without any bug;
                            fp32 keeps the check strict. (The head only runs once a trace ends, so
@@ -303,8 +304,8 @@ def main(argv=None) -> int:
 
     def parity(deadline):
         """fp32 first, with both heads: strict (identical traces, cosine >= 0.99999), the check
-        that must not be lost to the budget; then bf16, where trace equality is informational
-        (see gpu_e2e.graph_parity). One bf16 head is enough: the head runs after the trace."""
+        that must not be lost to the budget; then bf16, where a flipped token here and there is
+        allowed (see gpu_e2e.graph_parity). One bf16 head is enough: the head runs after the trace."""
         runs = []
         for head, dt in (("last_token", "float32"), ("mhsa", "float32"), ("last_token", "bfloat16")):
             try:
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
                 print(f"  graphs vs eager, {head} {dt}: FAILED {runs[-1]['error']}", flush=True)
                 continue
             r = runs[-1]
-            print(f"  graphs vs eager, {head} {dt} ({'strict' if r['strict_traces'] else 'traces informational'}): "
+            print(f"  graphs vs eager, {head} {dt} ({'strict' if r['strict_traces'] else 'most traces identical'}): "
                   f"traces identical {r['traces_identical']} (greedy {r['traces_equal']}/{r['items']}, sampled "
                   f"{r['sampled_traces_equal']}/{r['items']}, first divergence {r['first_divergence']}), cosine min "
                   f"{r['cosine_min']}, over {r['cosine_items']} checked items {r['cosine_min_identical']} (>= {r['cosine_threshold']}), "

@@ -8,7 +8,9 @@ For each batch size: time `Engine.step()` over decode steps only (inside one inf
 `Engine.embed` and tte-serve's loop run them), and inside it the model forward
 (`Qwen2VL.decode_logits`: embedding, layers, final norm and LM head, i.e. what transformers'
 `forward` computes, the logits). Framework share = step - forward: scheduling, step inputs,
-attention's plan, suppression, argmax, readback, bookkeeping; the median over steps of each
+attention's plan, suppression, argmax, readback, bookkeeping, and the tokens' writes into their
+sequences, which a decode batch defers to when a trace ends (timed after the steps and spread
+evenly over them, since stop 21; before, they fell outside every timed step); the median over steps of each
 step's difference (since stop 20; before, the difference of the two medians, which at batch 256
 let the forward's own spread, a few percent of a ~5 ms step, swing the ~200 us share by 100 us
 and more from run to run; that figure is still printed beside it). The timed steps carry one
@@ -24,7 +26,8 @@ alone; the LM head alone is ~0.3 ms a step at batch 256 here), and the host's ow
 device step stubbed out (`_stubbed_host_seconds`: the host code then runs with warm caches, as a
 GPU host's does), and the same for the CUDA-graph path's host code (`_graph_path_host_seconds`:
 an engine with `cuda_graphs=True`, its replay stubbed; since stop 21). Clock: thread CPU time with one torch thread, for both engines, so a shared
-machine's other load does not count. transformers' per-step time is the median of its decode
+machine's other load does not count; both run in inference mode (transformers' generate()
+under only its own no_grad until stop 21, ~10% slower at batch 1). transformers' per-step time is the median of its decode
 steps inside `generate()`, each timed from one forward call to the next (`_hf_step_seconds`;
 until stop 21 the slope of two generate() runs of different lengths), measured before each
 block of STEPS of our steps and over the same trace positions, so the same context lengths
@@ -171,22 +174,29 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
             """Untimed, before each of our steps: before each block of STEPS timed steps, transformers'
             step time, so the two sides of each block's ratio are measured seconds apart, under the same load."""
             if len(steps) >= WARMUP and (len(steps) - WARMUP) % STEPS == 0:
-                # our next STEPS steps compute trace tokens 1 + len(steps) on (the prefill sampled the first)
-                with torch.inference_mode(False):  # generate() as a user runs it: under its own no_grad
-                    hf_steps.append(_hf_step_seconds(hf, prompts, suppress, first=1 + len(steps)))
+                # our next STEPS steps compute trace tokens 1 + len(steps) on (the prefill sampled the first).
+                # generate() runs in the inference mode our steps run in (since stop 21; under only its own
+                # no_grad, as a user calls it, its batch-1 step measured ~10% slower, which flattered our ratio)
+                hf_steps.append(_hf_step_seconds(hf, prompts, suppress, first=1 + len(steps)))
 
         runner = engine.stages[0].runner
         model = runner.model
-        # inference mode entered once around our steps, as `Engine.embed` and tte-serve's loop do (transformers'
-        # generate(), between blocks, runs outside it, under its own no_grad, as a user runs it). One timer
-        # inside the timed steps: the forward's (each timer costs the step ~1-3 us beside what it times)
+        # inference mode entered once around our steps, as `Engine.embed` and tte-serve's loop do (and around
+        # transformers' generate() between blocks). One timer inside the timed steps: the forward's (each
+        # timer costs the step ~1-3 us beside what it times)
         with torch.inference_mode(), _ForwardTimer(model, "decode_logits") as forward:
             benchmark.pedantic(step, setup=between_steps, rounds=STEPS * ROUNDS, iterations=1, warmup_rounds=WARMUP)
         with torch.inference_mode():
+            # the steps' tokens reach their sequences later, when a trace ends (`DecodeBatch.flush`): that
+            # deferred work, timed now, is added to each step's time, spread evenly over the steps it covers
+            batch_steps = engine.scheduler._decoding[0].steps
+            start = time.thread_time()
+            engine.scheduler.flush()
+            deferred_s = (time.thread_time() - start) / batch_steps
             parts = _breakdown(engine, runner)
         engine.scheduler.abort_all()
         graph_path_s = _graph_path_host_seconds(micro, batch)
-        timed = steps[WARMUP:]
+        timed = [s + deferred_s for s in steps[WARMUP:]]
         step_s = statistics.median(timed)
         forwards = forward.seconds[WARMUP : len(steps)]  # each step's model forward: decoder, final norm, LM head
         forward_s = statistics.median(forwards)
@@ -203,9 +213,11 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
     benchmark.extra_info.update(batch=batch, ours_step_ms=round(step_s * 1e3, 3), forward_ms=round(forward_s * 1e3, 3),
                                 framework_us=round(framework_us, 1), framework_us_from_medians=round(medians_us, 1), host_us=round(host_us, 1), host_stubbed_us=round(stubbed_s * 1e6, 1),
                                 step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=round(graph_path_s * 1e6, 1),
+                                deferred_us=round(deferred_s * 1e6, 1),
                                 hf_generate_step_ms=round(hf_s * 1e3, 3),
                                 speedup_vs_hf=round(speedup, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
-    print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step (forward {forward_s * 1e3:.3f} ms, framework {framework_us:.0f} us"
+    print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step (forward {forward_s * 1e3:.3f} ms, framework {framework_us:.0f} us,"
+          f" of which {deferred_s * 1e6:.1f} us the tokens' deferred writes into their sequences"
           f" (median step - median forward: {medians_us:.0f} us);"
           f" outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us;"
           f" graph path's host work {graph_path_s * 1e6:.0f} us with the replay stubbed)"

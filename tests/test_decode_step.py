@@ -45,6 +45,7 @@ SYNCING = {
     aten.equal.default,
     aten.is_nonzero.default,
     aten.allclose.default,
+    aten.bincount.default,  # its output size is the largest value
 }
 # A tensor made from host data (a Python list, a numpy array): on a GPU a pageable host-to-device
 # copy. (A Python scalar makes a 0-dim one, which a GPU op takes by value: not recorded.)
@@ -79,28 +80,53 @@ class SyncDetector(TorchDispatchMode):
 # Tensor methods that copy a tensor's data to the host (no dispatch mode sees them on CPU, where
 # they copy nothing): on a GPU each is a device-to-host transfer and a sync.
 TO_HOST = ("tolist", "cpu", "numpy", "__array__")
+# Factories that, called without `device=`, make a host tensor (a dispatch mode sees the device
+# filled in): on a GPU, a host buffer that a `copy_` from the device would fill with a transfer.
+FACTORIES = ("empty", "zeros", "ones", "full", "arange", "empty_strided", "rand", "randn", "randint")
+
+
+def _names_a_device(args, kwargs) -> bool:
+    """Whether a `Tensor.to` call names a device (`.to("cpu")`, `.to(device)`, `.to(other)`): on
+    a GPU a transfer either way, since a step's tensors are on the device already; a dtype change
+    names none. (At dispatch level `.to` of a CPU tensor to the CPU may not show at all, and
+    `torch.as_tensor` of a tensor shows as one.)"""
+    return kwargs.get("device") is not None or any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args)
 
 
 @contextlib.contextmanager
 def host_reads(found: list[str], allowed=lambda: False):
-    """Record in `found` every call of a TO_HOST method unless `allowed()` says the caller may."""
-    originals = {name: getattr(torch.Tensor, name) for name in TO_HOST}
+    """Record in `found` every call of a TO_HOST method or of `Tensor.to` naming a device, and
+    every FACTORIES call without `device=`, unless `allowed()` says the caller may."""
+    methods = {name: getattr(torch.Tensor, name) for name in (*TO_HOST, "to")}
+    factories = {name: getattr(torch, name) for name in FACTORIES}
 
-    def recording(name):
+    def recording_method(name):
         def method(self, *args, **kwargs):
-            if not allowed():
+            if (name != "to" or _names_a_device(args, kwargs)) and not allowed():
                 found.append(f"Tensor.{name}")
-            return originals[name](self, *args, **kwargs)
+            return methods[name](self, *args, **kwargs)
 
         return method
 
-    for name in TO_HOST:
-        setattr(torch.Tensor, name, recording(name))
+    def recording_factory(name):
+        def factory(*args, **kwargs):
+            if kwargs.get("device") is None and not allowed():
+                found.append(f"torch.{name} without a device: a host tensor")
+            return factories[name](*args, **kwargs)
+
+        return factory
+
+    for name in methods:
+        setattr(torch.Tensor, name, recording_method(name))
+    for name in FACTORIES:
+        setattr(torch, name, recording_factory(name))
     try:
         yield
     finally:
-        for name, original in originals.items():
+        for name, original in methods.items():
             setattr(torch.Tensor, name, original)
+        for name, original in factories.items():
+            setattr(torch, name, original)
 
 
 @contextlib.contextmanager
@@ -193,6 +219,10 @@ FORBIDDEN = {
     "cpu": lambda t, m: t.cpu(),
     "numpy": lambda t, m: t.numpy(),
     "np.asarray": lambda t, m: np.asarray(t),
+    "to the host": lambda t, m: t.to("cpu"),
+    "to a device": lambda t, m: t.to(t.device),
+    "into a host buffer": lambda t, m: torch.empty(3).copy_(t[:3]),
+    "bincount": lambda t, m: torch.bincount(m.long()),
 }
 
 
@@ -200,7 +230,8 @@ FORBIDDEN = {
 @pytest.mark.parametrize("name", list(FORBIDDEN))
 def test_the_detector_sees_every_sync(name, inference):
     """Each forbidden op, alone, is recorded (a torch upgrade that changes how one reaches a
-    dispatch mode must not weaken the detector silently); the allowed ones are not."""
+    dispatch mode must not weaken the detector silently); the allowed ones (device-side ops,
+    factories given the device, dtype changes) are not."""
     with torch.inference_mode() if inference else torch.no_grad():
         t, m = torch.arange(6.0), torch.tensor([True, False, True, True, False, True])
         detector = SyncDetector(host_data=True)
@@ -209,8 +240,9 @@ def test_the_detector_sees_every_sync(name, inference):
         assert detector.found, name
         fine = SyncDetector(host_data=True)
         with fine, host_reads(fine.found):
-            torch.where(m, t, 0.0).index_select(0, torch.arange(3)).argmax(-1)
+            torch.where(m, t, 0.0).index_select(0, torch.arange(3, device=t.device)).argmax(-1)
             t.repeat_interleave(m.long(), output_size=4)
+            t.to(torch.int32).add_(torch.zeros(6, dtype=torch.int32, device=t.device))
         assert fine.found == []
 
 
