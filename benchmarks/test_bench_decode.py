@@ -41,6 +41,7 @@ at batch 256.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -252,17 +253,8 @@ def _graph_path_host_seconds(checkpoint, batch: int) -> float:
     (it returns a real call's outputs, as `_stubbed_host_seconds`). On CPU the graph path's
     forward runs eagerly over full-width tables, so it is not timed: only the host work is."""
     engine = Engine(checkpoint, max_num_seqs=256, cuda_graphs=True)
-    graphs, outputs = engine.stages[0].runner.graphs, {}
-    real = graphs.replay
-
-    def stub(bucket):
-        if bucket not in outputs:
-            outputs[bucket] = real(bucket)
-        return outputs[bucket]
-
-    graphs.replay = stub
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), _replaying_first_call(engine.stages[0].runner.graphs, "replay"):
         _start_decoding(engine, batch)
         engine.step()  # the real call
         for _ in range(STUBBED_STEPS):
@@ -271,6 +263,24 @@ def _graph_path_host_seconds(checkpoint, batch: int) -> float:
             times.append(time.thread_time() - start)
     engine.scheduler.abort_all()
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _replaying_first_call(owner, name: str):
+    """`owner.<name>` stubbed out: its first call for each first argument (a batch size, a bucket)
+    runs for real, and later calls return those outputs again; restored on exit."""
+    real, outputs = getattr(owner, name), {}
+
+    def stub(first, *args, **kwargs):
+        if first not in outputs:
+            outputs[first] = real(first, *args, **kwargs)
+        return outputs[first]
+
+    setattr(owner, name, stub)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
 
 
 def _stubbed_host_seconds(engine: Engine, runner, host_plan: _ForwardTimer) -> float:
@@ -282,16 +292,7 @@ def _stubbed_host_seconds(engine: Engine, runner, host_plan: _ForwardTimer) -> f
     This is the closer estimate of what a GPU host adds to each graph replay; the in-step figures
     pay a cold cache after every forward (on this VM the same host code runs 3-7x slower right
     after a forward than in a loop)."""
-    outputs = {}
-    real = runner.decode_forward
-
-    def stub(batch, *args, **kwargs):
-        if batch not in outputs:
-            outputs[batch] = real(batch, *args, **kwargs)
-        return outputs[batch]
-
-    runner.decode_forward = stub
-    try:
+    with _replaying_first_call(runner, "decode_forward"):
         engine.step()  # the real call
         times = []
         for _ in range(STUBBED_STEPS):
@@ -299,8 +300,6 @@ def _stubbed_host_seconds(engine: Engine, runner, host_plan: _ForwardTimer) -> f
             start = time.thread_time()
             engine.step()
             times.append(time.thread_time() - start - sum(host_plan.seconds[plans:]))
-    finally:
-        runner.decode_forward = real
     return statistics.median(times)
 
 

@@ -130,7 +130,8 @@ class KeptContext:
     def rows(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's context keys and values, [B * span, KVH * hd] each, this step's new ones
         included (the caller stores them in the cache first)."""
-        kept = self.layers.get(k_cache.data_ptr())
+        layer = k_cache.data_ptr()
+        kept = self.layers.get(layer)
         if kept is not None:
             kept[0].index_copy_(0, self.new_keys, _rows(k_cache, self.new_slots))
             kept[1].index_copy_(0, self.new_keys, _rows(v_cache, self.new_slots))
@@ -138,7 +139,7 @@ class KeptContext:
         gathered = _rows(k_cache, self.slots), _rows(v_cache, self.slots)
         size = 2 * gathered[0].nbytes
         if self.bytes + size <= KEPT_CONTEXT_BYTES:
-            self.layers[k_cache.data_ptr()] = gathered
+            self.layers[layer] = gathered
             self.bytes += size
         return gathered
 
