@@ -14,10 +14,9 @@ A benchmark fails only when the pipelines it compares disagree; speed targets ar
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from synthetic import synthetic_image
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 
 HERE = Path(__file__).resolve().parent
@@ -34,6 +33,12 @@ def pytest_collectstart(collector):
     """Before a benchmark module is imported, make `conftest` mean this file again."""
     if isinstance(collector, pytest.Module) and _in_benchmarks(collector.path):
         sys.modules["conftest"] = _THIS
+
+
+def pytest_addoption(parser):
+    parser.addoption("--enforce-eager", action="store_true", default=False,
+                     help="benchmarks: every engine built with cuda_graphs=False (vLLM's flag), and the decode benchmark's "
+                          "CUDA-graph-path figure not measured. The benchmarks run on CPU, where graphs are off by default anyway")
 
 
 def _benchmark_only(config) -> bool:
@@ -84,6 +89,13 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
+def engine_options(pytestconfig) -> dict:
+    """Options for every engine a benchmark builds: `cuda_graphs=False` under `--enforce-eager`,
+    else none (each engine's default: graphs on CUDA, off on CPU)."""
+    return {"cuda_graphs": False} if pytestconfig.getoption("enforce_eager") else {}
+
+
+@pytest.fixture(scope="session")
 def bench_small(tmp_path_factory):
     """hidden 384, 6 layers, vision depth 4: the CPU benchmark model; traces never stop early."""
     return never_stop(build_random_checkpoint(tmp_path_factory.mktemp("bench-small"), SPECS["bench-small"], seed=0))
@@ -93,11 +105,6 @@ def verdict(value: float, target: float, unit: str = "x", most: bool = False) ->
     """"target >= 1.5x: NOT met" (most=True: "target <= 50 us: met"), for a benchmark's printed line."""
     met = value <= target if most else value >= target
     return f"target {'<=' if most else '>='} {target:g}{unit}: {'met' if met else 'NOT met'}"
-
-
-def synthetic_image(h: int, w: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ The parts `benchmarks/gpu_one_call.py` runs (and this script runs alone, see `ma
   of `reps` after a warm-up. The naive pipeline (generate, then a second full forward) runs with a
   shorter trace budget and is extrapolated per step: t(trace) = t(long) + (trace - long) x
   (t(long) - t(short)) / (long - short); both measured points are kept in the result.
-- **Parity** (`graph_parity`): on a small random checkpoint, `embed()` with graphs on and off
-  (on CUDA the graphed engine must really have captured). In fp32 it is strict: greedy traces
+- **Parity** (`graph_parity`): on a small random checkpoint, 5 items run with graphs on and off,
+  their trace budgets ending them at different steps so the batch shrinks through buckets 8, 4,
+  2 and 1 (on CUDA the graphed engine must really have captured). In fp32 it is strict: greedy traces
   and seeded sampled traces (temperature 0.8, top_p 0.9) identical, cosine >= 0.99999 for every
   item. In bf16 trace equality is informational (`traces_identical`, `first_divergence`), not a
   failure: eager and graphed steps use different decode-attention split counts and GEMM row
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import synthetic_image  # noqa: E402
+from synthetic import synthetic_image  # noqa: E402
 from naive_pipeline import NaivePipeline  # noqa: E402
 
 from tte_engine import Engine, SamplingParams  # noqa: E402
@@ -366,10 +367,21 @@ def agreement(engine: Engine, naive: NaivePipeline, items: list, trace: int = 8)
 
 
 # ---------------------------------------------------------------------------------------------- parity
-def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12, strict_traces: bool | None = None) -> dict:
-    """embed() with decode graphs on vs off on a small random checkpoint, same items (text and
-    image+text, 5 items so buckets are padded, traces ending at different steps so the batch
-    shrinks through several buckets). On CUDA the graphed engine must really have captured.
+PARITY_BUDGETS = (14, 4, 10, 7, 2)  # graph_parity's trace budgets: 5 rows (bucket 8), then 4, 3 (bucket 4), 2, 1
+
+
+def _run_budgets(engine, items: list, budgets, sampling=None) -> tuple[list[list[int]], torch.Tensor]:
+    """(trace ids, embeddings [N, D]) of items run together, item i with a trace budget of budgets[i]."""
+    seqs = [engine.make_sequence(item, i, max_trace_tokens=b, sampling=sampling) for i, (item, b) in enumerate(zip(items, budgets))]
+    engine.run(seqs)
+    return [s.trace_ids for s in seqs], torch.stack([s.embedding for s in seqs])
+
+
+def graph_parity(workdir, device: str, dtype: str, head: str, budgets=PARITY_BUDGETS, strict_traces: bool | None = None) -> dict:
+    """Decode graphs on vs off on a small random checkpoint, same items (text and image+text, 5
+    items so buckets are padded), with trace budgets that end the traces at different steps, so
+    the decode batch shrinks through buckets 8, 4, 2 and 1. On CUDA the graphed engine must really
+    have captured.
 
     `strict_traces` (default: fp32 only): the greedy and the seeded sampled traces must be
     identical and every item's cosine >= PARITY_COSINE[dtype]. Otherwise (bf16) trace equality is
@@ -386,17 +398,17 @@ def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12, s
     cache = 256 << 20  # a tiny model: without it each engine would take 80% of the GPU as cache
     sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=7)  # a sampled graph step samples from the graph's logits buffer
     eager, _ = make_engine(path, device, dtype, graphs=False, max_num_seqs=16, max_model_len=1024, cache_memory=cache)
-    ref, ref_sampled = eager.embed(items, max_trace_tokens=trace), eager.embed(items, max_trace_tokens=trace, sampling=sampled)
+    (ref, ref_emb), (ref_sampled, _) = _run_budgets(eager, items, budgets), _run_budgets(eager, items, budgets, sampled)
     del eager
     free()
     graphed, info = make_engine(path, device, dtype, graphs=True, max_num_seqs=16, max_model_len=1024, cache_memory=cache)
-    res, res_sampled = graphed.embed(items, max_trace_tokens=trace), graphed.embed(items, max_trace_tokens=trace, sampling=sampled)
+    (res, res_emb), (res_sampled, _) = _run_budgets(graphed, items, budgets), _run_budgets(graphed, items, budgets, sampled)
     del graphed
     free()
-    same = [a == b for a, b in zip(res.trace_token_ids, ref.trace_token_ids)]
-    sampled_equal = sum(a == b for a, b in zip(res_sampled.trace_token_ids, ref_sampled.trace_token_ids))
+    same = [a == b for a, b in zip(res, ref)]
+    sampled_equal = sum(a == b for a, b in zip(res_sampled, ref_sampled))
     identical = all(same) and sampled_equal == len(items)
-    cos = F.cosine_similarity(res.embeddings.float(), ref.embeddings.float())
+    cos = F.cosine_similarity(res_emb.float(), ref_emb.float())
     kept = [i for i, s in enumerate(same) if s]
     cos_identical = float(cos[kept].min()) if kept else None
     threshold = PARITY_COSINE[getattr(torch, dtype)]
@@ -407,11 +419,10 @@ def graph_parity(workdir, device: str, dtype: str, head: str, trace: int = 12, s
         passed = captured and 2 * len(kept) >= len(items) and cos_identical is not None and cos_identical >= threshold
     return {"dtype": dtype, "head": head, "items": len(items), "strict_traces": strict,
             "traces_identical": identical, "traces_equal": sum(same), "sampled_traces_equal": sampled_equal,
-            "first_divergence": {"greedy": first_divergence(ref.trace_token_ids, res.trace_token_ids),
-                                 "sampled": first_divergence(ref_sampled.trace_token_ids, res_sampled.trace_token_ids)},
+            "first_divergence": {"greedy": first_divergence(ref, res), "sampled": first_divergence(ref_sampled, res_sampled)},
             "cosine_min": round(float(cos.min()), 7), "cosine_min_identical": None if cos_identical is None else round(cos_identical, 7),
             "cosine_items": len(items) if strict else len(kept), "cosine_threshold": threshold,
-            "trace_lengths": [len(t) for t in ref.trace_token_ids],
+            "trace_lengths": [len(t) for t in ref],
             "captured_buckets": info["captured_buckets"], "eager_reason": info["eager_reason"], "passed": passed}
 
 

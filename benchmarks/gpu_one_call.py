@@ -1,12 +1,16 @@
 """The GPU check in one call (issue 8 item 5): tests, parity, decode speed, TTE speed, kernels.
 
 On an H100/H200 with torch >= 2.11, triton >= 3.6 and transformers >= 5.17 (nothing optional:
-no pyarrow, fastapi or ray is imported), from the repository root:
+no pyarrow, fastapi or ray is imported), from the repository root, with `.gpu_wheels/` made by
+`benchmarks/gpu_wheels.sh` and carried along (Pillow, which the engine needs, and pytest and
+hypothesis, which the kernel tests need, installed from it only where the machine lacks them):
 
+    python3 -m pip install -q --no-index --find-links .gpu_wheels pillow pytest hypothesis ;
     python3 -m pip install -q --no-deps --no-build-isolation -e . ; python3 benchmarks/gpu_one_call.py --out $OUT/gpu.json
 
-(the install is optional: the driver puts the checkout on sys.path itself, and the kernel tests run
-from the repository root; `python3 -m pip` so that the install lands in the interpreter that runs)
+(the editable install is optional: the driver puts the checkout on sys.path itself, and the kernel
+tests run from the repository root; `python3 -m pip` so that the install lands in the interpreter
+that runs). The driver itself imports no pytest: without it only the kernel_tests part fails.
 
 and a dry run of every path that does not need CUDA, on any machine (tiny model, small batches):
 

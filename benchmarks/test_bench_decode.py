@@ -36,7 +36,10 @@ later blocks, with longer contexts, were compared with transformers' shorter one
 is the median of the blocks' ratios (on this shared VM one side measured a minute after the
 other swung the ratio 1.2-2.6x; five blocks since stop 21, three before). Targets (not asserted; reported): ours >= 2x
 faster than generate() per step at batch 1 and 64, framework <= 50 us at batch 1 and <= 300 us
-at batch 256.
+at batch 256. Those two are absolute, so they scale with the machine: on the shared 2-core VM of
+RESULTS.md the whole step, forward included, runs up to ~2.5x slower in its slow spells (forward
+0.41 ms at batch 1 at its normal speed, 0.8-1.0 ms in those), and the framework share with it;
+the share is also printed as a percentage of the step, which does not.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int], first
 
 
 @pytest.mark.parametrize("batch", [1, 64, 256])
-def test_bench_decode_host_cost(benchmark, micro, batch):
+def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thread CPU time then covers all the work, and other load on the machine does not count
     try:
@@ -196,7 +199,8 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
             deferred_s = (time.thread_time() - start) / batch_steps
             parts = _breakdown(engine, runner)
         engine.scheduler.abort_all()
-        graph_path_s = _graph_path_host_seconds(micro, batch)
+        # the CUDA-graph path's host work (replay stubbed); not measured under --enforce-eager
+        graph_path_s = float("nan") if engine_options.get("cuda_graphs") is False else _graph_path_host_seconds(micro, batch)
         timed = [s + deferred_s for s in steps[WARMUP:]]
         step_s = statistics.median(timed)
         forwards = forward.seconds[WARMUP : len(steps)]  # each step's model forward: decoder, final norm, LM head
@@ -213,16 +217,17 @@ def test_bench_decode_host_cost(benchmark, micro, batch):
         torch.set_num_threads(threads)
     benchmark.extra_info.update(batch=batch, ours_step_ms=round(step_s * 1e3, 3), forward_ms=round(forward_s * 1e3, 3),
                                 framework_us=round(framework_us, 1), framework_us_from_medians=round(medians_us, 1), host_us=round(host_us, 1), host_stubbed_us=round(stubbed_s * 1e6, 1),
-                                step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=round(graph_path_s * 1e6, 1),
+                                step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=None if graph_path_s != graph_path_s else round(graph_path_s * 1e6, 1),
                                 deferred_us=round(deferred_s * 1e6, 1),
                                 hf_generate_step_ms=round(hf_s * 1e3, 3),
                                 speedup_vs_hf=round(speedup, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
-    print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step (forward {forward_s * 1e3:.3f} ms, framework {framework_us:.0f} us,"
+    print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step (forward {forward_s * 1e3:.3f} ms, framework {framework_us:.0f} us = {framework_us / (step_s * 1e4):.0f}% of the step,"
           f" of which {deferred_s * 1e6:.1f} us the tokens' deferred writes into their sequences"
           f" (median step - median forward: {medians_us:.0f} us);"
           f" outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us;"
-          f" graph path's host work {graph_path_s * 1e6:.0f} us with the replay stubbed)"
-          f" | transformers generate() {hf_s * 1e3:.3f} ms/step | ours {speedup:.2f}x faster (median of {len(ratios)} interleaved blocks: {', '.join(f'{r:.2f}' for r in ratios)}; thread CPU time, 1 thread)"
+          + (f" graph path's host work {graph_path_s * 1e6:.0f} us with the replay stubbed)" if graph_path_s == graph_path_s
+             else " graph path not measured: --enforce-eager)")
+          + f" | transformers generate() {hf_s * 1e3:.3f} ms/step | ours {speedup:.2f}x faster (median of {len(ratios)} interleaved blocks: {', '.join(f'{r:.2f}' for r in ratios)}; thread CPU time, 1 thread)"
           + "".join(f"; speedup {verdict(speedup, t)}" for t in SPEEDUP_TARGETS.get(batch, []))
           + "".join(f"; framework {verdict(framework_us, t, ' us', most=True)}" for t in FRAMEWORK_TARGETS_US.get(batch, [])))
 

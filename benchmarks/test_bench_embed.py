@@ -31,9 +31,9 @@ def _naive_for(engine: Engine, checkpoint) -> NaivePipeline:
     )
 
 
-def test_bench_embed_vs_naive_transformers(benchmark, bench_small, image_text_items):
+def test_bench_embed_vs_naive_transformers(benchmark, bench_small, image_text_items, engine_options):
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    engine = Engine(bench_small)
+    engine = Engine(bench_small, **engine_options)
     naive = _naive_for(engine, bench_small)
     ours = engine.embed(image_text_items, max_trace_tokens=TRACE_TOKENS)  # warm-up, and the answers to check
     ref, ref_traces = naive(image_text_items, TRACE_TOKENS)

@@ -60,9 +60,9 @@ class NaiveNoThink(NaivePipeline):
 
 
 @pytest.fixture(scope="module")
-def pipelines(bench_small):
+def pipelines(bench_small, engine_options):
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    engine = Engine(bench_small, config=EngineConfig(enable_prefix_caching=False))  # every round computes its prefill
+    engine = Engine(bench_small, config=EngineConfig(enable_prefix_caching=False, **engine_options))  # every round computes its prefill
     p = engine.prompts
     naive = NaiveNoThink(bench_small, think_start="", suffix_ids=p.suffix_ids, stop_ids=p.think_end_ids + p.eos_ids,
                          suppress_ids=p.suppressed_ids, instruction=engine.tte.instructions["default"])

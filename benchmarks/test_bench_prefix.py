@@ -19,7 +19,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_image, verdict
+from conftest import verdict
+from synthetic import synthetic_image
 
 from tte_engine import Engine
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
@@ -41,11 +42,11 @@ def _timed(fn) -> tuple[float, object]:
     return time.thread_time() - start, out
 
 
-def _compare(benchmark, name: str, items: list, targets: bool = False, **kwargs) -> None:
+def _compare(benchmark, name: str, items: list, options: dict, targets: bool = False, **kwargs) -> None:
     """Median thread time of embed(items) with prefix caching on (in `benchmark`) and off, same results.
-    targets: report issue 9's targets (set for one image asked 16 questions)."""
+    targets: report issue 9's targets (set for one image asked 16 questions); options: the engines' (`engine_options`)."""
     path = kwargs.pop("path")
-    on, off = Engine(path), Engine(path, enable_prefix_caching=False)
+    on, off = Engine(path, **options), Engine(path, enable_prefix_caching=False, **options)
     ref = off.embed(items, **kwargs)
     res = on.embed(items, **kwargs)
     assert res.trace_token_ids == ref.trace_token_ids
@@ -85,19 +86,19 @@ def bench_small_full_images(tmp_path_factory):
 
 
 @pytest.mark.parametrize("budget", ["image-256-tokens", "image-64-tokens"])
-def test_bench_prefix_16_questions_one_image(benchmark, request, budget):
+def test_bench_prefix_16_questions_one_image(benchmark, request, budget, engine_options):
     path = request.getfixturevalue("bench_small_full_images" if budget == "image-256-tokens" else "bench_small")
     image = synthetic_image(448, 448, 0)
     items = [{"text": f"Question {i}: what is the object in the {['top', 'bottom', 'left', 'right'][i % 4]} part?", "image": image}
              for i in range(16)]
-    _compare(benchmark, f"16 questions, one image ({budget})", items, targets=True, path=path, think=False)
+    _compare(benchmark, f"16 questions, one image ({budget})", items, engine_options, targets=True, path=path, think=False)
 
 
-def test_bench_prefix_64_texts_long_instruction(benchmark, bench_small):
+def test_bench_prefix_64_texts_long_instruction(benchmark, bench_small, engine_options):
     instruction = " ".join(["Represent the following query for retrieving relevant passages about science, history,"
                             " art and everyday life, paying attention to entities, dates and places."] * 8)
     items = [{"text": f"query {i}: who painted the picture in room {i}?", "instruction": instruction} for i in range(64)]
-    _compare(benchmark, "64 texts, one long instruction", items, path=bench_small, think=False)
+    _compare(benchmark, "64 texts, one long instruction", items, engine_options, path=bench_small, think=False)
 
 
 def _arrival(engine: Engine, batch: list, late: dict, after_steps: int) -> tuple[float, float]:
@@ -118,10 +119,10 @@ def _arrival(engine: Engine, batch: list, late: dict, after_steps: int) -> tuple
     return latency, time.thread_time() - start
 
 
-def test_bench_arrival_during_decode(benchmark, bench_small):
+def test_bench_arrival_during_decode(benchmark, bench_small, engine_options):
     batch = [f"text number {i} about a topic worth thinking about" for i in range(64)]
     late = {"text": "What is in the picture?", "image": synthetic_image(224, 224, 1)}
-    mixed, split = Engine(bench_small), Engine(bench_small)
+    mixed, split = Engine(bench_small, **engine_options), Engine(bench_small, **engine_options)
     split.scheduler.mixed_steps = False
     results = {}
     for name, engine in (("mixed", mixed), ("prefill-first", split)):

@@ -38,8 +38,8 @@ def _data_url(image) -> str:
 
 
 @pytest.fixture(scope="module")
-def server_url(bench_small):
-    app = create_app(Engine(bench_small), ServerSettings(prep_threads=2))
+def server_url(bench_small, engine_options):
+    app = create_app(Engine(bench_small, **engine_options), ServerSettings(prep_threads=2))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

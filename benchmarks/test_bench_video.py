@@ -74,9 +74,9 @@ class NaiveVideo:
         return F.normalize(hidden.float(), dim=-1), trace
 
 
-def test_bench_video_vs_naive_transformers(benchmark, bench_small):
+def test_bench_video_vs_naive_transformers(benchmark, bench_small, engine_options):
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    engine = Engine(bench_small)
+    engine = Engine(bench_small, **engine_options)
     item = {"text": "What happens in this clip?", "video": _clip(), "video_options": OPTIONS}
     ours = engine.embed([item], max_trace_tokens=TRACE_TOKENS)  # warm-up, and the answer to check
     prompt = engine.prompts.build(as_query(item, 0), 0, think=True)

@@ -201,6 +201,27 @@ def test_seeded_sampling_is_batch_invariant(engine, mixed_items):
     assert greedy.trace_token_ids != batch.trace_token_ids
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_each_seed_draws_its_own_trace_in_any_batch(make_checkpoint, mixed_items, graphs):
+    """Requests with different seeds and settings in one batch: every row (not only the first)
+    draws what it draws alone, and the same again with the batch reversed; on the plain eager path
+    and on the graph path's code (padded buckets). A mutant giving every row row 0's seed passed
+    every other sampling test."""
+    engine = Engine(make_checkpoint("engine", think_max_tokens=10), cuda_graphs=graphs)
+    settings = [SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=0.9, top_p=0.8, seed=2**40 + 3),
+                SamplingParams(temperature=1.2, top_k=5, seed=99), SamplingParams(temperature=1.0, seed=8)]
+    items = [mixed_items[i % len(mixed_items)] for i in range(len(settings))]
+
+    def traces(order):
+        seqs = {i: engine.make_sequence(items[i], i, sampling=settings[i]) for i in order}
+        engine.run(list(seqs.values()))
+        return [seqs[i].trace_ids for i in sorted(seqs)]
+
+    alone = [traces([i])[0] for i in range(len(settings))]
+    assert traces(range(len(settings))) == alone == traces(reversed(range(len(settings))))
+    assert len({tuple(t) for t in alone}) == len(alone) and all(len(t) > 2 for t in alone)
+
+
 def test_a_sampled_trace_does_not_depend_on_whether_its_batch_filters(engine, mixed_items):
     """A step whose requests set neither top-k nor top-p samples without sorting the vocabulary; one
     where any request sets them sorts for all. A temperature-only request draws the same trace either

@@ -168,6 +168,10 @@ def test_block_hashes_chain_tokens_and_image_digests(path):
     assert ha[:first_image_block] == hb[:first_image_block]
     assert all(x != y for x, y in zip(ha[first_image_block:], hb[first_image_block:]))  # and every later block, by the chain
     assert torch.equal(seq_a.positions, seq_b.positions)
+    # the hashes are kept per block size on the sequence, which stays an ordinary object: dir() (IPython's
+    # completion) failed on a sequence that had run, when they were kept under a tuple key of its __dict__
+    assert seq_a.prompt_block_hashes(16, ids) is ha and seq_a.prompt_block_hashes(8, ids) != ha
+    assert "trace_ids" in dir(seq_a) and "_hashes" not in repr(seq_a)
 
 
 def test_steps_that_register_blocks_compute_every_layer(make_checkpoint, mixed_items):

@@ -28,3 +28,23 @@ def test_package_imports_from_a_checkout_without_the_install_mapping():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip()) == ROOT / "kernels" / "__init__.py"
+
+
+def test_benchmarks_take_enforce_eager():
+    """`pytest --benchmark-only --enforce-eager` (README, Benchmarks) parses from the repository
+    root, and every engine a benchmark builds takes the benchmarks' `engine_options` (which carry
+    the flag) or says `cuda_graphs` itself: a new benchmark cannot silently ignore the flag."""
+    import ast
+    import subprocess
+    import sys
+
+    assert "pytest --benchmark-only --enforce-eager" in (ROOT / "README.md").read_text()
+    out = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--enforce-eager", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "test_bench_decode_host_cost" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    for path in sorted((ROOT / "benchmarks").glob("test_bench_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("Engine", "EngineConfig"):
+                names = {k.arg for k in node.keywords} | {getattr(k.value, "id", None) for k in node.keywords if k.arg is None}
+                nested = any(isinstance(a, ast.Call) and getattr(a.func, "id", None) == "EngineConfig" for a in ast.walk(node) if a is not node)
+                assert nested or names & {"cuda_graphs", "engine_options", "options"}, f"{path.name}:{node.lineno} builds an engine without engine_options"

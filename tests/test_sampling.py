@@ -92,10 +92,10 @@ def test_suppression_given_other_logits_than_it_was_made_for():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     logits[:, 7] = float("nan")
     want_logits, want_ids = _suppressed_reference(logits, [7, 9])
-    for made_for, given in ((torch.float32, logits), (torch.bfloat16, logits.float())):
-        got = given.clone()
+    for made_for, raw in ((torch.float32, logits), (torch.bfloat16, logits.float())):
+        got = raw.clone()
         assert torch.as_tensor(Suppression(50, [7, 9], "cpu", made_for).greedy(got)).tolist() == want_ids.tolist()
-        assert torch.equal(got, want_logits.to(given.dtype))
+        assert torch.equal(got, want_logits.to(raw.dtype))
     with pytest.raises(TypeError):
         Suppression(50, [7, 9], "cpu", torch.float32).greedy(logits.bfloat16())
     for dtype in (torch.float32, torch.bfloat16):  # logits narrower than a suppressed id: an error on either path, not a write into the next row
@@ -315,3 +315,17 @@ def test_tiny_temperature_is_not_floored():
 def test_a_top_k_past_int64_is_refused_when_made():
     with pytest.raises(ValueError, match="top_k"):
         sampling_params(temperature=1.0, top_k=2**63)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(-(2**80), 2**80))
+def test_any_integer_seed_is_a_31_bit_stream_key_and_neighbours_do_not_collide(seed):
+    """Seeds in [0, 2**31) key the noise as given; any other integer (negative, int64, larger) is
+    hashed into that range, deterministically, so 0 and 2**31 or -1 and 2**31 - 1 (equal under a
+    31-bit mask, as they were until stop 22) draw different streams."""
+    drawn = sampling_params(temperature=1.0, seed=seed).draw_seed()
+    assert 0 <= drawn < 2**31 and drawn == sampling_params(temperature=1.0, seed=seed).draw_seed()
+    if 0 <= seed < 2**31:
+        assert drawn == seed
+    for neighbour in (seed + 2**31, seed - 2**31, seed + 2**32):
+        assert sampling_params(temperature=1.0, seed=neighbour).draw_seed() != drawn or neighbour == seed

@@ -23,6 +23,7 @@ Gumbel-max pass (`kernels.sampling`) is one Triton kernel on CUDA.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -58,8 +59,17 @@ class SamplingParams:
         return self.temperature == 0
 
     def draw_seed(self) -> int:
-        """The seed a sequence samples with: the request's, or a fresh random one (31 bits)."""
-        return (self.seed if self.seed is not None else random.getrandbits(31)) & _MASK31
+        """The seed a sequence samples with, in [0, 2**31) (the noise hash's key, `kernels.sampling`,
+        mixes 32 bits): the request's seed as given when it is in that range, any other integer
+        (negative, or OpenAI's int64 seeds) hashed into it, so that neighbours such as 0 and 2**31
+        do not share a stream (any two seeds still may, one time in 2**31); a fresh random one
+        without a seed."""
+        if self.seed is None:
+            return random.getrandbits(31)
+        if 0 <= self.seed <= _MASK31:
+            return self.seed
+        digest = hashlib.blake2b(self.seed.to_bytes((self.seed.bit_length() + 8) // 8, "little", signed=True), digest_size=4).digest()
+        return int.from_bytes(digest, "little") & _MASK31
 
 
 _MASK31 = (1 << 31) - 1

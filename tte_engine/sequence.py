@@ -63,6 +63,7 @@ class Sequence:
     seed: int = 0  # what sampling draws its noise from (see sampling.py)
     greedy: bool = True  # sampling.greedy, kept as a plain attribute for the decode hot path
     submitted: bool = False  # handed to a scheduler (a sequence runs once: see Scheduler.add)
+    _block_hashes: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)  # prompt_block_hashes, by block size
 
     def __post_init__(self):
         self.token_ids = list(self.prompt.token_ids)
@@ -111,8 +112,7 @@ class Sequence:
         """Prefix-cache keys of the prompt's full blocks: block i's key chains block i-1's key, its
         token ids and the content digests of the images and videos its tokens belong to, so equal
         token ids of different images never share a block (DESIGN §8)."""
-        key = ("_hashes", block_size)
-        if key not in self.__dict__:
+        if block_size not in self._block_hashes:
             spans = self.vision_spans(vision_token_ids)
             digests = [img.digest for img in self.prompt.images]
             ids, hashes, prev = self.prompt.token_ids, [], 0
@@ -121,8 +121,8 @@ class Sequence:
                 images = tuple(d for (s, e), d in zip(spans, digests) if s < hi and e > lo)
                 prev = hash((prev, tuple(ids[lo:hi]), images))
                 hashes.append(prev)
-            self.__dict__[key] = hashes
-        return self.__dict__[key]
+            self._block_hashes[block_size] = hashes
+        return self._block_hashes[block_size]
 
     def append_trace_token(self, token: int) -> None:
         self.trace_ids.append(token)
