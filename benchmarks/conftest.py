@@ -11,7 +11,9 @@ A benchmark fails only when the pipelines it compares disagree; speed targets ar
 (printed and in `extra_info`), never asserted.
 """
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,34 @@ def engine_options(pytestconfig) -> dict:
 def bench_small(tmp_path_factory):
     """hidden 384, 6 layers, vision depth 4: the CPU benchmark model; traces never stop early."""
     return never_stop(build_random_checkpoint(tmp_path_factory.mktemp("bench-small"), SPECS["bench-small"], seed=0))
+
+
+def paired_rounds(benchmark, ours, baseline, rounds: int, before=None) -> tuple[float, float, float]:
+    """Wall seconds of `ours()` (pytest-benchmark's rounds, after one warm-up round) and of
+    `baseline()`, run right before each of ours (untimed by pytest-benchmark), so each round's pair
+    shares the machine's load of the moment; `before()`: untimed, just before each round of ours
+    (e.g. emptying caches). Returns (ours' median, baseline's median, the median of the rounds'
+    ratios baseline / ours: the speedup, robust to a shared VM's drift within the run, where timing
+    one side's rounds after the other's swung the video ratio 0.85-1.44x in consecutive runs)."""
+    ours_s, baseline_s = [], []
+
+    def setup():
+        start = time.perf_counter()
+        baseline()
+        baseline_s.append(time.perf_counter() - start)
+        if before is not None:
+            before()
+
+    def timed():
+        start = time.perf_counter()
+        ours()
+        ours_s.append(time.perf_counter() - start)
+
+    benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=1)
+    assert len(ours_s) == len(baseline_s) == rounds + 1, "one baseline run before every round of ours, the warm-up's included"
+    ours_s, baseline_s = ours_s[1:], baseline_s[1:]
+    ratios = [b / o for o, b in zip(ours_s, baseline_s)]
+    return statistics.median(ours_s), statistics.median(baseline_s), statistics.median(ratios)
 
 
 def verdict(value: float, target: float, unit: str = "x", most: bool = False) -> str:

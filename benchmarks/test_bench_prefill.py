@@ -10,11 +10,10 @@ Targets (issue 9): >= 1.5x on the 2k-token text, >= 1.2x on images.
 
 Prefix caching is off: the rounds repeat the same inputs, and this benchmark times the prefill
 itself (the cache's gain is benchmarks/test_bench_prefix.py's). Rounds are interleaved (the baseline runs in the benchmark's untimed setup before each timed
-engine round), so both sides see the same machine load.
+engine round), so both sides see the same machine load; the speedup is the median of the rounds'
+ratios (`conftest.paired_rounds`; until stop 22 the ratio of the two medians).
 """
 
-import statistics
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import verdict
+from conftest import paired_rounds, verdict
 from naive_pipeline import NaivePipeline
 from tte_engine import Engine
 from tte_engine.config import EngineConfig
@@ -80,21 +79,11 @@ def test_bench_prefill_vs_transformers(benchmark, pipelines, workload):
     cos = float(F.cosine_similarity(ours.embeddings, ref).min())
     assert cos >= 0.9999, f"{workload}: engine and transformers disagree (min cosine {cos:.6f})"
 
-    naive_times = []
-
-    def time_baseline():  # untimed by pytest-benchmark: runs before each engine round
-        start = time.perf_counter()
-        naive.embed(items)
-        naive_times.append(time.perf_counter() - start)
-        return (items,), {"think": False}
-
-    benchmark.pedantic(engine.embed, setup=time_baseline, rounds=ROUNDS, warmup_rounds=1)
-    engine_s, naive_s = benchmark.stats.stats.median, statistics.median(naive_times)
-    speedup = naive_s / engine_s
+    engine_s, naive_s, speedup = paired_rounds(benchmark, lambda: engine.embed(items, think=False), lambda: naive.embed(items), ROUNDS)
     tokens = sum(map(len, ref_ids))
     benchmark.extra_info.update(workload=workload, items=len(items), tokens=tokens, naive_median_s=round(naive_s, 4),
                                 engine_median_s=round(engine_s, 4), speedup=round(speedup, 2), target=TARGETS.get(workload),
                                 min_cosine=round(cos, 6), threads=torch.get_num_threads())
     target = f" ({verdict(speedup, TARGETS[workload])})" if workload in TARGETS else " (no target)"
     print(f"\n{workload}: {len(items)} items, {tokens} tokens: engine {engine_s:.3f}s  transformers {naive_s:.3f}s  "
-          f"speedup {speedup:.2f}x{target} ({torch.get_num_threads()} threads)")
+          f"speedup {speedup:.2f}x{target} (median of {ROUNDS} paired rounds; {torch.get_num_threads()} threads)")
