@@ -1,45 +1,37 @@
-"""Host cost of a decode step (issue 8): our step beside transformers' `generate()` step, one run.
+"""Host cost of a decode step: our step beside transformers' `generate()` step, one run.
 
 On a micro checkpoint (hidden 64, 2 layers) the model's FLOPs are negligible, so what a step
 costs is framework: scheduling, building step inputs, sampling, bookkeeping. That is the cost a
 GPU pays on top of its 0.73 ms weight-read floor for a 2B model, and it can be measured here.
+(How each choice below came about, and what it replaced: benchmarks/RESULTS.md, stops 13-22.)
 
-For each batch size: time `Engine.step()` over decode steps only (inside one inference mode, as
-`Engine.embed` and tte-serve's loop run them), and inside it the model forward
-(`Qwen2VL.decode_logits`: embedding, layers, final norm and LM head, i.e. what transformers'
-`forward` computes, the logits). Framework share = step - forward: scheduling, step inputs,
-attention's plan, suppression, argmax, readback, bookkeeping, and the tokens' writes into their
-sequences, which a decode batch defers to when a trace ends (timed after the steps and spread
-evenly over them, since stop 21; before, they fell outside every timed step); the median over steps of each
-step's difference (since stop 20; before, the difference of the two medians, which at batch 256
-let the forward's own spread, a few percent of a ~5 ms step, swing the ~200 us share by 100 us
-and more from run to run; that figure is still printed beside it). The timed steps carry one
-timer, the forward's (since stop 21; until then five, on the decoder, final norm, LM head,
-device step and attention plan, whose own calls, ~1-3 us each right after a forward, counted as
-framework: with two of them removed the batch-1 share read ~5 us less). The other figures come
-from BREAKDOWN_STEPS steps after the timed ones, with a timer on each part (`_breakdown`): the
-host work outside the device step (step - `Runner.decode_forward`, i.e. minus embedding, layers,
-final norm, LM head and argmax: what a CUDA graph replays on a GPU; minus, too,
-`HostDecodePlan.step`, the CPU engine's numpy stand-in for device work a GPU does not do), the
-step beside the decoder alone ("step - decoder": before stop 13 the forward counted the decoder
-alone; the LM head alone is ~0.3 ms a step at batch 256 here), and the host's own work with the
-device step stubbed out (`_stubbed_host_seconds`: the host code then runs with warm caches, as a
-GPU host's does), and the same for the CUDA-graph path's host code (`_graph_path_host_seconds`:
-an engine with `cuda_graphs=True`, its replay stubbed; since stop 21). Clock: thread CPU time with one torch thread, for both engines, so a shared
-machine's other load does not count; both run in inference mode (transformers' generate()
-under only its own no_grad until stop 21, ~10% slower at batch 1). transformers' per-step time is the median of its decode
-steps inside `generate()`, each timed from one forward call to the next (`_hf_step_seconds`;
-until stop 21 the slope of two generate() runs of different lengths), measured before each
-block of STEPS of our steps and over the same trace positions, so the same context lengths
-(before stop 14 it was always measured over positions 12-24 while our blocks ran 3-74: the
-later blocks, with longer contexts, were compared with transformers' shorter ones); the speedup
-is the median of the blocks' ratios (on this shared VM one side measured a minute after the
-other swung the ratio 1.2-2.6x; five blocks since stop 21, three before). Targets (not asserted; reported): ours >= 2x
-faster than generate() per step at batch 1 and 64, framework <= 50 us at batch 1 and <= 300 us
-at batch 256. Those two are absolute, so they scale with the machine: on the shared 2-core VM of
-RESULTS.md the whole step, forward included, runs up to ~2.5x slower in its slow spells (forward
-0.41 ms at batch 1 at its normal speed, 0.8-1.0 ms in those), and the framework share with it;
-the share is also printed as a percentage of the step, which does not.
+What is timed, for each batch size:
+- our step: `Engine.step()` over decode steps only, inside one inference mode (as `Engine.embed`
+  and tte-serve's loop run them), plus the tokens' writes into their sequences, which a decode
+  batch defers to when a trace ends (timed after the steps, spread evenly over them);
+- the forward inside it: `Qwen2VL.decode_logits` (embedding, layers, final norm, LM head: what
+  transformers' `forward` computes), the only timer in the timed steps (each timer costs ~1-3 us);
+- framework share: the median over steps of step - forward (scheduling, step inputs, attention's
+  plan, suppression, argmax, readback, bookkeeping); the difference of the two medians is printed
+  beside it;
+- transformers' step: inside `generate()`, from one forward call to the next (`_hf_step_seconds`),
+  measured before each block of STEPS of our steps and over the same trace positions (so the same
+  context lengths); the speedup is the median of the blocks' ratios.
+Further figures come from BREAKDOWN_STEPS steps after the timed ones, with a timer on each part
+(`_breakdown`): the host work outside the device step (step - `Runner.decode_forward` -
+`HostDecodePlan.step`, the CPU engine's numpy stand-in for device work: what is left when a CUDA
+graph replays the rest), the step beside the decoder alone, the host's own work with the device
+step stubbed out (`_stubbed_host_seconds`, warm caches, as a GPU host's), and the same for the
+CUDA-graph path's host code (`_graph_path_host_seconds`: `cuda_graphs=True`, replay stubbed; not
+measured under `--enforce-eager`).
+
+Clock: thread CPU time with one torch thread, for both engines, so a shared machine's other load
+counts less; both run in inference mode. Targets (reported, never asserted): ours >= 2x faster than
+generate() per step at batch 1 and 64, framework <= 50 us at batch 1 and <= 300 us at batch 256.
+Those two are absolute, so they scale with the machine: on the shared 2-core VM of RESULTS.md the
+whole step, forward included, runs up to ~2.5x slower in its slow spells (forward 0.41 ms at batch
+1 at its normal speed, 0.8-1.0 ms in those), and the framework share with it; the share is also
+printed as a percentage of the step, which does not scale.
 """
 
 from __future__ import annotations
@@ -136,8 +128,8 @@ def _hf_step_seconds(model, prompts: list[list[int]], suppress: list[int], first
     from the start of its forward call to the start of the next (the whole loop: forward, logits
     processors, the choice, stopping criteria, the cache's growth), as our steps are timed; the
     faster of two runs (they favour transformers, whose time is the numerator of our ratio).
-    Until stop 21 this was the slope of two whole generate() runs of different lengths, whose
-    difference let one disturbed run swing a block's ratio from 0.1 to 3.6 on this VM."""
+    (Not the slope of two whole generate() runs of different lengths: their difference let one
+    disturbed run swing a block's ratio from 0.1 to 3.6 on this VM.)"""
     stamps: list[float] = []
     hook = model.register_forward_pre_hook(lambda module, args: stamps.append(time.thread_time()))
     try:
@@ -179,8 +171,8 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
             step time, so the two sides of each block's ratio are measured seconds apart, under the same load."""
             if len(steps) >= WARMUP and (len(steps) - WARMUP) % STEPS == 0:
                 # our next STEPS steps compute trace tokens 1 + len(steps) on (the prefill sampled the first).
-                # generate() runs in the inference mode our steps run in (since stop 21; under only its own
-                # no_grad, as a user calls it, its batch-1 step measured ~10% slower, which flattered our ratio)
+                # generate() runs in the inference mode our steps run in (under only its own no_grad, as a
+                # user calls it, its batch-1 step measured ~10% slower, which would flatter our ratio)
                 hf_steps.append(_hf_step_seconds(hf, prompts, suppress, first=1 + len(steps)))
 
         runner = engine.stages[0].runner
@@ -205,7 +197,7 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
         step_s = statistics.median(timed)
         forwards = forward.seconds[WARMUP : len(steps)]  # each step's model forward: decoder, final norm, LM head
         forward_s = statistics.median(forwards)
-        medians_us = (step_s - forward_s) * 1e6  # the framework share as worked out before stop 20, printed beside it
+        medians_us = (step_s - forward_s) * 1e6  # the difference of the medians, printed beside the share
         # the median over steps of each step's time less its forward's (see the module docstring)
         framework_us = statistics.median(map(float.__sub__, timed, forwards)) * 1e6
         host_us, beside_decoder_us, stubbed_s = parts["outside_device_us"], parts["beside_decoder_us"], parts["stubbed_s"]

@@ -4,8 +4,7 @@ Workload: `bench-small` (hidden 384, 6 layers, stop tokens demoted), 8 image+tex
 24-token traces, fp32 on CPU. Measured: wall time of `Engine.embed` over the 8 items (the
 benchmark's rounds) and of the naive pipeline (transformers' processor + `generate()` + a second
 full forward), one naive run right before each round of ours, after one warm-up pair; the
-speedup is the median of the rounds' ratios (`conftest.paired_rounds`; since stop 22: before, all
-naive rounds ran first, then all of ours).
+speedup is the median of the rounds' ratios (`conftest.paired_rounds`).
 The two must agree first (traces token for token, cosine >= 0.9999): that is the only thing that
 fails this benchmark. The speedup is printed beside both times and stored in `extra_info`; the
 target (>= 1.5x on the 2-core dev VM) is reported against, never asserted.

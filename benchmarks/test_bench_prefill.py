@@ -11,7 +11,7 @@ Targets (issue 9): >= 1.5x on the 2k-token text, >= 1.2x on images.
 Prefix caching is off: the rounds repeat the same inputs, and this benchmark times the prefill
 itself (the cache's gain is benchmarks/test_bench_prefix.py's). Rounds are interleaved (the baseline runs in the benchmark's untimed setup before each timed
 engine round), so both sides see the same machine load; the speedup is the median of the rounds'
-ratios (`conftest.paired_rounds`; until stop 22 the ratio of the two medians).
+ratios (`conftest.paired_rounds`).
 """
 
 

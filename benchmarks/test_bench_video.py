@@ -5,8 +5,7 @@ The naive pipeline is what a transformers user runs: greedy `generate()` over th
 suffix (the clip's vision tower included) for the last-token embedding. Both get the same
 preprocessed clip (transformers' video processor needs torchvision, absent from CPU-only installs;
 preprocessing is timed on the engine side only). One naive run right before each round of ours
-(`conftest.paired_rounds`; the speedup is the median of the rounds' ratios; since stop 22: before,
-all naive rounds ran first and consecutive runs read 0.85-1.44x). The benchmark fails only if
+(`conftest.paired_rounds`; the speedup is the median of the rounds' ratios). The benchmark fails only if
 the two disagree; the ratio is recorded in benchmark.extra_info (and RESULTS.md).
 """
 
