@@ -293,6 +293,68 @@ def test_graph_path_matches_eager(make_checkpoint, mixed_items, head, monkeypatc
             assert cosine(graphed.embeddings[i], eager.embeddings[i]) >= 0.99999
 
 
+class _Copies(TorchDispatchMode):
+    """Records each `copy_` (its non_blocking flag)."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.copy_.default:
+            self.non_blocking.append(bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_step_inputs_reach_the_device_in_one_copy_per_step(make_checkpoint, mixed_items, graphs, monkeypatch):
+    """Set up as on a GPU, where the staging buffer's host arrays are memory apart from its device
+    buffer (on a CPU engine they are one, and `send` copies nothing): each decode step sends its
+    inputs in exactly one copy, non-blocking, and no step reads the host buffers after it: they are
+    poisoned right after every send, prefill's too, and the results are still the plain engine's."""
+    from tte_engine.step_inputs import StagingBuffer
+
+    path = make_checkpoint("syncs", think_max_tokens=6, head="last_token")
+    sampling = SamplingParams(temperature=1.0, top_k=8, seed=4)
+    want = [Engine(path, cuda_graphs=False, max_model_len=512).embed(mixed_items, sampling=s) for s in (None, sampling)]
+
+    def apart(self, size):
+        self.device_buffer = torch.empty(size, dtype=torch.int64, device=self.device)
+        self.capacity = size
+        self._host = [torch.empty(size, dtype=torch.int64) for _ in range(2)]
+        self.host_arrays = [h.numpy() for h in self._host]
+
+    copies_per_step, real_send, real_decode = [], StagingBuffer.send, runner_module.Runner._run_decode
+
+    def send(self, size):
+        with _Copies() as copies:
+            real_send(self, size)
+        self._host[self._turn].fill_(-(2**40))  # a step that read the host buffer now would read this
+        if copies_per_step and copies_per_step[-1] is not None:
+            copies_per_step[-1] += copies.non_blocking
+
+    def run_decode(self, decode):
+        copies_per_step.append([])
+        try:
+            return real_decode(self, decode)
+        finally:
+            copies_per_step.append(None)
+
+    monkeypatch.setattr(StagingBuffer, "_grow", apart)
+    monkeypatch.setattr(StagingBuffer, "send", send)
+    monkeypatch.setattr(runner_module.Runner, "_run_decode", run_decode)
+    engine = Engine(path, cuda_graphs=graphs, max_model_len=512)
+    if graphs:
+        gpu_like(engine, monkeypatch)
+    for params, expected in zip((None, sampling), want):
+        got = engine.embed(mixed_items, sampling=params)
+        assert got.trace_token_ids == expected.trace_token_ids
+        assert all(cosine(got.embeddings[i], expected.embeddings[i]) >= 0.99999 for i in range(len(mixed_items)))
+    steps = [c for c in copies_per_step if c is not None]
+    assert len(steps) >= 6 and all(c == [True] for c in steps), steps
+
+
 def test_a_failed_capture_falls_back_to_plain_eager_with_one_warning(make_checkpoint, mixed_items, monkeypatch):
     """Capture is tried (as on CUDA) and fails (here: a CPU build has no CUDA stream): one
     RuntimeWarning says why, the runner drops its graphs (plain eager steps, not the padded
