@@ -3,9 +3,11 @@
 On an H100/H200 with torch >= 2.11, triton >= 3.6 and transformers >= 5.17 (nothing optional:
 no pyarrow, fastapi or ray is imported), from the repository root, with `.gpu_wheels/` made by
 `benchmarks/gpu_wheels.sh` and carried along (Pillow, which the engine needs, and pytest and
-hypothesis, which the kernel tests need, installed from it only where the machine lacks them):
+hypothesis, which the kernel tests need, installed from it only where the machine lacks them;
+Pillow on its own, so that a missing test dependency cannot keep it out):
 
-    python3 -m pip install -q --no-index --find-links .gpu_wheels pillow pytest hypothesis ;
+    python3 -m pip install -q --no-index --find-links .gpu_wheels pillow ;
+    python3 -m pip install -q --no-index --find-links .gpu_wheels pytest hypothesis ;
     python3 -m pip install -q --no-deps --no-build-isolation -e . ; python3 benchmarks/gpu_one_call.py --out $OUT/gpu.json
 
 (the editable install is optional: the driver puts the checkout on sys.path itself, and the kernel

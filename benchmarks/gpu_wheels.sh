@@ -8,6 +8,7 @@ set -euo pipefail
 dest="${1:-.gpu_wheels}"
 for version in 3.10 3.11 3.12 3.13; do
   python3 -m pip download -q --only-binary=:all: --implementation cp --python-version "$version" \
-    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$dest" "pillow>=10" "pytest>=8" "hypothesis>=6.100"
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$dest" "pillow>=10" "pytest>=8" "hypothesis>=6.100" \
+    "exceptiongroup>=1" "tomli>=2"  # pytest's and hypothesis' needs on 3.10 only, which pip resolves for the Python it runs on
 done
 du -sh "$dest"

@@ -32,16 +32,19 @@ def test_package_imports_from_a_checkout_without_the_install_mapping():
 
 def test_benchmarks_take_enforce_eager():
     """`pytest --benchmark-only --enforce-eager` (README, Benchmarks) parses from the repository
-    root, and every engine a benchmark builds takes the benchmarks' `engine_options` (which carry
-    the flag) or says `cuda_graphs` itself: a new benchmark cannot silently ignore the flag."""
+    root, also with the root named (`pytest .`: only a root conftest.py is loaded before the
+    command line is parsed; the option lived in benchmarks/conftest.py and that form failed), and
+    every engine a benchmark builds takes the benchmarks' `engine_options` (which carry the flag) or
+    says `cuda_graphs` itself: a new benchmark cannot silently ignore the flag."""
     import ast
     import subprocess
     import sys
 
     assert "pytest --benchmark-only --enforce-eager" in (ROOT / "README.md").read_text()
-    out = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--enforce-eager", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "test_bench_decode_host_cost" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    for named in ([], ["."]):
+        out = subprocess.run([sys.executable, "-m", "pytest", *named, "--benchmark-only", "--enforce-eager", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "test_bench_decode_host_cost" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     for path in sorted((ROOT / "benchmarks").glob("test_bench_*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("Engine", "EngineConfig"):

@@ -224,8 +224,11 @@ class EngineCache:
             return None
         prompt = seq.prompt
         # image digests cover pixels, shape, dtype, grid and the preprocessing settings (vision.preprocess_image)
+        # a sampled trace is keyed by the seed it draws with (`SamplingParams.draw_seed`, the request's own in
+        # [0, 2**31), else hashed into that range): entries made while another derivation held are never hit
+        seed = sampling.seed if sampling.greedy else seq.seed
         common = [prompt.token_ids, [img.digest for img in prompt.images], seq.think, seq.max_trace_tokens,
-                  [sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed], self._rules]
+                  [sampling.temperature, sampling.top_k, sampling.top_p, seed], self._rules]
         trace = _digest("trace", SCHEMA_VERSION, self.trace_fp, common) if seq.think and given_trace is None else None
         return Keys(embedding=_digest("embedding", SCHEMA_VERSION, self.engine_fp, common, given_trace), trace=trace)
 

@@ -306,6 +306,20 @@ def test_cache_keys_follow_the_settings(serve_checkpoint, store):
     assert view.cache.counts() == {"traces": 4, "embeddings": 5}
 
 
+def test_sampled_cache_keys_follow_the_drawn_seed(serve_checkpoint, store, monkeypatch):
+    """A seed outside [0, 2**31) draws with a hash of it (`SamplingParams.draw_seed`; until stop 22
+    its low 31 bits): the key follows the seed drawn, so an entry made under the other derivation
+    is never served for a trace it did not draw. Seeds in that range key as they are."""
+    engine = Engine(serve_checkpoint)
+    view = EngineCache(store, engine)
+    wide, narrow = SamplingParams(temperature=1.0, seed=2**31 + 5), SamplingParams(temperature=1.0, seed=5)
+    before = view.keys(engine.make_sequence("a key test", 0, sampling=wide), wide, None)
+    monkeypatch.setattr(SamplingParams, "draw_seed", lambda self: self.seed & (2**31 - 1))  # the old derivation
+    assert view.keys(engine.make_sequence("a key test", 0, sampling=wide), wide, None) != before
+    assert view.keys(engine.make_sequence("a key test", 0, sampling=wide), wide, None) == view.keys(
+        engine.make_sequence("a key test", 0, sampling=narrow), narrow, None)  # both draw with 5: one trace
+
+
 def test_cache_is_wal_and_shared_between_connections(serve_checkpoint, tmp_path):
     path = tmp_path / "cache.sqlite"
     with closing(ResultCache(path)) as writer, closing(ResultCache(path)) as reader, closing(sqlite3.connect(path)) as plain:
