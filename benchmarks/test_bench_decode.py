@@ -213,15 +213,16 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
                                 deferred_us=round(deferred_s * 1e6, 1),
                                 hf_generate_step_ms=round(hf_s * 1e3, 3),
                                 speedup_vs_hf=round(speedup, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
-    print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step (forward {forward_s * 1e3:.3f} ms, framework {framework_us:.0f} us = {framework_us / (step_s * 1e4):.0f}% of the step,"
-          f" of which {deferred_s * 1e6:.1f} us the tokens' deferred writes into their sequences"
-          f" (median step - median forward: {medians_us:.0f} us);"
-          f" outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us;"
-          + (f" graph path's host work {graph_path_s * 1e6:.0f} us with the replay stubbed)" if graph_path_s == graph_path_s
-             else " graph path not measured: --enforce-eager)")
-          + f" | transformers generate() {hf_s * 1e3:.3f} ms/step | ours {speedup:.2f}x faster (median of {len(ratios)} interleaved blocks: {', '.join(f'{r:.2f}' for r in ratios)}; thread CPU time, 1 thread)"
-          + "".join(f"; speedup {verdict(speedup, t)}" for t in SPEEDUP_TARGETS.get(batch, []))
-          + "".join(f"; framework {verdict(framework_us, t, ' us', most=True)}" for t in FRAMEWORK_TARGETS_US.get(batch, [])))
+    targets = "".join(f" ({verdict(speedup, t)})" for t in SPEEDUP_TARGETS.get(batch, []))
+    share_targets = "".join(f" ({verdict(framework_us, t, ' us', most=True)})" for t in FRAMEWORK_TARGETS_US.get(batch, []))
+    graph_path = (f"{graph_path_s * 1e6:.0f} us with the replay stubbed" if graph_path_s == graph_path_s else "not measured (--enforce-eager)")
+    # first the figures with targets, then the details (thread CPU time, 1 thread, for both sides)
+    print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step vs transformers generate() {hf_s * 1e3:.3f} ms/step: {speedup:.2f}x faster{targets};"
+          f" framework {framework_us:.0f} us = {framework_us / (step_s * 1e4):.0f}% of the step{share_targets}"
+          f"\n  details: forward {forward_s * 1e3:.3f} ms; speedup blocks {', '.join(f'{r:.2f}' for r in ratios)} (median taken);"
+          f" framework from the two medians {medians_us:.0f} us, of which the tokens' deferred writes {deferred_s * 1e6:.1f} us;"
+          f" host work outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us;"
+          f" CUDA-graph path's host work {graph_path}; thread CPU time, 1 thread")
 
 
 def _breakdown(engine: Engine, runner) -> dict[str, float]:
