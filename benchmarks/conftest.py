@@ -98,13 +98,14 @@ def bench_small(tmp_path_factory):
     return never_stop(build_random_checkpoint(tmp_path_factory.mktemp("bench-small"), SPECS["bench-small"], seed=0))
 
 
-def paired_rounds(benchmark, ours, baseline, rounds: int, before=None) -> tuple[float, float, float]:
+def paired_rounds(benchmark, ours, baseline, rounds: int, before=None) -> tuple[float, float, float, int]:
     """Wall seconds of `ours()` (pytest-benchmark's rounds, after one warm-up round) and of
     `baseline()`, run right before each of ours (untimed by pytest-benchmark), so each round's pair
     shares the machine's load of the moment; `before()`: untimed, just before each round of ours
     (e.g. emptying caches). Returns (ours' median, baseline's median, the median of the rounds'
     ratios baseline / ours: the speedup, robust to a shared VM's drift within the run, where timing
-    one side's rounds after the other's swung the video ratio 0.85-1.44x in consecutive runs)."""
+    one side's rounds after the other's swung the video ratio 0.85-1.44x in consecutive runs; the
+    number of pairs: `rounds`, or 1 under --benchmark-disable)."""
     ours_s, baseline_s = [], []
 
     def setup():
@@ -124,7 +125,7 @@ def paired_rounds(benchmark, ours, baseline, rounds: int, before=None) -> tuple[
     if len(ours_s) == rounds + 1:  # the warm-up pair (under --benchmark-disable one pair runs, no warm-up)
         ours_s, baseline_s = ours_s[1:], baseline_s[1:]
     ratios = [b / o for o, b in zip(ours_s, baseline_s)]
-    return statistics.median(ours_s), statistics.median(baseline_s), statistics.median(ratios)
+    return statistics.median(ours_s), statistics.median(baseline_s), statistics.median(ratios), len(ratios)
 
 
 def verdict(value: float, target: float, unit: str = "x", most: bool = False) -> str:

@@ -79,11 +79,11 @@ def test_bench_prefill_vs_transformers(benchmark, pipelines, workload):
     cos = float(F.cosine_similarity(ours.embeddings, ref).min())
     assert cos >= 0.9999, f"{workload}: engine and transformers disagree (min cosine {cos:.6f})"
 
-    engine_s, naive_s, speedup = paired_rounds(benchmark, lambda: engine.embed(items, think=False), lambda: naive.embed(items), ROUNDS)
+    engine_s, naive_s, speedup, pairs = paired_rounds(benchmark, lambda: engine.embed(items, think=False), lambda: naive.embed(items), ROUNDS)
     tokens = sum(map(len, ref_ids))
     benchmark.extra_info.update(workload=workload, items=len(items), tokens=tokens, naive_median_s=round(naive_s, 4),
                                 engine_median_s=round(engine_s, 4), speedup=round(speedup, 2), target=TARGETS.get(workload),
                                 min_cosine=round(cos, 6), threads=torch.get_num_threads())
     target = f" ({verdict(speedup, TARGETS[workload])})" if workload in TARGETS else " (no target)"
     print(f"\n{workload}: {len(items)} items, {tokens} tokens: engine {engine_s:.3f}s  transformers {naive_s:.3f}s  "
-          f"speedup {speedup:.2f}x{target} (median of {ROUNDS} paired rounds; {torch.get_num_threads()} threads)")
+          f"speedup {speedup:.2f}x{target} (median of {pairs} paired rounds; {torch.get_num_threads()} threads)")
