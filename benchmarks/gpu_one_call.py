@@ -7,7 +7,7 @@ hypothesis, which the kernel tests need, installed from it only where the machin
 Pillow on its own, so that a missing test dependency cannot keep it out):
 
     python3 -m pip install -q --no-index --find-links .gpu_wheels pillow ;
-    python3 -m pip install -q --no-index --find-links .gpu_wheels pytest hypothesis ;
+    python3 -m pip install -q --no-index --find-links .gpu_wheels pytest hypothesis pytest-xdist ;
     python3 -m pip install -q --no-deps --no-build-isolation -e . ; python3 benchmarks/gpu_one_call.py --out $OUT/gpu.json
 
 (the editable install is optional: the driver puts the checkout on sys.path itself, and the kernel
@@ -91,11 +91,19 @@ T0 = time.monotonic()  # the overall clock starts at process start, before the h
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# decode_graphs profiles the graphed engine after its capture, and later parts replay its graphs:
+# CUPTI's teardown and lazy re-initialization between profiler sessions have crashed processes
+# holding CUDA graphs (pytorch#75504; torch sets these two itself for its own graphs, inductor's,
+# on CUDA < 12.6). Set before torch loads, for this process and the kernel tests' child.
+os.environ.setdefault("DISABLE_CUPTI_LAZY_REINIT", "1")
+os.environ.setdefault("TEARDOWN_CUPTI", "0")
 
 import torch  # noqa: E402
 
