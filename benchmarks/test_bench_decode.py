@@ -192,7 +192,7 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
             parts = _breakdown(engine, runner)
         engine.scheduler.abort_all()
         # the CUDA-graph path's host work (replay stubbed); not measured under --enforce-eager
-        graph_path_s = float("nan") if engine_options.get("cuda_graphs") is False else _graph_path_host_seconds(micro, batch)
+        graph_path_s = None if engine_options.get("cuda_graphs") is False else _graph_path_host_seconds(micro, batch)
         timed = [s + deferred_s for s in steps[WARMUP:]]
         step_s = statistics.median(timed)
         forwards = forward.seconds[WARMUP : len(steps)]  # each step's model forward: decoder, final norm, LM head
@@ -202,20 +202,19 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
         framework_us = statistics.median(map(float.__sub__, timed, forwards)) * 1e6
         host_us, beside_decoder_us, stubbed_s = parts["outside_device_us"], parts["beside_decoder_us"], parts["stubbed_s"]
         # each block's ratio: transformers' step just before it / our median step in it; their median
-        ratios = [hf / statistics.median(timed[k * STEPS : (k + 1) * STEPS]) for k, hf in enumerate(hf_steps) if hf == hf]
-        speedup = statistics.median(ratios) if ratios else float("nan")
-        hf_s = statistics.median([hf for hf in hf_steps if hf == hf] or [float("nan")])
+        ratios = [hf / statistics.median(timed[k * STEPS : (k + 1) * STEPS]) for k, hf in enumerate(hf_steps)]
+        speedup, hf_s = statistics.median(ratios), statistics.median(hf_steps)
     finally:
         torch.set_num_threads(threads)
     benchmark.extra_info.update(batch=batch, ours_step_ms=round(step_s * 1e3, 3), forward_ms=round(forward_s * 1e3, 3),
                                 framework_us=round(framework_us, 1), framework_us_from_medians=round(medians_us, 1), host_us=round(host_us, 1), host_stubbed_us=round(stubbed_s * 1e6, 1),
-                                step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=None if graph_path_s != graph_path_s else round(graph_path_s * 1e6, 1),
+                                step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=None if graph_path_s is None else round(graph_path_s * 1e6, 1),
                                 deferred_us=round(deferred_s * 1e6, 1),
                                 hf_generate_step_ms=round(hf_s * 1e3, 3),
                                 speedup_vs_hf=round(speedup, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
     targets = "".join(f" ({verdict(speedup, t)})" for t in SPEEDUP_TARGETS.get(batch, []))
     share_targets = "".join(f" ({verdict(framework_us, t, ' us', most=True)})" for t in FRAMEWORK_TARGETS_US.get(batch, []))
-    graph_path = (f"{graph_path_s * 1e6:.0f} us with the replay stubbed" if graph_path_s == graph_path_s else "not measured (--enforce-eager)")
+    graph_path = "not measured (--enforce-eager)" if graph_path_s is None else f"{graph_path_s * 1e6:.0f} us with the replay stubbed"
     # first the figures with targets, then the details (thread CPU time, 1 thread, for both sides)
     print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step vs transformers generate() {hf_s * 1e3:.3f} ms/step: {speedup:.2f}x faster{targets};"
           f" framework {framework_us:.0f} us = {framework_us / (step_s * 1e4):.0f}% of the step{share_targets}"

@@ -14,7 +14,6 @@ engine round), so both sides see the same machine load; the speedup is the media
 ratios (`conftest.paired_rounds`).
 """
 
-
 import numpy as np
 import pytest
 import torch

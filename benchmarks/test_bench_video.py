@@ -9,7 +9,6 @@ preprocessing is timed on the engine side only). One naive run right before each
 the two disagree; the ratio is recorded in benchmark.extra_info (and RESULTS.md).
 """
 
-
 import numpy as np
 import pytest
 import torch
