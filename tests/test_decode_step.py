@@ -272,6 +272,30 @@ def test_decode_step_syncs_once(make_checkpoint, mixed_items, head, sampling, ba
     assert report["readbacks"] == report["decode_steps"]  # the single allowed sync of each step
 
 
+@pytest.mark.parametrize("head", ["last_token", "mhsa"])
+def test_triton_decode_step_syncs_once(make_checkpoint, mixed_items, head, monkeypatch):
+    """The same on the Triton kernels (interpreted on CPU), which are what a GPU runs: the graph
+    path's decode step, seeded sampling, set up as a GPU runs it. The wrappers around the kernels
+    (split count, scratch, grid) must not read a tensor's value either: a split count taken from
+    the longest context, say, would sync and break one graph for every context length."""
+    pytest.importorskip("triton")
+    overrides = dict(head="mhsa", head_layers=2) if head == "mhsa" else dict(head="last_token")
+    # a few buckets: each is warmed up at capture, through the interpreter
+    engine = Engine(make_checkpoint("syncs", think_max_tokens=6, **overrides), impl="triton", cuda_graphs=True, max_model_len=512,
+                    max_num_seqs=4)
+    gpu_like(engine, monkeypatch)
+    # texts, and three decode steps only (all that runs is interpreted: the vision tower, the embed
+    # suffix and pooling are not decode steps)
+    for i, text in enumerate([mixed_items[0], mixed_items[3]]):
+        engine.add_request(engine.make_sequence(text, i, sampling=SamplingParams(temperature=0.8, seed=5)))
+    with watch_decode_steps(engine, transfers=True) as report:
+        while report["decode_steps"] < 3:
+            engine.step()
+    engine.scheduler.abort_all()
+    assert report["found"] == []
+    assert report["readbacks"] == report["decode_steps"]
+
+
 @pytest.mark.parametrize("head", ["last_token", "mhsa", "last_token_prepacked"])
 def test_graph_path_matches_eager(make_checkpoint, mixed_items, head, monkeypatch):
     """Static buffers padded to buckets, full-width tables and fixed splits give the eager results;
