@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,14 +64,23 @@ class TestRun:
         self.cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-o", "addopts=", *parallel,
                     *(f"--deselect={t}" for t in CPU_ONLY), *(extra or [])]
         self.timeout, self.start = timeout, time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # its own session: a kill reaches pytest-xdist's workers too (they would keep the GPU, and the
+        # pipe that `communicate` waits on, past a timeout)
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def kill(self) -> None:
+        """Stop the child and every process it started."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # gone already
+            pass
 
     def result(self) -> dict:
         left = max(1.0, self.timeout - (time.perf_counter() - self.start))
         try:
             out, _ = self.proc.communicate(timeout=left)
         except BaseException as exc:  # never leave it running on the GPU beside what is timed next
-            self.proc.kill()
+            self.kill()
             if not isinstance(exc, subprocess.TimeoutExpired):
                 self.proc.communicate()
                 raise

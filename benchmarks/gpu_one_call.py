@@ -23,7 +23,10 @@ script (~20-40 s) and the interpreter's exit, so the script's own cap (`--budget
 310 s on a GPU) is counted from process start, before torch, triton and transformers load (the
 imports are the `startup` line of the plan below), not from the first part. Each part runs in its
 own try/except under its own time budget (a SIGALRM raises in the part when its budget is spent,
-and never past the overall cap), so one failing or slow check never stops the others; parts that
+and never past the overall cap), plus whatever the parts before it left unspent of theirs (the
+plan's time to that part less the time taken: a required part that runs slow, as a 2B engine's
+graph capture may, uses what faster ones saved rather than losing its measurements, and the
+plan still bounds the run), so one failing or slow check never stops the others; parts that
 need a failed one are skipped and say why, as are parts with no time left. The JSON is rewritten
 after every part (a killed run still leaves what it measured), and the run ends with a summary
 table and the list of failed or skipped parts (exit status 1 if any).
@@ -136,13 +139,14 @@ STARTUP_S = (15, 15)  # allowance for the interpreter and the imports before the
 CAP_S = (310, 900)  # default overall cap from process start: 6 min less the pip install and the exit (GPU); dry
 
 
-def planned_s(dry: bool = False, overrides: dict[str, float] | None = None) -> float:
-    """The worst case of a run: the startup allowance plus every part's budget, kernel_tests and
-    checkpoint counted together as the longer of the two (the kernel tests' child overlaps the
-    checkpoint build and its budget counts from its own start)."""
+def planned_s(dry: bool = False, overrides: dict[str, float] | None = None, through: str | None = None) -> float:
+    """The worst case of a run (to the end of part `through`, default the last one): the startup
+    allowance plus every part's budget, kernel_tests and checkpoint counted together as the
+    longer of the two (the kernel tests' child overlaps the checkpoint build and its budget counts
+    from its own start)."""
     i = 1 if dry else 0
-    b = {name: (overrides or {}).get(name, BUDGETS[name][i]) for name in ORDER}
-    return STARTUP_S[i] + max(b["checkpoint"], b["kernel_tests"]) + sum(v for n, v in b.items() if n not in ("checkpoint", "kernel_tests"))
+    b = {name: (overrides or {}).get(name, BUDGETS[name][i]) for name in ORDER[: ORDER.index(through or ORDER[-1]) + 1]}
+    return STARTUP_S[i] + max(b["checkpoint"], b.get("kernel_tests", 0)) + sum(v for n, v in b.items() if n not in ("checkpoint", "kernel_tests"))
 
 
 class PartTimeout(BaseException):
@@ -170,6 +174,18 @@ class Driver:
     def budget(self, name: str) -> float:
         return self.overrides.get(name, BUDGETS[name][1 if self.dry else 0])
 
+    def unspent_s(self, name: str) -> float:
+        """Seconds the parts before `name` left unspent of their budgets (the plan's time to here,
+        less the time taken): a part may use them, so that a slow required part (a 2B engine's
+        CUDA-graph capture compiling every Triton variant, say) is not cut off while faster ones
+        finished early. The plan, and so the cap, still bounds the whole run. None for the
+        checkpoint and the kernel tests, which overlap and whose child keeps its own timeout."""
+        i = ORDER.index(name)
+        if i <= ORDER.index("kernel_tests"):
+            return 0.0
+        planned = planned_s(self.dry, self.overrides, through=ORDER[i - 1])
+        return max(0.0, planned - (time.monotonic() - self.t0))
+
     def run(self, name: str, fn, *, needs: tuple[str, ...] = ()):
         """Run one part: skipped if a part it needs failed, its budget is 0 or no time is left;
         otherwise its result or error is recorded, and whatever happens the next part runs."""
@@ -184,8 +200,10 @@ class Driver:
             return self._record(name, {"ok": False, "skipped": "budget 0 (--part-budget)"})
         if left < 5:
             return self._record(name, {"ok": False, "skipped": f"out of time ({left:.1f} s left of the overall budget)"})
-        budget = min(self.budget(name), left)
-        print(f"\n=== {name} (budget {budget:.0f} s, {time.monotonic() - self.t0:.0f} s elapsed)", flush=True)
+        unspent = self.unspent_s(name)
+        budget = min(self.budget(name) + unspent, left)
+        print(f"\n=== {name} (budget {budget:.0f} s" + (f", {unspent:.0f} of them left unspent by the parts before" if unspent >= 1 else "")
+              + f", {time.monotonic() - self.t0:.0f} s elapsed)", flush=True)
         start = time.monotonic()
         try:
             signal.setitimer(signal.ITIMER_REAL, budget)
@@ -198,7 +216,7 @@ class Driver:
             entry = {"ok": False, "error": f"timed out after {budget:.0f} s", "traceback": traceback.format_exc(limit=-4)}
         except Exception as exc:  # noqa: BLE001 - a failing part is recorded, and the run goes on
             entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc(limit=-8)}
-        entry["seconds"] = round(time.monotonic() - start, 1)
+        entry["seconds"], entry["budget_s"] = round(time.monotonic() - start, 1), round(budget, 1)
         if not entry["ok"]:
             print(f"--- {name} FAILED: {entry.get('error') or 'check did not pass'}", flush=True)
         return self._record(name, entry)

@@ -16,7 +16,7 @@ What is timed, for each batch size:
   beside it;
 - transformers' step: inside `generate()`, from one forward call to the next (`_hf_step_seconds`),
   measured before each block of STEPS of our steps and over the same trace positions (so the same
-  context lengths); the speedup is the median of the blocks' ratios.
+  context lengths); the speedup is the lower of the median of the blocks' ratios and the ratio of the two medians.
 Further figures come from BREAKDOWN_STEPS steps after the timed ones, with a timer on each part
 (`_breakdown`): the host work outside the device step (step - `Runner.decode_forward` -
 `HostDecodePlan.step`, the CPU engine's numpy stand-in for device work: what is left when a CUDA
@@ -52,6 +52,9 @@ from tte_engine.kernels.attention import HostDecodePlan
 from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
 from tte_engine.scheduler import SUFFIX_WAIT_WITH_GRAPHS
 
+# pytest-benchmark's table on the clock our figures use (thread CPU time, one torch thread): in wall
+# time it counted the other load of a shared machine, and disagreed with the printed figures
+pytestmark = pytest.mark.benchmark(timer=time.thread_time)
 STEPS = 24  # decode steps timed per block
 ROUNDS = 5  # blocks, each after a measurement of transformers' step (interleaved: see between_steps)
 WARMUP = 2  # untimed steps first
@@ -203,7 +206,11 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
         host_us, beside_decoder_us, stubbed_s = parts["outside_device_us"], parts["beside_decoder_us"], parts["stubbed_s"]
         # each block's ratio: transformers' step just before it / our median step in it; their median
         ratios = [hf / statistics.median(timed[k * STEPS : (k + 1) * STEPS]) for k, hf in enumerate(hf_steps)]
-        speedup, hf_s = statistics.median(ratios), statistics.median(hf_steps)
+        paired, hf_s = statistics.median(ratios), statistics.median(hf_steps)
+        # the headline (and its verdict) is the lower of the paired figure and the ratio of the two
+        # medians printed beside it: under a shared machine's drift the two can differ (one full run
+        # read 2.68x paired, 1.98x from the medians), and a target is met only if both say so
+        speedup = min(paired, hf_s / step_s)
     finally:
         torch.set_num_threads(threads)
     benchmark.extra_info.update(batch=batch, ours_step_ms=round(step_s * 1e3, 3), forward_ms=round(forward_s * 1e3, 3),
@@ -211,15 +218,16 @@ def test_bench_decode_host_cost(benchmark, micro, batch, engine_options):
                                 step_minus_decoder_us=round(beside_decoder_us, 1), graph_path_host_us=None if graph_path_s is None else round(graph_path_s * 1e6, 1),
                                 deferred_us=round(deferred_s * 1e6, 1),
                                 hf_generate_step_ms=round(hf_s * 1e3, 3),
-                                speedup_vs_hf=round(speedup, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
+                                speedup_vs_hf=round(speedup, 2), speedup_paired=round(paired, 2), speedup_from_medians=round(hf_s / step_s, 2), block_ratios=[round(r, 2) for r in ratios], clock="thread_time, 1 thread")
     targets = "".join(f" ({verdict(speedup, t)})" for t in SPEEDUP_TARGETS.get(batch, []))
     share_targets = "".join(f" ({verdict(framework_us, t, ' us', most=True)})" for t in FRAMEWORK_TARGETS_US.get(batch, []))
     graph_path = "not measured (--enforce-eager)" if graph_path_s is None else f"{graph_path_s * 1e6:.0f} us with the replay stubbed"
     # first the figures with targets, then the details (thread CPU time, 1 thread, for both sides)
     print(f"\n[decode B={batch}] ours {step_s * 1e3:.3f} ms/step vs transformers generate() {hf_s * 1e3:.3f} ms/step: {speedup:.2f}x faster{targets};"
           f" framework {framework_us:.0f} us = {framework_us / (step_s * 1e4):.0f}% of the step{share_targets}"
-          f"\n  details: forward {forward_s * 1e3:.3f} ms; speedup blocks {', '.join(f'{r:.2f}' for r in ratios)} (median taken);"
-          f" framework from the two medians {medians_us:.0f} us, of which the tokens' deferred writes {deferred_s * 1e6:.1f} us;"
+          f"\n  details: forward {forward_s * 1e3:.3f} ms; speedup the lower of {hf_s / step_s:.2f}x (the two medians) and {paired:.2f}x (the"
+          f" median of the blocks' ratios: {', '.join(f'{r:.2f}' for r in ratios)}); framework = the median over steps of step - forward"
+          f" (the median step - the median forward: {medians_us:.0f} us), of which the tokens' deferred writes {deferred_s * 1e6:.1f} us;"
           f" host work outside the device step {host_us:.0f} us, {stubbed_s * 1e6:.0f} us with it stubbed; step - decoder {beside_decoder_us:.0f} us;"
           f" CUDA-graph path's host work {graph_path}; thread CPU time, 1 thread")
 

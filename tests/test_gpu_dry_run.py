@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +106,55 @@ print(json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"1": [True, 4, False], "5": [False, 0, False]}
+
+
+def test_a_timed_out_test_run_is_stopped_with_every_process_it_started(tmp_path):
+    """The kernel tests' child runs pytest-xdist workers on a GPU: a timeout must stop them too, or
+    they keep compiling and running kernels beside every part timed after it (it killed only the
+    pytest parent)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    pid_file = tmp_path / "worker.pid"
+    (tmp_path / "test_hangs.py").write_text(
+        "import subprocess, sys, time\n"
+        "def test_hangs():\n"
+        "    worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(worker.pid))\n"
+        "    time.sleep(120)\n")
+    run = gpu_check.TestRun(tests=[str(tmp_path / "test_hangs.py")], timeout=8)
+    result = run.result()
+    assert result["passed"] is False and "timed out" in result["summary"]
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # killed, then reaped by init as an orphan
+        try:
+            state = Path(f"/proc/{worker}/status").read_text()
+        except FileNotFoundError:
+            break
+        if "\nState:\tZ" in state:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the test run's own child {worker} still runs after the timeout")
+
+
+def test_a_part_may_use_what_the_parts_before_it_left_unspent(tmp_path):
+    """A slow required part (the 2B engine's graph capture compiling its Triton variants) gets the
+    time that faster parts before it saved; the plan still bounds the run: never more than the
+    plan's time to the part less the time taken, never any for the overlapping first two."""
+    code = ("import json, sys, time; sys.modules.update(pytest=None, hypothesis=None); sys.path.insert(0, 'benchmarks'); "
+            "import gpu_one_call as g; from pathlib import Path; "
+            f"d = g.Driver(Path({str(tmp_path / 'r.json')!r}), 310, dry=False); d.t0 = time.monotonic() - 100; "
+            "print(json.dumps({n: round(d.unspent_s(n)) for n in g.ORDER} | {'through': g.planned_s(through='graph_parity')}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    unspent = json.loads(out.stdout.strip().splitlines()[-1])
+    budgets = {name: b for name, b, _, _ in _plan(False)["parts"]}
+    assert unspent["checkpoint"] == unspent["kernel_tests"] == 0
+    # 100 s taken: through kernel_tests the plan had 15 + 80 s (nothing left over), through copy_bandwidth 10 s more
+    assert unspent["copy_bandwidth"] == 0 and unspent["graph_parity"] == 15 + 80 + budgets["copy_bandwidth"] - 100
+    assert unspent["decode_graphs"] == unspent["graph_parity"] + budgets["graph_parity"] == unspent["through"] - 100

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (one JSON object per line: text, image, "
                         "images, video, videos, video_options, instruction, id)")
     parser.add_argument("--checkpoint", help="checkpoint directory or alias (default: tiny-random, a random test checkpoint whose "
-                        "vectors mean nothing; outside --demo a warning says so)")
+                        "vectors mean nothing; left to this default outside --demo, a warning says so)")
     parser.add_argument("--output", type=Path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
     parser.add_argument("--format", choices=["npy", "parquet"], default="npy", help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
     parser.add_argument("--demo", action="store_true", help="embed a few built-in text and image queries and print them")

@@ -133,6 +133,12 @@ class Engine:
         )
         logger.info("loaded %s (%s, %s head) on %s in %s", self.checkpoint, self.tte.mode, self.tte.head.type, self.device, self.dtype)
 
+    def __repr__(self) -> str:
+        graphs = "on" if self.stages[-1].runner.graphs is not None else "off"
+        return (f"Engine({str(self.checkpoint)!r}, {self.tte.mode}, {self.tte.head.type} head, device={self.device}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')}, embedding_dim={self.embedding_dim}, max_model_len={self.max_model_len}, "
+                f"max_num_seqs={self.config.max_num_seqs}, cuda_graphs={graphs})")
+
     # ------------------------------------------------------------------ loading
     def _check_model_len(self) -> None:
         """Refuse a max_model_len that no item can fit (every request would fail, one by one): the
@@ -441,8 +447,9 @@ class Engine:
                 self.run([s for s in seqs if isinstance(s, Sequence)], on_done=on_done)
             else:  # bad items become rows: preparing and stepping overlap
                 run_prepared(self, len(items), prepare, on_done=on_done)
-            if progress:
-                progress(sum(isinstance(s, str) for s in seqs))
+            failed = sum(isinstance(s, str) for s in seqs)
+            if progress and failed:  # (an update by 0 would draw the full bar a second time)
+                progress(failed)
         finally:
             if bar is not None:
                 bar.close()

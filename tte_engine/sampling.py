@@ -12,7 +12,9 @@ argmax takes NaN as the largest.)
 Sampling is Gumbel-max: token = argmax(filtered logits / T + g), with g ~ Gumbel(0, 1) drawn per
 (request seed, trace position, vocab id) by a counter-based hash. So a request's trace depends
 only on its seed and its own logits, whatever else is in the batch and in whatever order, with
-no per-request generator object and nothing read back from the device. A request without a seed
+no per-request generator object and nothing read back from the device. (Its logits themselves
+may differ in the last bits from batch to batch, as batched GEMMs and attention's split count
+round differently: a draw changes only at such a near-tie.) A request without a seed
 gets a fresh random one when its sequence is made. top-k / top-p become one cutoff logit per row
 (a sort of the vocabulary, values only), applied in vocabulary order; a batch without them skips
 the sort, and the choice is the same argmax in vocabulary order either way. Cost at Qwen2-VL's
@@ -35,6 +37,15 @@ from .kernels.sampling import greedy_ids, greedy_tokens, gumbel_argmax
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How a request picks its trace tokens (the fields of OpenAI's and vLLM's sampling options).
+
+    temperature: 0 = greedy (the default: deterministic traces and embeddings), else logits are
+        divided by it before sampling; at most fp32's largest. top_k: keep the k largest logits
+        (and any tied with the k-th); 0 = off. top_p: keep the smallest set of the largest whose
+        probability reaches it, in (0, 1]; 1 = off. seed: any integer (see `draw_seed`); None = a
+        fresh random one per request. Raises ValueError naming the field for a value outside these.
+    """
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
     p.add_argument("--checkpoint", help="checkpoint directory, engine directory or alias (default: tiny-random, a random test "
-                   "checkpoint whose vectors mean nothing; a warning says so)")
+                   "checkpoint whose vectors mean nothing; left to this default, a warning says so)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: one the system picks, logged)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every path but /health and /metrics "
