@@ -90,7 +90,8 @@ def print_summary(summary: dict) -> None:
                   f"top-1 agreement {a['retrieval_top1_agreement']:.0%}")
     if summary["random_init"] and (acc or pt):  # a new user read "traces identical 0%" as a broken export
         print("  (random weights: near-uniform logits, so greedy traces part at the first near-tie; trace agreement "
-              "means something on trained weights only)")
+              "means something on trained weights only, and an item whose trace parts embeds a different text, so "
+              "its cosine can fall well below these calibration items' minimum)")
     if summary["fp8"] and not acc and not pt:
         print("  FP8 accuracy: not measured (needs --calibration > 0)")
     if "trtllm" in summary:

@@ -410,3 +410,11 @@ def test_never_stop_checkpoints_run_every_trace_to_its_budget(make_checkpoint, t
     path = never_stop(shutil.copytree(make_checkpoint("parity", head="last_token", tie_word_embeddings=tied, think_max_tokens=12), tmp_path / "c"))
     res = Engine(path).embed(mixed_items, max_trace_tokens=12)
     assert res.stop_reasons == ["max_tokens"] * len(mixed_items)
+
+
+def test_engine_repr_says_what_it_serves(make_checkpoint):
+    """A notebook or a log shows the engine's checkpoint and main settings, not an object address."""
+    path = make_checkpoint("engine", think_max_tokens=10)
+    text = repr(Engine(path, max_num_seqs=8))
+    assert text.startswith(f"Engine({str(path)!r}") and " at 0x" not in text
+    assert "device=cpu" in text and "dtype=float32" in text and "max_num_seqs=8" in text and "cuda_graphs=off" in text
