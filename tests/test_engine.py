@@ -1,6 +1,7 @@
 """Engine behaviour: stop rules, batch invariance, memory pressure, chunking, bad items, layouts."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -418,3 +419,78 @@ def test_engine_repr_says_what_it_serves(make_checkpoint):
     text = repr(Engine(path, max_num_seqs=8))
     assert text.startswith(f"Engine({str(path)!r}") and " at 0x" not in text
     assert "device=cpu" in text and "dtype=float32" in text and "max_num_seqs=8" in text and "cuda_graphs=off" in text
+
+
+@pytest.mark.parametrize("errors", ["raise", "return"])
+def test_two_threads_never_step_one_engine_at_once(make_checkpoint, mixed_items, errors):
+    """Two threads calling embed on one engine: one runs, the other gets RuntimeError, and the
+    engine's results stay right (both used to pass the idle check before either queued a request,
+    then stepped the same batch together: an IndexError in one, a TypeError in the other, and a
+    prefix cache holding wrong KV, so every later call returned other vectors without an error).
+    Each thread's first `add_request` waits until the other has either reached its own or ended:
+    the old check-then-act window, held open."""
+    engine = Engine(make_checkpoint("engine", think_max_tokens=10), enable_prefix_caching=True)
+    items = [mixed_items[0], mixed_items[3]]
+    baseline = engine.embed(items)
+    engine.reset_prefix_cache()
+    cond, arrived, ended = threading.Condition(), set(), []
+    real_add = engine.add_request
+
+    def add_request(seq):
+        with cond:
+            if threading.get_ident() not in arrived:
+                arrived.add(threading.get_ident())
+                cond.notify_all()
+                assert cond.wait_for(lambda: len(arrived) == 2 or ended, timeout=60)
+        return real_add(seq)
+
+    engine.add_request = add_request
+    outcomes = []
+
+    def call():
+        try:
+            outcomes.append(engine.embed(items, errors=errors))
+        except Exception as exc:  # noqa: BLE001 - what each thread got is the test's subject
+            outcomes.append(exc)
+        finally:
+            with cond:
+                ended.append(threading.get_ident())
+                cond.notify_all()
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    del engine.add_request
+    busy = [o for o in outcomes if isinstance(o, RuntimeError)]
+    done = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(busy) == 1 and len(done) == 1, outcomes
+    assert "already running" in str(busy[0])
+    for result in (done[0], engine.embed(items)):  # (within the contract: a cached prefix was computed in another batch)
+        assert result.trace_token_ids == baseline.trace_token_ids
+        assert all(cosine(result.embeddings[i], baseline.embeddings[i]) >= 0.99999 for i in range(len(items)))
+
+
+def test_another_thread_cannot_step_an_engine_inside_embed(make_checkpoint, mixed_items):
+    """While embed runs its loop, `step()`, `embed()` and `generate_traces()` from another thread
+    are refused (the loop's thread may call back into none of them either: see the progress test)."""
+    engine = Engine(make_checkpoint("engine", think_max_tokens=10))
+    seen = []
+
+    def from_another_thread(done):
+        def attempt():
+            for call in (engine.step, lambda: engine.embed(["x"]), lambda: engine.generate_traces(["x"])):
+                try:
+                    call()
+                    seen.append("ran")
+                except RuntimeError as exc:
+                    seen.append(str(exc))
+
+        t = threading.Thread(target=attempt)
+        t.start()
+        t.join()
+
+    result = engine.embed(mixed_items[:2], progress=from_another_thread)
+    assert seen and all("already running" in s for s in seen), seen
+    assert result.errors == [None, None] and engine.embed(mixed_items[:2]).trace_token_ids == result.trace_token_ids

@@ -7,10 +7,12 @@ same machinery one level down: `add_request()` and `step()`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -121,6 +123,8 @@ class Engine:
         share = cache_budget_bytes(self.config.cache_memory, self.device) // len(models)  # two models split the cache
         self.stages = [self._make_stage(d, m, share) for d, m in zip(stage_dirs, models)]
         self.last_step_size = 0  # sequences the last step() ran
+        self._loop_lock = threading.Lock()  # held by the thread running a loop of steps (`claim_loop`)
+        self._loop_owner: int | None = None
         self.failed_step_seqs: list[Sequence] | None = None  # the sequences of the last step() that raised (see step)
         self.scheduler = Scheduler(
             [s.blocks for s in self.stages],
@@ -310,6 +314,8 @@ class Engine:
         retries its work, and aborting any of its sequences leaves the others correct.
         `failed_step_seqs` then lists the sequences the step ran (None: it failed before it had
         any), so a server can fail those requests alone."""
+        if self._loop_owner is not None and self._loop_owner != threading.get_ident():
+            raise RuntimeError(_BUSY)
         self.last_step_size, self.failed_step_seqs = 0, None
         step = None
         try:
@@ -340,28 +346,46 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    @contextlib.contextmanager
+    def claim_loop(self):
+        """Run a loop of steps on an idle engine, this thread alone: `run`, `embed` and
+        `generate_traces` hold it; meanwhile the same call from another thread, or from inside the
+        loop (a progress callback), and `step()` from another thread raise RuntimeError instead of
+        stepping the same batch twice (two threads' `embed` corrupted the prefix cache: every
+        later call returned wrong vectors). Raises RuntimeError if the engine is claimed or has
+        requests in flight (added with `add_request`)."""
+        if not self._loop_lock.acquire(blocking=False):
+            raise RuntimeError(_BUSY)
+        try:
+            if self.has_unfinished():
+                raise RuntimeError(_BUSY)
+            self._loop_owner = threading.get_ident()
+            yield
+        finally:
+            self._loop_owner = None
+            self._loop_lock.release()
+
     def run(self, seqs: list[Sequence], on_done: Callable[[list[Sequence]], None] | None = None) -> None:
         """Run already-built sequences to completion on an idle engine; `on_done` sees each step's finished.
 
         On any error (or Ctrl-C) every sequence is dropped and its blocks freed, so the engine stays usable.
         """
-        if self.has_unfinished():
-            raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
         if len({id(s) for s in seqs}) < len(seqs) or any(s.submitted for s in seqs):  # before any is queued: the others stay new
             raise ValueError("a sequence is given twice or was already submitted (a Sequence runs once; make a new one with "
                              "Engine.make_sequence)")
-        try:
-            for seq in seqs:
-                self.add_request(seq)
-            with step_loop_mode() as callers_mode:
-                while self.has_unfinished():
-                    done = self.step()
-                    if done and on_done is not None:
-                        with callers_mode():
-                            on_done(done)
-        except BaseException:
-            self.scheduler.abort_all()
-            raise
+        with self.claim_loop():
+            try:
+                for seq in seqs:
+                    self.add_request(seq)
+                with step_loop_mode() as callers_mode:
+                    while self.has_unfinished():
+                        done = self.step()
+                        if done and on_done is not None:
+                            with callers_mode():
+                                on_done(done)
+            except BaseException:
+                self.scheduler.abort_all()
+                raise
 
     # ------------------------------------------------------------------ public API
     def embed(
@@ -416,8 +440,8 @@ class Engine:
         self.prompts.check_instruction(instruction)
         if not (progress is None or isinstance(progress, bool) or callable(progress)):
             raise InvalidInputError(f"progress must be True, False or a callable, got {type(progress).__name__}", None, "progress")
-        if self.has_unfinished():
-            raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
+        if self.has_unfinished() or self._loop_owner is not None:  # early, before any preparation (`claim_loop` decides)
+            raise RuntimeError(_BUSY)
         # one item (a text, a dict, a Query), or any collection of them: a list, a tuple, a generator, a pandas Series
         items = [items] if isinstance(items, (str, bytes, dict, Query)) or not isinstance(items, Iterable) else list(items)
         settings = dict(think=think, max_trace_tokens=max_trace_tokens, instruction=instruction, sampling=sampling, embed=embed,
@@ -454,6 +478,10 @@ class Engine:
             if bar is not None:
                 bar.close()
         return seqs
+
+
+_BUSY = ("the engine is already running requests (embed() is not re-entrant, and one engine serves one thread's loop at a "
+         "time: use one engine per thread, or add_request/step from one loop)")
 
 
 def _usage(seqs: list[Sequence], image_token_id: int, video_token_id: int) -> dict[str, int]:

@@ -43,11 +43,9 @@ def run_prepared(engine, n: int, prepare: Callable[[int], Sequence | None], on_d
     preparations are cancelled, every sequence is dropped (the engine stays usable) and the
     exception propagates.
     """
-    if engine.has_unfinished():
-        raise RuntimeError("the engine is already running requests (embed() is not re-entrant; use add_request/step)")
     if n == 0:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, n)), thread_name_prefix="tte-prep") as pool:
+    with engine.claim_loop(), ThreadPoolExecutor(max_workers=max(1, min(threads, n)), thread_name_prefix="tte-prep") as pool:
         futures = [pool.submit(prepare, i) for i in range(n)]
         added = steps = 0
         try:
