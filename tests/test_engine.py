@@ -494,3 +494,60 @@ def test_another_thread_cannot_step_an_engine_inside_embed(make_checkpoint, mixe
     result = engine.embed(mixed_items[:2], progress=from_another_thread)
     assert seen and all("already running" in s for s in seen), seen
     assert result.errors == [None, None] and engine.embed(mixed_items[:2]).trace_token_ids == result.trace_token_ids
+
+
+def test_a_non_finite_embedding_is_that_items_error(make_checkpoint, mixed_items, monkeypatch, tmp_path):
+    """A NaN or inf embedding (broken weights, a 16-bit overflow) is never handed out as a result:
+    the item fails alone (errors="return": a NaN row and a reason; "raise": ModelOutputError naming
+    it), and tte-embed's cache keeps nothing of it; the other items are what they are alone."""
+    from tte_engine import runner as runner_module
+    from tte_engine.errors import NON_FINITE_EMBEDDING, ModelOutputError
+    from tte_engine.result_cache import embed_items
+
+    engine = Engine(make_checkpoint("engine", think_max_tokens=10))
+    items = mixed_items[:3]
+    baseline = engine.embed(items)
+    real_run = runner_module.Runner.run
+
+    def run(self, step):  # item 1's pooled vector comes out NaN, or inf
+        tokens, embeddings = real_run(self, step)
+        for j, i in enumerate(step.pool_idx):
+            if step.seqs[i].tag == 1:
+                embeddings[j, 0] = math.inf if embeddings[j, 1] > 0 else math.nan
+        return tokens, embeddings
+
+    monkeypatch.setattr(runner_module.Runner, "run", run)
+    res = engine.embed(items, errors="return")
+    assert res.errors == [None, NON_FINITE_EMBEDDING, None] and res.stop_reasons[1] is None
+    assert torch.isnan(res.embeddings[1]).all()
+    for i in (0, 2):
+        assert res.trace_token_ids[i] == baseline.trace_token_ids[i] and cosine(res.embeddings[i], baseline.embeddings[i]) >= 0.99999
+    with pytest.raises(ModelOutputError, match="item 1: the model produced a non-finite embedding"):
+        engine.embed(items)
+    results = embed_items(engine, items)  # tte-embed's and tte-serve's path
+    assert [r.error for r in results] == [None, NON_FINITE_EMBEDDING, None] and results[1].embedding is None
+    assert engine.embed(items[:1]).errors == [None]  # and the engine goes on
+
+
+@pytest.mark.parametrize("cache_memory", [float("nan"), "1GB", 0, -5, True, float("inf")])
+def test_an_unusable_cache_memory_is_refused_by_name(make_checkpoint, cache_memory):
+    with pytest.raises(ValueError, match="EngineConfig.cache_memory must be"):
+        Engine(make_checkpoint("engine", think_max_tokens=10), cache_memory=cache_memory)
+
+
+def test_a_cache_that_holds_no_item_is_refused_at_start(make_checkpoint, caplog):
+    """A KV cache smaller than the shortest item used to start an engine on which every item then
+    failed alone; one smaller than max_model_len starts, with a warning (vLLM refuses it)."""
+    from tte_engine.cache import bytes_per_block
+    from tte_engine.errors import CapacityError
+
+    path = make_checkpoint("engine", think_max_tokens=10)
+    probe = Engine(path)
+    per_block = bytes_per_block(probe.model_cfg, 16, probe.dtype, probe.stages[0].runner.model.head is not None)
+    need = -(-probe._shortest_item_tokens // 16)
+    with pytest.raises(CapacityError, match="fewer than the shortest item's"):
+        Engine(path, cache_memory=need * per_block)  # one block of it is the scratch block
+    with caplog.at_level("WARNING", logger="tte_engine"):
+        small = Engine(path, cache_memory=(need + 1) * per_block)
+    assert "fewer than max_model_len" in caplog.text
+    assert small.embed(["a"], think=False, instruction="", errors="return").errors == [None]

@@ -201,6 +201,24 @@ def test_truncate_to_the_model_leaves_room_for_the_trace(make_checkpoint):
     assert res.errors == [None] and room - 2 <= len(res.prompt_token_ids[0]) <= room
 
 
+def test_truncation_counts_a_supplied_trace_once(make_checkpoint):
+    """A supplied trace that fits the model beside its prompt fits with truncate_prompt_tokens=-1
+    too (it was checked a second time against the room it leaves the prompt, and refused); one
+    longer than the model is refused either way; and a trace budget larger than the model is
+    refused under -1 by its own name, not as a too-long default instruction."""
+    short = Engine(make_checkpoint("contract", think_max_tokens=4), max_model_len=400)
+    fits = {"text": "a cat", "trace": [5] * 300}
+    for truncate in (None, -1):
+        res = short.embed([fits, "word " * 1000 if truncate else "a dog", {"text": "a", "trace": [5] * 500}], errors="return",
+                          truncate_prompt_tokens=truncate)
+        assert res.errors[:2] == [None, None] and res.stop_reasons[0] == "given", truncate
+        assert "trace of 500 tokens exceeds the model limit" in res.errors[2]
+        assert len(res.prompt_token_ids[1]) + len(res.trace_token_ids[1]) <= 400
+    res = short.embed(["a short text"], max_trace_tokens=10**6, truncate_prompt_tokens=-1, errors="return")
+    assert "leave room for the trace budget of 1000000 tokens" in res.errors[0]
+    assert short.embed(["a short text"], max_trace_tokens=10**6, errors="return").errors == [None]  # the trace gets what fits
+
+
 def test_a_model_length_no_item_fits_is_refused_at_start(make_checkpoint):
     """max_model_len below the shortest prompt used to start an engine on which every item then failed
     alone; the smallest length that holds it starts, and that item embeds."""

@@ -10,6 +10,8 @@ than the cache simply waits its turn.
 
 from __future__ import annotations
 
+import math
+
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING
 
@@ -53,6 +55,9 @@ def cache_budget_bytes(budget: float | int | None, device: torch.device) -> int:
     """
     if budget is None:
         budget = 0.8 if device.type == "cuda" else 1 << 30  # CPU: 1 GiB
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"EngineConfig.cache_memory must be bytes (an int > 0) or a fraction of free device memory (a float in "
+                         f"(0, 1]), got {budget!r}")
     if isinstance(budget, float) and budget <= 1.0:
         if device.type != "cuda":
             raise CapacityError("a fractional cache_memory is only meaningful on CUDA; give bytes on CPU")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from .config import bad_field, is_int, is_number, json_type
+from .errors import CheckpointError, one_line
 from .random_checkpoint import SPECS, ensure_random_alias, tte_home
 
 # Model aliases and the Hugging Face repos whose cached snapshots may stand for them.
@@ -111,3 +112,67 @@ def fingerprint(path: str | Path, *, sample_bytes: int = 1 << 16, samples: int =
                 handle.seek((size - sample_bytes) * k // (samples - 1))
                 h.update(handle.read(sample_bytes))
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- aux files
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+GENERATION_CONFIG = "generation_config.json"
+# A tokenizer loads from any one of these sets of files (fast tokenizers.json; slow byte-level BPE; sentencepiece).
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path` (None when there is no such file); raises CheckpointError naming the file
+    when it cannot be read, is not JSON, or holds something other than an object."""
+    import json
+
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {json_type(raw)}")
+    return raw
+
+
+def check_tokenizer_files(checkpoint: str | Path) -> None:
+    """Raise CheckpointError when `checkpoint` holds no complete set of tokenizer files (transformers would
+    otherwise build a one-token tokenizer from config.json, or fail with its own message)."""
+    checkpoint = Path(checkpoint)
+    if any(all((checkpoint / name).is_file() for name in files) for files in TOKENIZER_FILE_SETS):
+        return
+    wanted = " or ".join(" + ".join(files) for files in TOKENIZER_FILE_SETS)
+    present = [n for files in TOKENIZER_FILE_SETS for n in files if (checkpoint / n).is_file()]
+    raise CheckpointError(f"{checkpoint}: the tokenizer files are missing (need {wanted}"
+                          + (f"; found only {', '.join(present)}" if present else "") + ")")
+
+
+def check_preprocessor_json(checkpoint: str | Path) -> None:
+    """Type-check `preprocessor_config.json` (absent: defaults) so it parses; the values' ranges and their
+    fit to the model are checked on the parsed config (`inputs.check_image_config`). Raises CheckpointError
+    naming the file and the field."""
+    path = Path(checkpoint) / PREPROCESSOR_CONFIG
+    raw = read_json_object(path)
+    if raw is None:
+        return
+    size = raw.get("size")
+    if size is not None and not isinstance(size, dict):
+        raise bad_field(str(path), "size", "an object", size)
+    fields = [(k, raw.get(k)) for k in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size")]
+    fields += [(f"size.{k}", (size or {}).get(k)) for k in ("shortest_edge", "longest_edge", "min_pixels", "max_pixels")]
+    for name, value in fields:
+        if value is not None and (not is_int(value) or value < 1):
+            raise bad_field(str(path), name, "a positive integer", value)
+    for name in ("image_mean", "image_std"):
+        value = raw.get(name)
+        if value is not None and not (isinstance(value, list) and value and all(is_number(x) for x in value)):
+            raise bad_field(str(path), name, "a list of numbers", value)
+
+
+def check_checkpoint_files(checkpoint: str | Path) -> None:
+    """Check the files read before the model (tokenizer, image-processor config) so that a missing or
+    malformed one raises CheckpointError naming it, not transformers' or the parser's own error."""
+    check_tokenizer_files(checkpoint)
+    check_preprocessor_json(checkpoint)

@@ -244,6 +244,54 @@ def int_within(text: str, least: int, most: int | None = None, what: str | None 
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (not nan, not inf)."""
+    return float_within(text, 0.0, strict=False)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (not nan, not inf)."""
+    return float_within(text, 0.0, strict=True)
+
+
+def float_within(text: str, least: float, *, strict: bool) -> float:
+    """The core of an argparse float type: `text` as a finite float > least (strict) or >= least,
+    else ArgumentTypeError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < least or (strict and value == least):
+        raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {least:g}, got {text!r}")
+    return value
+
+
+def existing_dir(text: str) -> Path:
+    """argparse type: an existing directory, returned resolved (absolute, symlinks followed)."""
+    try:
+        path = Path(text).expanduser().resolve()
+        ok = path.is_dir()
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, an unknown ~user, a symlink loop
+        ok = False
+    if not text or not ok:
+        raise argparse.ArgumentTypeError(f"must be an existing directory, got {text!r}")
+    return path
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device this engine runs on: cpu, cuda or cuda:N (N a visible GPU when CUDA is available)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available() and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"must name a visible GPU: {text!r}, but this machine has {torch.cuda.device_count()} "
+                                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return text
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The engine flags tte-embed and tte-serve share (read back by `engine_switches`)."""
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly (vLLM's flag)")
@@ -276,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-think", action="store_true", help="skip the trace (plain last-token embedding)")
     parser.add_argument("--max-trace-tokens", type=int, help="trace budget (default: from tte_config.json)")
     parser.add_argument("--instruction", help="task instruction or a named instruction of the checkpoint")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
     add_engine_flags(parser)
-    parser.add_argument("--batch-size", type=int, default=256, help="items handed to the engine at a time, and written together (default 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="items handed to the engine at a time, and written together (default 256)")
     parser.add_argument("--cache", type=Path, help="SQLite trace/embedding cache (default: $TTE_HOME/cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier (partial) results at the output prefix")
@@ -297,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.demo:
             print("tte-embed: warning: no --checkpoint given: embedding with tiny-random, a random test checkpoint "
                   "(its vectors mean nothing)", file=sys.stderr)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
     if args.input is not None and not args.demo:
         if not args.input.is_file():
             parser.error(f"{args.input}: no such file")

@@ -16,11 +16,37 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .errors import one_line as _one_line
 
 logger = logging.getLogger("tte_engine")
 
 TTE_CONFIG_NAME = "tte_config.json"
 TTE_FORMAT_VERSION = 1
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON `true` is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of `value`'s type, for error messages."""
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "an integer"), (float, "a number"),
+                       (list, "an array"), (dict, "an object"), (type(None), "null")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def bad_field(source: str, name: str, want: str, value: Any) -> CheckpointError:
+    """The CheckpointError for field `name` of the file `source` that is not `want`: one line."""
+    shown = repr(value) if len(repr(value)) <= 80 else f"{json_type(value)} {repr(value)[:60]}..."
+    return CheckpointError(f"{source}: {name} must be {want}, got {shown}")
 
 
 @dataclass(frozen=True)
@@ -76,28 +102,41 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Parse a Qwen2-VL `config.json` dict (flat hub layout or nested transformers-5 layout)."""
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Parse a Qwen2-VL `config.json` dict (flat hub layout or nested transformers-5 layout).
+
+        Raises CheckpointError (naming `source` and the field) for anything the runtime cannot build."""
         from transformers import Qwen2VLConfig
 
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {json_type(hf)}")
         if hf.get("model_type") not in ("qwen2_vl", None):
-            raise CheckpointError(f"expected a Qwen2-VL checkpoint (model_type 'qwen2_vl'), got {hf.get('model_type')!r}")
+            raise CheckpointError(f"{source}: expected a Qwen2-VL checkpoint (model_type 'qwen2_vl'), got {hf.get('model_type')!r}")
+        for name in ("text_config", "vision_config", "rope_scaling", "rope_parameters"):
+            if hf.get(name) is not None and not isinstance(hf[name], dict):
+                raise bad_field(source, name, "an object", hf[name])
         hf = {k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")}
         try:
             cfg = Qwen2VLConfig(**hf)
         except Exception as exc:  # transformers raises several types for malformed configs
-            raise CheckpointError(f"cannot parse the Qwen2-VL config: {exc}") from exc
+            raise CheckpointError(f"{source}: cannot parse the Qwen2-VL config: {_one_line(exc)}") from exc
         t, v = cfg.text_config, cfg.vision_config
         if getattr(t, "use_sliding_window", False):
-            raise CheckpointError("sliding-window attention (use_sliding_window=true) is not supported")
+            raise CheckpointError(f"{source}: sliding-window attention (use_sliding_window=true) is not supported")
         rope = t.rope_parameters or {}
-        section = tuple(rope.get("mrope_section") or (16, 24, 24))
-        head_dim = t.hidden_size // t.num_attention_heads
-        if sum(section) != head_dim // 2:
-            raise CheckpointError(f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}")
         vrope = v.rope_parameters or {}
+        if not isinstance(rope, dict) or not isinstance(vrope, dict):
+            raise bad_field(source, "rope_parameters", "an object", rope if not isinstance(rope, dict) else vrope)
+        section = rope.get("mrope_section") or (16, 24, 24)
+        if not isinstance(section, (list, tuple)):
+            raise bad_field(source, "mrope_section", "a list of 3 integers", section)
         dtype = hf.get("dtype") or hf.get("torch_dtype") or t.dtype or "float32"
-        return cls(
+        try:
+            rope_theta, vision_theta = rope.get("rope_theta", 1000000.0), vrope.get("rope_theta", 10000.0)
+            rope_theta, vision_theta = float(rope_theta), float(vision_theta)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise bad_field(source, "rope_theta", "a positive number", rope_theta) from None
+        out = cls(
             text=TextConfig(
                 vocab_size=t.vocab_size,
                 hidden_size=t.hidden_size,
@@ -106,8 +145,8 @@ class ModelConfig:
                 num_heads=t.num_attention_heads,
                 num_kv_heads=t.num_key_value_heads,
                 rms_norm_eps=t.rms_norm_eps,
-                rope_theta=float(rope.get("rope_theta", 1000000.0)),
-                mrope_section=section,
+                rope_theta=rope_theta,
+                mrope_section=tuple(section),
                 max_position_embeddings=t.max_position_embeddings,
                 tie_word_embeddings=bool(cfg.tie_word_embeddings),
             ),
@@ -122,7 +161,7 @@ class ModelConfig:
                 temporal_patch_size=v.temporal_patch_size,
                 spatial_merge_size=v.spatial_merge_size,
                 in_channels=v.in_channels,
-                rope_theta=float(vrope.get("rope_theta", 10000.0)),
+                rope_theta=vision_theta,
             ),
             image_token_id=cfg.image_token_id,
             video_token_id=cfg.video_token_id,
@@ -130,6 +169,53 @@ class ModelConfig:
             vision_end_token_id=cfg.vision_end_token_id,
             torch_dtype=str(dtype).replace("torch.", ""),
         )
+        out.check(source)
+        return out
+
+    def check(self, source: str = "config.json") -> None:
+        """Raise CheckpointError naming `source` and the first field the runtime cannot build a model from
+        (a wrong type, a non-positive size, heads that do not divide the width, a token id outside the vocabulary)."""
+        from .model.vision_tower import _ACTIVATIONS
+
+        t, v = self.text, self.vision
+        positive = [("vocab_size", t.vocab_size), ("hidden_size", t.hidden_size), ("intermediate_size", t.intermediate_size),
+                    ("num_hidden_layers", t.num_layers), ("num_attention_heads", t.num_heads),
+                    ("num_key_value_heads", t.num_kv_heads), ("max_position_embeddings", t.max_position_embeddings),
+                    ("vision_config.depth", v.depth), ("vision_config.embed_dim", v.embed_dim),
+                    ("vision_config.num_heads", v.num_heads), ("vision_config.hidden_size", v.out_hidden_size),
+                    ("vision_config.patch_size", v.patch_size), ("vision_config.temporal_patch_size", v.temporal_patch_size),
+                    ("vision_config.spatial_merge_size", v.spatial_merge_size), ("vision_config.in_channels", v.in_channels)]
+        for name, value in positive:
+            if not is_int(value) or value < 1:
+                raise bad_field(source, name, "a positive integer", value)
+        for name, value in (("rms_norm_eps", t.rms_norm_eps), ("rope_theta", t.rope_theta),
+                            ("vision_config.rope_theta", v.rope_theta), ("vision_config.mlp_ratio", v.mlp_ratio)):
+            if not is_number(value) or not 0 < value < float("inf"):
+                raise bad_field(source, name, "a positive number", value)
+        if int(v.embed_dim * v.mlp_ratio) < 1:
+            raise bad_field(source, "vision_config.mlp_ratio", "large enough for an MLP of at least 1 unit", v.mlp_ratio)
+        for name, width, heads in (("hidden_size", t.hidden_size, t.num_heads), ("vision_config.embed_dim", v.embed_dim, v.num_heads)):
+            if width % heads or (width // heads) % 2:
+                raise CheckpointError(f"{source}: {name} {width} must split into {heads} heads of an even size")
+        if t.num_heads % t.num_kv_heads:
+            raise CheckpointError(f"{source}: num_attention_heads {t.num_heads} must be a multiple of num_key_value_heads {t.num_kv_heads}")
+        section = t.mrope_section
+        if len(section) != 3 or not all(is_int(x) and x >= 0 for x in section):
+            raise bad_field(source, "mrope_section", "a list of 3 integers >= 0", list(section))
+        if sum(section) != t.head_dim // 2:
+            raise CheckpointError(f"{source}: mrope_section {list(section)} must sum to head_dim/2 = {t.head_dim // 2}")
+        if v.out_hidden_size != t.hidden_size:
+            raise CheckpointError(f"{source}: vision_config.hidden_size {v.out_hidden_size} (the merger's output) must equal hidden_size {t.hidden_size}")
+        if v.hidden_act not in _ACTIVATIONS:
+            raise bad_field(source, "vision_config.hidden_act", f"one of {sorted(_ACTIVATIONS)}", v.hidden_act)
+        if not isinstance(t.tie_word_embeddings, bool):
+            raise bad_field(source, "tie_word_embeddings", "true or false", t.tie_word_embeddings)
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            if not is_int(value) or not 0 <= value < t.vocab_size:
+                raise bad_field(source, name, f"a token id in [0, {t.vocab_size})", value)
+        if self.torch_dtype not in FLOAT_DTYPES:
+            raise bad_field(source, "torch_dtype", f"one of {', '.join(FLOAT_DTYPES)}", self.torch_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,42 +265,89 @@ class TTEConfig:
             return cls()
         try:
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+            raise CheckpointError(f"cannot read {path}: {_one_line(exc)}") from exc
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "tte_config") -> "TTEConfig":
+        """Parse and check a `tte_config.json` dict: every field's type and range; raises CheckpointError
+        naming `source` and the field. Unknown top-level keys are ignored; unknown head/think keys are refused."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {json_type(raw)}")
         version = raw.get("format_version", TTE_FORMAT_VERSION)
+        if not is_int(version) or version < 1:
+            raise bad_field(source, "format_version", "a positive integer", version)
         if version > TTE_FORMAT_VERSION:
             raise CheckpointError(
                 f"{source} has format_version {version}; this tte_engine reads up to {TTE_FORMAT_VERSION}: upgrade tte_engine"
             )
-        try:
-            cfg = cls(
-                format_version=version,
-                mode=raw.get("mode", "unified"),
-                reasoner=raw.get("reasoner"),
-                head=HeadConfig(**raw.get("head", {})),
-                normalize=raw.get("normalize", True),
-                think=ThinkConfig(**raw.get("think", {})),
-                embed_suffix=raw.get("embed_suffix", "<|endoftext|>"),
-                instructions=dict(raw.get("instructions") or {"default": "Represent the given input."}),
-            )
-        except TypeError as exc:
-            raise CheckpointError(f"{source}: unknown field ({exc})") from exc
-        if cfg.mode not in ("unified", "two_model"):
-            raise CheckpointError(f"{source}: mode must be 'unified' or 'two_model', got {cfg.mode!r}")
-        if cfg.mode == "two_model" and not cfg.reasoner:
+        mode = raw.get("mode", "unified")
+        if not isinstance(mode, str) or mode not in ("unified", "two_model"):
+            raise bad_field(source, "mode", "'unified' or 'two_model'", mode)
+        reasoner = raw.get("reasoner")
+        if reasoner is not None and not (isinstance(reasoner, str) and reasoner.strip()):
+            raise bad_field(source, "reasoner", "a checkpoint path or alias (a non-empty string)", reasoner)
+        if mode == "two_model" and not reasoner:
             raise CheckpointError(f"{source}: mode 'two_model' needs a 'reasoner' checkpoint")
-        if cfg.head.type not in ("last_token", "mhsa"):
-            raise CheckpointError(f"{source}: head.type must be 'last_token' or 'mhsa', got {cfg.head.type!r}")
-        if "default" not in cfg.instructions:
+        head = HeadConfig(**_section(raw, "head", HeadConfig, source))
+        if not isinstance(head.type, str) or head.type not in ("last_token", "mhsa"):
+            raise bad_field(source, "head.type", "'last_token' or 'mhsa'", head.type)
+        if not is_int(head.source_layer):
+            raise bad_field(source, "head.source_layer", "an integer", head.source_layer)
+        if not is_int(head.num_layers) or head.num_layers < 1:
+            raise bad_field(source, "head.num_layers", "a positive integer", head.num_layers)
+        if not isinstance(head.weights, str) or not head.weights.strip():
+            raise bad_field(source, "head.weights", "a file name", head.weights)
+        think = ThinkConfig(**_section(raw, "think", ThinkConfig, source))
+        for name in ("start", "end"):
+            if not isinstance(getattr(think, name), str) or not getattr(think, name):
+                raise bad_field(source, f"think.{name}", "a non-empty string", getattr(think, name))
+        if not is_int(think.max_tokens) or think.max_tokens < 0:
+            raise bad_field(source, "think.max_tokens", "an integer >= 0", think.max_tokens)
+        normalize = raw.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise bad_field(source, "normalize", "true or false", normalize)
+        suffix = raw.get("embed_suffix", "<|endoftext|>")
+        if not isinstance(suffix, str):
+            raise bad_field(source, "embed_suffix", "a string", suffix)
+        instructions = raw.get("instructions") or {"default": "Represent the given input."}
+        if not isinstance(instructions, dict):
+            raise bad_field(source, "instructions", "an object of name: instruction text", instructions)
+        for name, text in instructions.items():
+            if not isinstance(text, str):
+                raise bad_field(source, f"instructions.{name}", "a string", text)
+        if "default" not in instructions:
             raise CheckpointError(f"{source}: instructions must have a 'default' entry")
-        return cfg
+        return cls(format_version=version, mode=mode, reasoner=reasoner, head=head, normalize=normalize, think=think,
+                   embed_suffix=suffix, instructions=dict(instructions))
+
+    def check_for(self, model_cfg: "ModelConfig", source: str = TTE_CONFIG_NAME) -> None:
+        """Raise CheckpointError (naming `source` and the field) when the head does not fit the model:
+        an mhsa head's source_layer must index a backbone layer, Python-style ([-L, L): -K is the
+        residual stream entering layer L-K), and its num_layers must be in [1, L]."""
+        layers = model_cfg.text.num_layers
+        if self.head.type != "mhsa":
+            return
+        if not -layers <= self.head.source_layer < layers:
+            raise bad_field(source, "head.source_layer", f"in [-{layers}, {layers}) for this {layers}-layer model", self.head.source_layer)
+        if not 1 <= self.head.num_layers <= layers:
+            raise bad_field(source, "head.num_layers", f"in [1, {layers}] for this {layers}-layer model", self.head.num_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _section(raw: dict[str, Any], name: str, kind: type, source: str) -> dict[str, Any]:
+    """The `name` object of `raw` (absent: {}), its keys checked against the dataclass `kind`'s fields."""
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise bad_field(source, name, "an object", value)
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        raise CheckpointError(f"{source}: unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)} (known: {', '.join(sorted(known))})")
+    return value
 
 
 @dataclass

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cache_budget_bytes
-from .checkpoint import fingerprint, resolve_checkpoint
+from .checkpoint import check_checkpoint_files, fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig
 from .engine_dir import EngineDir, is_engine_dir
-from .errors import Cancelled, CheckpointError, InvalidInputError, describe
+from .errors import Cancelled, CapacityError, CheckpointError, InvalidInputError, ModelOutputError, describe
 from .host_memory import keep_freed_memory
 from .inputs import PromptBuilder, Query, as_query, check_settings
 from .prep import prepare_all, run_prepared
@@ -103,12 +103,14 @@ class Engine:
         self.tte = self.engine_dir.tte if self.engine_dir else TTEConfig.load(self.checkpoint)
         if not self.tte.normalize:
             raise CheckpointError(f"{self.checkpoint}: normalize=false is not supported (embeddings are always L2-normalized)")
-        self.model_cfg = self.engine_dir.model_cfg if self.engine_dir else ModelConfig.from_hf(_read_json(self.checkpoint / "config.json"))
+        self.model_cfg = self.engine_dir.model_cfg if self.engine_dir else ModelConfig.from_hf(_read_json(self.checkpoint / "config.json"),
+                                                                                                 source=str(self.checkpoint / "config.json"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device, self.model_cfg)
         self.max_model_len = min(self.config.max_model_len or self.model_cfg.text.max_position_embeddings, self.model_cfg.text.max_position_embeddings)
 
         from transformers import AutoTokenizer
 
+        check_checkpoint_files(self.checkpoint)  # tokenizer and preprocessor files: one CheckpointError, not transformers' traceback
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
         self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
@@ -150,6 +152,7 @@ class Engine:
         follow any prompt (think end, embed suffix) must fit. Raises ValueError."""
         shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)
         tail = self.prompts.closing_tokens
+        self._shortest_item_tokens = shortest + tail  # the KV cache must hold this much too (`_make_stage`)
         if shortest + tail > self.max_model_len:
             raise ValueError(f"max_model_len {self.max_model_len} holds no item: the shortest prompt (a one-word text, no instruction, "
                              f"no thinking: {shortest} tokens) and the {tail} tokens that must follow any prompt (think end, embed "
@@ -160,6 +163,7 @@ class Engine:
         path = resolve_checkpoint(self.checkpoint / ref if not ref.is_absolute() and (self.checkpoint / ref).is_dir() else self.tte.reasoner)
         from transformers import AutoTokenizer
 
+        check_checkpoint_files(path)
         if AutoTokenizer.from_pretrained(path).get_vocab() != self.tokenizer.get_vocab():
             raise CheckpointError(f"two_model: the reasoner {path} must share the embedder's tokenizer")
         if ImageProcessorConfig.load(path) != self.image_cfg:
@@ -167,7 +171,7 @@ class Engine:
         return path
 
     def _load_model(self, checkpoint: Path, embedder: bool):
-        cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(_read_json(checkpoint / "config.json"))
+        cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(_read_json(checkpoint / "config.json"), source=str(checkpoint / "config.json"))
         if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
         head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
@@ -186,6 +190,13 @@ class Engine:
         cfg, with_hidden = model.cfg, model.head is not None
         per_block = bytes_per_block(cfg, self.config.block_size, self.dtype, with_hidden)
         num_blocks = blocks_in(budget_bytes, per_block)
+        if num_blocks * self.config.block_size < self._shortest_item_tokens:  # every item would fail, one by one
+            raise CapacityError(f"a KV cache of {budget_bytes} bytes holds {num_blocks} blocks of {self.config.block_size} tokens: "
+                                f"fewer than the shortest item's {self._shortest_item_tokens} tokens (raise cache_memory to at least "
+                                f"{(-(-self._shortest_item_tokens // self.config.block_size) + 1) * per_block} bytes)")
+        if num_blocks * self.config.block_size < self.max_model_len:  # vLLM refuses this; here items that fit still run
+            logger.warning("%s: the KV cache holds %d tokens, fewer than max_model_len %d: a longer item fails alone (raise "
+                           "cache_memory, or lower max_model_len)", checkpoint.name, num_blocks * self.config.block_size, self.max_model_len)
         cache = allocate_cache(cfg, num_blocks, self.config.block_size, self.dtype, self.device, with_hidden)
         max_blocks_per_seq = -(-self.max_model_len // self.config.block_size)
         blocks = BlockManager(num_blocks, self.config.block_size, self.config.max_num_seqs, max_blocks_per_seq,
@@ -237,13 +248,20 @@ class Engine:
         budget = self.tte.think.max_tokens if max_trace_tokens is None else max_trace_tokens
         try:
             query = as_query(item, index)
-            fit = self.max_model_len - self.prompts.closing_tokens  # the most a prompt may take
+            fit = self.max_model_len - self.prompts.closing_tokens  # the most a prompt (and a given trace) may take
+            # against the whole model: a supplied trace is checked once, here, not again against what it leaves the prompt
+            self.prompts.check_size(query, instruction, fit, index, text=truncate_prompt_tokens is None)
             if truncate_prompt_tokens is not None:
                 reserve = len(query.trace) if isinstance(query.trace, list) else budget if think and query.trace is None else 0
-                fit = max(1, min(fit - reserve, fit if truncate_prompt_tokens == -1 else truncate_prompt_tokens))
+                if reserve >= fit:
+                    raise InvalidInputError(
+                        f"truncate_prompt_tokens={truncate_prompt_tokens} cuts the text to leave room for the "
+                        f"{'supplied trace' if isinstance(query.trace, list) else 'trace budget'} of {reserve} tokens, but the model "
+                        f"holds {fit} besides the closing tokens: nothing would be left for the prompt"
+                        + ("" if isinstance(query.trace, list) else " (lower max_trace_tokens)"), index, "truncate_prompt_tokens")
+                fit = min(fit - reserve, fit if truncate_prompt_tokens == -1 else truncate_prompt_tokens)
                 if query.text is not None:  # a prefix this long already holds more than `fit` tokens
                     query = replace(query, text=query.text[: fit * self.prompts.max_token_chars])
-            self.prompts.check_size(query, instruction, fit, index, text=truncate_prompt_tokens is None)
             prompt = self.prompts.build(query, index, think=think, instruction=instruction, max_tokens=fit)
             if truncate_prompt_tokens is not None:
                 prompt = self.prompts.truncate(query, prompt, fit, index, think=think, instruction=instruction)
@@ -477,6 +495,11 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
+        for i, s in enumerate(seqs):  # results the model could not give (a NaN embedding): that item's error
+            if isinstance(s, Sequence) and s.error is not None:
+                if errors == "raise":
+                    raise ModelOutputError(s.error, i)
+                seqs[i] = s.error
         return seqs
 
 
@@ -505,5 +528,5 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"missing {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"cannot parse {path}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc

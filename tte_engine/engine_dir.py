@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .config import HeadConfig, ModelConfig, TTEConfig
-from .errors import CheckpointError
+from .config import FLOAT_DTYPES, HeadConfig, ModelConfig, TTEConfig, is_int
+from .errors import CheckpointError, one_line
 from .model.fp8 import FP8_DTYPE, swap_in_fp8
 from .model.loader import check_complete, iter_tensors
 from .model.qwen2_vl import Qwen2VL
@@ -56,13 +56,13 @@ class EngineDir:
         file = path / ENGINE_FILE
         try:
             raw = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"cannot read {file}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+            raise CheckpointError(f"cannot read {file}: {one_line(exc)}") from exc
         if not isinstance(raw, dict) or raw.get("format") != ENGINE_FORMAT:
             raise CheckpointError(f"{file} is not a tte_engine engine description (format must be {ENGINE_FORMAT!r})")
         version = raw.get("format_version")
-        if not isinstance(version, int):
-            raise CheckpointError(f"{file}: format_version is missing")
+        if not is_int(version) or version < 1:
+            raise CheckpointError(f"{file}: format_version is missing" if version is None else f"{file}: format_version must be a positive integer, got {version!r}")
         if version > ENGINE_FORMAT_VERSION:
             raise CheckpointError(
                 f"{path} was written by a newer tte-export (engine format {version}); this tte_engine reads up to "
@@ -74,9 +74,18 @@ class EngineDir:
             quant = raw.get("quantization")
             quantized = []
             if quant:
-                if quant.get("method") != QUANT_FP8:
-                    raise CheckpointError(f"{file}: unsupported quantization method {quant.get('method')!r}")
+                if not isinstance(quant, dict) or quant.get("method") != QUANT_FP8:
+                    raise CheckpointError(f"{file}: unsupported quantization method {quant.get('method') if isinstance(quant, dict) else quant!r}")
                 quantized = list(quant["modules"])
+                if not all(isinstance(m, str) for m in quantized):
+                    raise CheckpointError(f"{file}: quantization.modules must be a list of module names")
+            if not isinstance(raw["weights"], list) or not all(isinstance(f, str) and f for f in raw["weights"]):
+                raise CheckpointError(f"{file}: weights must be a list of file names, got {raw['weights']!r:.80}")
+            if raw["dtype"] not in FLOAT_DTYPES:
+                raise CheckpointError(f"{file}: dtype must be one of {', '.join(FLOAT_DTYPES)}, got {raw['dtype']!r:.80}")
+            tokens = raw.get("tokens") or {}
+            if not isinstance(tokens, dict):  # its lists are compared with the tokenizer's in check_tokens
+                raise CheckpointError(f"{file}: tokens must be an object of token id lists, got {tokens!r:.80}")
             spec = cls(
                 path=path,
                 model_cfg=model_cfg,
@@ -87,8 +96,9 @@ class EngineDir:
                 tokens=dict(raw.get("tokens") or {}),
                 raw=raw,
             )
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"{file}: malformed engine description ({exc!r})") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{file}: malformed engine description ({one_line(exc)!r})") from exc
+        model_cfg.check(str(file))
         missing = [f for f in spec.weight_files if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: weight file(s) {missing} listed in {ENGINE_FILE} are missing")

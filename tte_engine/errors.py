@@ -52,3 +52,23 @@ def describe(exc: BaseException) -> str:
     """`exc` as deterministic text for an error row: its type and message, object reprs and addresses removed."""
     text = _REPR.sub("<object>", str(exc)).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class ModelOutputError(TTEError, RuntimeError):
+    """The model gave an unusable result for one item (a NaN or inf embedding: broken weights, or
+    an overflow in 16 bits), after its work ran. `index` is the item's position in the batch,
+    `reason` what went wrong. Not the input's fault: a server answers it with a 500 for that request."""
+
+    def __init__(self, reason: str, index: int | None = None):
+        self.index, self.reason = index, reason
+        super().__init__(reason if index is None else f"item {index}: {reason}")
+
+
+NON_FINITE_EMBEDDING = ("the model produced a non-finite embedding (NaN or inf): its weights hold NaN or inf, or a 16-bit "
+                        "forward overflowed")
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`exc`'s message on one line (its lines joined, cut at `limit` characters), for a CheckpointError's text."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,14 +9,14 @@ token. Each placeholder is then expanded to the number of tokens the vision towe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig, TTEConfig
+from .checkpoint import GENERATION_CONFIG, PREPROCESSOR_CONFIG, check_checkpoint_files, read_json_object
+from .config import TTE_CONFIG_NAME, ModelConfig, TTEConfig, bad_field, is_int, is_number
 from .errors import CheckpointError, InvalidInputError
 from .sampling import SamplingParams
 from .video import VideoError, VideoOptions, preprocess_video
@@ -131,6 +131,30 @@ def _single_or_sequence(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def check_image_config(cfg: ImageProcessorConfig, model_cfg: ModelConfig, source: str = PREPROCESSOR_CONFIG) -> None:
+    """Raise CheckpointError (naming `source` and the field) for image preprocessing that cannot work
+    or does not fit the model: sizes must be positive integers, min_pixels <= max_pixels, the patch,
+    temporal patch and merge sizes those of the vision tower, image_mean / image_std one number per
+    input channel (std nonzero). Refused at load, not by every image later."""
+    for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
+        value = getattr(cfg, name)
+        if not is_int(value) or value < 1:
+            raise bad_field(source, name, "a positive integer", value)
+    if cfg.min_pixels > cfg.max_pixels:
+        raise CheckpointError(f"{source}: min_pixels {cfg.min_pixels} must not exceed max_pixels {cfg.max_pixels}")
+    v = model_cfg.vision
+    for name, ours, model in (("patch_size", cfg.patch_size, v.patch_size), ("temporal_patch_size", cfg.temporal_patch_size, v.temporal_patch_size),
+                              ("merge_size", cfg.merge_size, v.spatial_merge_size)):
+        if ours != model:
+            raise CheckpointError(f"{source}: {name} {ours} differs from the vision tower's {model} (config.json)")
+    for name in ("image_mean", "image_std"):
+        value = getattr(cfg, name)
+        if len(value) != v.in_channels or not all(is_number(x) and np.isfinite(x) for x in value):
+            raise bad_field(source, name, f"a list of {v.in_channels} numbers", list(value))
+    if any(x == 0 for x in cfg.image_std):
+        raise bad_field(source, "image_std", "nonzero numbers", list(cfg.image_std))
+
+
 class PromptBuilder:
     """Turns queries into token ids; holds the token ids of the think markers, suffix and stops."""
 
@@ -139,11 +163,24 @@ class PromptBuilder:
         self.tte = tte
         self.model_cfg = model_cfg
         self.image_cfg = image_cfg
+        # The checkpoint's configs as the runtime will use them: a bad one fails here, at load, naming
+        # its file and field, instead of failing every item later.
+        check_checkpoint_files(checkpoint)
+        tte_source = str(Path(checkpoint) / ("engine.json" if (Path(checkpoint) / "engine.json").is_file() else TTE_CONFIG_NAME))
+        tte.check_for(model_cfg, tte_source)
+        check_image_config(image_cfg, model_cfg, str(Path(checkpoint) / PREPROCESSOR_CONFIG))
         if not getattr(tokenizer, "chat_template", None):
             raise CheckpointError(f"{checkpoint}: the tokenizer has no chat template")
         self.think_start_ids = _single_or_sequence(tokenizer, tte.think.start)
         self.think_end_ids = _single_or_sequence(tokenizer, tte.think.end)
         self.suffix_ids = _single_or_sequence(tokenizer, tte.embed_suffix) if tte.embed_suffix else []
+        markers = [("think.start", self.think_start_ids), ("think.end", self.think_end_ids)]
+        for name, ids in markers + ([("embed_suffix", self.suffix_ids)] if tte.embed_suffix else []):
+            if not ids:
+                raise CheckpointError(f"{tte_source}: {name} gives no tokens with the checkpoint's tokenizer")
+            if not all(is_int(t) and 0 <= t < model_cfg.text.vocab_size for t in ids):
+                raise CheckpointError(f"{tte_source}: {name} gives token ids {ids} outside the model's vocabulary of "
+                                      f"{model_cfg.text.vocab_size} (does the tokenizer belong to this checkpoint?)")
         self.closing_tokens = len(self.think_end_ids) + len(self.suffix_ids)  # what follows every prompt, given trace aside
         self.eos_ids = self._eos_ids(checkpoint)
         self.stop_sequences = [self.think_end_ids] + [[e] for e in self.eos_ids]
@@ -154,6 +191,11 @@ class PromptBuilder:
             model_cfg.vision_end_token_id,
         ]
         self._reserved = [tokenizer.convert_ids_to_tokens(i) for i in self.suppressed_ids]
+        for name, tid, token in zip(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+                                    self.suppressed_ids, self._reserved):
+            if not isinstance(token, str) or not token:
+                raise CheckpointError(f"{checkpoint}: the tokenizer has no token for {name} {tid} of the model config "
+                                      "(a tokenizer that does not belong to this checkpoint, or incomplete tokenizer files)")
         # No token spans more characters than its vocabulary string has (a byte-level token's string
         # has one character per byte), so a text of more than max_tokens * max_token_chars characters
         # cannot fit max_tokens tokens: refused before it is tokenized.
@@ -198,13 +240,22 @@ class PromptBuilder:
         return prompt
 
     def _eos_ids(self, checkpoint: Path) -> list[int]:
+        """The stop token ids: generation_config.json's eos_token_id (an id or a list of ids) and the
+        tokenizer's eos token. Raises CheckpointError naming the file for an id that is not an int in
+        the model's vocabulary."""
         ids: list[int] = []
-        gen = Path(checkpoint) / "generation_config.json"
-        if gen.exists():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
+        vocab = self.model_cfg.text.vocab_size
+        gen = Path(checkpoint) / GENERATION_CONFIG
+        raw = (read_json_object(gen) or {}).get("eos_token_id")
+        eos = raw if isinstance(raw, list) else [raw] if raw is not None else []
+        if not all(is_int(t) and 0 <= t < vocab for t in eos):
+            raise bad_field(str(gen), "eos_token_id", f"a token id or a list of token ids in [0, {vocab})", raw)
+        ids += eos
+        tok_eos = self.tokenizer.eos_token_id
+        if tok_eos is not None:
+            if not is_int(tok_eos) or not 0 <= tok_eos < vocab:
+                raise CheckpointError(f"{checkpoint}: the tokenizer's eos token id {tok_eos!r} is outside the model's vocabulary [0, {vocab})")
+            ids.append(tok_eos)
         return list(dict.fromkeys(ids))
 
     def _check_reserved(self, text: str, field: str, index: int | None) -> None:

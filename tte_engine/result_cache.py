@@ -262,7 +262,7 @@ def finish_item(plan: Plan, seq: Sequence) -> tuple[ItemResult, list, list]:
     reason = plan.trace_stop_reason if plan.cached == "trace" else seq.stop_reason
     emb = seq.embedding.numpy().astype(np.float32, copy=False) if seq.embedding is not None else None
     result = ItemResult(emb, list(seq.trace_ids), reason, seq.num_prompt_tokens, seq.generated_trace_tokens, len(seq.embed_ids), cached=plan.cached,
-                        prefix_cached_tokens=seq.num_cached_tokens)
+                        prefix_cached_tokens=seq.num_cached_tokens, error=seq.error)
     traces, embeddings = [], []
     if plan.keys is not None and emb is not None:
         if plan.keys.trace is not None and plan.cached != "trace":

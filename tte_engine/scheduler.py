@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .cache import BlockManager
+from .errors import NON_FINITE_EMBEDDING
 from .sequence import Phase, Sequence
 from .step_inputs import ROW_FIELDS
 
@@ -462,9 +463,13 @@ class Scheduler:
                 return finished
         for seq, n in zip(step.seqs[nd:], step.num_tokens[nd:]):
             seq.num_computed += n
-        for i, embedding in zip(step.pool_idx, embeddings if embeddings is not None else []):
+        finite = torch.isfinite(embeddings).all(dim=-1).tolist() if embeddings is not None else []  # (on the host already)
+        for i, embedding, ok in zip(step.pool_idx, embeddings if embeddings is not None else [], finite):
             seq = step.seqs[i]
-            seq.embedding = embedding
+            if ok:
+                seq.embedding = embedding
+            else:  # that item's error, never a NaN vector handed out as a result
+                seq.error = NON_FINITE_EMBEDDING
             finished.append(self._finish(seq, step.stage))
         joined = []  # prompts done: their first trace token is sampled, the rest is decoded
         for i, token in zip(step.sample_idx[nd:], tokens[nd:].tolist()):

@@ -60,6 +60,7 @@ class Sequence:
     image_embeds_offset: int = 0  # placeholder tokens before the first image in image_embeds (cached prefix)
     embedding: torch.Tensor | None = None
     stop_reason: str | None = None
+    error: str | None = None  # why its result cannot be used though its work ran (errors.NON_FINITE_EMBEDDING); then no embedding
     seed: int = 0  # what sampling draws its noise from (see sampling.py)
     greedy: bool = True  # sampling.greedy, kept as a plain attribute for the decode hot path
     submitted: bool = False  # handed to a scheduler (a sequence runs once: see Scheduler.add)

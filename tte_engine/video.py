@@ -180,6 +180,8 @@ def sample_indices(total: int, n: int) -> list[int]:
 
 def frame_size(height: int, width: int, n: int, cfg: ImageProcessorConfig, opts: VideoOptions) -> tuple[int, int]:
     """(height, width) every frame of an n-frame clip is resized to: smart_resize under the per-frame and total budgets."""
+    if min(height, width) < 1:
+        raise VideoError(f"the video's frames have no pixels ({width}x{height})")
     t = cfg.temporal_patch_size
     max_pixels = max(min(opts.max_pixels, opts.total_pixels / n * t), int(opts.min_pixels * 1.05))
     try:
@@ -222,15 +224,21 @@ def _processed(frames: torch.Tensor, cfg: ImageProcessorConfig) -> ProcessedImag
     return ProcessedImage(patches=patches, grid_thw=grid, num_tokens=grid[0] * grid[1] * grid[2] // cfg.merge_size**2, digest=digest, video=True)
 
 
-def preprocess_frames(frames: Any, cfg: ImageProcessorConfig, opts: VideoOptions) -> ProcessedImage:
+def preprocess_frames(frames: Any, cfg: ImageProcessorConfig, opts: VideoOptions, *,
+                      max_frame_pixels: int = MAX_VIDEO_FRAME_PIXELS) -> ProcessedImage:
     """A list of frames (each anything `load_image` accepts), or a uint8 array [T, H, W, 3], as one video.
 
     All frames are used, unless `opts.num_frames` is set or there are more than `opts.max_frames`
-    (then frames are sampled uniformly); every frame must have the same size. Raises VideoError.
+    (then frames are sampled uniformly); every frame must have the same size, with pixels (H, W >= 1),
+    at most `max_frame_pixels` of them. Raises VideoError.
     """
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise VideoError(f"a video array must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+        if frames.shape[0] == 0:
+            raise VideoError(f"the video has no frames (a video array of shape {frames.shape})")
+        if min(frames.shape[1:3]) < 1:  # as an image with no pixels: its resize would divide by zero
+            raise VideoError(f"the video's frames have no pixels (a video array of shape {frames.shape})")
         frames = list(frames)
     total = len(frames)
     if total == 0:
@@ -246,9 +254,11 @@ def preprocess_frames(frames: Any, cfg: ImageProcessorConfig, opts: VideoOptions
     first: tuple[int, int] | None = None  # (width, height) of the first kept frame
     for i in keep:  # each frame is resized as it is loaded: memory holds one full-size frame at a time
         try:
-            img = load_image(frames[i])
+            img = load_image(frames[i], max_frame_pixels)
         except ImageError as exc:
             raise VideoError(f"frame {i}: {exc}") from exc
+        if min(img.size) < 1:
+            raise VideoError(f"frame {i} has no pixels ({img.width}x{img.height})")
         if first is None:
             first = img.size
             size = frame_size(img.height, img.width, _ceil_by(len(keep), tp), cfg, opts)
@@ -426,6 +436,7 @@ def preprocess_video(video: Any, cfg: ImageProcessorConfig, opts: VideoOptions |
     Raises VideoError naming what is wrong.
     """
     opts = opts or VideoOptions()
+    max_frame_pixels = min(max_frame_pixels, MAX_VIDEO_FRAME_PIXELS)
     if isinstance(video, (list, tuple, np.ndarray)):
-        return preprocess_frames(video, cfg, opts)
-    return decode_video(video, cfg, opts, max_frame_pixels=min(max_frame_pixels, MAX_VIDEO_FRAME_PIXELS), max_tokens=max_tokens)
+        return preprocess_frames(video, cfg, opts, max_frame_pixels=max_frame_pixels)
+    return decode_video(video, cfg, opts, max_frame_pixels=max_frame_pixels, max_tokens=max_tokens)

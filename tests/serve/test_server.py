@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -531,6 +532,34 @@ def test_engine_failure_fails_requests_not_the_server(serve_checkpoint, monkeypa
             assert not engine.has_unfinished() and engine.stages[0].blocks.reserved == 0
             ok = c.post("/v1/embeddings", json={"input": ["a", "b"]})
             assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    finally:
+        srv.stop()
+
+
+def test_a_non_finite_embedding_is_a_500_naming_the_item_never_a_nan_body(serve_checkpoint, monkeypatch):
+    """A NaN embedding (broken weights) used to be served as a 200 whose body held NaN: not JSON
+    that strict parsers read, and garbage to the rest. It is the request's 500 naming the item;
+    the server goes on."""
+    from tte_engine import runner as runner_module
+
+    engine = Engine(serve_checkpoint)
+    srv = start_server(engine)
+    real_run = runner_module.Runner.run
+
+    def run(self, step):
+        tokens, embeddings = real_run(self, step)
+        if embeddings is not None and broken["on"]:
+            embeddings[-1, 0] = float("nan")  # the last item pooled in the step
+        return tokens, embeddings
+
+    broken = {"on": True}
+    monkeypatch.setattr(runner_module.Runner, "run", run)
+    try:
+        with srv.client() as c:
+            _error(c.post("/v1/embeddings", json={"input": ["a cat"]}), 500, param="input[0]", contains="non-finite embedding")
+            broken["on"] = False
+            ok = c.post("/v1/embeddings", json={"input": ["a cat"]})
+            assert ok.status_code == 200 and all(math.isfinite(x) for x in ok.json()["data"][0]["embedding"])
     finally:
         srv.stop()
 

@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from ..config import HeadConfig, ModelConfig
-from ..errors import CheckpointError
+from ..config import HeadConfig, ModelConfig, json_type
+from ..errors import CheckpointError, one_line
 from .fp8 import FP8_DTYPE, Fp8Linear, decoder_linear_names, swap_in_fp8
 from .names import canonical_name
 from .qwen2_vl import Qwen2VL
@@ -110,23 +110,56 @@ def head_target_of(name: str) -> tuple[str, int | None] | None:
 def safetensors_files(checkpoint: Path) -> list[Path]:
     index = checkpoint / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [checkpoint / s for s in shards]
+        raw = _read_config(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name: shard file, "
+                                  f"got {json_type(weight_map) if isinstance(raw, dict) else json_type(raw)}")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise CheckpointError(f"{index}: weight_map.{name} must be a shard file name inside the checkpoint, got {shard!r}")
+        return [checkpoint / s for s in sorted(set(weight_map.values()))]
     single = checkpoint / "model.safetensors"
     if single.exists():
         return [single]
     raise CheckpointError(f"{checkpoint}: no model.safetensors or model.safetensors.index.json")
 
 
+_UNREADABLE = (SafetensorError, OSError, ValueError, RuntimeError, TypeError)  # what safetensors raises for a bad file
+
+
+def _unreadable(f: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{f}: not a readable safetensors file ({one_line(exc)})")
+
+
+def open_safetensors(f: Path):
+    """`safe_open(f)` (a context manager over the memory-mapped file); a missing, truncated, empty or
+    garbled file raises CheckpointError naming it, never safetensors' own error."""
+    if not f.is_file():
+        raise CheckpointError(f"missing weight shard {f}")
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except _UNREADABLE as exc:
+        raise _unreadable(f, exc) from exc
+
+
 def iter_tensors(files: list[Path], select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every tensor in the safetensors `files`, read one at a time (only those `select` keeps)."""
+    """(name, tensor) of every tensor in the safetensors `files`, read one at a time (only those `select` keeps).
+
+    Raises CheckpointError naming the file for one that is missing or not readable as safetensors."""
     for f in files:
-        if not f.exists():
-            raise CheckpointError(f"missing weight shard {f}")
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
+        with open_safetensors(f) as handle:
+            try:
+                names = list(handle.keys())
+            except _UNREADABLE as exc:
+                raise _unreadable(f, exc) from exc
+            for name in names:
                 if select is None or select(name):
-                    yield name, handle.get_tensor(name)
+                    try:
+                        tensor = handle.get_tensor(name)
+                    except _UNREADABLE as exc:
+                        raise CheckpointError(f"{f}: tensor {name} cannot be read ({one_line(exc)})") from exc
+                    yield name, tensor
 
 
 def _part_bounds(model: Qwen2VL, param: str, part: int) -> tuple[int, int]:
@@ -153,6 +186,8 @@ def copy_tensors(model: Qwen2VL, tensors: Iterator[tuple[str, torch.Tensor]], re
             logger.warning("%s: ignoring tensor %s (no parameter %s)", source, raw_name, pname)
             continue
         dst = params[pname].data
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {raw_name} is stored as {tensor.dtype}, not a floating-point type")
         if part is not None:
             lo, hi = _part_bounds(model, pname, part)
             dst = dst[lo:hi]
@@ -211,10 +246,14 @@ _IGNORED_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")  # FP8 KV-cache scales
 
 
 def _read_config(path: Path) -> dict:
+    """A JSON object file; raises CheckpointError naming `path` when it is unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {json_type(raw)}")
+    return raw
 
 
 def _compressed_tensors_scheme(qc: dict, source: str) -> dict:
@@ -222,8 +261,14 @@ def _compressed_tensors_scheme(qc: dict, source: str) -> dict:
     if fmt not in ("float-quantized", "naive-quantized"):
         raise CheckpointError(f"{source}: compressed-tensors format {fmt!r} is not supported (FP8 float-quantized only)")
     activations = set()
-    for name, group in (qc.get("config_groups") or {}).items():
-        w, a = group.get("weights") or {}, group.get("input_activations")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise CheckpointError(f"{source}: quantization_config.config_groups must be an object, got {json_type(groups)}")
+    for name, group in groups.items():
+        w, a = (group.get("weights") or {}, group.get("input_activations")) if isinstance(group, dict) else (None, None)
+        if not isinstance(w, dict) or not isinstance(a, (dict, type(None))):
+            raise CheckpointError(f"{source}: quantization_config.config_groups.{name} must be an object with object "
+                                  "'weights' and 'input_activations'")
         if (w.get("type"), w.get("num_bits"), w.get("strategy")) not in (("float", 8, "channel"), ("float", 8, "tensor")):
             raise CheckpointError(f"{source}: compressed-tensors group {name!r} quantizes weights as {w.get('type')}{w.get('num_bits')}/"
                                   f"{w.get('strategy')}; only FP8 per channel or per tensor loads")
@@ -265,6 +310,8 @@ def checkpoint_quantization(checkpoint: Path) -> dict | None:
     qc = _read_config(checkpoint / "config.json").get("quantization_config") if (checkpoint / "config.json").is_file() else None
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{checkpoint / 'config.json'}: quantization_config must be an object, got {json_type(qc)}")
     method = str(qc.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return _compressed_tensors_scheme(qc, source)
@@ -284,10 +331,12 @@ def _module_of(name: str) -> str | None:
 def _fp8_modules(files: list[Path]) -> list[str]:
     names = set()
     for f in files:
-        if not f.exists():
-            raise CheckpointError(f"missing weight shard {f}")
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            names |= {m for n in handle.keys() if n.endswith(".weight_scale") and (m := _module_of(n))}
+        with open_safetensors(f) as handle:
+            try:
+                keys = list(handle.keys())
+            except _UNREADABLE as exc:
+                raise _unreadable(f, exc) from exc
+            names |= {m for n in keys if n.endswith(".weight_scale") and (m := _module_of(n))}
     return sorted(names)
 
 

@@ -49,12 +49,26 @@ class ServerSettings:
     max_body_bytes: int = 32 << 20  # larger bodies get 413
     local_files_root: Path | None = None  # image paths allowed under this directory; None: data: URLs only
     prep_threads: int = 4  # threads that validate, tokenize and decode images
-    think: bool | None = None  # default for requests that do not say; None: think when the checkpoint has a trace budget
+    think: bool | None = None  # default for requests that do not say; None: think when the default trace budget (the checkpoint's, capped at max_trace_tokens) is > 0
     model_aliases: tuple[str, ...] = ()  # other names `model` may give (the checkpoint's directory name is always one)
     max_trace_tokens: int | None = None  # the largest max_trace_tokens a request may ask for; None: the checkpoint's budget
     max_image_pixels: int = 1 << 25  # larger images are refused before they are decoded (decode time and memory grow with pixels)
     limit_mm_per_prompt: dict[str, int] | None = None  # most images / videos per item (vLLM's name); None: protocol.DEFAULT_MM_LIMITS
     max_media_bytes: int = 4 << 30  # preprocessed images and videos all requests in flight may hold together (MediaBudget)
+
+    def __post_init__(self):
+        """Refuse limits that would leave a server refusing every request (ValueError naming the field)."""
+        least = {"max_queue": 0, "max_body_bytes": 1, "prep_threads": 1, "max_trace_tokens": 0, "max_image_pixels": 1, "max_media_bytes": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is None and name == "max_trace_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ServerSettings.{name} must be an integer >= {low}, got {value!r}")
+        limits = self.limit_mm_per_prompt
+        if limits is not None and (not isinstance(limits, dict) or
+                                   any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in limits.values())):
+            raise ValueError(f"ServerSettings.limit_mm_per_prompt must map 'image' / 'video' to integers >= 0, got {limits!r}")
 
 
 class MediaBudget:
@@ -251,9 +265,12 @@ class _Server:
         self.engine, self.settings = engine, settings
         self.model_name = settings.model_name or Path(engine.checkpoint).name
         self.model_names = {self.model_name, Path(engine.checkpoint).name, *settings.model_aliases}
-        self.max_trace_tokens = engine.tte.think.max_tokens if settings.max_trace_tokens is None else settings.max_trace_tokens
+        budget = engine.tte.think.max_tokens
+        self.max_trace_tokens = budget if settings.max_trace_tokens is None else settings.max_trace_tokens
+        # what a request that gives no max_trace_tokens gets: the checkpoint's budget, never past the server's limit
+        self.default_trace_tokens = min(budget, self.max_trace_tokens)
         engine.prompts.max_image_pixels = settings.max_image_pixels
-        self.think = settings.think if settings.think is not None else engine.tte.think.max_tokens > 0
+        self.think = settings.think if settings.think is not None else self.default_trace_tokens > 0
         self.metrics = Metrics()
         self.cache = EngineCache(cache, engine) if cache is not None else None
         self.max_items = engine.config.max_num_seqs + settings.max_queue
@@ -296,7 +313,8 @@ class _Server:
             return None
         try:
             with stop_decoding_when(left):  # a video still decoding when the client leaves stops at its next frame
-                plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=req.max_trace_tokens,
+                trace_tokens = self.default_trace_tokens if req.max_trace_tokens is None else req.max_trace_tokens
+                plan = plan_item(self.engine, item, i, cache=self.cache, think=think, max_trace_tokens=trace_tokens,
                                  instruction=req.instruction, truncate_prompt_tokens=_truncation(req))
         except Cancelled:
             return None
@@ -498,6 +516,10 @@ def create_app(engine, settings: ServerSettings | None = None, cache: ResultCach
             server.loop.abort([p.seq for p in runnable])  # its other items (a failed step ran only some) stop too
             raise RequestError(500, str(exc), type="server_error") from exc
         seqs = {p.index: s for p, s in zip(runnable, done)}
+        for p in runnable:  # an item the model gave no usable result (a NaN embedding): the server's fault, not the input's
+            if seqs[p.index].error is not None:
+                where = _blame(req, params[p.index], None)
+                raise RequestError(500, f"{where}: {seqs[p.index].error}", where, type="server_error")
         body = await aio.run_in_executor(server.prep, server.respond, plans, seqs, req)
         return Response(body, media_type="application/json")
 

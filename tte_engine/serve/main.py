@@ -18,7 +18,7 @@ from ..errors import TTEError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_engine_flags, nonnegative_int, positive_int
+    from ..cli import add_engine_flags, device_name, existing_dir, nonnegative_float, nonnegative_int, positive_int
 
     p = argparse.ArgumentParser(prog="tte-serve", description="OpenAI-compatible Think-Then-Embed embeddings server.")
     p.add_argument("--checkpoint", help="checkpoint directory, engine directory or alias (default: tiny-random, a random test "
@@ -31,27 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name in responses and /v1/models, then other names requests may use (default: the checkpoint's "
                         "directory name; that and the --checkpoint argument are always accepted; other names get 404)")
     p.add_argument("--max-batch-size", type=positive_int, help="sequences the engine runs together (default: the engine's max_num_seqs, 256)")
-    p.add_argument("--max-queue", type=int, default=1024, help="items waiting beyond the batch before requests get 429 (default 1024)")
-    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
-    p.add_argument("--max-trace-tokens", type=int, help="largest max_trace_tokens a request may ask for; above it 400 (default: the checkpoint's budget)")
-    p.add_argument("--max-image-pixels", type=int, default=1 << 25, help="larger images get 400 before they are decoded (default 33554432)")
+    p.add_argument("--max-queue", type=nonnegative_int, default=1024, help="items waiting beyond the batch before requests get 429 (default 1024)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
+    p.add_argument("--max-trace-tokens", type=nonnegative_int, help="largest max_trace_tokens a request may ask for, above it 400; also caps the budget of requests that "
+                   "give none (default: the checkpoint's budget)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=1 << 25, help="larger images get 400 before they are decoded (default 33554432)")
     p.add_argument("--max-media-bytes", type=nonnegative_int, default=4 << 30,
                    help="bytes of preprocessed images and videos all requests in flight may hold together; a request that "
                         "would pass it gets 429, or 413 / 400 when its own items alone do (default 4 GiB)")
     p.add_argument("--limit-mm-per-prompt", type=json_value, metavar="JSON",
                    help='most images and videos per item, e.g. \'{"image": 8, "video": 1}\' (the default); more get 400')
-    p.add_argument("--allow-local-files", nargs="?", const="/", metavar="DIR",
-                   help="accept image paths (under DIR, default anywhere) besides data: URLs")
+    p.add_argument("--allow-local-files", nargs="?", type=existing_dir, const=Path("/"), metavar="DIR",
+                   help="accept image and video paths (under DIR, an existing directory; default anywhere) besides data: URLs")
     p.add_argument("--cache", nargs="?", const="", metavar="PATH",
                    help="re-use traces and embeddings from a SQLite cache ($TTE_HOME/cache.sqlite if PATH is left out)")
-    p.add_argument("--think", choices=["on", "off"], help="default for requests that do not say (default: on when the checkpoint has a trace budget)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--think", choices=["on", "off"], help="default for requests that do not say (default: on when the checkpoint has a trace budget and --max-trace-tokens is not 0)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
     p.add_argument("--max-model-len", type=positive_int, help="longest prompt + trace + suffix, in tokens")
     add_engine_flags(p)
     p.add_argument("--prep-threads", type=positive_int, default=4, help="threads that validate requests and decode images (default 4)")
-    p.add_argument("--graceful-timeout", type=float, default=60.0, help="seconds to let in-flight requests finish on shutdown (default 60)")
+    p.add_argument("--graceful-timeout", type=nonnegative_float, default=60.0,
+                   help="seconds to let in-flight requests finish on shutdown, >= 0 (default 60)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server and engine log level (default info)")
     return p
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key or os.environ.get("TTE_API_KEY") or None,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
-        local_files_root=Path(args.allow_local_files).resolve() if args.allow_local_files else None,
+        local_files_root=Path(args.allow_local_files).resolve() if args.allow_local_files is not None else None,
         prep_threads=args.prep_threads,
         think=None if args.think is None else args.think == "on",
     )

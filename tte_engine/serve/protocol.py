@@ -16,9 +16,9 @@ ignored with a logged warning, as vLLM does; unknown fields inside an item or a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag
 
 
 class RequestError(Exception):
@@ -39,11 +39,41 @@ class ImageURL(_Strict):
     detail: str | None = None  # accepted for OpenAI compatibility; images are always processed at the checkpoint's resolution
 
 
-class ContentPart(_Strict):
-    type: Literal["text", "image_url", "video_url"]
-    text: str | None = None
-    image_url: ImageURL | str | None = None
-    video_url: ImageURL | str | None = None  # vLLM's video part
+class VideoURL(_Strict):
+    url: str  # vLLM's VideoURL has nothing else
+
+
+# A content part has exactly the keys its type allows (OpenAI's and vLLM's part shapes); an extra key
+# (an image_url beside a text part's text) is a 422 naming it, never dropped without a word.
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class VideoPart(_Strict):  # vLLM's video part
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
+PART_TYPES = {"text": "TextPart", "image_url": "ImagePart", "video_url": "VideoPart"}
+
+
+def _part_tag(part) -> str | None:
+    """The union member a content part is validated as, chosen by its `type` (capitalized tags: error paths skip them)."""
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return PART_TYPES.get(kind) if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")] | Annotated[VideoPart, Tag("VideoPart")],
+    Discriminator(_part_tag, custom_error_type="content_part_type",
+                  custom_error_message="a content part's type must be one of 'text', 'image_url', 'video_url'"),
+]
 
 
 class Message(_Strict):
@@ -170,19 +200,17 @@ def _conversation_item(messages: list[Message], local_root: Path | None) -> tupl
     if not messages:
         raise RequestError(400, "'messages' must not be empty", "messages")
     for m, message in enumerate(messages):
-        parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+        parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
         for p, part in enumerate(parts):
             where = f"messages[{m}].content[{p}]"
             if part.type == "text":
-                if part.text is None:
-                    raise RequestError(422, "a text part needs 'text'", where)
                 (system if message.role == "system" else texts).append(part.text)
                 params.setdefault("instruction" if message.role == "system" else "text", where)
             else:
                 if message.role != "user":
                     raise RequestError(400, "images and videos belong in user messages", where)
                 ref = part.image_url if part.type == "image_url" else part.video_url
-                url = ref.url if isinstance(ref, ImageURL) else ref
+                url = ref if isinstance(ref, str) else ref.url
                 if not url:
                     raise RequestError(422, f"an {part.type} part needs '{part.type}.url'", where)
                 found = media["images" if part.type == "image_url" else "videos"]

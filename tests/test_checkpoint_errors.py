@@ -1,0 +1,192 @@
+"""A corrupt or inconsistent checkpoint fails at load with one CheckpointError naming the file (and field).
+
+Each case corrupts a copy of a tiny random checkpoint and loads it with `Engine(path)` (tte-export
+loads through the same code): never a raw SafetensorError / AttributeError / TypeError /
+ZeroDivisionError, and never a load that succeeds and then fails every item.
+"""
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+from tte_engine import Engine
+from tte_engine.config import HeadConfig, ModelConfig, TTEConfig
+from tte_engine.engine_dir import EngineDir
+from tte_engine.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def source(make_checkpoint):
+    return make_checkpoint("ckerr")  # tiny-random: 4 layers, mhsa head (source_layer -2, 2 layers)
+
+
+def _edit_json(name, edit):
+    def apply(path):
+        file = path / name
+        file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+    return apply
+
+
+def _set(name, dotted, value):
+    """Set `dotted` (a.b) in the JSON file `name`."""
+    def edit(raw):
+        *parents, key = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[key] = value
+        return raw
+    return _edit_json(name, edit)
+
+
+def _write(name, data):
+    def apply(path):
+        (path / name).write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+    return apply
+
+
+def _truncate(name):
+    def apply(path):
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[: len(data) // 2])
+    return apply
+
+
+def _remove(*names):
+    def apply(path):
+        for n in names:
+            (path / n).unlink()
+    return apply
+
+
+# (id, corruption, file the message must name, text the message must hold)
+CASES = [
+    # weights
+    ("weights-truncated", _truncate("model.safetensors"), "model.safetensors", "not a readable safetensors file"),
+    ("weights-empty", _write("model.safetensors", b""), "model.safetensors", "not a readable safetensors file"),
+    ("weights-random", _write("model.safetensors", os.urandom(4096)), "model.safetensors", "not a readable safetensors file"),
+    ("head-weights-truncated", _truncate("embedding_head.safetensors"), "embedding_head.safetensors", "not a readable safetensors file"),
+    ("index-not-object", _write("model.safetensors.index.json", [1, 2]), "model.safetensors.index.json", "JSON object"),
+    ("index-no-weight-map", _write("model.safetensors.index.json", {"weight_map": 3}), "model.safetensors.index.json", "weight_map"),
+    # tte_config.json: every field's type and range
+    ("tte-array", _write("tte_config.json", [1, 2]), "tte_config.json", "JSON object"),
+    ("tte-not-json", _write("tte_config.json", b"\xff\xfe{"), "tte_config.json", "cannot read"),
+    ("tte-suffix-int", _set("tte_config.json", "embed_suffix", 5), "tte_config.json", "embed_suffix"),
+    ("tte-format-version-str", _set("tte_config.json", "format_version", "1"), "tte_config.json", "format_version"),
+    ("tte-mode-list", _set("tte_config.json", "mode", ["unified"]), "tte_config.json", "mode"),
+    ("tte-normalize-str", _set("tte_config.json", "normalize", "yes"), "tte_config.json", "normalize"),
+    ("tte-head-array", _set("tte_config.json", "head", [1]), "tte_config.json", "head"),
+    ("tte-head-unknown", _set("tte_config.json", "head.colour", 1), "tte_config.json", "head.colour"),
+    ("tte-head-type", _set("tte_config.json", "head.type", 3), "tte_config.json", "head.type"),
+    ("tte-head-weights", _set("tte_config.json", "head.weights", None), "tte_config.json", "head.weights"),
+    ("tte-source-layer-high", _set("tte_config.json", "head.source_layer", 99), "tte_config.json", "head.source_layer"),
+    ("tte-source-layer-low", _set("tte_config.json", "head.source_layer", -5), "tte_config.json", "head.source_layer"),
+    ("tte-source-layer-float", _set("tte_config.json", "head.source_layer", -2.0), "tte_config.json", "head.source_layer"),
+    ("tte-head-layers-zero", _set("tte_config.json", "head.num_layers", 0), "tte_config.json", "head.num_layers"),
+    ("tte-head-layers-high", _set("tte_config.json", "head.num_layers", 9), "tte_config.json", "head.num_layers"),
+    ("tte-think-array", _set("tte_config.json", "think", "x"), "tte_config.json", "think"),
+    ("tte-max-tokens-negative", _set("tte_config.json", "think.max_tokens", -5), "tte_config.json", "think.max_tokens"),
+    ("tte-max-tokens-float", _set("tte_config.json", "think.max_tokens", 1.5), "tte_config.json", "think.max_tokens"),
+    ("tte-max-tokens-bool", _set("tte_config.json", "think.max_tokens", True), "tte_config.json", "think.max_tokens"),
+    ("tte-think-end-empty", _set("tte_config.json", "think.end", ""), "tte_config.json", "think.end"),
+    ("tte-think-start-int", _set("tte_config.json", "think.start", 7), "tte_config.json", "think.start"),
+    ("tte-instructions-list", _set("tte_config.json", "instructions", ["a"]), "tte_config.json", "instructions"),
+    ("tte-instruction-int", _set("tte_config.json", "instructions.retrieval", 1), "tte_config.json", "instructions.retrieval"),
+    # generation_config.json
+    ("eos-str", _write("generation_config.json", {"eos_token_id": "x"}), "generation_config.json", "eos_token_id"),
+    ("eos-list-str", _set("generation_config.json", "eos_token_id", [1, "x"]), "generation_config.json", "eos_token_id"),
+    ("eos-out-of-vocab", _set("generation_config.json", "eos_token_id", 10**6), "generation_config.json", "eos_token_id"),
+    ("eos-negative", _set("generation_config.json", "eos_token_id", [-1]), "generation_config.json", "eos_token_id"),
+    ("eos-bool", _set("generation_config.json", "eos_token_id", True), "generation_config.json", "eos_token_id"),
+    ("generation-array", _write("generation_config.json", [1]), "generation_config.json", "JSON object"),
+    # preprocessor_config.json (sizes a ZeroDivisionError / empty grid would follow from)
+    ("preproc-bad-sizes", _edit_json("preprocessor_config.json", lambda r: {**r, "min_pixels": -1, "max_pixels": 0, "patch_size": 0}),
+     "preprocessor_config.json", "must be"),
+    ("preproc-patch-zero", _set("preprocessor_config.json", "patch_size", 0), "preprocessor_config.json", "patch_size"),
+    ("preproc-merge-zero", _set("preprocessor_config.json", "merge_size", 0), "preprocessor_config.json", "merge_size"),
+    ("preproc-temporal-str", _set("preprocessor_config.json", "temporal_patch_size", "2"), "preprocessor_config.json", "temporal_patch_size"),
+    ("preproc-min-over-max", _edit_json("preprocessor_config.json", lambda r: {**r, "min_pixels": 10**6, "max_pixels": 10**4}),
+     "preprocessor_config.json", "min_pixels"),
+    ("preproc-patch-mismatch", _set("preprocessor_config.json", "patch_size", 16), "preprocessor_config.json", "patch_size"),
+    ("preproc-std-zero", _set("preprocessor_config.json", "image_std", [0.0, 0.2, 0.2]), "preprocessor_config.json", "image_std"),
+    ("preproc-mean-short", _set("preprocessor_config.json", "image_mean", [0.5]), "preprocessor_config.json", "image_mean"),
+    ("preproc-mean-str", _set("preprocessor_config.json", "image_mean", "grey"), "preprocessor_config.json", "image_mean"),
+    # tokenizer files
+    ("tokenizer-removed", _remove("tokenizer.json", "tokenizer_config.json"), "tokenizer.json", "tokenizer files are missing"),
+    # config.json
+    ("config-array", _write("config.json", [1, 2]), "config.json", "JSON object"),
+    ("config-heads-zero", _set("config.json", "num_attention_heads", 0), "config.json", "num_attention_heads"),
+    ("config-hidden-str", _set("config.json", "hidden_size", "128"), "config.json", "hidden_size"),
+    ("config-image-token-out", _set("config.json", "image_token_id", 10**6), "config.json", "image_token_id"),
+]
+
+# Raised inside transformers' AutoTokenizer or vision.py's ImageProcessorConfig.load unless
+# Engine.__init__ checks the files first (checkpoint.check_checkpoint_files)
+HOOK_CASES = [
+    ("tokenizer-json-removed", _remove("tokenizer.json"), "tokenizer.json", "tokenizer files are missing"),
+    ("preproc-array", _write("preprocessor_config.json", [1]), "preprocessor_config.json", "JSON object"),
+    ("preproc-size-str", _set("preprocessor_config.json", "size", "big"), "preprocessor_config.json", "size"),
+    ("preproc-not-json", _write("preprocessor_config.json", b"{"), "preprocessor_config.json", "cannot read"),
+]
+
+
+def _params(cases, marks=()):
+    return [pytest.param(corrupt, file, text, id=name, marks=marks) for name, corrupt, file, text in cases]
+
+
+@pytest.mark.parametrize("corrupt, file, text", _params(CASES) + _params(HOOK_CASES))
+def test_corrupt_checkpoint_fails_at_load(source, tmp_path, corrupt, file, text):
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    corrupt(path)
+    with pytest.raises(CheckpointError, match=r"(^|[/\\ ])" + re.escape(file)) as info:
+        Engine(path)
+    message = str(info.value)
+    assert text in message
+    assert "\n" not in message  # one line
+
+
+def test_negative_source_layer_counts_from_the_end(source, tmp_path):
+    """-L .. -1 are Python-style indices from the end (DESIGN §4 writes source_layer -8): -4 loads on a 4-layer model."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    _set("tte_config.json", "head.source_layer", -4)(path)
+    engine = Engine(path, cache_memory=8 << 20)
+    assert engine.stages[-1].runner.model.head_source_layer == 0
+
+
+def test_tte_config_from_dict_names_the_field():
+    TTEConfig.from_dict({})  # all defaults
+    with pytest.raises(CheckpointError, match=r"^src: think.max_tokens must be an integer >= 0, got -1$"):
+        TTEConfig.from_dict({"think": {"max_tokens": -1}}, source="src")
+    with pytest.raises(CheckpointError, match="src: unknown field.*think.colour"):
+        TTEConfig.from_dict({"think": {"colour": 1}}, source="src")
+    with pytest.raises(CheckpointError, match="src: reasoner"):
+        TTEConfig.from_dict({"mode": "two_model", "reasoner": 3}, source="src")
+
+
+def test_mhsa_head_refuses_out_of_range_layers(source):
+    from tte_engine.model.heads import MHSAHead
+
+    text = ModelConfig.from_hf(json.loads((source / "config.json").read_text())).text
+    with pytest.raises(CheckpointError, match=r"tte_config\.json: head\.source_layer"):
+        MHSAHead(text, HeadConfig(type="mhsa", source_layer=text.num_layers, num_layers=2))
+    with pytest.raises(CheckpointError, match=r"tte_config\.json: head\.num_layers"):
+        MHSAHead(text, HeadConfig(type="mhsa", source_layer=-2, num_layers=text.num_layers + 1))
+
+
+def test_engine_json_model_is_checked(source, tmp_path):
+    cfg = ModelConfig.from_hf(json.loads((source / "config.json").read_text()))
+    spec = {"format": "tte-engine", "format_version": 1, "model": cfg.to_dict(), "tte": TTEConfig().to_dict(),
+            "dtype": "float32", "weights": [], "tokens": {}}
+    spec["model"]["text"]["num_heads"] = 0
+    (tmp_path / "engine.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=r"engine\.json: num_attention_heads must be a positive integer, got 0"):
+        EngineDir.open(tmp_path)
+    spec["model"] = [1]
+    (tmp_path / "engine.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=r"engine\.json: malformed"):
+        EngineDir.open(tmp_path)
