@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import bad_field, is_int, is_number, json_type
-from .errors import CheckpointError, one_line
+from .config import bad_field, is_int, is_number, read_json_object
+from .errors import CheckpointError
 from .random_checkpoint import SPECS, ensure_random_alias, tte_home
 
 # Model aliases and the Hugging Face repos whose cached snapshots may stand for them.
@@ -119,22 +119,6 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 GENERATION_CONFIG = "generation_config.json"
 # A tokenizer loads from any one of these sets of files (fast tokenizers.json; slow byte-level BPE; sentencepiece).
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
-
-
-def read_json_object(path: Path) -> dict | None:
-    """The JSON object in `path` (None when there is no such file); raises CheckpointError naming the file
-    when it cannot be read, is not JSON, or holds something other than an object."""
-    import json
-
-    if not path.exists():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
-        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {json_type(raw)}")
-    return raw
 
 
 def check_tokenizer_files(checkpoint: str | Path) -> None:

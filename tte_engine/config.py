@@ -43,6 +43,23 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def read_json_object(path: Path, required: bool = False) -> dict | None:
+    """The JSON object in `path` (None when there is no such file, unless `required`); raises
+    CheckpointError naming the file when it is missing (`required`), cannot be read, is not JSON,
+    or holds something other than an object."""
+    if not path.exists():
+        if required:
+            raise CheckpointError(f"missing {path}")
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        raise CheckpointError(f"cannot read {path}: {_one_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {json_type(raw)}")
+    return raw
+
+
 def bad_field(source: str, name: str, want: str, value: Any) -> CheckpointError:
     """The CheckpointError for field `name` of the file `source` that is not `want`: one line."""
     shown = repr(value) if len(repr(value)) <= 80 else f"{json_type(value)} {repr(value)[:60]}..."
@@ -263,11 +280,7 @@ class TTEConfig:
         if not path.exists():
             logger.info("%s has no %s: using a last-token unified head with defaults", checkpoint, TTE_CONFIG_NAME)
             return cls()
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
-            raise CheckpointError(f"cannot read {path}: {_one_line(exc)}") from exc
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path, required=True), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "tte_config") -> "TTEConfig":

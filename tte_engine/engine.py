@@ -22,7 +22,7 @@ import torch
 
 from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cache_budget_bytes
 from .checkpoint import check_checkpoint_files, fingerprint, resolve_checkpoint
-from .config import EngineConfig, ModelConfig, TTEConfig
+from .config import EngineConfig, ModelConfig, TTEConfig, read_json_object
 from .engine_dir import EngineDir, is_engine_dir
 from .errors import Cancelled, CapacityError, CheckpointError, InvalidInputError, ModelOutputError, describe
 from .host_memory import keep_freed_memory
@@ -103,7 +103,7 @@ class Engine:
         self.tte = self.engine_dir.tte if self.engine_dir else TTEConfig.load(self.checkpoint)
         if not self.tte.normalize:
             raise CheckpointError(f"{self.checkpoint}: normalize=false is not supported (embeddings are always L2-normalized)")
-        self.model_cfg = self.engine_dir.model_cfg if self.engine_dir else ModelConfig.from_hf(_read_json(self.checkpoint / "config.json"),
+        self.model_cfg = self.engine_dir.model_cfg if self.engine_dir else ModelConfig.from_hf(read_json_object(self.checkpoint / "config.json", required=True),
                                                                                                  source=str(self.checkpoint / "config.json"))
         self.dtype = _resolve_dtype(self.config.dtype, self.device, self.model_cfg)
         self.max_model_len = min(self.config.max_model_len or self.model_cfg.text.max_position_embeddings, self.model_cfg.text.max_position_embeddings)
@@ -171,7 +171,7 @@ class Engine:
         return path
 
     def _load_model(self, checkpoint: Path, embedder: bool):
-        cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(_read_json(checkpoint / "config.json"), source=str(checkpoint / "config.json"))
+        cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(read_json_object(checkpoint / "config.json", required=True), source=str(checkpoint / "config.json"))
         if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
         head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
@@ -521,12 +521,3 @@ def _usage(seqs: list[Sequence], image_token_id: int, video_token_id: int) -> di
     }
 
 
-def _read_json(path: Path) -> dict:
-    import json
-
-    if not path.exists():
-        raise CheckpointError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
-        raise CheckpointError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc

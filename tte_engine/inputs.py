@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import GENERATION_CONFIG, PREPROCESSOR_CONFIG, check_checkpoint_files, read_json_object
-from .config import TTE_CONFIG_NAME, ModelConfig, TTEConfig, bad_field, is_int, is_number
+from .checkpoint import GENERATION_CONFIG, PREPROCESSOR_CONFIG, check_checkpoint_files
+from .config import TTE_CONFIG_NAME, ModelConfig, TTEConfig, bad_field, is_int, is_number, read_json_object
 from .errors import CheckpointError, InvalidInputError
 from .sampling import SamplingParams
 from .video import VideoError, VideoOptions, preprocess_video

@@ -25,7 +25,6 @@ FP8, INT4/INT8, NVFP4, ...) raises a CheckpointError naming it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import HeadConfig, ModelConfig, json_type
+from ..config import HeadConfig, ModelConfig, json_type, read_json_object
 from ..errors import CheckpointError, one_line
 from .fp8 import FP8_DTYPE, Fp8Linear, decoder_linear_names, swap_in_fp8
 from .names import canonical_name
@@ -110,7 +109,7 @@ def head_target_of(name: str) -> tuple[str, int | None] | None:
 def safetensors_files(checkpoint: Path) -> list[Path]:
     index = checkpoint / "model.safetensors.index.json"
     if index.exists():
-        raw = _read_config(index)
+        raw = read_json_object(index, required=True)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name: shard file, "
@@ -245,17 +244,6 @@ _QUANT_SUFFIXES = (".weight_scale", ".input_scale")
 _IGNORED_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")  # FP8 KV-cache scales: our cache is not FP8
 
 
-def _read_config(path: Path) -> dict:
-    """A JSON object file; raises CheckpointError naming `path` when it is unreadable or not an object."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
-        raise CheckpointError(f"cannot read {path}: {one_line(exc)}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {json_type(raw)}")
-    return raw
-
-
 def _compressed_tensors_scheme(qc: dict, source: str) -> dict:
     fmt = qc.get("format")
     if fmt not in ("float-quantized", "naive-quantized"):
@@ -306,8 +294,8 @@ def checkpoint_quantization(checkpoint: Path) -> dict | None:
     checkpoint = Path(checkpoint)
     source = str(checkpoint)
     if (checkpoint / "hf_quant_config.json").is_file():
-        return _modelopt_scheme(_read_config(checkpoint / "hf_quant_config.json"), source)
-    qc = _read_config(checkpoint / "config.json").get("quantization_config") if (checkpoint / "config.json").is_file() else None
+        return _modelopt_scheme(read_json_object(checkpoint / "hf_quant_config.json", required=True), source)
+    qc = read_json_object(checkpoint / "config.json", required=True).get("quantization_config") if (checkpoint / "config.json").is_file() else None
     if not qc:
         return None
     if not isinstance(qc, dict):
