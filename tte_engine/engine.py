@@ -313,7 +313,14 @@ class Engine:
         return seq
 
     def add_request(self, seq: Sequence) -> None:
+        """Queue a sequence made by `make_sequence` (from the thread running the engine's loop, if one is)."""
+        self._check_owner()
         self.scheduler.add(seq)
+
+    def _check_owner(self) -> None:
+        """Raise RuntimeError when another thread holds the engine's loop (`claim_loop`)."""
+        if self._loop_owner is not None and self._loop_owner != threading.get_ident():
+            raise RuntimeError(_BUSY)
 
     def step(self) -> list[Sequence]:
         """Run one scheduler step; returns the sequences that finished in it. `last_step_size` is
@@ -332,8 +339,7 @@ class Engine:
         retries its work, and aborting any of its sequences leaves the others correct.
         `failed_step_seqs` then lists the sequences the step ran (None: it failed before it had
         any), so a server can fail those requests alone."""
-        if self._loop_owner is not None and self._loop_owner != threading.get_ident():
-            raise RuntimeError(_BUSY)
+        self._check_owner()
         self.last_step_size, self.failed_step_seqs = 0, None
         step = None
         try:
@@ -367,8 +373,9 @@ class Engine:
     @contextlib.contextmanager
     def claim_loop(self):
         """Run a loop of steps on an idle engine, this thread alone: `run`, `embed` and
-        `generate_traces` hold it; meanwhile the same call from another thread, or from inside the
-        loop (a progress callback), and `step()` from another thread raise RuntimeError instead of
+        `generate_traces` hold it, and tte-serve's loop thread for as long as it serves; meanwhile
+        the same call from another thread, or from inside the loop (a progress callback), and
+        `step()` or `add_request()` from another thread raise RuntimeError instead of
         stepping the same batch twice (two threads' `embed` corrupted the prefix cache: every
         later call returned wrong vectors). Raises RuntimeError if the engine is claimed or has
         requests in flight (added with `add_request`)."""

@@ -149,7 +149,11 @@ class ResultCache:
         row = self._query("SELECT embedding, trace_ids, stop_reason, embed_tokens FROM embeddings WHERE key = ?", (key,))
         if row is None:
             return None
-        return np.frombuffer(row[0], dtype=np.float32).copy(), _ids(row[1]), row[2], row[3]
+        vector = np.frombuffer(row[0], dtype=np.float32).copy()
+        if not np.isfinite(vector).all():  # written before NaN results became errors: a miss, and dropped so a good one can take its place
+            self._query("DELETE FROM embeddings WHERE key = ?", (key,))
+            return None
+        return vector, _ids(row[1]), row[2], row[3]
 
     def get_trace(self, key: str) -> tuple[list[int], str | None] | None:
         row = self._query("SELECT trace_ids, stop_reason FROM traces WHERE key = ?", (key,))

@@ -287,6 +287,22 @@ def store(tmp_path):
         yield cache
 
 
+def test_a_non_finite_cached_embedding_is_a_miss_and_is_dropped(serve_checkpoint, store):
+    """A cache written before NaN results became item errors may hold NaN rows: one is never
+    served (tte-serve sent it as a 200 with NaN in the body); it is a miss, deleted, and the
+    item's fresh result takes its place."""
+    engine = Engine(serve_checkpoint)
+    view = EngineCache(store, engine)
+    embed_items(engine, ["a cat"], cache=view)
+    key = store._conn.execute("SELECT key FROM embeddings").fetchone()[0]
+    store._conn.execute("UPDATE embeddings SET embedding = ? WHERE key = ?", (np.full(4, np.nan, np.float32).tobytes(), key))
+    assert store.get_embedding(key) is None
+    assert store._conn.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0
+    again = embed_items(engine, ["a cat"], cache=view)[0]
+    assert again.error is None and again.cached != "embedding" and np.isfinite(again.embedding).all()
+    assert embed_items(engine, ["a cat"], cache=view)[0].cached == "embedding"
+
+
 def test_cache_keys_follow_the_settings(serve_checkpoint, store):
     engine = Engine(serve_checkpoint)
     view = EngineCache(store, engine)

@@ -536,6 +536,27 @@ def test_engine_failure_fails_requests_not_the_server(serve_checkpoint, monkeypa
         srv.stop()
 
 
+def test_the_served_engine_refuses_another_threads_embed(serve_checkpoint):
+    """The server's loop thread holds its engine while it serves: an embed() from another thread
+    on the same engine is refused at once, and the server's requests are untouched (before, that
+    embed claimed the idle engine, the server's next steps were refused and its recovery dropped
+    the embed's sequences from under it)."""
+    engine = Engine(serve_checkpoint)
+    srv = start_server(engine)
+    try:
+        with srv.client() as c:
+            assert c.post("/v1/embeddings", json={"input": ["a cat"]}).status_code == 200
+            with pytest.raises(RuntimeError, match="already running"):
+                engine.embed(["a dog"])
+            with pytest.raises(RuntimeError, match="already running"):
+                engine.add_request(engine.make_sequence("a dog"))
+            ok = c.post("/v1/embeddings", json={"input": ["a cat", "a dog"]})
+            assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    finally:
+        srv.stop()
+    assert engine.embed(["a dog"]).errors == [None]  # stopped: the engine is free again
+
+
 def test_a_non_finite_embedding_is_a_500_naming_the_item_never_a_nan_body(serve_checkpoint, monkeypatch):
     """A NaN embedding (broken weights) used to be served as a 200 whose body held NaN: not JSON
     that strict parsers read, and garbage to the rest. It is the request's 500 naming the item;

@@ -115,13 +115,22 @@ class EngineLoop:
     # ------------------------------------------------------------------ the loop thread
     def _run(self) -> None:
         try:
+            claim = self.engine.claim_loop()  # the engine is this thread's while it serves: another thread's embed() is refused
+            claim.__enter__()
+        except RuntimeError as exc:  # busy with another caller's loop: fail our requests, leave its sequences alone
+            logger.error("cannot serve: %s", exc)
+            self._die(exc, drop_engine_work=False)
+            return
+        try:
             with step_loop_mode():  # once for the thread, not at every step (see Runner.run)
                 self._serve()
         except BaseException as exc:  # a bug outside the guarded step: nothing may wait forever on a dead thread
             logger.exception("the engine loop failed; failing the requests in flight and refusing new ones")
             self._die(exc)
+        finally:
+            claim.__exit__(None, None, None)
 
-    def _die(self, exc: BaseException) -> None:
+    def _die(self, exc: BaseException, drop_engine_work: bool = True) -> None:
         """Stop taking work and fail every sequence the loop holds (the inbox, queued and running ones)."""
         reason = f"the engine loop failed: {type(exc).__name__}: {exc}"
         with self._cv:
@@ -133,7 +142,8 @@ class EngineLoop:
         self.metrics.queue_depth.set(0)
         self.metrics.running.set(0)
         try:
-            self.engine.scheduler.abort_all()  # frees the blocks (an engine shared with others stays usable)
+            if drop_engine_work:
+                self.engine.scheduler.abort_all()  # frees the blocks (an engine shared with others stays usable)
         except Exception:
             logger.exception("could not drop the engine's sequences")
         for x in lost:
