@@ -130,6 +130,12 @@ HOOK_CASES = [
     ("preproc-array", _write("preprocessor_config.json", [1]), "preprocessor_config.json", "JSON object"),
     ("preproc-size-str", _set("preprocessor_config.json", "size", "big"), "preprocessor_config.json", "size"),
     ("preproc-not-json", _write("preprocessor_config.json", b"{"), "preprocessor_config.json", "cannot read"),
+    # present but unusable: transformers' or jinja's own errors, wrapped (a second attack found these leaking)
+    ("tokenizer-json-not-json", _write("tokenizer.json", b"{not json"), "tokenizer files", "cannot build prompts"),
+    ("tokenizer-json-empty-object", _write("tokenizer.json", {}), "tokenizer files", "cannot build prompts"),
+    ("tokenizer-config-array", _write("tokenizer_config.json", []), "tokenizer files", "cannot build prompts"),
+    ("chat-template-syntax", _write("chat_template.jinja", b"{% if %}"), "chat template", "cannot build prompts"),
+    ("config-positions-huge", _set("config.json", "max_position_embeddings", 10**12), "config.json", "max_position_embeddings"),
 ]
 
 

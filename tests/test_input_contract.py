@@ -201,22 +201,32 @@ def test_truncate_to_the_model_leaves_room_for_the_trace(make_checkpoint):
     assert res.errors == [None] and room - 2 <= len(res.prompt_token_ids[0]) <= room
 
 
-def test_truncation_counts_a_supplied_trace_once(make_checkpoint):
-    """A supplied trace that fits the model beside its prompt fits with truncate_prompt_tokens=-1
-    too (it was checked a second time against the room it leaves the prompt, and refused); one
-    longer than the model is refused either way; and a trace budget larger than the model is
-    refused under -1 by its own name, not as a too-long default instruction."""
+def test_truncation_never_refuses_what_fits_untruncated(make_checkpoint):
+    """truncate_prompt_tokens only ever cuts the text: an item that fits without it fits with it
+    (-1 or N). A supplied trace, list or string, is counted once and kept whole beside the prompt
+    (a list was counted twice and refused, a string not at all); one longer than the model is
+    refused either way. A trace budget larger than the model (-1 cannot leave room for it) used to
+    refuse every item: the text is then cut to the model and the trace gets what is left, as
+    without truncation."""
     short = Engine(make_checkpoint("contract", think_max_tokens=4), max_model_len=400)
-    fits = {"text": "a cat", "trace": [5] * 300}
-    for truncate in (None, -1):
-        res = short.embed([fits, "word " * 1000 if truncate else "a dog", {"text": "a", "trace": [5] * 500}], errors="return",
+    text_trace = " ".join(["thought"] * 8)
+    for truncate in (None, -1, 390):
+        res = short.embed([{"text": "a cat", "trace": [5] * 300}, {"text": "a cat", "trace": text_trace},
+                           "word " * 1000 if truncate else "a dog", {"text": "a", "trace": [5] * 500}], errors="return",
                           truncate_prompt_tokens=truncate)
-        assert res.errors[:2] == [None, None] and res.stop_reasons[0] == "given", truncate
-        assert "trace of 500 tokens exceeds the model limit" in res.errors[2]
-        assert len(res.prompt_token_ids[1]) + len(res.trace_token_ids[1]) <= 400
-    res = short.embed(["a short text"], max_trace_tokens=10**6, truncate_prompt_tokens=-1, errors="return")
-    assert "leave room for the trace budget of 1000000 tokens" in res.errors[0]
-    assert short.embed(["a short text"], max_trace_tokens=10**6, errors="return").errors == [None]  # the trace gets what fits
+        assert res.errors[:3] == [None] * 3 and res.stop_reasons[:2] == ["given", "given"], (truncate, res.errors)
+        assert "trace of 500 tokens exceeds the model limit" in res.errors[3]
+        assert len(res.prompt_token_ids[2]) + len(res.trace_token_ids[2]) <= 400
+    long_with_trace = {"text": "word " * 1000, "trace": text_trace}
+    res = short.embed([long_with_trace], truncate_prompt_tokens=-1, errors="return")
+    assert res.errors == [None] and res.trace_token_ids[0][: len(short.prompts.trace_ids(text_trace, 0))] == short.prompts.trace_ids(text_trace, 0)
+    tight = Engine(make_checkpoint("contract", think_max_tokens=4), max_model_len=128)
+    alone = tight.make_sequence("hi", max_trace_tokens=200)
+    for truncate in (-1, 60, 100):
+        seq = tight.make_sequence("hi", max_trace_tokens=200, truncate_prompt_tokens=truncate)
+        assert (list(seq.prompt.token_ids), seq.max_trace_tokens) == (list(alone.prompt.token_ids), alone.max_trace_tokens), truncate
+    res = short.embed(["word " * 1000], max_trace_tokens=10**6, truncate_prompt_tokens=-1, errors="return")
+    assert res.errors == [None] and len(res.prompt_token_ids[0]) + len(res.trace_token_ids[0]) <= 400
 
 
 def test_a_model_length_no_item_fits_is_refused_at_start(make_checkpoint):

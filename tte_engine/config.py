@@ -25,6 +25,9 @@ TTE_FORMAT_VERSION = 1
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+MAX_POSITIONS = 1 << 20  # the longest context a checkpoint may declare (a rotary table of 2**20 positions is ~0.5 GiB at head dim 128)
+
+
 def is_int(value: Any) -> bool:
     """An int that is not a bool (JSON `true` is no count)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -205,6 +208,8 @@ class ModelConfig:
         for name, value in positive:
             if not is_int(value) or value < 1:
                 raise bad_field(source, name, "a positive integer", value)
+        if t.max_position_embeddings > MAX_POSITIONS:  # the rotary table is sized by it (unless max_model_len is lower)
+            raise bad_field(source, "max_position_embeddings", f"at most {MAX_POSITIONS} (Qwen2-VL's is 32768)", t.max_position_embeddings)
         for name, value in (("rms_norm_eps", t.rms_norm_eps), ("rope_theta", t.rope_theta),
                             ("vision_config.rope_theta", v.rope_theta), ("vision_config.mlp_ratio", v.mlp_ratio)):
             if not is_number(value) or not 0 < value < float("inf"):

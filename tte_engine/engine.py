@@ -24,7 +24,7 @@ from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cac
 from .checkpoint import check_checkpoint_files, fingerprint, resolve_checkpoint
 from .config import EngineConfig, ModelConfig, TTEConfig, read_json_object
 from .engine_dir import EngineDir, is_engine_dir
-from .errors import Cancelled, CapacityError, CheckpointError, InvalidInputError, ModelOutputError, describe
+from .errors import Cancelled, CapacityError, CheckpointError, InvalidInputError, ModelOutputError, describe, one_line
 from .host_memory import keep_freed_memory
 from .inputs import PromptBuilder, Query, as_query, check_settings
 from .prep import prepare_all, run_prepared
@@ -111,12 +111,19 @@ class Engine:
         from transformers import AutoTokenizer
 
         check_checkpoint_files(self.checkpoint)  # tokenizer and preprocessor files: one CheckpointError, not transformers' traceback
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
-        self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
-        self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+            self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
+            self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
+            shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)  # the template renders
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a corrupt tokenizer.json / tokenizer_config.json, a chat template that does not render, ...
+            raise CheckpointError(f"{self.checkpoint}: cannot build prompts from its tokenizer files and chat template "
+                                  f"({one_line(describe(exc))})") from exc
         if self.engine_dir:
             self.engine_dir.check_tokens(self.prompts)
-        self._check_model_len()
+        self._check_model_len(shortest)
 
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
@@ -146,11 +153,10 @@ class Engine:
                 f"max_num_seqs={self.config.max_num_seqs}, cuda_graphs={graphs})")
 
     # ------------------------------------------------------------------ loading
-    def _check_model_len(self) -> None:
+    def _check_model_len(self, shortest: int) -> None:
         """Refuse a max_model_len that no item can fit (every request would fail, one by one): the
         shortest prompt (a one-word text, no instruction, no thinking) and the tokens that must
         follow any prompt (think end, embed suffix) must fit. Raises ValueError."""
-        shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)
         tail = self.prompts.closing_tokens
         self._shortest_item_tokens = shortest + tail  # the KV cache must hold this much too (`_make_stage`)
         if shortest + tail > self.max_model_len:
@@ -239,7 +245,9 @@ class Engine:
         Cheap checks run first: field types and character counts before any tokenizing or image
         decoding, the token count before rotary positions. `truncate_prompt_tokens`: cut the end of the item's
         text so its prompt holds at most that many tokens (-1: as many as fit the model with the
-        trace budget); None (default): a prompt that does not fit is an error.
+        trace budget, or with none when the budget is larger than the model; a supplied trace is
+        always kept whole), never refusing an item that fits untruncated; None (default): a
+        prompt that does not fit is an error.
         Raises InvalidInputError naming `index` for whatever goes wrong while preparing the item
         (bad field, undecodable image, too long, a tokenizer error, ...), never another exception
         (but Cancelled inside `video.stop_decoding_when` once its event is set).
@@ -251,20 +259,28 @@ class Engine:
             fit = self.max_model_len - self.prompts.closing_tokens  # the most a prompt (and a given trace) may take
             # against the whole model: a supplied trace is checked once, here, not again against what it leaves the prompt
             self.prompts.check_size(query, instruction, fit, index, text=truncate_prompt_tokens is None)
+            cut_to = None
             if truncate_prompt_tokens is not None:
-                reserve = len(query.trace) if isinstance(query.trace, list) else budget if think and query.trace is None else 0
-                if reserve >= fit:
-                    raise InvalidInputError(
-                        f"truncate_prompt_tokens={truncate_prompt_tokens} cuts the text to leave room for the "
-                        f"{'supplied trace' if isinstance(query.trace, list) else 'trace budget'} of {reserve} tokens, but the model "
-                        f"holds {fit} besides the closing tokens: nothing would be left for the prompt"
-                        + ("" if isinstance(query.trace, list) else " (lower max_trace_tokens)"), index, "truncate_prompt_tokens")
-                fit = min(fit - reserve, fit if truncate_prompt_tokens == -1 else truncate_prompt_tokens)
+                # a supplied trace must fit beside the prompt (a string one counted in tokens); N caps the prompt
+                # alone; -1 leaves room for the trace budget as well, where the model has that room
+                given = len(self.prompts.trace_ids(query.trace, index)) if query.trace is not None else 0
+                room = fit - given
+                budget_room = room - (budget if think and query.trace is None else 0)
+                cut_to = max(1, min(room, truncate_prompt_tokens if truncate_prompt_tokens != -1 else room))
+                wanted = budget_room if truncate_prompt_tokens == -1 and budget_room > 0 else cut_to
+                fit = max(1, min(cut_to, wanted))
                 if query.text is not None:  # a prefix this long already holds more than `fit` tokens
-                    query = replace(query, text=query.text[: fit * self.prompts.max_token_chars])
-            prompt = self.prompts.build(query, index, think=think, instruction=instruction, max_tokens=fit)
+                    query = replace(query, text=query.text[: cut_to * self.prompts.max_token_chars])
+            prompt = self.prompts.build(query, index, think=think, instruction=instruction, max_tokens=fit if cut_to is None else cut_to)
             if truncate_prompt_tokens is not None:
-                prompt = self.prompts.truncate(query, prompt, fit, index, think=think, instruction=instruction)
+                try:
+                    prompt = self.prompts.truncate(query, prompt, fit, index, think=think, instruction=instruction)
+                except InvalidInputError:
+                    if fit >= cut_to:
+                        raise
+                    # the trace budget leaves the prompt too little: cut to what fits the model, as an item that
+                    # fits untruncated does, and the trace gets the room that is left
+                    prompt = self.prompts.truncate(query, prompt, cut_to, index, think=think, instruction=instruction)
             return self._sequence(prompt, None, None, index, budget=budget, think=think, sampling=sampling or SamplingParams(), embed=embed, tag=tag)
         except (InvalidInputError, Cancelled):  # Cancelled: its requester is gone (see video.stop_decoding_when)
             raise

@@ -119,14 +119,15 @@ def test_server_settings_refuse_limits_that_refuse_everything(field, value):
 
 # ------------------------------------------------------------------ the server's trace budget
 @pytest.fixture(scope="module")
-def endless_engine(serve_checkpoint, tmp_path_factory):
-    """serve_checkpoint (budget 8) whose traces never stop early: every trace runs its whole budget."""
-    return Engine(never_stop(shutil.copytree(serve_checkpoint, tmp_path_factory.mktemp("limits") / "endless")))
+def endless(serve_checkpoint, tmp_path_factory):
+    """serve_checkpoint (budget 8) whose traces never stop early: every trace runs its whole budget.
+    Each server gets its own engine (a served engine is its loop thread's alone)."""
+    return never_stop(shutil.copytree(serve_checkpoint, tmp_path_factory.mktemp("limits") / "endless"))
 
 
 @pytest.fixture(scope="module")
-def capped(endless_engine):
-    s = start_server(endless_engine, ServerSettings(prep_threads=2, max_trace_tokens=4))
+def capped(endless):
+    s = start_server(Engine(endless), ServerSettings(prep_threads=2, max_trace_tokens=4))
     yield s
     s.stop()
 
@@ -147,8 +148,8 @@ def test_the_server_limit_caps_the_default_trace_budget(capped):
         assert many["usage"]["trace_tokens"] == 4
 
 
-def test_a_server_limit_above_the_checkpoint_budget_keeps_its_budget_as_default(endless_engine):
-    s = start_server(endless_engine, ServerSettings(prep_threads=2, max_trace_tokens=12))
+def test_a_server_limit_above_the_checkpoint_budget_keeps_its_budget_as_default(endless):
+    s = start_server(Engine(endless), ServerSettings(prep_threads=2, max_trace_tokens=12))
     try:
         with s.client() as c:
             assert c.post("/v1/embeddings", json={"input": "a cat"}).json()["usage"]["trace_tokens"] == 8
@@ -196,9 +197,9 @@ def test_the_part_shapes_openai_and_vllm_send_still_work(capped):
                422, "messages[0].content[0]", "needs 'image_url.url'")
 
 
-def test_a_server_limit_of_zero_makes_no_think_the_default(endless_engine):
+def test_a_server_limit_of_zero_makes_no_think_the_default(endless):
     """--max-trace-tokens 0: requests that say nothing embed without a trace, and /v1/models says think=false."""
-    s = start_server(endless_engine, ServerSettings(prep_threads=2, max_trace_tokens=0))
+    s = start_server(Engine(endless), ServerSettings(prep_threads=2, max_trace_tokens=0))
     try:
         with s.client() as c:
             card = c.get("/v1/models").json()["data"][0]
