@@ -135,6 +135,8 @@ HOOK_CASES = [
     ("tokenizer-json-empty-object", _write("tokenizer.json", {}), "tokenizer files", "cannot build prompts"),
     ("tokenizer-config-array", _write("tokenizer_config.json", []), "tokenizer files", "cannot build prompts"),
     ("chat-template-syntax", _write("chat_template.jinja", b"{% if %}"), "chat template", "cannot build prompts"),
+    ("config-rope-yarn", _set("config.json", "rope_scaling", {"type": "yarn", "factor": 4.0, "mrope_section": [2, 3, 3]}), "config.json", "yarn"),
+    ("config-text-act", _set("config.json", "hidden_act", "gelu_pytorch_tanh"), "config.json", "hidden_act"),
     ("config-positions-huge", _set("config.json", "max_position_embeddings", 10**12), "config.json", "max_position_embeddings"),
 ]
 

@@ -526,6 +526,7 @@ def test_a_non_finite_embedding_is_that_items_error(make_checkpoint, mixed_items
         engine.embed(items)
     results = embed_items(engine, items)  # tte-embed's and tte-serve's path
     assert [r.error for r in results] == [None, NON_FINITE_EMBEDDING, None] and results[1].embedding is None
+    assert (results[1].trace_ids, results[1].stop_reason, results[1].trace_tokens) == ([], None, 0)  # a failed row, as embed's
     assert engine.embed(items[:1]).errors == [None]  # and the engine goes on
 
 

@@ -147,6 +147,11 @@ class ModelConfig:
         vrope = v.rope_parameters or {}
         if not isinstance(rope, dict) or not isinstance(vrope, dict):
             raise bad_field(source, "rope_parameters", "an object", rope if not isinstance(rope, dict) else vrope)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "mrope"):  # the runtime has M-RoPE only: a scaled rope would load and compute something else
+            raise CheckpointError(f"{source}: rope scaling {kind!r} is not supported (Qwen2-VL's plain M-RoPE only)")
+        if getattr(t, "hidden_act", "silu") != "silu":  # the decoder's MLP is SwiGLU with SiLU (kernels/activations.py)
+            raise bad_field(source, "hidden_act", "'silu' (the decoder's MLP is SwiGLU)", t.hidden_act)
         section = rope.get("mrope_section") or (16, 24, 24)
         if not isinstance(section, (list, tuple)):
             raise bad_field(source, "mrope_section", "a list of 3 integers", section)

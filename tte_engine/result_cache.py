@@ -263,10 +263,12 @@ def plan_item(engine, item: Any, index: int, *, cache: EngineCache | None = None
 
 def finish_item(plan: Plan, seq: Sequence) -> tuple[ItemResult, list, list]:
     """The result of a finished sequence, and the (traces, embeddings) cache rows it adds."""
+    if seq.error is not None:  # no usable result (a NaN embedding): a failed item's row, as Engine.embed gives it
+        return ItemResult(None, [], None, 0, 0, 0, error=seq.error), [], []
     reason = plan.trace_stop_reason if plan.cached == "trace" else seq.stop_reason
     emb = seq.embedding.numpy().astype(np.float32, copy=False) if seq.embedding is not None else None
     result = ItemResult(emb, list(seq.trace_ids), reason, seq.num_prompt_tokens, seq.generated_trace_tokens, len(seq.embed_ids), cached=plan.cached,
-                        prefix_cached_tokens=seq.num_cached_tokens, error=seq.error)
+                        prefix_cached_tokens=seq.num_cached_tokens)
     traces, embeddings = [], []
     if plan.keys is not None and emb is not None:
         if plan.keys.trace is not None and plan.cached != "trace":
