@@ -11,7 +11,6 @@ than the cache simply waits its turn.
 from __future__ import annotations
 
 import math
-
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING
 

@@ -262,6 +262,15 @@ class HeadConfig:
     num_layers: int = 8
     weights: str = "embedding_head.safetensors"
 
+    def check_layers(self, layers: int, source: str = TTE_CONFIG_NAME) -> None:
+        """Raise CheckpointError (naming `source` and the field) when an mhsa head does not fit a
+        `layers`-layer backbone: source_layer must index a layer, Python-style ([-L, L): -K is the
+        residual stream entering layer L-K), and num_layers must be in [1, L]."""
+        if not -layers <= self.source_layer < layers:
+            raise bad_field(source, "head.source_layer", f"in [-{layers}, {layers}) for this {layers}-layer model", self.source_layer)
+        if not 1 <= self.num_layers <= layers:
+            raise bad_field(source, "head.num_layers", f"in [1, {layers}] for this {layers}-layer model", self.num_layers)
+
 
 @dataclass(frozen=True)
 class ThinkConfig:
@@ -346,16 +355,10 @@ class TTEConfig:
                    embed_suffix=suffix, instructions=dict(instructions))
 
     def check_for(self, model_cfg: "ModelConfig", source: str = TTE_CONFIG_NAME) -> None:
-        """Raise CheckpointError (naming `source` and the field) when the head does not fit the model:
-        an mhsa head's source_layer must index a backbone layer, Python-style ([-L, L): -K is the
-        residual stream entering layer L-K), and its num_layers must be in [1, L]."""
-        layers = model_cfg.text.num_layers
-        if self.head.type != "mhsa":
-            return
-        if not -layers <= self.head.source_layer < layers:
-            raise bad_field(source, "head.source_layer", f"in [-{layers}, {layers}) for this {layers}-layer model", self.head.source_layer)
-        if not 1 <= self.head.num_layers <= layers:
-            raise bad_field(source, "head.num_layers", f"in [1, {layers}] for this {layers}-layer model", self.head.num_layers)
+        """Raise CheckpointError (naming `source` and the field) when the head does not fit the model
+        (`HeadConfig.check_layers`, for an mhsa head)."""
+        if self.head.type == "mhsa":
+            self.head.check_layers(model_cfg.text.num_layers, source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

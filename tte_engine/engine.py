@@ -123,7 +123,8 @@ class Engine:
                                   f"({one_line(describe(exc))})") from exc
         if self.engine_dir:
             self.engine_dir.check_tokens(self.prompts)
-        self._check_model_len(shortest)
+        self._shortest_item_tokens = shortest + self.prompts.closing_tokens  # what every KV cache must hold too (`_make_stage`)
+        self._check_model_len()
 
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
@@ -153,12 +154,12 @@ class Engine:
                 f"max_num_seqs={self.config.max_num_seqs}, cuda_graphs={graphs})")
 
     # ------------------------------------------------------------------ loading
-    def _check_model_len(self, shortest: int) -> None:
+    def _check_model_len(self) -> None:
         """Refuse a max_model_len that no item can fit (every request would fail, one by one): the
         shortest prompt (a one-word text, no instruction, no thinking) and the tokens that must
         follow any prompt (think end, embed suffix) must fit. Raises ValueError."""
         tail = self.prompts.closing_tokens
-        self._shortest_item_tokens = shortest + tail  # the KV cache must hold this much too (`_make_stage`)
+        shortest = self._shortest_item_tokens - tail
         if shortest + tail > self.max_model_len:
             raise ValueError(f"max_model_len {self.max_model_len} holds no item: the shortest prompt (a one-word text, no instruction, "
                              f"no thinking: {shortest} tokens) and the {tail} tokens that must follow any prompt (think end, embed "
@@ -266,9 +267,8 @@ class Engine:
                 given = len(self.prompts.trace_ids(query.trace, index)) if query.trace is not None else 0
                 room = fit - given
                 budget_room = room - (budget if think and query.trace is None else 0)
-                cut_to = max(1, min(room, truncate_prompt_tokens if truncate_prompt_tokens != -1 else room))
-                wanted = budget_room if truncate_prompt_tokens == -1 and budget_room > 0 else cut_to
-                fit = max(1, min(cut_to, wanted))
+                cut_to = max(1, room if truncate_prompt_tokens == -1 else min(room, truncate_prompt_tokens))
+                fit = budget_room if truncate_prompt_tokens == -1 and budget_room > 0 else cut_to
                 if query.text is not None:  # a prefix this long already holds more than `fit` tokens
                     query = replace(query, text=query.text[: cut_to * self.prompts.max_token_chars])
             prompt = self.prompts.build(query, index, think=think, instruction=instruction, max_tokens=fit if cut_to is None else cut_to)

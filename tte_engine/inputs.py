@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import GENERATION_CONFIG, PREPROCESSOR_CONFIG, check_checkpoint_files
+from .checkpoint import GENERATION_CONFIG, PREPROCESSOR_CONFIG
 from .config import TTE_CONFIG_NAME, ModelConfig, TTEConfig, bad_field, is_int, is_number, read_json_object
 from .errors import CheckpointError, InvalidInputError
 from .sampling import SamplingParams
@@ -164,8 +164,8 @@ class PromptBuilder:
         self.model_cfg = model_cfg
         self.image_cfg = image_cfg
         # The checkpoint's configs as the runtime will use them: a bad one fails here, at load, naming
-        # its file and field, instead of failing every item later.
-        check_checkpoint_files(checkpoint)
+        # its file and field, instead of failing every item later (the files themselves were checked
+        # before the tokenizer loaded: `checkpoint.check_checkpoint_files`, in Engine)
         tte_source = str(Path(checkpoint) / ("engine.json" if (Path(checkpoint) / "engine.json").is_file() else TTE_CONFIG_NAME))
         tte.check_for(model_cfg, tte_source)
         check_image_config(image_cfg, model_cfg, str(Path(checkpoint) / PREPROCESSOR_CONFIG))

@@ -235,11 +235,7 @@ def preprocess_frames(frames: Any, cfg: ImageProcessorConfig, opts: VideoOptions
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise VideoError(f"a video array must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-        if frames.shape[0] == 0:
-            raise VideoError(f"the video has no frames (a video array of shape {frames.shape})")
-        if min(frames.shape[1:3]) < 1:  # as an image with no pixels: its resize would divide by zero
-            raise VideoError(f"the video's frames have no pixels (a video array of shape {frames.shape})")
-        frames = list(frames)
+        frames = list(frames)  # (no frames, or frames with no pixels: refused below, as for a list)
     total = len(frames)
     if total == 0:
         raise VideoError("the video has no frames")

@@ -16,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..config import TTE_CONFIG_NAME, HeadConfig, TextConfig
-from ..errors import CheckpointError
+from ..config import HeadConfig, TextConfig
 from ..kernels.attention import varlen_groups
 from .decoder import DecoderLayer, Rotary
 
@@ -61,14 +60,8 @@ def causal_attend_packed(cu_seqlens: list[int]):
 class MHSAHead(nn.Module):
     def __init__(self, text_cfg: TextConfig, head_cfg: HeadConfig):
         super().__init__()
-        layers = text_cfg.num_layers
-        if not 0 < head_cfg.num_layers <= layers:
-            raise CheckpointError(f"{TTE_CONFIG_NAME}: head.num_layers must be in [1, {layers}], got {head_cfg.num_layers!r}")
-        # Python-style: -K is the residual stream entering layer L-K; anything outside [-L, L) names no layer
-        if not -layers <= head_cfg.source_layer < layers:
-            raise CheckpointError(f"{TTE_CONFIG_NAME}: head.source_layer must be in [-{layers}, {layers}) for this "
-                                  f"{layers}-layer model, got {head_cfg.source_layer!r}")
-        self.source_layer = head_cfg.source_layer % layers  # absolute backbone layer index
+        head_cfg.check_layers(text_cfg.num_layers)
+        self.source_layer = head_cfg.source_layer % text_cfg.num_layers  # absolute backbone layer index
         self.eps = text_cfg.rms_norm_eps
         self.layers = nn.ModuleList(DecoderLayer(text_cfg) for _ in range(head_cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(text_cfg.hidden_size))

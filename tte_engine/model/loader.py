@@ -109,11 +109,9 @@ def head_target_of(name: str) -> tuple[str, int | None] | None:
 def safetensors_files(checkpoint: Path) -> list[Path]:
     index = checkpoint / "model.safetensors.index.json"
     if index.exists():
-        raw = read_json_object(index, required=True)
-        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        weight_map = read_json_object(index, required=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name: shard file, "
-                                  f"got {json_type(weight_map) if isinstance(raw, dict) else json_type(raw)}")
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name: shard file, got {json_type(weight_map)}")
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
                 raise CheckpointError(f"{index}: weight_map.{name} must be a shard file name inside the checkpoint, got {shard!r}")
@@ -142,17 +140,21 @@ def open_safetensors(f: Path):
         raise _unreadable(f, exc) from exc
 
 
+def _tensor_names(handle, f: Path) -> list[str]:
+    """The tensor names of an open safetensors file; CheckpointError naming `f` if its header is garbled."""
+    try:
+        return list(handle.keys())
+    except _UNREADABLE as exc:
+        raise _unreadable(f, exc) from exc
+
+
 def iter_tensors(files: list[Path], select: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every tensor in the safetensors `files`, read one at a time (only those `select` keeps).
 
     Raises CheckpointError naming the file for one that is missing or not readable as safetensors."""
     for f in files:
         with open_safetensors(f) as handle:
-            try:
-                names = list(handle.keys())
-            except _UNREADABLE as exc:
-                raise _unreadable(f, exc) from exc
-            for name in names:
+            for name in _tensor_names(handle, f):
                 if select is None or select(name):
                     try:
                         tensor = handle.get_tensor(name)
@@ -295,7 +297,7 @@ def checkpoint_quantization(checkpoint: Path) -> dict | None:
     source = str(checkpoint)
     if (checkpoint / "hf_quant_config.json").is_file():
         return _modelopt_scheme(read_json_object(checkpoint / "hf_quant_config.json", required=True), source)
-    qc = read_json_object(checkpoint / "config.json", required=True).get("quantization_config") if (checkpoint / "config.json").is_file() else None
+    qc = (read_json_object(checkpoint / "config.json") or {}).get("quantization_config")
     if not qc:
         return None
     if not isinstance(qc, dict):
@@ -320,11 +322,7 @@ def _fp8_modules(files: list[Path]) -> list[str]:
     names = set()
     for f in files:
         with open_safetensors(f) as handle:
-            try:
-                keys = list(handle.keys())
-            except _UNREADABLE as exc:
-                raise _unreadable(f, exc) from exc
-            names |= {m for n in keys if n.endswith(".weight_scale") and (m := _module_of(n))}
+            names |= {m for n in _tensor_names(handle, f) if n.endswith(".weight_scale") and (m := _module_of(n))}
     return sorted(names)
 
 

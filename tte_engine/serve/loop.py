@@ -9,6 +9,7 @@ to time the queue / think / embed phases and the size of every step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -114,21 +115,19 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ the loop thread
     def _run(self) -> None:
-        try:
-            claim = self.engine.claim_loop()  # the engine is this thread's while it serves: another thread's embed() is refused
-            claim.__enter__()
-        except RuntimeError as exc:  # busy with another caller's loop: fail our requests, leave its sequences alone
-            logger.error("cannot serve: %s", exc)
-            self._die(exc, drop_engine_work=False)
-            return
-        try:
-            with step_loop_mode():  # once for the thread, not at every step (see Runner.run)
-                self._serve()
-        except BaseException as exc:  # a bug outside the guarded step: nothing may wait forever on a dead thread
-            logger.exception("the engine loop failed; failing the requests in flight and refusing new ones")
-            self._die(exc)
-        finally:
-            claim.__exit__(None, None, None)
+        with contextlib.ExitStack() as held:
+            try:  # the engine is this thread's while it serves: another thread's embed() is refused
+                held.enter_context(self.engine.claim_loop())
+            except RuntimeError as exc:  # busy with another caller's loop: fail our requests, leave its sequences alone
+                logger.error("cannot serve: %s", exc)
+                self._die(exc, drop_engine_work=False)
+                return
+            try:
+                with step_loop_mode():  # once for the thread, not at every step (see Runner.run)
+                    self._serve()
+            except BaseException as exc:  # a bug outside the guarded step: nothing may wait forever on a dead thread
+                logger.exception("the engine loop failed; failing the requests in flight and refusing new ones")
+                self._die(exc)
 
     def _die(self, exc: BaseException, drop_engine_work: bool = True) -> None:
         """Stop taking work and fail every sequence the loop holds (the inbox, queued and running ones)."""
