@@ -530,6 +530,52 @@ def test_a_non_finite_embedding_is_that_items_error(make_checkpoint, mixed_items
     assert engine.embed(items[:1]).errors == [None]  # and the engine goes on
 
 
+def test_non_finite_logits_fail_that_item_never_a_garbage_trace(make_checkpoint, mixed_items, monkeypatch):
+    """Non-finite next-token logits (NaN weights, a 16-bit overflow) once gave a trace of garbage ids
+    (argmax takes NaN as the largest) and, with a head reading a layer below the NaN, a finite
+    embedding of it: silent garbage. A row whose largest logit is not finite now gets NO_TOKEN from
+    the step, checked beside the choice, and that item fails alone with a reason; the rest of its
+    batch decodes on, token for token as before. Here one token's embedding row is NaN, a token
+    only item `k`'s trace holds (at position 2 or later, so it is met in a pure decode step):
+    its next step's logits are NaN."""
+    import torch.nn as nn
+
+    from tte_engine import scheduler as scheduler_module
+    from tte_engine.errors import NON_FINITE_LOGITS, ModelOutputError
+
+    ckpt = make_checkpoint("engine", think_max_tokens=10)
+    items = mixed_items
+    baseline = Engine(ckpt).embed(items)
+    engine = Engine(ckpt, enable_prefix_caching=False)
+
+    def ids_of(i):
+        return set(baseline.prompt_token_ids[i]) | set(baseline.trace_token_ids[i])
+
+    found = next(((k, at, t) for k in range(len(items)) for at, t in enumerate(baseline.trace_token_ids[k][:-1]) if at >= 2
+                  and all(t not in ids_of(i) for i in range(len(items)) if i != k) and t not in baseline.prompt_token_ids[k]
+                  and t not in baseline.trace_token_ids[k][:at]), None)
+    assert found is not None, "no token only one trace holds: change the items"
+    k, at, token = found
+    model = engine.stages[0].runner.model
+    weight = model.embed_tokens.weight.detach().clone()  # its own copy (the LM head may share the original)
+    weight[token] = math.nan
+    model.embed_tokens.weight = nn.Parameter(weight, requires_grad=False)
+
+    for set_lookup_rows in (32, 0):  # the decode step's stop tokens looked up in a set (up to 32 rows), or in a table
+        monkeypatch.setattr(scheduler_module, "_SET_LOOKUP_ROWS", set_lookup_rows)
+        res = engine.embed(items, errors="return")
+        assert res.errors == [NON_FINITE_LOGITS if i == k else None for i in range(len(items))]
+        assert res.trace_token_ids[k] == [] and torch.isnan(res.embeddings[k]).all() and res.stop_reasons[k] is None
+        for i in set(range(len(items))) - {k}:
+            assert res.trace_token_ids[i] == baseline.trace_token_ids[i]
+            assert cosine(res.embeddings[i], baseline.embeddings[i]) >= 0.99999
+    with pytest.raises(ModelOutputError, match=f"item {k}: the model produced non-finite next-token logits"):
+        engine.embed(items)
+    with pytest.raises(ModelOutputError, match=f"item 0: the model produced non-finite"):
+        engine.generate_traces([items[k]])
+    assert engine.embed(items[:k] + items[k + 1 :]).errors == [None] * (len(items) - 1)  # the engine goes on
+
+
 @pytest.mark.parametrize("cache_memory", [float("nan"), "1GB", 0, -5, True, float("inf")])
 def test_an_unusable_cache_memory_is_refused_by_name(make_checkpoint, cache_memory):
     with pytest.raises(ValueError, match="EngineConfig.cache_memory must be"):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tte_engine.kernels import sampling as kernel
 from tte_engine.kernels.sampling import greedy_ids, gumbel_argmax_torch, gumbel_noise
 from tte_engine.sampling import SamplingParams as sampling_params
-from tte_engine.sampling import Suppression, _sorted_descending, filter_cutoffs, greedy_tokens, sample
+from tte_engine.sampling import NO_TOKEN, Suppression, _sorted_descending, filter_cutoffs, greedy_tokens, sample
 
 
 @settings(max_examples=60, deadline=None)
@@ -52,9 +52,34 @@ def test_greedy_tokens_strided_and_large(shape):
 
 
 def _suppressed_reference(logits: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits with columns `ids` at -inf, their argmax): torch's index_fill_ and argmax, on a copy."""
+    """(logits with columns `ids` at -inf, their argmax or NO_TOKEN where the largest is not finite):
+    torch's index_fill_ and argmax, on a copy."""
     out = logits.clone().index_fill_(-1, torch.tensor(ids, dtype=torch.int64), float("-inf"))
-    return out, out.argmax(dim=-1)
+    best = out.argmax(dim=-1)
+    return out, torch.where(torch.isfinite(out.amax(dim=-1)), best, NO_TOKEN)
+
+
+@pytest.mark.parametrize("dtype,on_device", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_a_row_without_a_finite_largest_logit_gets_no_token(dtype, on_device, monkeypatch):
+    """NaN or +inf among a row's logits (broken weights, an overflow), or nothing but -inf: no token
+    can be chosen, and the row says so with NO_TOKEN (argmax alone would give the NaN's id, a token
+    of garbage); the other rows keep their ids. A NaN in a suppressed column is no harm. Through
+    numpy's path (fp32), torch's with ids on the host (bf16 on CPU), and torch's as on a GPU (ids a
+    tensor: `greedy_ids` made torch's argmax, as it is there)."""
+    from tte_engine import sampling as sampling_module
+
+    if on_device:
+        monkeypatch.setattr(sampling_module, "greedy_ids", lambda logits: logits.argmax(dim=-1))
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 9] = float("nan")  # suppressed
+    logits[4, :] = float("-inf")
+    logits[4, 9] = 1.0  # only a suppressed id is finite: nothing to choose
+    want = logits.clone().index_fill_(-1, torch.tensor([9]), float("-inf")).float().argmax(dim=-1).tolist()
+    got = torch.as_tensor(Suppression(50, [9], "cpu", dtype).greedy(logits.clone())).tolist()
+    assert got == [NO_TOKEN] * 3 + [want[3], NO_TOKEN, want[5]]
 
 
 @settings(max_examples=60, deadline=None)
@@ -284,17 +309,19 @@ def test_a_near_certain_token_is_drawn_at_the_real_vocabulary():
         assert sample(logits, *args, filtered=filtered).tolist() == [0] * rows
 
 
-def test_broken_rows_do_not_take_the_batch_down():
-    """A row whose logits hold NaN or inf, or are all -inf, under top-p picks some id; the other rows
-    of the batch draw as they would alone (top-p on a NaN row used to gather at index -1: a crash)."""
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_broken_rows_do_not_take_the_batch_down(temperature):
+    """A row whose logits hold NaN or inf, or are all -inf, gets NO_TOKEN, greedy or sampled under
+    top-p; the other rows of the batch draw as they would alone (top-p on a NaN row used to gather
+    at index -1: a crash)."""
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     logits[0, 3] = float("nan")
     logits[1, 7] = float("inf")
     logits[2] = float("-inf")
-    args = _params(4, temperature=0.8, top_p=0.9)
+    args = _params(4, temperature=temperature, top_p=0.9)
     tokens = sample(logits, *args, filtered=True)
-    assert tokens.shape == (4,) and tokens[1] == 7 and tokens[2] == 0
-    assert tokens[3] == sample(logits[3:], *(a[3:] for a in args), filtered=True)[0]
+    assert tokens.tolist()[:3] == [NO_TOKEN] * 3
+    assert tokens[3] == sample(logits[3:], *(a[3:] for a in args), filtered=True)[0] != NO_TOKEN
 
 
 def test_top_p_stops_at_the_token_that_reaches_it():

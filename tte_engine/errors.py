@@ -55,8 +55,8 @@ def describe(exc: BaseException) -> str:
 
 
 class ModelOutputError(TTEError, RuntimeError):
-    """The model gave an unusable result for one item (a NaN or inf embedding: broken weights, or
-    an overflow in 16 bits), after its work ran. `index` is the item's position in the batch,
+    """The model gave an unusable result for one item (a NaN or inf embedding, or next-token logits
+    of its trace: broken weights, or an overflow in 16 bits), after its work ran. `index` is the item's position in the batch,
     `reason` what went wrong. Not the input's fault: a server answers it with a 500 for that request."""
 
     def __init__(self, reason: str, index: int | None = None):
@@ -64,6 +64,8 @@ class ModelOutputError(TTEError, RuntimeError):
         super().__init__(reason if index is None else f"item {index}: {reason}")
 
 
+NON_FINITE_LOGITS = ("the model produced non-finite next-token logits (NaN or inf) while thinking, so no trace token could be "
+                     "chosen: its weights hold NaN or inf, or a 16-bit forward overflowed")
 NON_FINITE_EMBEDDING = ("the model produced a non-finite embedding (NaN or inf): its weights hold NaN or inf, or a 16-bit "
                         "forward overflowed")
 

@@ -7,7 +7,10 @@ Greedy decoding keeps embeddings deterministic. Vision placeholder tokens are ne
 (Until stop 15 an additive [V] mask was added to every row: a pass over all B x V logits, where
 the fill writes B x k entries. An additive -inf, in the LM head's bias, was tried in stop 17 and
 dropped: a NaN or inf raw logit, from a broken or uninitialised weight row, plus -inf is NaN, and
-argmax takes NaN as the largest.)
+argmax takes NaN as the largest.) A row whose largest logit is not finite (NaN or inf: broken
+weights, a 16-bit overflow) gets NO_TOKEN in place of a token, checked on the device beside the
+choice (no extra readback): the scheduler ends that sequence with an error, never a trace of
+garbage ids.
 
 Sampling is Gumbel-max: token = argmax(filtered logits / T + g), with g ~ Gumbel(0, 1) drawn per
 (request seed, trace position, vocab id) by a counter-based hash. So a request's trace depends
@@ -26,6 +29,7 @@ Gumbel-max pass (`kernels.sampling`) is one Triton kernel on CUDA.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -83,6 +87,7 @@ class SamplingParams:
         return int.from_bytes(digest, "little") & _MASK31
 
 
+NO_TOKEN = -1  # the id a step gives a row whose logits are not finite (no token can be chosen): that sequence's error
 _MASK31 = (1 << 31) - 1
 _FP32_MAX = float(np.finfo(np.float32).max)
 _FP32_TINY = float(np.finfo(np.float32).tiny)  # the smallest temperature divided by (a smaller one would be inf)
@@ -133,7 +138,8 @@ class Suppression:
 
     def greedy(self, logits: torch.Tensor, array: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
         """`apply_` (the logits suppressed in place), then each row's greedy id: int64 [B] (ties
-        go to the lower id, a NaN counts as the largest), a numpy array for fp32 CPU logits
+        go to the lower id; NO_TOKEN where the row's largest logit is not finite: NaN, inf, or
+        every id -inf), a numpy array for fp32 CPU logits
         (numpy's argmax gives intp, which is int64 on every 64-bit platform), else a tensor on the
         logits' device (`kernels.sampling.greedy_ids`). `array`: the logits' memory as a numpy
         array, if the caller has one at hand (`runner.LogitsBuffer`; `Tensor.numpy` costs ~4 us
@@ -141,28 +147,46 @@ class Suppression:
         if self.on_numpy:
             if array is None:
                 array = logits.numpy()
-            self._put(array)
-            return array.argmax(axis=-1)
-        return greedy_ids(self.apply_(logits))
+            rows = self._put(array)
+            ids = array.argmax(axis=-1)
+            # each row's chosen logit, non-finite where its largest is (argmax takes a NaN as the largest);
+            # checked in as few numpy calls as can be: right after a forward each costs several
+            # microseconds (a step's one row: one scalar read, ~3 us; else a gather and a dot product,
+            # NaN or inf if any is, ~14 us at 8 rows, ~38 at 256, where isfinite().all() took 31 and 55)
+            if len(rows) == 1:
+                finite = math.isfinite(array.item(0, ids.item(0)))
+            else:
+                chosen = array[rows, ids]
+                finite = math.isfinite(chosen.dot(chosen))
+            if not finite:  # (or a sum of squares past fp32's largest: then no row is marked)
+                ids[~np.isfinite(array[rows, ids])] = NO_TOKEN
+            return ids
+        ids = greedy_ids(self.apply_(logits))
+        if isinstance(ids, np.ndarray):  # CPU logits of another dtype (bf16): ids on the host already
+            ids[~torch.isfinite(logits[torch.arange(len(ids)), torch.from_numpy(ids)]).numpy()] = NO_TOKEN
+            return ids
+        return torch.where(torch.isfinite(logits.gather(1, ids[:, None])[:, 0]), ids, NO_TOKEN)  # static shapes: no sync
 
-    def _put(self, array: np.ndarray) -> None:
-        """-inf into the suppressed columns of `array` [B, V]: on C-contiguous logits (what the LM
+    def _put(self, array: np.ndarray) -> np.ndarray:
+        """-inf into the suppressed columns of `array` [B, V]; returns the row numbers 0..B-1 (int64
+        [B], made once per shape, for `greedy`'s gather). On C-contiguous logits (what the LM
         head writes), an assignment at flat positions of a flat view from an array of -inf of the
         same length, numpy's fast path for it (warm, at 4 suppressed ids: 0.1-0.2 us at batch 1,
         1.5 at 256, where `put` took 0.37 and 4.0); other layouts (`ravel` then copies) through `put`."""
         got = self._flat_by_shape.get(array.shape)
         if got is None:
             got = self._positions(*array.shape)
-        flat, minus_inf = got
+        flat, minus_inf, rows = got
         whole = array.ravel()
         if whole.base is None:  # a copy: not C-contiguous
             array.put(flat, minus_inf)
         else:
             whole[flat] = minus_inf
+        return rows
 
-    def _positions(self, rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
-        """The flat positions of the suppressed columns of a C-contiguous [rows, vocab] array, and
-        as many -inf (fp32). Raises ValueError if a suppressed id has no column there (as
+    def _positions(self, rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The flat positions of the suppressed columns of a C-contiguous [rows, vocab] array, as
+        many -inf (fp32), and the row numbers. Raises ValueError if a suppressed id has no column there (as
         `index_fill_` raises)."""
         k = self._ids.size
         if k and self._ids[-1] >= vocab:
@@ -172,7 +196,7 @@ class Suppression:
             self._flat = (np.arange(grown, dtype=np.int64)[:, None] * vocab + self._ids).reshape(-1)
             self._minus_inf = np.full(self._flat.size, -np.inf, dtype=np.float32)
             self._flat_vocab, self._flat_by_shape = vocab, {}
-        got = self._flat_by_shape[(rows, vocab)] = (self._flat[: rows * k], self._minus_inf[: rows * k])
+        got = self._flat_by_shape[(rows, vocab)] = (self._flat[: rows * k], self._minus_inf[: rows * k], np.arange(rows))
         return got
 
 
@@ -188,7 +212,8 @@ def sample(
     impl: str = "auto",
     greedy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tokens [B] int64 for logits [B, V] fp32 (suppression already applied).
+    """Tokens [B] int64 for logits [B, V] fp32 (suppression already applied); NO_TOKEN for a row
+    whose largest logit is not finite (NaN, inf, or every id -inf: broken weights or an overflow).
 
     temperature [B] fp32 (0 = greedy row), top_k [B] int64 (0 = off), top_p [B] fp32, seeds [B] and
     counters [B] int64 (the request's seed, and how many trace tokens it has): all on the logits'
@@ -203,11 +228,14 @@ def sample(
     """
     # the row's largest logit first taken off, so a tiny temperature gives 0 at the top and -inf
     # below, never inf - inf (a non-finite largest logit, a broken row, is left alone)
-    top = logits.amax(dim=-1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)
+    top = logits.amax(dim=-1, keepdim=True)
+    finite = torch.isfinite(top[:, 0])  # (amax keeps a NaN)
+    top.nan_to_num_(0.0, 0.0, 0.0)
     scaled = (logits - top).div_(temperature.clamp_min(_FP32_TINY)[:, None])
     if filtered:
         scaled = scaled.masked_fill_(scaled < filter_cutoffs(scaled, top_k, top_p)[:, None], float("-inf"))
-    return torch.where(temperature > 0, gumbel_argmax(scaled, seeds, counters, impl), greedy_tokens(logits) if greedy is None else greedy)
+    chosen = torch.where(temperature > 0, gumbel_argmax(scaled, seeds, counters, impl), greedy_tokens(logits) if greedy is None else greedy)
+    return torch.where(finite, chosen, NO_TOKEN)
 
 
 def filter_cutoffs(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .cache import BlockManager
-from .errors import NON_FINITE_EMBEDDING
+from .errors import NON_FINITE_EMBEDDING, NON_FINITE_LOGITS
+from .sampling import NO_TOKEN
 from .sequence import Phase, Sequence
 from .step_inputs import ROW_FIELDS
 
@@ -33,6 +34,7 @@ _REBASE_AT = 256
 # EngineConfig.suffix_wait_steps with CUDA graphs: at most 1 step in 9 mixed while traces end every
 # step; a suffix done at most 8 decode steps later (~10 ms at batch 256 near an H200's floor)
 SUFFIX_WAIT_WITH_GRAPHS = 8
+_NON_FINITE = "non_finite_logits"  # `_trace_stop`'s reason for NO_TOKEN (never a stop_reason: the sequence fails)
 _SET_LOOKUP_ROWS = 32  # up to this many decoding rows, stop tokens are looked up in a set (in the step: ~7 us less at 1 row than the table)
 # Decode steps whose inputs a DecodeBatch works out at once (every step moves position, slot and context
 # length on by one): a step then takes the next row, where until stop 19 it added 1 to them in place, a
@@ -284,9 +286,12 @@ class Scheduler:
         # a decode token that may end a trace: a stop token, or the last token of a stop sequence. Also
         # as a lookup table (bool [largest such id + 2]; ids past the largest read the last entry,
         # False), so a large step's tokens are checked in one gather
-        self._may_stop = frozenset(self.stop_tokens | {s[-1] for s in self.stop_sequences})
-        self._may_stop_table = np.zeros(max(self._may_stop, default=-1) + 2, dtype=bool)
-        self._may_stop_table[sorted(self._may_stop)] = True
+        # tokens that may end a trace, NO_TOKEN (a row with non-finite logits) included; in the table,
+        # one entry past the largest (False: where `take` clips larger ids), NO_TOKEN is clipped to
+        # token 0's entry, set too (token 0 is then looked at one by one, and ends nothing it did not)
+        self._may_stop = frozenset(self.stop_tokens | {s[-1] for s in self.stop_sequences} | {NO_TOKEN})
+        self._may_stop_table = np.zeros(max(self._may_stop) + 2, dtype=bool)
+        self._may_stop_table[[max(t, 0) for t in self._may_stop]] = True
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence. Raises ValueError for one handed to a scheduler before (running,
@@ -537,7 +542,13 @@ class Scheduler:
 
     def _end_trace(self, seq: Sequence, stage: int, reason: str, finished: list[Sequence]) -> None:
         """The trace is over (`reason`), and `seq` is out of the decode batch: finish it
-        (generate_traces) or start embedding."""
+        (generate_traces) or start embedding; a trace stopped by non-finite logits ends the sequence
+        with that error (its NO_TOKEN dropped)."""
+        if reason == _NON_FINITE:
+            del seq.trace_ids[-1], seq.token_ids[-1]
+            seq.error = NON_FINITE_LOGITS
+            finished.append(self._finish(seq, stage))
+            return
         if not seq.embed:
             seq.stop_reason = reason
             finished.append(self._finish(seq, stage))
@@ -594,6 +605,8 @@ class Scheduler:
             self._maybe_prefill[stage] = True
 
     def _trace_stop(self, seq: Sequence, token: int) -> str | None:
+        if token == NO_TOKEN:
+            return _NON_FINITE
         trace = seq.trace_ids
         if token in self.stop_tokens or (self.stop_sequences and any(trace[-len(s) :] == s for s in self.stop_sequences)):
             return "stop"
