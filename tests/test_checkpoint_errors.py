@@ -93,6 +93,10 @@ CASES = [
     ("tte-max-tokens-bool", _set("tte_config.json", "think.max_tokens", True), "tte_config.json", "think.max_tokens"),
     ("tte-think-end-empty", _set("tte_config.json", "think.end", ""), "tte_config.json", "think.end"),
     ("tte-think-start-int", _set("tte_config.json", "think.start", 7), "tte_config.json", "think.start"),
+    # a vision placeholder as a marker: every item then failed (a placeholder without an image)
+    ("tte-think-start-image-pad", _set("tte_config.json", "think.start", "<|image_pad|>"), "tte_config.json", "think.start holds the vision"),
+    ("tte-think-end-vision-end", _set("tte_config.json", "think.end", "ok<|vision_end|>"), "tte_config.json", "think.end holds the vision"),
+    ("tte-suffix-video-pad", _set("tte_config.json", "embed_suffix", "<|video_pad|>"), "tte_config.json", "embed_suffix holds the vision"),
     ("tte-instructions-list", _set("tte_config.json", "instructions", ["a"]), "tte_config.json", "instructions"),
     ("tte-instruction-int", _set("tte_config.json", "instructions.retrieval", 1), "tte_config.json", "instructions.retrieval"),
     # generation_config.json

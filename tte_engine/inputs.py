@@ -174,6 +174,12 @@ class PromptBuilder:
         self.think_start_ids = _single_or_sequence(tokenizer, tte.think.start)
         self.think_end_ids = _single_or_sequence(tokenizer, tte.think.end)
         self.suffix_ids = _single_or_sequence(tokenizer, tte.embed_suffix) if tte.embed_suffix else []
+        self.suppressed_ids = [  # vision markers and placeholders: never in a trace, nor in what the engine adds
+            model_cfg.image_token_id,
+            model_cfg.video_token_id,
+            model_cfg.vision_start_token_id,
+            model_cfg.vision_end_token_id,
+        ]
         markers = [("think.start", self.think_start_ids), ("think.end", self.think_end_ids)]
         for name, ids in markers + ([("embed_suffix", self.suffix_ids)] if tte.embed_suffix else []):
             if not ids:
@@ -181,15 +187,13 @@ class PromptBuilder:
             if not all(is_int(t) and 0 <= t < model_cfg.text.vocab_size for t in ids):
                 raise CheckpointError(f"{tte_source}: {name} gives token ids {ids} outside the model's vocabulary of "
                                       f"{model_cfg.text.vocab_size} (does the tokenizer belong to this checkpoint?)")
+            vision = [t for t in ids if t in self.suppressed_ids]
+            if vision:  # a placeholder with no image behind it: every item would fail
+                raise CheckpointError(f"{tte_source}: {name} holds the vision token id(s) {vision} (image, video, vision "
+                                      "start or end, per config.json); a marker must be text")
         self.closing_tokens = len(self.think_end_ids) + len(self.suffix_ids)  # what follows every prompt, given trace aside
         self.eos_ids = self._eos_ids(checkpoint)
         self.stop_sequences = [self.think_end_ids] + [[e] for e in self.eos_ids]
-        self.suppressed_ids = [
-            model_cfg.image_token_id,
-            model_cfg.video_token_id,
-            model_cfg.vision_start_token_id,
-            model_cfg.vision_end_token_id,
-        ]
         self._reserved = [tokenizer.convert_ids_to_tokens(i) for i in self.suppressed_ids]
         for name, tid, token in zip(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
                                     self.suppressed_ids, self._reserved):
