@@ -554,7 +554,9 @@ def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards
         except OutputConflict:
             shutil.rmtree(shards.dir)  # nothing of the finished run was moved yet: it stays as it is
             raise
-        shards.write(records, np.ascontiguousarray(vectors, dtype=np.float32))
+        repeated = _repeated_ids([r["id"] for r in records])
+        kept = [k for k in range(len(records)) if k not in repeated]  # an id's first row: the one embedded
+        shards.write([records[k] for k in kept], np.ascontiguousarray(vectors[kept], dtype=np.float32))
         for p in _final_files(prefix, fmt):
             p.unlink(missing_ok=True)
 
@@ -568,28 +570,28 @@ def embed_file(engine, args, result_cache=None) -> int:
 
     items, ids, digests = read_items(args.input)
     ids = _row_ids(ids)
-    seen: dict[str, int] = {}
-    for i, item_id in enumerate(ids):
-        if _key(item_id) in seen:
-            raise OutputConflict(f"{args.input}: id {item_id!r} of item {i} repeats item {seen[_key(item_id)]}'s; ids must be unique to resume")
-        seen[_key(item_id)] = i
+    repeats = _repeated_ids(ids)
     prefix = args.output or args.input.with_name(args.input.stem + ".embeddings")
     if args.input.resolve() in [p.resolve() for p in _final_paths(prefix, args.format)]:
         raise OutputConflict(f"the output {prefix}.jsonl would overwrite the input; pass another --output")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     shards = Shards(Path(f"{prefix}.parts"))
     _prepare_output(prefix, args.format, _manifest(engine, args), args, shards)
+    if repeats:
+        i, first = next(iter(repeats.items()))
+        print(f"tte-embed: {len(repeats)} item(s) repeat an earlier item's id (e.g. item {i}, id {ids[i]!r}, repeats item {first}'s): "
+              "each is an error row, not embedded", file=sys.stderr)
 
     written: dict[str, str | None] = {}  # id -> digest of the item its latest row was computed for
     for name in shards.names():
         for r in shards.records(name):
             written[_key(r["id"])] = None if args.retry_errors and r.get("error") is not None else r.get("input_digest")
-    pending = [i for i, item_id in enumerate(ids) if written.get(_key(item_id)) != digests[i]]
+    pending = [i for i, item_id in enumerate(ids) if i not in repeats and written.get(_key(item_id)) != digests[i]]
     if written:
         changed = sum(1 for i in pending if written.get(_key(ids[i])) is not None)
         undated = sum(1 for i in pending if _key(ids[i]) in written and written[_key(ids[i])] is None and not args.retry_errors)
         gone = len(set(written) - {_key(i) for i in ids})
-        print(f"tte-embed: resuming: {len(items) - len(pending)} of {len(items)} item(s) already written"
+        print(f"tte-embed: resuming: {len(items) - len(repeats) - len(pending)} of {len(items) - len(repeats)} item(s) already written"
               + (f"; {changed} item(s) differ from the earlier run's and are embedded again" if changed else "")
               + (f"; {undated} earlier row(s) carry no input_digest (an older tte-embed) and are embedded again" if undated else "")
               + (f"; {gone} earlier row(s) whose ids are not in {args.input} are dropped" if gone else ""), file=sys.stderr)
@@ -613,7 +615,7 @@ def embed_file(engine, args, result_cache=None) -> int:
                 if r.cached:
                     stats[r.cached] += 1
             shards.write(records, vectors)
-    written = _assemble(prefix, args.format, shards, ids, engine.embedding_dim)
+    written = _assemble(prefix, args.format, shards, ids, engine.embedding_dim, repeats, digests)
     failed = sum(r["error"] is not None for r in written)
     print(f"tte-embed: wrote {', '.join(str(p) for p in _final_paths(prefix, args.format))} ({len(ids)} x {engine.embedding_dim}); "
           f"{failed} item(s) failed; this run: {len(pending)} item(s), {stats['trace_tokens']} trace tokens generated, "
@@ -637,12 +639,24 @@ def _embed_batch(engine, batch: list, cache, args, progress) -> list:
     return results
 
 
-def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int) -> list[dict]:
-    """Merge the shards into the final files, rows in input order (a later shard's row for an id wins)."""
-    position = {_key(item_id): i for i, item_id in enumerate(ids)}
+def _repeated_ids(ids: list) -> dict[int, int]:
+    """Items whose id an earlier item has: {item: the first item with that id}. Rows are found by id
+    when a run resumes, so only the first is embedded; each repeat is an error row of its own."""
+    first: dict[str, int] = {}
+    return {i: j for i, item_id in enumerate(ids) if (j := first.setdefault(_key(item_id), i)) != i}
+
+
+def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int, repeats: dict[int, int], digests: list[str]) -> list[dict]:
+    """Merge the shards into the final files, rows in input order (a later shard's row for an id
+    wins); `repeats` (`_repeated_ids`) get error rows (NaN vectors), not the first item's row."""
+    position = {_key(item_id): i for i, item_id in reversed(list(enumerate(ids)))}  # an id's first item
     records: list[dict | None] = [None] * len(ids)
     tmp_npy = Path(f"{prefix}.npy.tmp")
     vectors = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(len(ids), dim))
+    for i, first in repeats.items():
+        records[i] = {"index": i, "id": ids[i], "trace": "", "error": f"id {ids[i]!r} repeats item {first}'s: ids must be unique (a run's "
+                      "rows are found by id)", "stop_reason": None, "prompt_tokens": 0, "trace_tokens": 0, "cached": None, "input_digest": digests[i]}
+        vectors[i] = np.nan
     for name in shards.names():
         shard_records, shard_vectors = shards.load(name, dim)
         for record, vector in zip(shard_records, shard_vectors):

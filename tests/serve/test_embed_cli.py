@@ -360,11 +360,36 @@ def test_parquet_output_matches_npy(corpus, serve_checkpoint, uninterrupted, tmp
     assert [json.loads(v) for v in table.column("id").to_pylist()] == [r["id"] for r in records]
 
 
-def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_a_repeated_id_is_that_items_error_row(serve_checkpoint, tmp_path, capsys, fmt):
+    """An id that an earlier line has used to stop the whole run before any work: now the repeat
+    alone is an error row (NaN vector) naming the first item, the rest are embedded, and the run
+    resumes (rows are found by id: only the first of an id is embedded)."""
     dup = tmp_path / "dup.jsonl"
-    dup.write_text('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n')
-    assert run(dup, serve_checkpoint, tmp_path / "dup", "--no-cache") == 2
-    assert "repeats" in capsys.readouterr().err
+    dup.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": 1, "text": "c"}\n{"text": "d"}\n{"id": 2, "text": "b"}\n')
+    out = tmp_path / "out"
+    assert run(dup, serve_checkpoint, out, "--no-cache", "--no-think", "--format", fmt) == 0
+    assert "2 item(s) repeat an earlier item's id (e.g. item 2, id 1, repeats item 0's)" in capsys.readouterr().err
+    if fmt == "npy":
+        vectors, records = read(out)
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(f"{out}.parquet")
+        records = table.drop(["embedding"]).to_pylist()
+        vectors = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+        for r in records:
+            r["id"] = json.loads(r["id"])
+    assert [r["id"] for r in records] == [1, 2, 1, 3, 2]
+    assert [r["error"] for r in records] == [None, None, "id 1 repeats item 0's: ids must be unique (a run's rows are found by id)", None,
+                                             "id 2 repeats item 1's: ids must be unique (a run's rows are found by id)"]
+    assert np.isnan(vectors[[2, 4]]).all() and np.isfinite(vectors[[0, 1, 3]]).all()
+    assert [list(r) for r in records[2:3]] == [list(records[0])]  # the same fields, in the same order
+    assert run(dup, serve_checkpoint, out, "--no-cache", "--no-think", "--format", fmt) == 0  # resumes: nothing left to embed
+    assert "resuming: 3 of 3 item(s) already written" in capsys.readouterr().err
+
+
+def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
     parts = tmp_path / "half.parts"
     parts.mkdir()
     (parts / "manifest.json").write_text(json.dumps({"engine": "something else"}))
