@@ -42,7 +42,7 @@ from ..model.fp8 import FP8_MAX, quantize_rows, quantize_tensor
 from ..model.loader import _part_bounds, head_target_of, target_of
 from ..model.names import checkpoint_shapes, head_shapes
 from ..model.qwen2_vl import Qwen2VL
-from .native import copy_aux_files, readable
+from .native import copy_aux_files, exported_tte_config, readable
 
 logger = logging.getLogger("tte_engine")
 
@@ -211,8 +211,7 @@ def write_hf_checkpoint(
         hf_config["quantization_config"] = modelopt_inline_config(modelopt_algo)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     files = _save_shards(tensors, out)
-    tte = engine.tte.to_dict()
-    (out / TTE_CONFIG_NAME).write_text(json.dumps(tte, indent=2))
+    (out / TTE_CONFIG_NAME).write_text(json.dumps(exported_tte_config(engine), indent=2))
     if model.head is not None:
         save_file({n: t.detach().to("cpu", dtype).contiguous() for n, t in head_tensors(model).items()},
                   str(out / engine.tte.head.weights), metadata={"format": "pt"})

@@ -92,6 +92,15 @@ def copy_aux_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
+def exported_tte_config(engine) -> dict[str, Any]:
+    """The engine's tte_config as an export writes it: a two_model reasoner stays a checkpoint, named
+    by its absolute path (a path relative to the source checkpoint resolves nowhere from the output)."""
+    tte = engine.tte.to_dict()
+    if engine.tte.mode == "two_model":
+        tte["reasoner"] = str(engine.stages[0].checkpoint)
+    return tte
+
+
 def write_engine_dir(
     engine,
     out: Path,
@@ -105,9 +114,7 @@ def write_engine_dir(
     model: Qwen2VL = engine.stages[-1].runner.model
     out.mkdir(parents=True, exist_ok=True)
     copy_aux_files(engine.checkpoint, out)
-    tte = engine.tte.to_dict()
-    if engine.tte.mode == "two_model":  # the reasoner stays a checkpoint; point at it absolutely
-        tte["reasoner"] = str(engine.stages[0].checkpoint)
+    tte = exported_tte_config(engine)
     (out / TTE_CONFIG_NAME).write_text(json.dumps(tte, indent=2))
     files = write_weights(engine_tensors(model, dtype, fp8_modules), out, progress)
     dtype_name = str(dtype).replace("torch.", "")

@@ -34,7 +34,7 @@ from ..errors import CheckpointError, ExportError
 from ..model.fp8 import decoder_linear_names, scaled_mm_supported
 from ..random_checkpoint import ARCH_SPECS, SPECS, ensure_random_alias, ensure_random_checkpoint, random_checkpoint_bytes, tte_home
 from .calibration import accuracy_report, calibration_items, run_calibration
-from .native import copy_aux_files, write_engine_dir
+from .native import copy_aux_files, exported_tte_config, write_engine_dir
 
 logger = logging.getLogger("tte_engine")
 
@@ -357,7 +357,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
             write_checkpoint(model, legacy, dtype=dtype, fp8=fp8_mode, stats=stats, kv_fp8=opts.kv_cache_fp8)
             (legacy / "tokenizer").mkdir()  # the HF config.json must not clobber TensorRT-LLM's
             copy_aux_files(source, legacy / "tokenizer")
-            (legacy / "tokenizer" / TTE_CONFIG_NAME).write_text(json.dumps(ref.tte.to_dict(), indent=2))
+            (legacy / "tokenizer" / TTE_CONFIG_NAME).write_text(json.dumps(exported_tte_config(ref), indent=2))
             merge = ref.model_cfg.vision.spatial_merge_size
             max_image_tokens = ref.image_cfg.max_pixels // (ref.image_cfg.patch_size * merge) ** 2
             context = context_budget(ref, opts.max_input_len)
@@ -379,7 +379,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
         with rep.step("export ONNX graphs"):
             graphs = export_onnx(onnx_engine, onnx_dir)
             copy_aux_files(source, onnx_dir)
-            (onnx_dir / TTE_CONFIG_NAME).write_text(json.dumps(ref.tte.to_dict(), indent=2))
+            (onnx_dir / TTE_CONFIG_NAME).write_text(json.dumps(exported_tte_config(ref), indent=2))
         summary["onnx"] = {"dir": str(out / "onnx"), "opset": graphs["opset"],
                            "max_abs_error_vs_torch": {k: v["max_abs_error_vs_torch"] for k, v in graphs["graphs"].items()}}
 

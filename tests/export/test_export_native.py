@@ -123,6 +123,28 @@ def test_two_model_export_keeps_its_reasoner(make_checkpoint, mixed_items, tmp_p
     assert _row_cos(got.embeddings, want.embeddings).min() >= 0.99999
 
 
+def test_two_model_export_of_every_target_finds_a_relative_reasoner(make_checkpoint, mixed_items, tmp_path):
+    """A reasoner named relative to the checkpoint (tte_config `"reasoner": "reasoner"`) resolves from
+    each target's output too: the hf target kept the relative name, which pointed nowhere there."""
+    import shutil
+
+    from tte_engine.export.pipeline import ExportOptions, run_export
+
+    reasoner = make_checkpoint("exp-reasoner", seed=7, head="last_token", think_max_tokens=6)
+    embedder = tmp_path / "embedder"
+    shutil.copytree(make_checkpoint("exp-embedder", seed=3, head="last_token", mode="two_model", reasoner=str(reasoner), think_max_tokens=6),
+                    embedder)
+    shutil.copytree(reasoner, embedder / "reasoner")
+    config = json.loads((embedder / "tte_config.json").read_text())
+    (embedder / "tte_config.json").write_text(json.dumps(dict(config, reasoner="reasoner")))
+    out = tmp_path / "two"
+    run_export(ExportOptions(checkpoint=str(embedder), out=out, target="hf", calibration=0))
+    assert json.loads((out / "hf" / "tte_config.json").read_text())["reasoner"] == str(embedder / "reasoner")
+    got, want = Engine(out / "hf").embed(mixed_items[:2]), Engine(embedder).embed(mixed_items[:2])
+    assert got.trace_token_ids == want.trace_token_ids
+    assert _row_cos(got.embeddings, want.embeddings).min() >= 0.99999
+
+
 def test_bf16_export_halves_the_weights_and_still_runs(cli, native_export, float_engine, mixed_items, tmp_path):
     from tte_engine.export.pipeline import ExportOptions, run_export
 
