@@ -100,7 +100,8 @@ class DecodePlan(NamedTuple):
 # (the micro model's batch-1 decode forward was ~2% slower keeping them; stop 21). And at most
 # this many bytes of them per plan (over all layers; past it, a layer gathers at every step as
 # before): each layer's kept keys and values are as large as its gather's temporaries, which
-# were freed layer by layer.
+# were freed layer by layer. An engine bounds it further by its KV cache (`Runner`: a quarter of
+# the cache's bytes), so that a small `cache_memory` is not outgrown by this copy of it.
 KEEP_MIN_ROWS = 512
 KEPT_CONTEXT_BYTES = 256 << 20
 
@@ -114,13 +115,14 @@ class KeptContext:
     thread). Equal to the gather bit for bit: copies of the same cache rows (positions past a
     context hold position 0's k/v in both, and the cache rows under the plan's positions do not
     change while the batch lives, as `HostDecodePlan` assumes). Layers are told apart by their
-    cache's address; at most KEPT_CONTEXT_BYTES are kept.
+    cache's address; at most `max_bytes` are kept (None: KEPT_CONTEXT_BYTES).
 
     Made by `HostDecodePlan._publish` (a CPU engine) for each new layout; `HostDecodePlan.step`
     sets `new_keys` and `new_slots` at every step that follows on from the last."""
 
-    def __init__(self, slots: torch.Tensor):
+    def __init__(self, slots: torch.Tensor, max_bytes: int | None = None):
         self.slots = slots  # [B * span] int64: the plan's
+        self.max_bytes = max_bytes
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.bytes = 0  # kept so far
         # this step's new key of each row: its flat position in the span ([B] int64) and its cache slot ([B] int64)
@@ -138,7 +140,7 @@ class KeptContext:
             return kept
         gathered = _rows(k_cache, self.slots), _rows(v_cache, self.slots)
         size = 2 * gathered[0].nbytes
-        if self.bytes + size <= KEPT_CONTEXT_BYTES:
+        if self.bytes + size <= (KEPT_CONTEXT_BYTES if self.max_bytes is None else self.max_bytes):
             self.layers[layer] = gathered
             self.bytes += size
         return gathered
@@ -181,8 +183,10 @@ class HostDecodePlan:
     already in the plan do not change while the batch lives (blocks are never moved or copied on
     write here)."""
 
-    def __init__(self):
+    def __init__(self, max_kept_bytes: int | None = None):
+        """`max_kept_bytes`: what its `KeptContext` may hold (None: KEPT_CONTEXT_BYTES)."""
         self.width, self.plan, self.tick = -1, None, None
+        self.max_kept_bytes = max_kept_bytes
 
     def step(self, tables: np.ndarray, rows: np.ndarray, context_lens: np.ndarray, slots: np.ndarray, width: int, block_size: int,
              tick: int) -> DecodePlan:
@@ -236,7 +240,7 @@ class HostDecodePlan:
         self.flat_slots, self.flat_mask = self.slots.reshape(-1), self.mask.reshape(-1)  # what `step` writes; the plan reads them
         self.zeros = np.zeros(len(self.mask), dtype=np.float32)  # an unmasked key for every row
         slots = torch.from_numpy(self.flat_slots)
-        self.kept = KeptContext(slots) if self.slots.size >= KEEP_MIN_ROWS else None
+        self.kept = KeptContext(slots, self.max_kept_bytes) if self.slots.size >= KEEP_MIN_ROWS else None
         self.plan = DecodePlan(slots, torch.from_numpy(self.flat_mask).view(self.mask.shape)[:, None, None, :], None, self.kept)
 
     def _plan_keys(self, last_keys: np.ndarray) -> None:

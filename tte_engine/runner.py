@@ -19,7 +19,7 @@ import torch
 
 from .cache import BlockManager
 from .kernels._dispatch import use_triton
-from .kernels.attention import DecodePlan, HostDecodePlan
+from .kernels.attention import KEPT_CONTEXT_BYTES, DecodePlan, HostDecodePlan
 from .model.cpu_linear import linear_dtype, linear_into
 from .model.qwen2_vl import KVCache, Qwen2VL, StepBatch
 from .sampling import Suppression, sample
@@ -83,6 +83,8 @@ class Runner:
         self.tables_are_host = self.tables.data_ptr() == blocks.tables.ctypes.data
         # a CPU engine on the PyTorch path works out decode attention's reads in numpy (`HostDecodePlan`)
         self.plan_on_host = self.device.type == "cpu" and not use_triton(model.impl, self.tables)
+        # what such a plan may keep of its gathered context (`KeptContext`): a quarter of the KV cache at most
+        self.kept_context_bytes = min(KEPT_CONTEXT_BYTES, (cache.k.nbytes + cache.v.nbytes) // 4)
         self.max_rows = blocks.padding_row  # = max_num_seqs
         self.buckets = graph_buckets(self.max_rows)
         self.layout = DecodeLayout(self.max_rows)
@@ -171,7 +173,7 @@ class Runner:
     def _decode_plan(self, decode: DecodeBatch) -> DecodePlan:
         """A CPU engine's decode-attention plan for the decoding rows of this step (`HostDecodePlan`)."""
         if decode.attention_plan is None:
-            decode.attention_plan = HostDecodePlan()
+            decode.attention_plan = HostDecodePlan(self.kept_context_bytes)
         return decode.attention_plan.step(self.blocks.tables, decode.rows, decode.context_lens, decode.slot_mapping, self._decode_width(decode),
                                           self.block_size, decode.steps_run)
 

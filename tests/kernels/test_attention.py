@@ -366,6 +366,38 @@ def test_kept_context_attends_as_gathering_at_every_step(kept_bytes, monkeypatch
         assert len(got.kept.layers) == expected_kept, f"step {step}"
 
 
+def test_an_engines_kept_context_is_bounded_by_its_kv_cache(make_checkpoint, monkeypatch):
+    """The gathered context a CPU engine keeps between decode steps is a copy of part of its cache:
+    at most a quarter of the cache's bytes (else up to KEPT_CONTEXT_BYTES beside a cache of a few MB),
+    and a plan holds no more than that, layer by layer."""
+    from tte_engine import Engine
+    from tte_engine.scheduler import DecodeBatch
+
+    monkeypatch.setattr(attention, "KEEP_MIN_ROWS", 0)
+    engine = Engine(make_checkpoint("engine", think_max_tokens=12), cache_memory=2 << 20)
+    runner = engine.stages[0].runner
+    cache_bytes = runner.cache.k.nbytes + runner.cache.v.nbytes
+    assert runner.kept_context_bytes == cache_bytes // 4 < attention.KEPT_CONTEXT_BYTES
+    plans = []
+    real_plan = runner._decode_plan
+
+    def plan(decode: DecodeBatch):
+        got = real_plan(decode)
+        plans.append(got)
+        return got
+
+    monkeypatch.setattr(runner, "_decode_plan", plan)
+    items = ["a cat on a chair", "two dogs in the park", "a red chair"]
+    want = engine.embed(items)
+    kept = [p.kept for p in plans if p.kept is not None]
+    assert kept and all(k.max_bytes == runner.kept_context_bytes and 0 < k.bytes <= k.max_bytes for k in kept)
+    plans.clear()
+    monkeypatch.setattr(runner, "kept_context_bytes", 0)  # no room: every layer gathers at every step, to the same results
+    got = engine.embed(items)
+    assert plans and all(not p.kept.layers for p in plans if p.kept is not None)
+    assert got.trace_token_ids == want.trace_token_ids and torch.equal(got.embeddings, want.embeddings)
+
+
 def test_small_plans_keep_no_context():
     """Below KEEP_MIN_ROWS (batch x span) a host plan gathers at every step: keeping costs more there."""
     import numpy as np
