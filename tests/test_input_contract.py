@@ -220,6 +220,11 @@ def test_truncation_never_refuses_what_fits_untruncated(make_checkpoint):
     long_with_trace = {"text": "word " * 1000, "trace": text_trace}
     res = short.embed([long_with_trace], truncate_prompt_tokens=-1, errors="return")
     assert res.errors == [None] and res.trace_token_ids[0][: len(short.prompts.trace_ids(text_trace, 0))] == short.prompts.trace_ids(text_trace, 0)
+    strings, real_trace_ids = [], short.prompts.trace_ids
+    short.prompts.trace_ids = lambda trace, index: (strings.append(isinstance(trace, str)), real_trace_ids(trace, index))[1]
+    short.make_sequence(long_with_trace, truncate_prompt_tokens=-1)
+    assert strings.count(True) == 1  # a string trace is tokenized once, however often the prompt is built
+    del short.prompts.trace_ids
     tight = Engine(make_checkpoint("contract", think_max_tokens=4), max_model_len=128)
     alone = tight.make_sequence("hi", max_trace_tokens=200)
     for truncate in (-1, 60, 100):

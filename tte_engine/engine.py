@@ -264,8 +264,9 @@ class Engine:
             if truncate_prompt_tokens is not None:
                 # a supplied trace must fit beside the prompt (a string one counted in tokens); N caps the prompt
                 # alone; -1 leaves room for the trace budget as well, where the model has that room
-                given = len(self.prompts.trace_ids(query.trace, index)) if query.trace is not None else 0
-                room = fit - given
+                if query.trace is not None:  # tokenized once: the builds below take the ids
+                    query = replace(query, trace=self.prompts.trace_ids(query.trace, index))
+                room = fit - (len(query.trace) if query.trace is not None else 0)
                 budget_room = room - (budget if think and query.trace is None else 0)
                 cut_to = max(1, room if truncate_prompt_tokens == -1 else min(room, truncate_prompt_tokens))
                 fit = budget_room if truncate_prompt_tokens == -1 and budget_room > 0 else cut_to
