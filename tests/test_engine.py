@@ -575,6 +575,15 @@ def test_non_finite_logits_fail_that_item_never_a_garbage_trace(make_checkpoint,
         engine.generate_traces([items[k]])
     assert engine.embed(items[:k] + items[k + 1 :]).errors == [None] * (len(items) - 1)  # the engine goes on
 
+    # a token only one prompt holds: that prompt's prefill gives NaN logits, its first trace token is NO_TOKEN
+    model.embed_tokens.weight = nn.Parameter(baseline_weight := model.embed_tokens.weight.detach().clone(), requires_grad=False)
+    j, token = next((j, t) for j in range(len(items)) for t in baseline.prompt_token_ids[j]
+                    if all(t not in ids_of(i) for i in range(len(items)) if i != j))
+    baseline_weight[token] = math.nan
+    res = engine.embed(items, errors="return")
+    assert res.errors == [NON_FINITE_LOGITS if i == j else None for i in range(len(items))]
+    assert all(res.trace_token_ids[i] == baseline.trace_token_ids[i] for i in range(len(items)) if i != j)
+
 
 @pytest.mark.parametrize("cache_memory", [float("nan"), "1GB", 0, -5, True, float("inf")])
 def test_an_unusable_cache_memory_is_refused_by_name(make_checkpoint, cache_memory):
