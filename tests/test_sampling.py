@@ -80,6 +80,10 @@ def test_a_row_without_a_finite_largest_logit_gets_no_token(dtype, on_device, mo
     want = logits.clone().index_fill_(-1, torch.tensor([9]), float("-inf")).float().argmax(dim=-1).tolist()
     got = torch.as_tensor(Suppression(50, [9], "cpu", dtype).greedy(logits.clone())).tolist()
     assert got == [NO_TOKEN] * 3 + [want[3], NO_TOKEN, want[5]]
+    huge = torch.zeros(3, 50, dtype=dtype)  # finite, but the chosen ones' sum overflows fp32 (numpy's check sums them)
+    huge[0, 4], huge[1, 8], huge[2, 30] = 3e38, 2e38, -1.0
+    with np.errstate(over="ignore"):  # (numpy says its sum overflowed: a RuntimeWarning, then the exact check)
+        assert torch.as_tensor(Suppression(50, [9], "cpu", dtype).greedy(huge)).tolist() == [4, 8, 0]
 
 
 @settings(max_examples=60, deadline=None)

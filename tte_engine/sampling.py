@@ -147,18 +147,18 @@ class Suppression:
         if self.on_numpy:
             if array is None:
                 array = logits.numpy()
-            rows = self._put(array)
+            rows, ones = self._put(array)
             ids = array.argmax(axis=-1)
             # each row's chosen logit, non-finite where its largest is (argmax takes a NaN as the largest);
             # checked in as few numpy calls as can be: right after a forward each costs several
-            # microseconds (a step's one row: one scalar read, ~3 us; else a gather and a dot product,
-            # NaN or inf if any is, ~14 us at 8 rows, ~38 at 256, where isfinite().all() took 31 and 55)
+            # microseconds (a step's one row: one scalar read, ~3 us; else a gather and a dot product
+            # with ones, their sum, NaN or inf if any is: ~14 us at 8 rows, ~38 at 256, where
+            # isfinite().all() took 31 and 55)
             if len(rows) == 1:
                 finite = math.isfinite(array.item(0, ids.item(0)))
             else:
-                chosen = array[rows, ids]
-                finite = math.isfinite(chosen.dot(chosen))
-            if not finite:  # (or a sum of squares past fp32's largest: then no row is marked)
+                finite = math.isfinite(array[rows, ids].dot(ones))
+            if not finite:  # (or a sum past fp32's largest, of logits near it: numpy warns of it, and no row is marked)
                 ids[~np.isfinite(array[rows, ids])] = NO_TOKEN
             return ids
         ids = greedy_ids(self.apply_(logits))
@@ -167,26 +167,26 @@ class Suppression:
             return ids
         return torch.where(torch.isfinite(logits.gather(1, ids[:, None])[:, 0]), ids, NO_TOKEN)  # static shapes: no sync
 
-    def _put(self, array: np.ndarray) -> np.ndarray:
+    def _put(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-inf into the suppressed columns of `array` [B, V]; returns the row numbers 0..B-1 (int64
-        [B], made once per shape, for `greedy`'s gather). On C-contiguous logits (what the LM
+        [B]) and B ones (fp32), made once per shape, for `greedy`'s check. On C-contiguous logits (what the LM
         head writes), an assignment at flat positions of a flat view from an array of -inf of the
         same length, numpy's fast path for it (warm, at 4 suppressed ids: 0.1-0.2 us at batch 1,
         1.5 at 256, where `put` took 0.37 and 4.0); other layouts (`ravel` then copies) through `put`."""
         got = self._flat_by_shape.get(array.shape)
         if got is None:
             got = self._positions(*array.shape)
-        flat, minus_inf, rows = got
+        flat, minus_inf, rows, ones = got
         whole = array.ravel()
         if whole.base is None:  # a copy: not C-contiguous
             array.put(flat, minus_inf)
         else:
             whole[flat] = minus_inf
-        return rows
+        return rows, ones
 
-    def _positions(self, rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _positions(self, rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The flat positions of the suppressed columns of a C-contiguous [rows, vocab] array, as
-        many -inf (fp32), and the row numbers. Raises ValueError if a suppressed id has no column there (as
+        many -inf (fp32), the row numbers and `rows` ones (fp32). Raises ValueError if a suppressed id has no column there (as
         `index_fill_` raises)."""
         k = self._ids.size
         if k and self._ids[-1] >= vocab:
@@ -196,7 +196,8 @@ class Suppression:
             self._flat = (np.arange(grown, dtype=np.int64)[:, None] * vocab + self._ids).reshape(-1)
             self._minus_inf = np.full(self._flat.size, -np.inf, dtype=np.float32)
             self._flat_vocab, self._flat_by_shape = vocab, {}
-        got = self._flat_by_shape[(rows, vocab)] = (self._flat[: rows * k], self._minus_inf[: rows * k], np.arange(rows))
+        got = self._flat_by_shape[(rows, vocab)] = (self._flat[: rows * k], self._minus_inf[: rows * k], np.arange(rows),
+                                                     np.ones(rows, dtype=np.float32))
         return got
 
 
