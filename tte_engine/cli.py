@@ -391,9 +391,17 @@ def _key(item_id) -> str:
 def _row_ids(ids: list) -> list:
     """Each item's row id: its own `id`; else its 0-based number among the file's items, or, where
     that number is another item's own id (a bad line, or a line without an id, in a file of integer
-    ids), the string "item N": a line that cannot say its id never takes another's row."""
+    ids), the string "item N" (with a ' added while the file gives that too): a line that cannot
+    say its id never takes another's row."""
     given = {_key(item_id) for item_id in ids if item_id is not None}
-    return [item_id if item_id is not None else i if _key(i) not in given else f"item {i}" for i, item_id in enumerate(ids)]
+
+    def free(i: int):  # (suffixed further where the file gives "item N" itself)
+        name = i if _key(i) not in given else f"item {i}"
+        while _key(name) in given:
+            name = f"{name}'"
+        return name
+
+    return [item_id if item_id is not None else free(i) for i, item_id in enumerate(ids)]
 
 
 def _damaged(where: str, why: str) -> OutputConflict:

@@ -3,6 +3,7 @@ and computing exactly what the source checkpoint computes."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +122,20 @@ def test_two_model_export_keeps_its_reasoner(make_checkpoint, mixed_items, tmp_p
     got, want = eng.embed(mixed_items[:3]), ref.embed(mixed_items[:3])
     assert got.trace_token_ids == want.trace_token_ids
     assert _row_cos(got.embeddings, want.embeddings).min() >= 0.99999
+
+
+def test_an_exported_reasoner_path_is_absolute_even_when_found_relative(monkeypatch, tmp_path):
+    """A reasoner resolved through a relative TTE_HOME (or cache directory) has a relative path: the
+    export writes it absolute, or the engine would find it only from the export's working directory."""
+    from types import SimpleNamespace
+
+    from tte_engine.config import TTEConfig
+    from tte_engine.export.native import exported_tte_config
+
+    monkeypatch.chdir(tmp_path)
+    tte = TTEConfig.from_dict({"mode": "two_model", "reasoner": "tiny-random"})
+    engine = SimpleNamespace(tte=tte, stages=[SimpleNamespace(checkpoint=Path("relhome/models/tiny-random"))])
+    assert exported_tte_config(engine)["reasoner"] == str(tmp_path / "relhome/models/tiny-random")
 
 
 def test_two_model_export_of_every_target_finds_a_relative_reasoner(make_checkpoint, mixed_items, tmp_path):

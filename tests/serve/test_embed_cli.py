@@ -525,6 +525,11 @@ def test_a_bad_or_id_less_line_among_integer_ids_is_its_own_error_row(serve_chec
     assert [r["id"] for r in records] == [1, 2, "item 2", 3, 4, 0]  # 3 and 4 are no given id
     assert [r["error"] is None for r in records] == [True, True, False, False, True, True]
     assert run(src, serve_checkpoint, tmp_path / "out", "--no-cache", "--no-think") == 0  # and it resumes
+    given = tmp_path / "given.jsonl"  # a file that gives "item 1" itself: the id-less line takes another name, not its row
+    given.write_text('{"id": 1, "text": "a"}\n{"text": "b"}\n{"id": "item 1", "text": "c"}\n{"id": "item 3", "text": "d"}\n{"text": "e"}\n')
+    assert run(given, serve_checkpoint, tmp_path / "given-out", "--no-cache", "--no-think") == 0
+    _, records = read(tmp_path / "given-out")
+    assert [r["id"] for r in records] == [1, "item 1'", "item 1", "item 3", 4] and all(r["error"] is None for r in records)
 
 
 def test_files_at_the_output_that_are_not_a_runs_are_refused_not_replaced(serve_checkpoint, tmp_path, capsys):
