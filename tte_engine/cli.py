@@ -340,11 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give an INPUT file or --demo")
     if args.demo and (args.input is not None or args.output is not None):
         parser.error("--demo embeds its own queries and prints them: it takes no INPUT file or --output")
-    if args.checkpoint is None:
-        args.checkpoint = "tiny-random"
-        if not args.demo:
-            print("tte-embed: warning: no --checkpoint given: embedding with tiny-random, a random test checkpoint "
-                  "(its vectors mean nothing)", file=sys.stderr)
     if args.input is not None and not args.demo:
         if not args.input.is_file():
             parser.error(f"{args.input}: no such file")
@@ -362,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             import pyarrow  # noqa: F401  (checked before any model work, not after it)
         except ImportError:
             parser.error("--format parquet needs pyarrow: pip install pyarrow (or the [serve] extra)")
+    if args.checkpoint is None:  # (after the argument errors: a wrong call gets its error alone)
+        args.checkpoint = "tiny-random"
+        if not args.demo:
+            print("tte-embed: warning: no --checkpoint given: embedding with tiny-random, a random test checkpoint "
+                  "(its vectors mean nothing)", file=sys.stderr)
     results = None
     try:
         from .engine import Engine
@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (args.demo or args.no_cache):  # opened first: an unusable cache file is reported before the model loads
             results = ResultCache(args.cache)
+        if not args.demo:  # (a large checkpoint takes a while: say what is happening before the bar appears)
+            print(f"tte-embed: loading {args.checkpoint} on {args.device} ...", file=sys.stderr)
         engine = Engine(args.checkpoint, device=args.device, dtype=args.dtype, **engine_switches(args))
         engine.prompts.check_instruction(args.instruction)  # a vision token in it (the tokenizer knows them)
         if args.demo:
@@ -378,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TTEError, OSError, ValueError) as exc:  # ValueError: an engine setting that cannot work (--device cuda without CUDA)
         print(f"tte-embed: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every finished batch is on disk already (the shards): one line, not a traceback
+        print("\ntte-embed: interrupted" + ("" if args.demo else "; the batches written are kept: run the same command again to resume"),
+              file=sys.stderr)
+        return 130
     finally:
         if results is not None:
             results.close()
@@ -587,8 +593,8 @@ def embed_file(engine, args, result_cache=None) -> int:
     _prepare_output(prefix, args.format, _manifest(engine, args), args, shards)
     if repeats:
         i, first = next(iter(repeats.items()))
-        print(f"tte-embed: {len(repeats)} item(s) repeat an earlier item's id (e.g. item {i}, id {ids[i]!r}, repeats item {first}'s): "
-              "each is an error row, not embedded", file=sys.stderr)
+        print(f"tte-embed: {len(repeats)} item(s) repeat an earlier item's id (e.g. the item at index {i} repeats id {ids[i]!r} of "
+              f"index {first}): each is an error row, not embedded", file=sys.stderr)
 
     written: dict[str, str | None] = {}  # id -> digest of the item its latest row was computed for
     for name in shards.names():
@@ -602,7 +608,8 @@ def embed_file(engine, args, result_cache=None) -> int:
         print(f"tte-embed: resuming: {len(items) - len(repeats) - len(pending)} of {len(items) - len(repeats)} item(s) already written"
               + (f"; {changed} item(s) differ from the earlier run's and are embedded again" if changed else "")
               + (f"; {undated} earlier row(s) carry no input_digest (an older tte-embed) and are embedded again" if undated else "")
-              + (f"; {gone} earlier row(s) whose ids are not in {args.input} are dropped" if gone else ""), file=sys.stderr)
+              + (f"; {gone} earlier row(s) whose ids are not in {args.input} are dropped" if gone else "")
+              + (f"; {len(repeats)} repeated id(s): error rows" if repeats else ""), file=sys.stderr)
 
     cache = None if result_cache is None else EngineCache(result_cache, engine)
     stats = {"failed": 0, "embedding": 0, "trace": 0, "trace_tokens": 0}
@@ -662,8 +669,9 @@ def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int, repea
     tmp_npy = Path(f"{prefix}.npy.tmp")
     vectors = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(len(ids), dim))
     for i, first in repeats.items():
-        records[i] = {"index": i, "id": ids[i], "trace": "", "error": f"id {ids[i]!r} repeats item {first}'s: ids must be unique (a run's "
-                      "rows are found by id)", "stop_reason": None, "prompt_tokens": 0, "trace_tokens": 0, "cached": None, "input_digest": digests[i]}
+        records[i] = {"index": i, "id": ids[i], "trace": "", "error": f"id {ids[i]!r} repeats the id of the item at index {first}: ids must be "
+                      "unique (a run's rows are found by id)", "stop_reason": None, "prompt_tokens": 0, "trace_tokens": 0, "cached": None,
+                      "input_digest": digests[i]}
         vectors[i] = np.nan
     for name in shards.names():
         shard_records, shard_vectors = shards.load(name, dim)

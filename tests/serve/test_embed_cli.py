@@ -76,19 +76,26 @@ def test_uninterrupted_output(uninterrupted, corpus, reference):
     assert records[0]["trace"] == ref.traces[0]
 
 
-def test_crash_mid_batch_resumes_to_identical_output(corpus, serve_checkpoint, uninterrupted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
+def test_crash_mid_batch_resumes_to_identical_output(corpus, serve_checkpoint, uninterrupted, tmp_path, monkeypatch, capsys, stop):
+    """A crash (an exception) or Ctrl-C (one line and exit 130, no traceback) mid-run: re-running resumes
+    to the uninterrupted output."""
     real_step, calls = Engine.step, {"n": 0}
 
     def crashing_step(self):
         calls["n"] += 1
         if calls["n"] == 25:  # inside the third batch
-            raise RuntimeError("simulated crash")
+            raise stop("simulated crash")
         return real_step(self)
 
     monkeypatch.setattr(Engine, "step", crashing_step)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite"))
+    if stop is KeyboardInterrupt:
+        assert run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite")) == 130
+        assert capsys.readouterr().err.endswith("tte-embed: interrupted; the batches written are kept: run the same command again to resume\n")
+    else:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite"))
     shards = sorted(p.name for p in (tmp_path / "out.parts").glob("0*.jsonl"))
     assert 1 <= len(shards) < 6 and not (tmp_path / "out.npy").exists()  # some batches done, none since the crash
     monkeypatch.setattr(Engine, "step", real_step)
@@ -369,7 +376,7 @@ def test_a_repeated_id_is_that_items_error_row(serve_checkpoint, tmp_path, capsy
     dup.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": 1, "text": "c"}\n{"text": "d"}\n{"id": 2, "text": "b"}\n')
     out = tmp_path / "out"
     assert run(dup, serve_checkpoint, out, "--no-cache", "--no-think", "--format", fmt) == 0
-    assert "2 item(s) repeat an earlier item's id (e.g. item 2, id 1, repeats item 0's)" in capsys.readouterr().err
+    assert "2 item(s) repeat an earlier item's id (e.g. the item at index 2 repeats id 1 of index 0)" in capsys.readouterr().err
     if fmt == "npy":
         vectors, records = read(out)
     else:
@@ -381,12 +388,13 @@ def test_a_repeated_id_is_that_items_error_row(serve_checkpoint, tmp_path, capsy
         for r in records:
             r["id"] = json.loads(r["id"])
     assert [r["id"] for r in records] == [1, 2, 1, 3, 2]
-    assert [r["error"] for r in records] == [None, None, "id 1 repeats item 0's: ids must be unique (a run's rows are found by id)", None,
-                                             "id 2 repeats item 1's: ids must be unique (a run's rows are found by id)"]
+    assert [r["error"] for r in records] == [None, None, "id 1 repeats the id of the item at index 0: ids must be unique (a run's rows are "
+                                             "found by id)", None, "id 2 repeats the id of the item at index 1: ids must be unique (a run's rows "
+                                             "are found by id)"]
     assert np.isnan(vectors[[2, 4]]).all() and np.isfinite(vectors[[0, 1, 3]]).all()
     assert [list(r) for r in records[2:3]] == [list(records[0])]  # the same fields, in the same order
     assert run(dup, serve_checkpoint, out, "--no-cache", "--no-think", "--format", fmt) == 0  # resumes: nothing left to embed
-    assert "resuming: 3 of 3 item(s) already written" in capsys.readouterr().err
+    assert "resuming: 3 of 3 item(s) already written; 2 repeated id(s): error rows" in capsys.readouterr().err
 
 
 def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
