@@ -146,7 +146,10 @@ def run_workloads(workdir: Path) -> list[str]:
     from tte_engine.random_checkpoint import ARCH_SPECS, SPECS, build_random_checkpoint
 
     items = ["a cat on a chair", {"text": "What is shown in this picture?", "image": image(84, 56, 1)},
-             " ".join(["a long text that is prefilled in several chunks"] * 30), {"image": image(56, 112, 2)}, "two dogs"]
+             " ".join(["a long text that is prefilled in several chunks"] * 30), {"image": image(56, 112, 2)}, "two dogs",
+             # a supplied trace: it is pooled whatever the logits hold (the others' unwritten logits are no
+             # finite choice, so they end with that error before their embed suffix)
+             {"text": "a given trace", "trace": "a cat sits on a chair"}]
     runs = []
     geometry = replace(ARCH_SPECS["unified-2b"], num_layers=1, vision_depth=1, head_layers=1, max_pixels=28 * 28 * 64)
     for head in ("mhsa", "last_token"):
