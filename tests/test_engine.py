@@ -175,6 +175,22 @@ def test_instructions_change_the_prompt(engine):
     assert named.prompt_token_ids == literal.prompt_token_ids
 
 
+def test_a_misspelled_instruction_name_is_used_as_text_with_one_warning(engine, caplog):
+    """`instruction="retreival"` was embedded with that one word as its instruction, silently; it
+    still is (any text is an instruction), with one warning naming the close name."""
+    typo = "retreival"
+    engine.prompts._warned.discard(typo)  # (the engine is the module's: once per engine and text)
+    with caplog.at_level("WARNING", logger="tte_engine"):
+        first = engine.embed(["hello", {"text": "bye", "instruction": typo}], think=False, instruction=typo)
+        engine.embed(["hello"], think=False, instruction=typo)
+        engine.embed(["hello"], think=False, instruction="retrieval")
+        engine.embed(["hello"], think=False, instruction="Find the answer to the question.")
+    warned = [r.getMessage() for r in caplog.records if "not a named instruction" in r.getMessage()]
+    assert len(warned) == 1 and "did you mean 'retrieval'" in warned[0]
+    assert first.errors == [None, None]
+    assert typo in engine.prompts.decode(first.prompt_token_ids[0])
+
+
 def test_both_weight_layouts_and_shards_load_identically(make_checkpoint, mixed_items):
     hub = Engine(make_checkpoint("layout", seed=11, think_max_tokens=6)).embed(mixed_items)
     v5 = Engine(make_checkpoint("layout", seed=11, layout="transformers5", shards=3, think_max_tokens=6)).embed(mixed_items)

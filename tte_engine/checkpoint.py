@@ -62,15 +62,15 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         return ensure_random_alias(name)
     local = tte_home() / "models" / name
     if (local / "config.json").exists() or (local / "engine.json").exists():
-        return local
+        return local.absolute()  # (absolute whatever TTE_HOME says: an export records it)
     repos = HF_ALIASES.get(name, (name,) if name.count("/") == 1 else ())
     for repo in repos:
         cached = find_in_hf_cache(repo)
         if cached is not None:
-            return cached
+            return cached.absolute()
     looked = f"{local}" + (f" and the Hugging Face cache {hf_cache_dir()} (repos {', '.join(repos)})" if repos else "")
     raise CheckpointError(
-        f"checkpoint {name!r} not found: it is not a directory; looked in {looked}. "
+        f"checkpoint {name!r} not found: no directory {path.absolute()}, nor an alias or cached repo of that name; looked in {looked}. "
         f"Place a Hugging Face Qwen2-VL checkpoint directory at {local}, or pass a path; "
         f"built-in random aliases: {', '.join(sorted(SPECS))}"
     )

@@ -9,6 +9,8 @@ token. Each placeholder is then expanded to the number of tokens the vision towe
 
 from __future__ import annotations
 
+import difflib
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from .errors import CheckpointError, InvalidInputError
 from .sampling import SamplingParams
 from .video import VideoError, VideoOptions, preprocess_video
 from .vision import MAX_DECODE_PIXELS, ImageError, ImageProcessorConfig, ProcessedImage, preprocess_image
+
+logger = logging.getLogger("tte_engine")
 
 FIELDS = ("text", "image", "images", "video", "videos", "video_options", "instruction", "trace")
 
@@ -161,6 +165,7 @@ class PromptBuilder:
     def __init__(self, checkpoint: Path, tokenizer, tte: TTEConfig, model_cfg: ModelConfig, image_cfg: ImageProcessorConfig):
         self.tokenizer = tokenizer
         self.tte = tte
+        self._warned: set[str] = set()  # literal instructions looked at for a misspelled name (`_warn_if_misspelled`)
         self.model_cfg = model_cfg
         self.image_cfg = image_cfg
         # The checkpoint's configs as the runtime will use them: a bad one fails here, at load, naming
@@ -278,7 +283,22 @@ class PromptBuilder:
         chosen = query.instruction if query.instruction is not None else instruction
         if chosen is None:
             return self.tte.instructions["default"]
-        return self.tte.instructions.get(chosen, chosen)  # a named task instruction, or the literal text
+        named = self.tte.instructions.get(chosen)
+        if named is None:
+            self._warn_if_misspelled(chosen)
+        return chosen if named is None else named  # a named task instruction, or the literal text
+
+    def _warn_if_misspelled(self, text: str) -> None:
+        """A literal instruction that looks like a misspelled name (one word, close to a named
+        instruction of the checkpoint) is used as given, with one warning per distinct text: a typo
+        in a name would otherwise embed with a one-word instruction, silently."""
+        if text in self._warned or any(c.isspace() for c in text) or len(self._warned) > 1000:
+            return
+        self._warned.add(text)
+        close = difflib.get_close_matches(text, [n for n in self.tte.instructions if n != "default"], n=1, cutoff=0.75)
+        if close:
+            logger.warning("instruction %r is not a named instruction of this checkpoint (did you mean %r?): it is used as literal "
+                           "text; named ones: %s", text, close[0], ", ".join(sorted(self.tte.instructions)))
 
     def build(self, query: Query, index: int, *, think: bool, instruction: str | None = None, max_tokens: int | None = None) -> Prompt:
         """The item's prompt; `max_tokens`: the most its images and videos may take (see `_vision_inputs`)."""
