@@ -97,7 +97,7 @@ def exported_tte_config(engine) -> dict[str, Any]:
     by its absolute path (a path relative to the source checkpoint resolves nowhere from the output)."""
     tte = engine.tte.to_dict()
     if engine.tte.mode == "two_model":
-        tte["reasoner"] = str(Path(engine.stages[0].checkpoint).absolute())
+        tte["reasoner"] = str(engine.stages[0].checkpoint)  # (`resolve_checkpoint` gives absolute paths)
     return tte
 
 

@@ -23,11 +23,12 @@ HF_ALIASES: dict[str, tuple[str, ...]] = {
 
 
 def hf_cache_dir() -> Path:
-    """The local Hugging Face hub cache, read from the environment on every call (no network, no import cost)."""
+    """The local Hugging Face hub cache, read from the environment on every call (no network, no
+    import cost), absolute (as `tte_home`)."""
     explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
     if explicit:
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser() / "hub"
+        return Path(explicit).expanduser().absolute()
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser().absolute() / "hub"
 
 
 def find_in_hf_cache(repo_id: str) -> Path | None:
@@ -62,12 +63,12 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         return ensure_random_alias(name)
     local = tte_home() / "models" / name
     if (local / "config.json").exists() or (local / "engine.json").exists():
-        return local.absolute()  # (absolute whatever TTE_HOME says: an export records it)
+        return local
     repos = HF_ALIASES.get(name, (name,) if name.count("/") == 1 else ())
     for repo in repos:
         cached = find_in_hf_cache(repo)
         if cached is not None:
-            return cached.absolute()
+            return cached
     looked = f"{local}" + (f" and the Hugging Face cache {hf_cache_dir()} (repos {', '.join(repos)})" if repos else "")
     raise CheckpointError(
         f"checkpoint {name!r} not found: no directory {path.absolute()}, nor an alias or cached repo of that name; looked in {looked}. "

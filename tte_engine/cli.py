@@ -664,7 +664,7 @@ def _repeated_ids(ids: list) -> dict[int, int]:
 def _assemble(prefix: Path, fmt: str, shards: Shards, ids: list, dim: int, repeats: dict[int, int], digests: list[str]) -> list[dict]:
     """Merge the shards into the final files, rows in input order (a later shard's row for an id
     wins); `repeats` (`_repeated_ids`) get error rows (NaN vectors), not the first item's row."""
-    position = {_key(item_id): i for i, item_id in reversed(list(enumerate(ids)))}  # an id's first item
+    position = {_key(item_id): i for i, item_id in enumerate(ids) if i not in repeats}  # an id's first item
     records: list[dict | None] = [None] * len(ids)
     tmp_npy = Path(f"{prefix}.npy.tmp")
     vectors = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(len(ids), dim))

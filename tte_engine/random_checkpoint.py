@@ -126,7 +126,9 @@ ARCH_SPECS: dict[str, RandomSpec] = {
 
 
 def tte_home() -> Path:
-    return Path(os.environ.get("TTE_HOME", Path.home() / ".cache" / "tte_engine"))
+    """$TTE_HOME (default ~/.cache/tte_engine), absolute: checkpoints found under it are recorded by
+    path (an export's reasoner), and a relative one would resolve only from this working directory."""
+    return Path(os.environ.get("TTE_HOME", Path.home() / ".cache" / "tte_engine")).expanduser().absolute()
 
 
 def build_tokenizer(path: Path):

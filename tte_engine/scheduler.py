@@ -283,12 +283,11 @@ class Scheduler:
         """The token sequences that end a trace (each non-empty)."""
         self.stop_tokens = {s[0] for s in stop_sequences if len(s) == 1}
         self.stop_sequences = [list(s) for s in stop_sequences if len(s) > 1]
-        # a decode token that may end a trace: a stop token, or the last token of a stop sequence. Also
-        # as a lookup table (bool [largest such id + 2]; ids past the largest read the last entry,
-        # False), so a large step's tokens are checked in one gather
-        # tokens that may end a trace, NO_TOKEN (a row with non-finite logits) included; in the table,
-        # one entry past the largest (False: where `take` clips larger ids), NO_TOKEN is clipped to
-        # token 0's entry, set too (token 0 is then looked at one by one, and ends nothing it did not)
+        # a decode token that may end a trace: a stop token, the last token of a stop sequence, or
+        # NO_TOKEN (a row with non-finite logits). Also as a lookup table (bool [largest such id + 2];
+        # ids past the largest read the last entry, False), so a large step's tokens are checked in one
+        # gather; `take` clips NO_TOKEN to token 0's entry, set too (token 0 is then looked at one by
+        # one, and ends nothing it did not)
         self._may_stop = frozenset(self.stop_tokens | {s[-1] for s in self.stop_sequences} | {NO_TOKEN})
         self._may_stop_table = np.zeros(max(self._may_stop) + 2, dtype=bool)
         self._may_stop_table[[max(t, 0) for t in self._may_stop]] = True

@@ -125,17 +125,25 @@ def test_two_model_export_keeps_its_reasoner(make_checkpoint, mixed_items, tmp_p
 
 
 def test_an_exported_reasoner_path_is_absolute_even_when_found_relative(monkeypatch, tmp_path):
-    """A reasoner resolved through a relative TTE_HOME (or cache directory) has a relative path: the
-    export writes it absolute, or the engine would find it only from the export's working directory."""
+    """A reasoner found through a relative TTE_HOME or Hugging Face cache directory had a relative
+    path, which an export wrote as it was: the engine then found it only from the export's working
+    directory. Checkpoints resolve to absolute paths, so the export records one."""
     from types import SimpleNamespace
 
     from tte_engine.config import TTEConfig
     from tte_engine.export.native import exported_tte_config
 
     monkeypatch.chdir(tmp_path)
-    tte = TTEConfig.from_dict({"mode": "two_model", "reasoner": "tiny-random"})
-    engine = SimpleNamespace(tte=tte, stages=[SimpleNamespace(checkpoint=Path("relhome/models/tiny-random"))])
-    assert exported_tte_config(engine)["reasoner"] == str(tmp_path / "relhome/models/tiny-random")
+    monkeypatch.setenv("TTE_HOME", "relhome")
+    monkeypatch.setenv("HF_HUB_CACHE", "relhf")
+    for where in ("relhome/models/tiny-reasoner", "relhf/models--org--reasoner/snapshots/abc"):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "config.json").write_text("{}")
+    assert resolve_checkpoint("org/reasoner") == tmp_path / "relhf/models--org--reasoner/snapshots/abc"
+    reasoner = resolve_checkpoint("tiny-reasoner")
+    tte = TTEConfig.from_dict({"mode": "two_model", "reasoner": "tiny-reasoner"})
+    engine = SimpleNamespace(tte=tte, stages=[SimpleNamespace(checkpoint=reasoner)])
+    assert exported_tte_config(engine)["reasoner"] == str(tmp_path / "relhome/models/tiny-reasoner")
 
 
 def test_two_model_export_of_every_target_finds_a_relative_reasoner(make_checkpoint, mixed_items, tmp_path):
