@@ -77,6 +77,7 @@ def print_summary(summary: dict) -> None:
         if top == "trtllm" and summary.get("trtllm", {}).get("quant_algo"):
             label += f" (ModelOpt {summary['trtllm']['quant_algo']})"
         print(f"  {top + '/':<15} {_size(nbytes):>10} in {count:>3} files  {label}")
+    print(f"  {'./export_report.json':<36} this summary, with the accuracy figures")
     secs = summary["seconds"]
     slowest = sorted(((v, k) for k, v in secs.items() if k != "total"), reverse=True)[:2]
     print(f"  total {_size(summary['total_bytes'])} in {secs['total']:.1f}s (slowest: " + ", ".join(f"{k} {v:.1f}s" for v, k in slowest)

@@ -93,7 +93,7 @@ def compressed_tensors_config() -> dict[str, Any]:
     try:
         from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
     except ImportError as exc:
-        raise ImportError("the compressed-tensors layout needs the compressed-tensors package: pip install 'tte-engine[export]'") from exc
+        raise ImportError("the compressed-tensors layout needs the compressed-tensors package: pip install compressed-tensors (the [export] extra)") from exc
     cfg = QuantizationConfig(
         config_groups={"group_0": preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])},
         format="float-quantized",

@@ -121,9 +121,9 @@ def validate(opts: ExportOptions) -> set[str]:
     if opts.dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ExportError(f"--dtype must be auto, bfloat16, float16 or float32, got {opts.dtype!r}")
     if "onnx" in targets and not (importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime")):
-        raise ExportError("the onnx target needs onnx and onnxruntime: pip install 'tte-engine[export]'")
+        raise ExportError("the onnx target needs onnx and onnxruntime: pip install onnx onnxruntime (the [export] extra)")
     if opts.fp8 and "hf" in targets and not importlib.util.find_spec("compressed_tensors"):
-        raise ExportError("--target hf with --fp8 writes the compressed-tensors layout: pip install 'tte-engine[export]'")
+        raise ExportError("--target hf with --fp8 writes the compressed-tensors layout: pip install compressed-tensors (the [export] extra)")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExportError(f"--device {opts.device}: CUDA is not available here")
     return targets

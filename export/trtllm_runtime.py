@@ -35,6 +35,7 @@ registered in this process; transformers still reads the directory as Qwen2-VL (
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -177,11 +178,27 @@ class TrtllmTTE:
         return torch.stack(rows)
 
 
+def _cannot_run(path: Path) -> str | None:
+    """Why the check cannot run here (one line), or None: checked before any weights load."""
+    if not (path / LAUNCH_FILE).is_file():
+        hint = f"; the export's trtllm/ folder is {path / 'trtllm'}" if (path / "trtllm" / LAUNCH_FILE).is_file() else ""
+        return f"{path} is not a `tte-export --target trtllm` directory (no {LAUNCH_FILE}){hint}"
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return "TensorRT-LLM is not installed (this check runs on a GPU machine with tensorrt_llm importable)"
+    if not torch.cuda.is_available():
+        return "no CUDA device: TensorRT-LLM needs a GPU"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m tte_engine.export.trtllm_runtime DIR`: embed two items with TensorRT-LLM and with our engine, print the cosines."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m tte_engine.export.trtllm_runtime EXPORT_DIR/trtllm", file=sys.stderr)
+        return 2
+    problem = _cannot_run(Path(argv[0]))
+    if problem:
+        print(f"trtllm_runtime: error: {problem}", file=sys.stderr)
         return 2
     from tte_engine import Engine
 

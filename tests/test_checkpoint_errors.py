@@ -202,3 +202,15 @@ def test_engine_json_model_is_checked(source, tmp_path):
     (tmp_path / "engine.json").write_text(json.dumps(spec))
     with pytest.raises(CheckpointError, match=r"engine\.json: malformed"):
         EngineDir.open(tmp_path)
+
+
+def test_a_folder_holding_checkpoints_names_them(source, tmp_path):
+    """`tte-export --target hf --out DIR` writes DIR/hf/: `Engine(DIR)` says where the checkpoint is."""
+    shutil.copytree(source, tmp_path / "out" / "hf")
+    (tmp_path / "out" / "logs").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json") as info:
+        Engine(tmp_path / "out")
+    assert str(info.value).endswith(f"checkpoints inside it: {tmp_path / 'out' / 'hf'}")
+    with pytest.raises(CheckpointError) as info:
+        Engine(tmp_path / "out" / "logs")
+    assert "inside" not in str(info.value)

@@ -422,3 +422,16 @@ def test_any_collection_of_items_is_a_batch_and_one_item_is_one(engine):
     single = engine.embed({"text": "a cat"}, max_trace_tokens=2)
     assert len(single.embeddings) == 1 and single.trace_token_ids[0] == want.trace_token_ids[0]
     assert len(engine.embed("a cat", max_trace_tokens=2).embeddings) == 1
+
+
+def test_every_error_a_user_catches_is_importable_from_the_package():
+    """The README tells users to catch these: `from tte_engine import ModelOutputError` must work
+    (it was only in tte_engine.errors). `Cancelled` stays internal: no caller ever sees it."""
+    import inspect
+
+    import tte_engine
+    from tte_engine import errors
+
+    raised = {name for name, cls in inspect.getmembers(errors, inspect.isclass)
+              if issubclass(cls, errors.TTEError) and cls.__module__ == errors.__name__} - {"Cancelled"}
+    assert raised <= set(tte_engine.__all__) and all(getattr(tte_engine, name) is getattr(errors, name) for name in raised)

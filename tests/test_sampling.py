@@ -360,3 +360,18 @@ def test_any_integer_seed_is_a_31_bit_stream_key_and_neighbours_do_not_collide(s
         assert drawn == seed
     for neighbour in (seed + 2**31, seed - 2**31, seed + 2**32):
         assert sampling_params(temperature=1.0, seed=neighbour).draw_seed() != drawn
+
+
+def test_sampling_options_without_a_temperature_warn_that_they_change_nothing():
+    """Our temperature defaults to 0 (greedy), OpenAI's and vLLM's to 1: `SamplingParams(top_p=0.5,
+    seed=1)` decodes greedily, and says so once rather than silently."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"top_p, seed change nothing; set temperature > 0") as caught:
+        sampling_params(top_p=0.5, seed=1)
+    assert caught[0].filename == __file__  # pointed at the caller's line
+    with pytest.warns(UserWarning, match=r"SamplingParams\(top_k=3\)"):
+        sampling_params(top_k=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampling_params(), sampling_params(temperature=0.7, top_k=3, top_p=0.5, seed=1), sampling_params(temperature=0)

@@ -18,7 +18,7 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) and os.path.isfile(os
 
 from .config import EngineConfig, TTEConfig
 from .engine import EmbedResult, Engine
-from .errors import CapacityError, CheckpointError, InvalidInputError, TTEError
+from .errors import CacheError, CapacityError, CheckpointError, ExportError, InvalidInputError, ModelOutputError, TTEError
 from .inputs import Query
 from .sampling import SamplingParams
 
@@ -26,12 +26,15 @@ logging.getLogger("tte_engine").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [
+    "CacheError",
     "CapacityError",
     "CheckpointError",
     "EmbedResult",
     "Engine",
     "EngineConfig",
+    "ExportError",
     "InvalidInputError",
+    "ModelOutputError",
     "Query",
     "SamplingParams",
     "TTEConfig",

@@ -51,7 +51,10 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "engine.json").exists():
-            raise CheckpointError(f"{path} is not a checkpoint: it has no config.json (nor an engine.json)")
+            # tte-export writes its targets other than native into subfolders (hf/, trtllm/, ...)
+            inside = sorted(d.name for d in path.iterdir() if d.is_dir() and ((d / "config.json").is_file() or (d / "engine.json").is_file()))
+            hint = f"; checkpoints inside it: {', '.join(str(path / d) for d in inside)}" if inside else ""
+            raise CheckpointError(f"{path} is not a checkpoint: it has no config.json (nor an engine.json){hint}")
         return path.resolve()
     name = str(name_or_path)
     if path.is_absolute() or name.startswith((".", "~")):

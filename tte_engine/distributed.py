@@ -1,4 +1,4 @@
-"""Scale-out with Ray Data (`pip install tte-engine[ray]`): embed a Dataset on a pool of engine workers.
+"""Scale-out with Ray Data (the `[ray]` extra): embed a Dataset on a pool of engine workers.
 
     import ray
     from tte_engine.distributed import embed_dataset

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,8 @@ from .kernels.sampling import greedy_ids, greedy_tokens, gumbel_argmax
 class SamplingParams:
     """How a request picks its trace tokens (the fields of OpenAI's and vLLM's sampling options).
 
-    temperature: 0 = greedy (the default: deterministic traces and embeddings), else logits are
+    temperature: 0 = greedy (the default: deterministic traces and embeddings; unlike OpenAI's
+        and vLLM's 1.0, so top_k, top_p or seed set without a temperature warn), else logits are
         divided by it before sampling; at most fp32's largest. top_k: keep the k largest logits
         (and any tied with the k-th); 0 = off. top_p: keep the smallest set of the largest whose
         probability reaches it, in (0, 1]; 1 = off. seed: any integer (see `draw_seed`); None = a
@@ -68,6 +70,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off) and < 2**63, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        unused = [f"{name}={getattr(self, name)!r}" for name, off in (("top_k", 0), ("top_p", 1.0), ("seed", None)) if getattr(self, name) != off]
+        if self.greedy and unused:  # vLLM and OpenAI default to temperature 1; ours is greedy
+            warnings.warn(f"SamplingParams({', '.join(unused)}) with temperature 0 (greedy, the default) decodes greedily: "
+                          f"{', '.join(u.split('=')[0] for u in unused)} change nothing; set temperature > 0 to sample", UserWarning, stacklevel=3)
 
     @property
     def greedy(self) -> bool:

@@ -1,7 +1,7 @@
 """Video loading, frame sampling and Qwen2-VL video preprocessing.
 
-A video is a file (path, raw bytes, `data:` URL) decoded with PyAV (`pip install
-"tte-engine[video]"`), a list of frames (anything `load_image` accepts), or a uint8 array
+A video is a file (path, raw bytes, `data:` URL) decoded with PyAV (`pip install av`, the
+`[video]` extra), a list of frames (anything `load_image` accepts), or a uint8 array
 [T, H, W, 3]. Conventions, and where they come from:
 
 - **Frame sampling** is qwen-vl-utils' `fetch_video` (`smart_nframes`): by default `fps` = 2
@@ -323,7 +323,7 @@ def _import_av():
     try:
         import av
     except ImportError as exc:  # an optional extra
-        raise VideoError('decoding video files needs PyAV: pip install "tte-engine[video]" (or pass a list of frames)') from exc
+        raise VideoError('decoding video files needs PyAV: pip install av (the [video] extra), or pass a list of frames') from exc
     return av
 
 

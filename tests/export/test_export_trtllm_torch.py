@@ -212,6 +212,22 @@ def test_trtllm_directory_loads_back_and_names_the_variant(ckpt, engine, tmp_pat
     assert F.cosine_similarity(a.embeddings, b.embeddings).min() >= 0.99999
 
 
+def test_the_runtime_check_says_in_one_line_why_it_cannot_run(ckpt, tmp_path, capsys):
+    """`python -m tte_engine.export.trtllm_runtime DIR` (the README's check for a GPU machine) ends
+    with one line and exit 2, before loading any weights, where it cannot run: it ended in a
+    ModuleNotFoundError traceback without TensorRT-LLM. The export's root is pointed to its folder."""
+    from tte_engine.export.trtllm_runtime import main
+
+    out = tmp_path / "x"
+    run_export(ExportOptions(checkpoint=str(ckpt), out=out, target="trtllm", calibration=0))
+    cases = [(out, "the export's trtllm/ folder is"), (tmp_path / "missing", "is not a `tte-export --target trtllm` directory"),
+             (out / "trtllm", "TensorRT-LLM is not installed")]
+    for path, says in cases:
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("trtllm_runtime: error: ") and says in err and err.count("\n") == 1, err
+
+
 def test_tensorrt_llm_is_imported_lazily(ckpt, tmp_path):
     code = ("import sys; import tte_engine.export.trtllm_runtime as r, tte_engine.export.pipeline; "
             "assert 'tensorrt_llm' not in sys.modules; print('ok')")

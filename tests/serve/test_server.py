@@ -755,4 +755,4 @@ def test_without_the_server_extra_tte_serve_says_what_to_install():
             "sys.exit(main(['--checkpoint', 'tiny-random']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "tte-serve: error: fastapi is missing; install the server extra: pip install 'tte-engine[serve]'"), proc.stderr
+        "tte-serve: error: fastapi is missing; pip install fastapi uvicorn httpx prometheus-client (the [serve] extra: pip install -e '.[serve]' in a checkout)"), proc.stderr

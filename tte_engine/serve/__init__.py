@@ -1,4 +1,4 @@
-"""`tte-serve`: an OpenAI-compatible embeddings server over one Engine (`pip install tte-engine[serve]`).
+"""`tte-serve`: an OpenAI-compatible embeddings server over one Engine (the `[serve]` extra).
 
     from tte_engine.serve import create_app, ServerSettings
     app = create_app(Engine("tiny-random"), ServerSettings(api_key="secret"))   # any ASGI server runs it

@@ -320,7 +320,11 @@ class _Server:
             return None
         except InvalidInputError as exc:
             held.refused = True  # the request fails: its later items are not prepared (earlier ones have started: items start in order)
-            raise RequestError(400, exc.reason, _blame(req, params, exc.field)) from exc
+            param = _blame(req, params, exc.field)
+            reason = exc.reason
+            if req.messages is not None and exc.field and reason.startswith(exc.field + ":"):  # the item's field is ours, not the client's
+                reason = param + reason[len(exc.field):]
+            raise RequestError(400, reason, param) from exc
         self.media.want(held, media_bytes(plan), _blame(req, params, None))
         return plan
 

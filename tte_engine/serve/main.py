@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from .app import ServerSettings, create_app
     except ImportError as exc:
-        print(f"tte-serve: error: {exc.name} is missing; install the server extra: pip install 'tte-engine[serve]'", file=sys.stderr)
+        print(f"tte-serve: error: {exc.name} is missing; pip install fastapi uvicorn httpx prometheus-client (the [serve] extra: pip install -e '.[serve]' in a checkout)", file=sys.stderr)
         return 2
     import torch
 
