@@ -22,10 +22,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tte-export: error: {message}\n")
 
 
+def _output_path(text: str) -> Path:
+    """--out: an empty value (`--out "$OUT"` with OUT unset) would be the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tte-export", description="Export a TTE checkpoint to an optimized engine (native, TensorRT-LLM, ONNX).")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, alias (tiny-random, unified-2b, unified-7b, ...) or cached HF repo id")
-    p.add_argument("--out", type=Path, help="output directory (default: $TTE_HOME/engines/<name>[-fp8])")
+    p.add_argument("--out", type=_output_path, help="output directory (default: $TTE_HOME/engines/<name>[-fp8])")
     p.add_argument("--target", default="native", choices=["native", "trtllm", "trtllm-legacy", "hf", "onnx", "all"],
                    help="native engine dir; trtllm: HF checkpoint + launch config for TensorRT-LLM's PyTorch backend; trtllm-legacy: "
                         "TensorRT-LLM 1.x checkpoint + build.sh; hf: Hugging Face checkpoint (FP8: compressed-tensors); onnx; "

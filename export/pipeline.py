@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import fingerprint, resolve_checkpoint
-from ..config import TTE_CONFIG_NAME, ModelConfig
+from ..config import TTE_CONFIG_NAME, ModelConfig, read_json_object
 from ..engine import Engine
 from ..engine_dir import ENGINE_FILE, is_engine_dir
 from ..errors import CheckpointError, ExportError
@@ -129,16 +129,23 @@ def validate(opts: ExportOptions) -> set[str]:
     return targets
 
 
+REPORT_FILE = "export_report.json"  # the summary, at the root of every export: what --force may replace
+
+
 def default_out(name: str, fp8: bool) -> Path:
     base = Path(name).name if Path(name).is_dir() else name.replace("/", "--")
     return tte_home() / "engines" / (base + ("-fp8" if fp8 else ""))
 
 
 def check_not_inside(source: Path, out: Path) -> None:
-    """Refuse an output directory that holds the source checkpoint (replacing it would delete the source)."""
+    """Refuse an output directory that holds the source checkpoint (replacing it would delete the
+    source), or lies inside it (the export would become part of the checkpoint and change its
+    fingerprint, so its cached results would no longer match)."""
     src, dst = source.resolve(), out.resolve()
     if src == dst or dst in src.parents:
         raise ExportError(f"the checkpoint {source} lies inside the output directory {out}: choose another --out")
+    if src in dst.parents:
+        raise ExportError(f"the output directory {out} lies inside the checkpoint {source}: choose another --out")
 
 
 def prepare_output(out: Path, force: bool) -> Path:
@@ -146,8 +153,15 @@ def prepare_output(out: Path, force: bool) -> Path:
     out = out.expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"output directory {out} exists and is not empty (pass --force to replace it)")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ExportError(f"the output directory {out} holds the current directory: choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"output directory {out} exists and is not empty (pass --force to replace an earlier export)")
+        if not (out / REPORT_FILE).is_file():  # --force replaces what tte-export wrote, never a folder of other files
+            raise ExportError(f"output directory {out} is not empty and holds no earlier export (no {REPORT_FILE}): "
+                              "--force replaces only an earlier tte-export output; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -207,10 +221,7 @@ def resolve_source(opts: ExportOptions, reporter: Reporter) -> tuple[Path, bool]
 def _export_dtype(opts: ExportOptions, source: Path) -> torch.dtype:
     if opts.dtype != "auto":
         return getattr(torch, opts.dtype)
-    try:
-        stored = ModelConfig.from_hf(json.loads((source / "config.json").read_text())).torch_dtype
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {source / 'config.json'}: {exc}") from exc
+    stored = ModelConfig.from_hf(read_json_object(source / "config.json", required=True)).torch_dtype
     return getattr(torch, stored) if stored in ("float32", "bfloat16", "float16") else torch.bfloat16
 
 
@@ -236,7 +247,7 @@ def run_export(opts: ExportOptions, reporter: Reporter | None = None) -> dict[st
         summary["seconds"] = dict(reporter.timings, total=round(time.perf_counter() - start, 3))
         summary["files"] = _files(tmp)
         summary["total_bytes"] = sum(f["bytes"] for f in summary["files"])
-        (tmp / "export_report.json").write_text(json.dumps(summary, indent=2))
+        (tmp / REPORT_FILE).write_text(json.dumps(summary, indent=2))
         with _signals_deferred(reporter, then="finish"):  # half a commit could hide the old export (--force)
             commit_output(tmp, out)
     except BaseException:

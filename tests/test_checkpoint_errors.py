@@ -74,6 +74,11 @@ CASES = [
     # tte_config.json: every field's type and range
     ("tte-array", _write("tte_config.json", [1, 2]), "tte_config.json", "JSON object"),
     ("tte-not-json", _write("tte_config.json", b"\xff\xfe{"), "tte_config.json", "cannot read"),
+    # nested deeper than Python's parser recurses: a RecursionError traceback before
+    ("config-nested", _write("config.json", b"[" * 100_000 + b"]" * 100_000), "config.json", "cannot read"),
+    ("tte-nested", _write("tte_config.json", b"[" * 100_000 + b"]" * 100_000), "tte_config.json", "cannot read"),
+    ("preproc-nested", _write("preprocessor_config.json", b"[" * 100_000 + b"]" * 100_000), "preprocessor_config.json", "cannot read"),
+
     ("tte-suffix-int", _set("tte_config.json", "embed_suffix", 5), "tte_config.json", "embed_suffix"),
     ("tte-format-version-str", _set("tte_config.json", "format_version", "1"), "tte_config.json", "format_version"),
     ("tte-mode-list", _set("tte_config.json", "mode", ["unified"]), "tte_config.json", "mode"),

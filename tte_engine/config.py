@@ -56,7 +56,7 @@ def read_json_object(path: Path, required: bool = False) -> dict | None:
         return None
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8 text; RecursionError: nested too deep
         raise CheckpointError(f"cannot read {path}: {_one_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {json_type(raw)}")

@@ -37,6 +37,9 @@ def is_engine_dir(path: str | Path) -> bool:
     return (Path(path) / ENGINE_FILE).is_file()
 
 
+TOKEN_LISTS = ("think_start_ids", "think_end_ids", "suffix_ids", "eos_ids", "suppressed_ids")  # engine.json's tokens checked at load
+
+
 @dataclass(frozen=True)
 class EngineDir:
     """A validated engine directory; `load_model` turns it into a ready `Qwen2VL`."""
@@ -56,7 +59,7 @@ class EngineDir:
         file = path / ENGINE_FILE
         try:
             raw = json.loads(file.read_text())
-        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8 text; RecursionError: nested too deep
             raise CheckpointError(f"cannot read {file}: {one_line(exc)}") from exc
         if not isinstance(raw, dict) or raw.get("format") != ENGINE_FORMAT:
             raise CheckpointError(f"{file} is not a tte_engine engine description (format must be {ENGINE_FORMAT!r})")
@@ -76,8 +79,8 @@ class EngineDir:
             if quant:
                 if not isinstance(quant, dict) or quant.get("method") != QUANT_FP8:
                     raise CheckpointError(f"{file}: unsupported quantization method {quant.get('method') if isinstance(quant, dict) else quant!r}")
-                quantized = list(quant["modules"])
-                if not all(isinstance(m, str) for m in quantized):
+                quantized = quant["modules"]
+                if not isinstance(quantized, list) or not all(isinstance(m, str) and m for m in quantized):
                     raise CheckpointError(f"{file}: quantization.modules must be a list of module names")
             if not isinstance(raw["weights"], list) or not all(isinstance(f, str) and f for f in raw["weights"]):
                 raise CheckpointError(f"{file}: weights must be a list of file names, got {raw['weights']!r:.80}")
@@ -86,6 +89,10 @@ class EngineDir:
             tokens = raw.get("tokens") or {}
             if not isinstance(tokens, dict):  # its lists are compared with the tokenizer's in check_tokens
                 raise CheckpointError(f"{file}: tokens must be an object of token id lists, got {tokens!r:.80}")
+            for key in TOKEN_LISTS:
+                ids = tokens.get(key, [])
+                if not (isinstance(ids, list) and all(is_int(i) for i in ids)):
+                    raise CheckpointError(f"{file}: tokens.{key} must be a list of token ids, got {ids!r:.80}")
             spec = cls(
                 path=path,
                 model_cfg=model_cfg,
@@ -110,7 +117,7 @@ class EngineDir:
 
     def check_tokens(self, prompts) -> None:
         """The tokenizer in the directory must give the prompt/stop token ids recorded at export."""
-        for key in ("think_start_ids", "think_end_ids", "suffix_ids", "eos_ids", "suppressed_ids"):
+        for key in TOKEN_LISTS:
             if key in self.tokens and list(getattr(prompts, key)) != list(self.tokens[key]):
                 raise CheckpointError(
                     f"{self.path}: the tokenizer gives {key}={getattr(prompts, key)} but {ENGINE_FILE} recorded {self.tokens[key]}"
@@ -120,7 +127,10 @@ class EngineDir:
         """Build the model on the meta device and assign the stored tensors (memory-mapped; cast only if dtypes differ)."""
         with torch.device("meta"):
             model = Qwen2VL(self.model_cfg, head_cfg, max_positions=max_positions, impl=impl).to(dtype)
-            swap_in_fp8(model, self.quantized)
+            try:
+                swap_in_fp8(model, self.quantized)
+            except (AttributeError, TypeError) as exc:  # a name that is no linear layer of this model
+                raise CheckpointError(f"{self.path / ENGINE_FILE}: quantization.modules names no linear layer of this model ({one_line(exc)})") from exc
         expected = model.state_dict()
         tied = self.model_cfg.text.tie_word_embeddings
         if tied:

@@ -16,10 +16,10 @@ from tte_engine import Engine
 _MEMO: dict = {}
 
 
-def run_cli(*args, env=None, timeout=300):
-    """`tte-export ARGS` in a fresh interpreter (the installed console script's entry point)."""
+def run_cli(*args, env=None, timeout=300, cwd=None):
+    """`tte-export ARGS` in a fresh interpreter (the installed console script's entry point), run in `cwd`."""
     cmd = [sys.executable, "-c", "import sys; from tte_engine.export.cli import main; sys.exit(main())", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -59,10 +59,28 @@ def test_existing_output_needs_force(cli, tmp_path):
     (out / "precious.txt").write_text("keep me")
     _one_line_error(cli("--checkpoint", "tiny-random", "--out", out, "--calibration", "0"), "not empty", "--force")
     assert (out / "precious.txt").read_text() == "keep me" and not (out / "engine.json").exists()
+    # --force replaces an earlier export only, never a folder of other files (found: `--out "" --force`
+    # replaced the current directory)
+    _one_line_error(cli("--checkpoint", "tiny-random", "--out", out, "--calibration", "0", "--force"), "holds no earlier export")
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    assert cli("--checkpoint", "tiny-random", "--out", out, "--calibration", "0").returncode == 0
+    (out / "stale.txt").write_text("from the earlier export")
     proc = cli("--checkpoint", "tiny-random", "--out", out, "--calibration", "0", "--force")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "engine.json").exists() and not (out / "precious.txt").exists()
+    assert (out / "engine.json").exists() and not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary or old directories left behind
+
+
+def test_the_current_directory_is_never_the_output(cli, tmp_path):
+    """An empty --out is refused by the parser; the current directory, or one holding it, even with --force."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    _one_line_error(cli("--checkpoint", "tiny-random", "--out", "", "--force", cwd=work), "--out", "must not be empty")
+    for out in (".", str(work), ".."):
+        _one_line_error(cli("--checkpoint", "tiny-random", "--out", out, "--force", "--calibration", "0", cwd=work), "holds the current directory")
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("target", ["trtllm", "trtllm-legacy", "hf", "onnx"])
@@ -230,6 +248,8 @@ def test_checkpoint_inside_the_output_is_refused(make_checkpoint, tmp_path):
         assert "\n" not in str(exc.value)
     with pytest.raises(ExportError, match="lies inside the output directory"):
         run_export(ExportOptions(checkpoint=str(out / "ckpt"), out=out / "ckpt", force=True, calibration=0))
+    with pytest.raises(ExportError, match="lies inside the checkpoint"):  # and the other way round
+        run_export(ExportOptions(checkpoint=str(out / "ckpt"), out=out / "ckpt" / "sub", calibration=0))
     assert (out / "ckpt" / "tte_config.json").is_file() and (out / "ckpt" / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["ckpt"]
 

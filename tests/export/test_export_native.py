@@ -3,7 +3,6 @@ and computing exactly what the source checkpoint computes."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +94,30 @@ def test_an_engine_dir_is_not_a_source(native_export, tmp_path):
     with pytest.raises(ExportError, match="already an exported engine directory"):
         run_export(ExportOptions(checkpoint=str(native_export[0]), out=tmp_path / "again"))
     assert not (tmp_path / "again").exists()
+
+
+def _quantized(spec):  # a float export's engine.json made to claim FP8 modules
+    spec["quantization"] = {"method": "fp8_e4m3_per_channel", "modules": ["model.layers.0.mlp.down_proj"]}
+    return spec
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda s: {**_quantized(s), "quantization": {**_quantized(s)["quantization"], "modules": ["nonexistent.mod"]}}, "names no linear layer"),
+    (lambda s: {**_quantized(s), "quantization": {**_quantized(s)["quantization"], "modules": "abc"}}, "quantization.modules must be a list"),
+    (lambda s: {**s, "tokens": {**s["tokens"], "suppressed_ids": None}}, "tokens.suppressed_ids must be a list of token ids"),
+    (lambda s: {**s, "tokens": {**s["tokens"], "eos_ids": [1.5]}}, "tokens.eos_ids must be a list of token ids"),
+], ids=["unknown-module", "modules-string", "suppressed-null", "eos-float"])
+def test_a_tampered_engine_json_is_one_checkpoint_error(native_export, tmp_path, edit, says):
+    """Found by an attacker: these were an AttributeError / TypeError traceback (exit 1 in the CLIs)."""
+    import shutil
+
+    out, _ = native_export
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "engine.json").write_text(json.dumps(edit(json.loads((broken / "engine.json").read_text()))))
+    with pytest.raises(CheckpointError, match="engine.json") as info:
+        Engine(broken)
+    assert says in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_weight_file_fails_clearly(native_export, tmp_path):
