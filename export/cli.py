@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="the alias's real architecture with seeded random weights (no download)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     p.add_argument("--calibration", type=int, default=8, metavar="N", help="built-in calibration items for the FP8 accuracy report (default 8; 0 skips it)")
-    p.add_argument("--force", action="store_true", help="replace an existing, non-empty output directory")
+    p.add_argument("--force", action="store_true", help="replace an earlier export at --out (never a folder of other files)")
     p.add_argument("--device", default="cpu", help="device to load and calibrate on (cpu, cuda, cuda:1)")
     p.add_argument("--trtllm-fp8", default="per-tensor", choices=["per-tensor", "per-channel"],
                    help="TensorRT-LLM FP8 flavour: per-tensor (quant_algo FP8, static activation scales) or per-channel "
