@@ -15,7 +15,9 @@ Two layers, so corpus-side traces are generated once and re-used:
 Unseeded sampling is never cached (its results are not a function of the input). The file is in
 WAL mode, so several readers (a server, a batch job) can share it with one writer at a time.
 A file that is not a usable cache raises CacheError when opened; one that fails later (a corrupt
-page) is logged once and the run goes on without the cache.
+page) is logged once and the run goes on without the cache. An entry that cannot be used (a
+value of the wrong type, size or width, not a unit vector, trace ids outside the vocabulary) is
+a miss: logged once per cache, dropped, and the item computed again.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class ResultCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._failed = False
+        self._warned = False  # an unusable entry has been logged
         try:
             self._conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
             with self._lock:
@@ -145,19 +148,41 @@ class ResultCache:
         with self._lock:
             self._conn.close()
 
-    def get_embedding(self, key: str) -> tuple[np.ndarray, list[int], str | None, int] | None:
+    def get_embedding(self, key: str, dim: int | None = None, vocab: int | None = None) -> tuple[np.ndarray, list[int], str | None, int] | None:
+        """The entry, or None for a miss. The file is anyone's to write (and caches written before NaN
+        results became errors hold NaN rows), so a row is checked before it is served: `dim` the
+        engine's embedding width, `vocab` its vocabulary size (None: not checked)."""
         row = self._query("SELECT embedding, trace_ids, stop_reason, embed_tokens FROM embeddings WHERE key = ?", (key,))
         if row is None:
             return None
-        vector = np.frombuffer(row[0], dtype=np.float32).copy()
-        if not np.isfinite(vector).all():  # written before NaN results became errors: a miss, and dropped so a good one can take its place
-            self._query("DELETE FROM embeddings WHERE key = ?", (key,))
+        blob, trace, reason, embed_tokens = row
+        why = _bad_vector(blob, dim) or _bad_ids(trace, vocab) or _bad_reason(reason)
+        if why is None and (type(embed_tokens) is not int or embed_tokens < 0):
+            why = f"embed_tokens is {embed_tokens!r}, not a count"
+        if why is not None:
+            self.discard("embeddings", key, why)
             return None
-        return vector, _ids(row[1]), row[2], row[3]
+        return np.frombuffer(blob, dtype=np.float32).copy(), _ids(trace), reason, embed_tokens
 
-    def get_trace(self, key: str) -> tuple[list[int], str | None] | None:
+    def get_trace(self, key: str, vocab: int | None = None) -> tuple[list[int], str | None] | None:
+        """The entry, or None for a miss (also for a row that cannot be used, as in `get_embedding`)."""
         row = self._query("SELECT trace_ids, stop_reason FROM traces WHERE key = ?", (key,))
-        return None if row is None else (_ids(row[0]), row[1])
+        if row is None:
+            return None
+        why = _bad_ids(row[0], vocab) or _bad_reason(row[1])
+        if why is not None:
+            self.discard("traces", key, why)
+            return None
+        return _ids(row[0]), row[1]
+
+    def discard(self, table: str, key: str, why: str) -> None:
+        """Drop an entry that cannot be used, so the item's fresh result takes its place (writes never
+        replace a row); the first one is logged, naming the file: it says the file was damaged or edited."""
+        if not self._warned:
+            self._warned = True
+            logger.warning("the result cache %s holds an unusable %s entry (%s); it is computed again (further ones are not logged)",
+                           self.path, table.removesuffix("s"), why)
+        self._query(f"DELETE FROM {table} WHERE key = ?", (key,))
 
     def put(self, traces: list[tuple[str, list[int], str | None]], embeddings: list[tuple[str, np.ndarray, list[int], str | None, int]]) -> None:
         """Write a batch of entries in one transaction (first writer wins: entries are immutable)."""
@@ -201,6 +226,40 @@ def _ids(blob: bytes) -> list[int]:
     return np.frombuffer(blob, dtype=np.int64).tolist()
 
 
+def _bad_vector(blob: object, dim: int | None) -> str | None:
+    """Why a stored embedding cannot be served, or None. Embeddings are L2-normalized (the engine
+    refuses normalize=false), so a finite vector of another norm is damage, not a result."""
+    if not isinstance(blob, bytes):
+        return f"embedding is {type(blob).__name__}, not bytes"
+    if len(blob) % 4:
+        return f"embedding of {len(blob)} bytes is not float32 values"
+    vector = np.frombuffer(blob, dtype=np.float32)
+    if dim is not None and vector.size != dim:
+        return f"embedding has {vector.size} dimensions, this engine's have {dim}"
+    if not np.isfinite(vector).all():
+        return "embedding holds non-finite values"
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if abs(norm - 1.0) > 1e-3:
+        return f"embedding has norm {norm:.4g}, not 1"
+    return None
+
+
+def _bad_ids(blob: object, vocab: int | None) -> str | None:
+    """Why stored trace ids cannot be used, or None."""
+    if not isinstance(blob, bytes):
+        return f"trace_ids is {type(blob).__name__}, not bytes"
+    if len(blob) % 8:
+        return f"trace_ids of {len(blob)} bytes is not int64 values"
+    ids = np.frombuffer(blob, dtype=np.int64)
+    if vocab is not None and ids.size and not (0 <= ids.min() and ids.max() < vocab):
+        return f"trace ids outside [0, {vocab})"
+    return None
+
+
+def _bad_reason(reason: object) -> str | None:
+    return None if reason is None or isinstance(reason, str) else f"stop_reason is {type(reason).__name__}, not text"
+
+
 def _digest(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, separators=(",", ":")).encode(), digest_size=20).hexdigest()
 
@@ -220,6 +279,7 @@ class EngineCache:
         self.cache, self.engine = cache, engine
         self.engine_fp = engine.fingerprint
         self.trace_fp = trace_fingerprint(engine)
+        self.dim, self.vocab = engine.embedding_dim, engine.model_cfg.text.vocab_size  # what a usable entry holds
         p = engine.prompts
         self._rules = [p.stop_sequences, p.suppressed_ids, p.suffix_ids]
 
@@ -249,16 +309,20 @@ def plan_item(engine, item: Any, index: int, *, cache: EngineCache | None = None
     keys = cache.keys(seq, sampling, given) if cache is not None else None
     if keys is None:
         return Plan(index, seq=seq)
-    hit = cache.cache.get_embedding(keys.embedding)
+    hit = cache.cache.get_embedding(keys.embedding, cache.dim, cache.vocab)
     if hit is not None:
         emb, trace_ids, reason, embed_tokens = hit
         result = ItemResult(emb, trace_ids, reason, seq.num_prompt_tokens, 0, embed_tokens, cached="embedding")
         return Plan(index, result=result, keys=keys, cached="embedding")
-    traced = cache.cache.get_trace(keys.trace) if keys.trace is not None else None
+    traced = cache.cache.get_trace(keys.trace, cache.vocab) if keys.trace is not None else None
     if traced is None:
         return Plan(index, seq=seq, keys=keys)
     trace_ids, reason = traced
-    return Plan(index, seq=engine.with_trace(seq, trace_ids, index), keys=keys, cached="trace", trace_stop_reason=reason)
+    try:
+        return Plan(index, seq=engine.with_trace(seq, trace_ids, index), keys=keys, cached="trace", trace_stop_reason=reason)
+    except InvalidInputError as exc:  # a trace the engine never generates (a vision token, too long): the cache's fault, not the item's
+        cache.cache.discard("traces", keys.trace, exc.reason)
+        return Plan(index, seq=seq, keys=keys)
 
 
 def finish_item(plan: Plan, seq: Sequence) -> tuple[ItemResult, list, list]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from oracle import random_image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tte_engine import Engine
 from tte_engine.errors import CheckpointError
@@ -220,6 +220,45 @@ def test_unsupported_quantization_is_refused(exported, tmp_path, case):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not supported|only FP8"):
         Engine(dst)
+
+
+def _rewrite_tensors(path, edit):
+    """Rewrite a safetensors file with `edit(dict of tensors)` applied (as a hand-edited checkpoint would be)."""
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("naming", ["hub", "transformers5"])
+@pytest.mark.parametrize("sub", ["hf", "trtllm"])
+@pytest.mark.parametrize("case", ["missing_scale", "no_scheme"])
+def test_fp8_weights_are_never_read_without_their_scale(exported, tmp_path, case, sub, naming):
+    """An FP8 weight whose weight_scale is gone, or FP8 / *_scale tensors in a checkpoint declaring no scheme, used to
+    load as E4M3 codes cast to floats (cosine 0.04-0.40, no error); now one CheckpointError naming the tensor."""
+    _, out = exported
+    dst = tmp_path / sub
+    shutil.copytree(out / sub, dst)
+    prefix = "model.language_model." if naming == "transformers5" else "model."
+    if naming == "transformers5":  # the in-memory transformers-5 layout (`model.language_model.layers.*`)
+        _rewrite_tensors(dst / "model.safetensors", lambda t: t.update(
+            {prefix + k[len("model."):]: t.pop(k) for k in list(t) if k.startswith("model.")}))
+    if case == "missing_scale":
+        gone = prefix + "layers.1.self_attn.o_proj.weight_scale"  # unfused: used to load with no error at all
+        _rewrite_tensors(dst / "model.safetensors", lambda t: t.pop(gone))
+        named = [gone]
+    else:
+        cfg = json.loads((dst / "config.json").read_text())
+        del cfg["quantization_config"]  # trtllm/ declares its scheme twice: inline and hf_quant_config.json
+        (dst / "config.json").write_text(json.dumps(cfg))
+        (dst / "hf_quant_config.json").unlink(missing_ok=True)
+        named = ["quantization_config", "hf_quant_config.json", prefix + "layers.0."]
+    with pytest.raises(CheckpointError) as err:
+        Engine(dst)
+    msg = str(err.value)
+    assert "\n" not in msg and str(dst / "model.safetensors") in msg
+    assert all(n in msg for n in named), msg
+    if case == "no_scheme":
+        assert "float8_e4m3fn" in msg or "_scale" in msg
 
 
 def test_static_activation_scale_rounds_and_clips():

@@ -310,6 +310,68 @@ def test_a_non_finite_cached_embedding_is_a_miss_and_is_dropped(serve_checkpoint
     assert embed_items(engine, ["a cat"], cache=view)[0].cached == "embedding"
 
 
+@pytest.fixture(scope="module")
+def cache_engine(serve_checkpoint):
+    return Engine(serve_checkpoint)
+
+
+DAMAGED_ITEMS = ["a cat", "two dogs on a sofa"]
+
+
+def _unit(engine, scale=1.0):
+    v = np.random.default_rng(0).standard_normal(engine.embedding_dim).astype(np.float32)
+    return (scale * v / np.linalg.norm(v)).astype(np.float32).tobytes()
+
+
+# (table, column, damaged value): what `UPDATE <table> SET <column> = ?` leaves in a cache file a tester or a bad disk edited
+DAMAGE = {
+    "text-embedding": ("embeddings", "embedding", lambda e: "oops"),
+    "odd-length-embedding": ("embeddings", "embedding", lambda e: b"\x01\x02"),
+    "narrow-zero-embedding": ("embeddings", "embedding", lambda e: bytes(64)),  # sqlite zeroblob(64)
+    "zero-embedding": ("embeddings", "embedding", lambda e: bytes(4 * e.embedding_dim)),
+    "nan-embedding": ("embeddings", "embedding", lambda e: np.full(e.embedding_dim, np.nan, np.float32).tobytes()),
+    "unnormalized-embedding": ("embeddings", "embedding", lambda e: _unit(e, 3.0)),
+    "integer-embedding": ("embeddings", "embedding", lambda e: 7),
+    "text-embedding-trace": ("embeddings", "trace_ids", lambda e: "oops"),
+    "odd-length-embedding-trace": ("embeddings", "trace_ids", lambda e: b"\x01\x02\x03"),
+    "foreign-id-embedding-trace": ("embeddings", "trace_ids", lambda e: np.array([1, e.model_cfg.text.vocab_size], np.int64).tobytes()),
+    "blob-stop-reason": ("embeddings", "stop_reason", lambda e: b"stop"),  # a number would be stored as text (column affinity)
+    "text-embed-tokens": ("embeddings", "embed_tokens", lambda e: "many"),
+    "text-trace": ("traces", "trace_ids", lambda e: "oops"),
+    "odd-length-trace": ("traces", "trace_ids", lambda e: b"\x01\x02"),
+    "foreign-id-trace": ("traces", "trace_ids", lambda e: np.array([1, e.model_cfg.text.vocab_size + 5], np.int64).tobytes()),
+    "negative-id-trace": ("traces", "trace_ids", lambda e: np.array([-1, 2], np.int64).tobytes()),
+    "vision-token-trace": ("traces", "trace_ids", lambda e: np.array([e.model_cfg.image_token_id], np.int64).tobytes()),
+    "blob-trace-stop-reason": ("traces", "stop_reason", lambda e: b"stop"),
+}
+
+
+@pytest.mark.parametrize("table, column, value", DAMAGE.values(), ids=DAMAGE.keys())
+def test_an_unusable_cache_entry_is_a_logged_miss_and_is_replaced(cache_engine, store, caplog, table, column, value):
+    """A cache row the engine could never have written (edited, or damaged on disk) is never
+    served nor an item error: each item is computed again, to what a fresh run gives, its row
+    is replaced, and the file is named in one warning however many rows are bad."""
+    engine = cache_engine
+    view = EngineCache(store, engine)
+    fresh = embed_items(engine, DAMAGED_ITEMS)
+    embed_items(engine, DAMAGED_ITEMS, cache=view)
+    if table == "traces":  # the trace layer answers only when the embedding misses
+        store._conn.execute("DELETE FROM embeddings")
+    assert store._conn.execute(f"UPDATE {table} SET {column} = ?", (value(engine),)).rowcount == len(DAMAGED_ITEMS)
+    with caplog.at_level("WARNING", logger="tte_engine"):
+        again = embed_items(engine, DAMAGED_ITEMS, cache=view)
+    warned = [r.getMessage() for r in caplog.records if r.name == "tte_engine" and r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(store.path) in warned[0] and "unusable" in warned[0], warned
+    layer = "embedding" if table == "embeddings" else "trace"
+    for got, want in zip(again, fresh):
+        assert got.error is None and got.cached != layer and got.cached != "embedding"
+        assert got.trace_ids == want.trace_ids and got.stop_reason == want.stop_reason
+        assert float(np.dot(got.embedding, want.embedding) / np.linalg.norm(got.embedding) / np.linalg.norm(want.embedding)) >= 0.99999
+    replaced = embed_items(engine, DAMAGED_ITEMS, cache=view)  # the fresh results took the bad rows' places
+    assert [r.cached for r in replaced] == ["embedding"] * len(DAMAGED_ITEMS)
+    assert all(np.array_equal(r.embedding, g.embedding) for r, g in zip(replaced, again))
+
+
 def test_cache_keys_follow_the_settings(serve_checkpoint, store):
     engine = Engine(serve_checkpoint)
     view = EngineCache(store, engine)
@@ -347,10 +409,10 @@ def test_cache_is_wal_and_shared_between_connections(serve_checkpoint, tmp_path)
     path = tmp_path / "cache.sqlite"
     with closing(ResultCache(path)) as writer, closing(ResultCache(path)) as reader, closing(sqlite3.connect(path)) as plain:
         assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        writer.put([("k", [1, 2, 3], "stop")], [("e", np.ones(4, np.float32), [1, 2, 3], "stop", 1)])
+        writer.put([("k", [1, 2, 3], "stop")], [("e", np.full(4, 0.5, np.float32), [1, 2, 3], "stop", 1)])
         assert reader.get_trace("k") == ([1, 2, 3], "stop")
         emb, ids, reason, n = reader.get_embedding("e")
-        assert emb.tolist() == [1.0] * 4 and ids == [1, 2, 3] and reason == "stop" and n == 1
+        assert emb.tolist() == [0.5] * 4 and ids == [1, 2, 3] and reason == "stop" and n == 1
         writer.put([("k", [9], None)], [])  # entries are immutable: the first write wins
         assert reader.get_trace("k") == ([1, 2, 3], "stop")
 

@@ -20,7 +20,9 @@ q/k/v or gate/up with different scales stay exact). Formats, as their producers 
 Static activation scales are kept (`Fp8Linear.input_scale`, the max over fused parts as
 TensorRT-LLM takes it), so the numerics follow the checkpoint's recipe. FP8 KV-cache scales
 (`k_scale`/`v_scale`) are ignored: our cache holds the model dtype. Any other scheme (block-scaled
-FP8, INT4/INT8, NVFP4, ...) raises a CheckpointError naming it.
+FP8, INT4/INT8, NVFP4, ...) raises a CheckpointError naming it. FP8 bytes are never read as floats
+without their scale: an FP8 weight with no `weight_scale`, or FP8 / `*_scale` tensors in a
+checkpoint that declares no scheme, raise a CheckpointError before any weight is copied.
 """
 
 from __future__ import annotations
@@ -163,6 +165,11 @@ def iter_tensors(files: list[Path], select: Callable[[str], bool] | None = None)
                     yield name, tensor
 
 
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Every 1-byte float (E4M3, E5M2, their fnuz variants, E8M0) is an FP8 code, meaningless without its scale."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def _part_bounds(model: Qwen2VL, param: str, part: int) -> tuple[int, int]:
     t = model.cfg.text
     if "qkv_proj" in param:
@@ -196,6 +203,8 @@ def copy_tensors(model: Qwen2VL, tensors: Iterator[tuple[str, torch.Tensor]], re
             tensor = tensor.reshape(()).expand(dst.shape)  # a per-tensor scale, repeated over its rows
         elif pname.endswith(".weight") and dst.dtype == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
             raise CheckpointError(f"{source}: {raw_name} has a weight_scale but is stored as {tensor.dtype}, not float8_e4m3fn")
+        elif is_fp8(tensor.dtype) and dst.dtype != tensor.dtype:  # casting would drop the scale the codes need
+            raise CheckpointError(f"{source}: {raw_name} is stored as {tensor.dtype} without a weight_scale; FP8 weights are not read as plain floats")
         if dst.numel() != tensor.numel():
             raise CheckpointError(f"{source}: {raw_name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(tensor.reshape(dst.shape))
@@ -318,12 +327,40 @@ def _module_of(name: str) -> str | None:
     return None if target is None else target[0].rsplit(".", 1)[0]
 
 
-def _fp8_modules(files: list[Path]) -> list[str]:
-    names = set()
+_FP8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # safetensors dtype codes, as torch spells them
+
+
+def _tensor_dtypes(files: list[Path]) -> dict[str, tuple[Path, str]]:
+    """name -> (file, safetensors dtype code such as "F8_E4M3") of every tensor, from the headers alone."""
+    out: dict[str, tuple[Path, str]] = {}
     for f in files:
         with open_safetensors(f) as handle:
-            names |= {m for n in _tensor_names(handle, f) if n.endswith(".weight_scale") and (m := _module_of(n))}
-    return sorted(names)
+            for name in _tensor_names(handle, f):
+                try:
+                    out[name] = (f, handle.get_slice(name).get_dtype())
+                except _UNREADABLE as exc:
+                    raise CheckpointError(f"{f}: tensor {name} cannot be read ({one_line(exc)})") from exc
+    return out
+
+
+def check_fp8_tensors(dtypes: dict[str, tuple[Path, str]], quant: dict | None, source: str) -> None:
+    """Refuse FP8 codes that would be read without their scale (silently wrong weights otherwise).
+
+    Under a declared scheme every FP8 tensor must be a `<module>.weight` with its `<module>.weight_scale`;
+    with no scheme declared, no tensor may be FP8 or a `*_scale`."""
+    for name, (f, code) in sorted(dtypes.items()):
+        fp8 = code.startswith("F8_")
+        if quant is None and (fp8 or name.endswith("_scale")):
+            what = f"is stored as {_FP8_NAMES.get(code, code)}" if fp8 else "is a quantization scale"
+            raise CheckpointError(f"{f}: tensor {name} {what}, but {source} declares no quantization scheme "
+                                  "(no quantization_config in config.json, no hf_quant_config.json)")
+        if quant is not None and fp8 and not (name.endswith(".weight") and name + "_scale" in dtypes):
+            raise CheckpointError(f"{f}: FP8 tensor {name} ({_FP8_NAMES.get(code, code)}) has no {name}_scale "
+                                  f"tensor, which {quant['producer']} FP8 needs for every quantized weight")
+
+
+def _fp8_modules(names) -> list[str]:
+    return sorted({m for n in names if n.endswith(".weight_scale") and (m := _module_of(n))})
 
 
 def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConfig) -> None:
@@ -336,9 +373,11 @@ def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConf
     tied = model.cfg.text.tie_word_embeddings
     files = safetensors_files(checkpoint)
     quant = checkpoint_quantization(checkpoint)
+    dtypes = _tensor_dtypes(files)
+    check_fp8_tensors(dtypes, quant, source)
     input_scales: dict[str, float] = {}
     if quant:
-        fp8 = _fp8_modules(files)
+        fp8 = _fp8_modules(dtypes)
         if not fp8:
             raise CheckpointError(f"{source}: declares {quant['producer']} FP8 but holds no weight_scale tensors")
         unsupported = sorted(set(fp8) - set(decoder_linear_names(model, include_vision=True)))
