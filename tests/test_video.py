@@ -262,7 +262,7 @@ def test_without_pyav_frames_still_work(monkeypatch, clip):
 
     monkeypatch.setattr(builtins, "__import__", no_av)
     assert preprocess_video(list(clip[:4]), CFG, VideoOptions(**SMALL)).grid_thw == (2, 4, 4)
-    with pytest.raises(VideoError, match=r'pip install "tte-engine\[video\]"'):
+    with pytest.raises(VideoError, match=r"pip install av \(the \[video\] extra\)"):
         preprocess_video(io.BytesIO(b"x").getvalue(), CFG, VideoOptions())
 
 
