@@ -153,8 +153,8 @@ def prepare_output(out: Path, force: bool) -> Path:
     out = out.expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
-    cwd = Path.cwd().resolve()
-    if out.resolve() == cwd or out.resolve() in cwd.parents:
+    cwd, resolved = Path.cwd().resolve(), out.resolve()
+    if resolved == cwd or resolved in cwd.parents:
         raise ExportError(f"the output directory {out} holds the current directory: choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not force:

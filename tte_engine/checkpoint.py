@@ -47,12 +47,17 @@ def find_in_hf_cache(repo_id: str) -> Path | None:
     return None
 
 
+def _holds_checkpoint(path: Path) -> bool:
+    """A Hugging Face checkpoint (config.json) or an engine directory (engine.json)."""
+    return (path / "config.json").exists() or (path / "engine.json").exists()
+
+
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists() and not (path / "engine.json").exists():
+        if not _holds_checkpoint(path):
             # tte-export writes its targets other than native into subfolders (hf/, trtllm/, ...)
-            inside = sorted(d.name for d in path.iterdir() if d.is_dir() and ((d / "config.json").is_file() or (d / "engine.json").is_file()))
+            inside = sorted(d.name for d in path.iterdir() if d.is_dir() and _holds_checkpoint(d))
             hint = f"; checkpoints inside it: {', '.join(str(path / d) for d in inside)}" if inside else ""
             raise CheckpointError(f"{path} is not a checkpoint: it has no config.json (nor an engine.json){hint}")
         return path.resolve()

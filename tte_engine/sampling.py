@@ -70,10 +70,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off) and < 2**63, got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
-        unused = [f"{name}={getattr(self, name)!r}" for name, off in (("top_k", 0), ("top_p", 1.0), ("seed", None)) if getattr(self, name) != off]
+        unused = [name for name, off in (("top_k", 0), ("top_p", 1.0), ("seed", None)) if getattr(self, name) != off]
         if self.greedy and unused:  # vLLM and OpenAI default to temperature 1; ours is greedy
-            warnings.warn(f"SamplingParams({', '.join(unused)}) with temperature 0 (greedy, the default) decodes greedily: "
-                          f"{', '.join(u.split('=')[0] for u in unused)} change nothing; set temperature > 0 to sample", UserWarning, stacklevel=3)
+            given = ", ".join(f"{name}={getattr(self, name)!r}" for name in unused)
+            warnings.warn(f"SamplingParams({given}) with temperature 0 (greedy, the default) decodes greedily: "
+                          f"{', '.join(unused)} change nothing; set temperature > 0 to sample", UserWarning, stacklevel=3)
 
     @property
     def greedy(self) -> bool:
