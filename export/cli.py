@@ -3,8 +3,10 @@
     tte-export --checkpoint tiny-random --out engines/tiny
     tte-export --checkpoint unified-2b --random-init --fp8 --target all --out engines/2b-fp8
 
-Errors are one line on stderr and a non-zero exit (2 for bad arguments and missing or unusable
-checkpoints/outputs, 1 for failures during the export); nothing half-written is left behind.
+Errors are one line on stderr and a non-zero exit: 2 for bad arguments and missing or unusable
+checkpoints/outputs (every TTEError: ExportError, CheckpointError, ...; a checkpoint whose settings
+cannot work is a CheckpointError), 1 for failures during the export (any other exception), 130 after
+Ctrl-C, 143 after SIGTERM; nothing half-written is left behind.
 """
 
 from __future__ import annotations
@@ -17,21 +19,22 @@ import threading
 from pathlib import Path
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        self.exit(2, f"tte-export: error: {message}\n")
+TRTLLM_TARGETS = ("trtllm", "trtllm-legacy", "all")
 
 
 def _output_path(text: str) -> Path:
     """--out: an empty value (`--out "$OUT"` with OUT unset) would be the current directory."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return Path(text)
+    from ..cli import nonempty
+
+    return Path(nonempty(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tte-export", description="Export a TTE checkpoint to an optimized engine (native, TensorRT-LLM, ONNX).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, alias (tiny-random, unified-2b, unified-7b, ...) or cached HF repo id")
+    from ..cli import OneLineParser, device_name, int_between, nonempty
+    from .pipeline import INT_LIMITS
+
+    p = OneLineParser(prog="tte-export", description="Export a TTE checkpoint to an optimized engine (native, TensorRT-LLM, ONNX).")
+    p.add_argument("--checkpoint", required=True, type=nonempty, help="checkpoint directory, alias (tiny-random, unified-2b, unified-7b, ...) or cached HF repo id")
     p.add_argument("--out", type=_output_path, help="output directory (default: $TTE_HOME/engines/<name>[-fp8])")
     p.add_argument("--target", default="native", choices=["native", "trtllm", "trtllm-legacy", "hf", "onnx", "all"],
                    help="native engine dir; trtllm: HF checkpoint + launch config for TensorRT-LLM's PyTorch backend; trtllm-legacy: "
@@ -41,17 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-vision", action="store_true", help="with --fp8: quantize the vision tower's linears too")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="dtype of the float weights (auto: the checkpoint's)")
     p.add_argument("--random-init", action="store_true", help="the alias's real architecture with seeded random weights (no download)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
-    p.add_argument("--calibration", type=int, default=8, metavar="N", help="built-in calibration items for the FP8 accuracy report (default 8; 0 skips it)")
+    p.add_argument("--seed", type=int_between(*INT_LIMITS["seed"]), default=0,
+                   help=f"seed for --random-init of an architecture alias, 0 to {INT_LIMITS['seed'][1]} (default 0)")
+    p.add_argument("--calibration", type=int_between(*INT_LIMITS["calibration"]), default=8, metavar="N",
+                   help=f"built-in calibration items for the FP8 accuracy report, at most {INT_LIMITS['calibration'][1]} (default 8; 0 skips it)")
     p.add_argument("--force", action="store_true", help="replace an earlier export at --out (never a folder of other files)")
-    p.add_argument("--device", default="cpu", help="device to load and calibrate on (cpu, cuda, cuda:1)")
-    p.add_argument("--trtllm-fp8", default="per-tensor", choices=["per-tensor", "per-channel"],
-                   help="TensorRT-LLM FP8 flavour: per-tensor (quant_algo FP8, static activation scales) or per-channel "
-                        "(FP8_PER_CHANNEL_PER_TOKEN, = the native scheme; refused for trtllm-legacy)")
+    p.add_argument("--device", type=device_name, default="cpu", help="device to load and calibrate on (cpu, cuda, cuda:1)")
+    p.add_argument("--trtllm-fp8", choices=["per-tensor", "per-channel"],
+                   help="with --fp8 and a TensorRT-LLM target: per-tensor (quant_algo FP8, static activation scales; the default) or "
+                        "per-channel (FP8_PER_CHANNEL_PER_TOKEN, = the native scheme; refused for trtllm-legacy)")
     p.add_argument("--kv-cache-fp8", action="store_true", help="trtllm-legacy: FP8 KV cache (kv_cache_quant_algo FP8, calibrated scales)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="TensorRT-LLM build: max batch size (default 32)")
-    p.add_argument("--max-input-len", type=int, default=2048,
-                   help="TensorRT-LLM: longest prompt in tokens (default 2048); the engine limits add the trace budget and the embed tail"),
+    p.add_argument("--max-batch-size", type=int_between(*INT_LIMITS["max_batch_size"]),
+                   help=f"TensorRT-LLM targets: max batch size, 1 to {INT_LIMITS['max_batch_size'][1]} (default 32)")
+    p.add_argument("--max-input-len", type=int_between(*INT_LIMITS["max_input_len"]),
+                   help="TensorRT-LLM targets: longest prompt in tokens (default 2048); the engine limits add the trace budget and the "
+                        "embed tail, and must fit the model's max_position_embeddings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step lines")
     p.add_argument("-v", "--verbose", action="store_true", help="log tte_engine's INFO messages")
     return p
@@ -122,7 +129,14 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    trt_only = {"--max-batch-size": args.max_batch_size, "--max-input-len": args.max_input_len, "--trtllm-fp8": args.trtllm_fp8}
+    given = [flag for flag, value in trt_only.items() if value is not None]
+    if given and args.target not in TRTLLM_TARGETS:
+        parser.error(f"{given[0]} applies to the TensorRT-LLM targets only (--target trtllm, trtllm-legacy or all)")
+    if args.trtllm_fp8 is not None and not args.fp8:
+        parser.error("--trtllm-fp8 needs --fp8")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from ..errors import TTEError
@@ -131,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(
         checkpoint=args.checkpoint, out=args.out, target=args.target, fp8=args.fp8, fp8_vision=args.fp8_vision,
         dtype=args.dtype, random_init=args.random_init, calibration=args.calibration, force=args.force,
-        device=args.device, trtllm_fp8=args.trtllm_fp8, kv_cache_fp8=args.kv_cache_fp8,
-        max_batch_size=args.max_batch_size, max_input_len=args.max_input_len, seed=args.seed,
+        device=args.device, kv_cache_fp8=args.kv_cache_fp8, seed=args.seed,
+        **{k: v for k, v in (("trtllm_fp8", args.trtllm_fp8), ("max_batch_size", args.max_batch_size), ("max_input_len", args.max_input_len))
+           if v is not None},
     )
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"tte-export: {msg}", flush=True))  # stderr is for errors and bars
     # timeout, docker stop, a CI cancel: clean up as for Ctrl-C (only the main thread can set a handler)
@@ -143,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except TTEError as exc:
         print("tte-export: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # a failure during the export (a full disk, a device error, a bug): one line, never a traceback
         print(f"tte-export: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

@@ -31,6 +31,7 @@ from ..config import TTE_CONFIG_NAME, ModelConfig, read_json_object
 from ..engine import Engine
 from ..engine_dir import ENGINE_FILE, is_engine_dir
 from ..errors import CheckpointError, ExportError
+from ..inputs import as_query
 from ..model.fp8 import decoder_linear_names, scaled_mm_supported
 from ..random_checkpoint import ARCH_SPECS, SPECS, ensure_random_alias, ensure_random_checkpoint, random_checkpoint_bytes, tte_home
 from .calibration import accuracy_report, calibration_items, run_calibration
@@ -41,6 +42,8 @@ logger = logging.getLogger("tte_engine")
 TARGETS = ("native", "trtllm", "trtllm-legacy", "hf", "onnx", "all")
 ALL_TARGETS = {"native", "trtllm", "hf", "onnx"}  # `all`: trtllm-legacy (TensorRT-LLM 1.x engines) is opt-in
 CALIBRATION_TRACE_TOKENS = 64  # trace budget of the calibration run (the report's trace agreement covers this many)
+# the integer options' ranges, [least, most] (tte-export's parser uses them too); beyond them a value is a typo, not a setting
+INT_LIMITS = {"calibration": (0, 1024), "max_batch_size": (1, 65536), "max_input_len": (1, 1 << 20), "seed": (0, 2**32 - 1)}
 
 
 @dataclass
@@ -107,8 +110,12 @@ def validate(opts: ExportOptions) -> set[str]:
                           "drop --fp8, or export an FP8 target (native, trtllm, trtllm-legacy, hf, or all)")
     if opts.trtllm_fp8 not in ("per-tensor", "per-channel"):
         raise ExportError(f"--trtllm-fp8 must be per-tensor or per-channel, got {opts.trtllm_fp8!r}")
-    if opts.calibration < 0:
-        raise ExportError("--calibration must be >= 0")
+    for name, (least, most) in INT_LIMITS.items():
+        value = getattr(opts, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+            raise ExportError(f"--{name.replace('_', '-')} must be an integer from {least} to {most}, got {value!r}")
+    if opts.seed and not (opts.random_init and opts.checkpoint in ARCH_SPECS):
+        raise ExportError(f"--seed applies to --random-init with an architecture alias ({', '.join(sorted(ARCH_SPECS))}) only")
     trt = targets & {"trtllm", "trtllm-legacy"}
     needs_stats = bool(trt) and ((opts.fp8 and opts.trtllm_fp8 == "per-tensor") or opts.kv_cache_fp8)
     if needs_stats and opts.calibration == 0:
@@ -288,7 +295,11 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     load_dtype = torch.float32 if on_cpu and (calibrating or "onnx" in targets) else dtype
     with rep.step("load"):
         # plain weights: the exporters read, quantize and trace them (prepacked ones are a CPU runtime layout)
-        ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""), prepack_weights=False)
+        try:
+            ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""), prepack_weights=False)
+        except ValueError as exc:  # settings of the checkpoint that cannot work (an embed suffix longer than the model's context)
+            raise CheckpointError(f"{source}: {exc}") from None
+    check_context(ref, opts.max_input_len if targets & {"trtllm", "trtllm-legacy"} else None)
     model = ref.stages[-1].runner.model
     runtime_dtype = str(ref.dtype).replace("torch.", "")
     summary: dict[str, Any] = {
@@ -428,6 +439,30 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
         if "onnx" in targets:
             notes.append("onnx/: float32 graphs (FP8 is not exported to ONNX; see onnx/README.md)")
     return summary
+
+
+def check_context(engine, max_input_len: int | None) -> None:
+    """Refuse an export no item could run on (before anything is written): the shortest prompt (a
+    one-word text with the default instruction) and the think end and embed suffix longer than the
+    model's context; for TensorRT-LLM (`max_input_len` given) that prompt longer than --max-input-len,
+    or a context (prompt + trace budget + think end + embed suffix + the end token) longer than the
+    model's context. Raises CheckpointError / ExportError (exit 2: a configuration problem)."""
+    config, limit, tail = engine.checkpoint / TTE_CONFIG_NAME, engine.max_model_len, engine.prompts.closing_tokens
+    shortest = len(engine.prompts.build(as_query("a", 0), 0, think=True).token_ids)
+    if shortest + tail > limit:
+        raise CheckpointError(f"{config}: the default instruction leaves no room: a one-word text's prompt takes {shortest} tokens, with "
+                              f"the think end and embed suffix ({tail}) more than the model's {limit} (max_position_embeddings); "
+                              "shorten instructions.default")
+    if max_input_len is None:
+        return
+    if shortest > max_input_len:
+        raise ExportError(f"--max-input-len {max_input_len} holds no prompt: the shortest one (a one-word text with the default "
+                          f"instruction of {config}) takes {shortest} tokens")
+    context = context_budget(engine, max_input_len) + 1
+    if context > limit:
+        raise ExportError(f"--max-input-len {max_input_len}: with the trace budget ({engine.tte.think.max_tokens}), the think end and "
+                          f"embed suffix ({tail}) and the end token a context takes {context} tokens, more than the model's {limit} "
+                          f"(max_position_embeddings); lower --max-input-len, or shorten embed_suffix / think.max_tokens in {config}")
 
 
 def context_budget(engine, max_prompt: int) -> int:

@@ -98,6 +98,11 @@ CASES = [
     ("tte-max-tokens-bool", _set("tte_config.json", "think.max_tokens", True), "tte_config.json", "think.max_tokens"),
     ("tte-think-end-empty", _set("tte_config.json", "think.end", ""), "tte_config.json", "think.end"),
     ("tte-think-start-int", _set("tte_config.json", "think.start", 7), "tte_config.json", "think.start"),
+    # a trace is cut where think.end appears: the marker that opened it cannot close it
+    ("tte-think-end-is-start", _set("tte_config.json", "think.end", "<think>"), "tte_config.json", "think.end must be a marker other than think.start"),
+    # a misspelt key silently gave the default before
+    ("tte-unknown-key", _set("tte_config.json", "embed_sufix", "x"), "tte_config.json", "embed_sufix (did you mean embed_suffix?)"),
+    ("tte-unknown-key-normalise", _set("tte_config.json", "normalise", False), "tte_config.json", "normalise (did you mean normalize?)"),
     # a vision placeholder as a marker: every item then failed (a placeholder without an image)
     ("tte-think-start-image-pad", _set("tte_config.json", "think.start", "<|image_pad|>"), "tte_config.json", "think.start holds the vision"),
     ("tte-think-end-vision-end", _set("tte_config.json", "think.end", "ok<|vision_end|>"), "tte_config.json", "think.end holds the vision"),
@@ -130,6 +135,15 @@ CASES = [
     ("config-heads-zero", _set("config.json", "num_attention_heads", 0), "config.json", "num_attention_heads"),
     ("config-hidden-str", _set("config.json", "hidden_size", "128"), "config.json", "hidden_size"),
     ("config-image-token-out", _set("config.json", "image_token_id", 10**6), "config.json", "image_token_id"),
+    # transformers filled in Qwen2-VL-7B's vision tower, and a later check blamed its sizes
+    ("config-no-vision", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k != "vision_config"}),
+     "config.json", "vision_config is missing"),
+    ("config-text-only", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k not in ("vision_config", "model_type")}),
+     "config.json", "vision_config is missing"),
+    ("config-no-mrope", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k != "rope_scaling"}),
+     "config.json", "rope_scaling.mrope_section is missing"),
+    # blamed on the tokenizer before (transformers' AttributeError while it read config.json)
+    ("config-quantization-str", _set("config.json", "quantization_config", "fp8"), "config.json", "quantization_config must be an object"),
 ]
 
 # Raised inside transformers' AutoTokenizer or vision.py's ImageProcessorConfig.load unless
@@ -219,3 +233,75 @@ def test_a_folder_holding_checkpoints_names_them(source, tmp_path):
     with pytest.raises(CheckpointError) as info:
         Engine(tmp_path / "out" / "logs")
     assert "inside" not in str(info.value)
+
+
+def _rescale_text(width):
+    """config.json's text width changed consistently (heads, M-RoPE sections, the merger's output): valid, but not the weights' width."""
+    def edit(raw):
+        raw["vision_config"]["hidden_size"] = raw["hidden_size"] = width
+        raw["rope_scaling"]["mrope_section"] = [width // 32, 3 * width // 64, 3 * width // 64]
+        return raw
+    return _edit_json("config.json", edit)
+
+
+# (id, corruption, text the message must hold): a config.json (or tte_config.json head) whose sizes the
+# weights do not hold; refused from the safetensors headers before a model of its size is allocated
+MISFIT_CASES = [
+    ("layers-huge", _set("config.json", "num_hidden_layers", 100_000), "config.json: num_hidden_layers is 100000, but"),
+    ("layers-fewer", _set("config.json", "num_hidden_layers", 3), "num_hidden_layers is 3, but"),
+    ("hidden-size", _rescale_text(256), "config.json: hidden_size = 256 does not match the weights"),
+    ("intermediate-size", _set("config.json", "intermediate_size", 10**6), "intermediate_size = 1000000 does not match"),
+    ("vocab-size", _set("config.json", "vocab_size", 10**6), "vocab_size = 1000000 does not match"),
+    ("kv-heads", _set("config.json", "num_key_value_heads", 4), "num_key_value_heads x head_dim = 128 does not match"),
+    ("vision-depth", _set("config.json", "vision_config.depth", 1000), "vision_config.depth is 1000, but"),
+    ("vision-width", _set("config.json", "vision_config.embed_dim", 128), "vision_config.embed_dim = 128 does not match"),
+    ("head-layers", _set("tte_config.json", "head.num_layers", 3), "tte_config.json: head.num_layers is 3, but"),
+]
+
+
+@pytest.mark.parametrize("corrupt, text", [pytest.param(c, t, id=n) for n, c, t in MISFIT_CASES])
+def test_config_the_weights_do_not_hold_fails_before_the_model_is_built(source, tmp_path, monkeypatch, corrupt, text):
+    import tte_engine.engine as engine_mod
+
+    def build_model(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked against the weights")
+
+    monkeypatch.setattr(engine_mod, "build_model", build_model)
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    corrupt(path)
+    with pytest.raises(CheckpointError) as info:
+        Engine(path)
+    message = str(info.value)
+    assert text in message and ("model.safetensors" in message or "embedding_head.safetensors" in message)
+    assert "\n" not in message
+
+
+def test_think_markers_that_tokenize_alike_are_refused(source, tmp_path, monkeypatch):
+    """Two different strings the tokenizer makes the same tokens cannot tell a trace's end from its start."""
+    import tte_engine.inputs as inputs_mod
+
+    real = inputs_mod._single_or_sequence
+    monkeypatch.setattr(inputs_mod, "_single_or_sequence", lambda tok, text: real(tok, "<think>" if text == "<THINK>" else text))
+    path = tmp_path / "ckpt"
+    shutil.copytree(source, path)
+    _set("tte_config.json", "think.end", "<THINK>")(path)
+    with pytest.raises(CheckpointError, match=r"tte_config\.json: think\.end '<THINK>' gives the same tokens"):
+        Engine(path)
+
+
+def test_tte_config_keys_beginning_with_underscore_are_free():
+    """Forward room: "_comment" and other "_"-keys are neither refused nor read, at the top level and in head/think."""
+    tte = TTEConfig.from_dict({"_comment": "x", "head": {"type": "last_token", "_note": 1}, "think": {"_why": "y", "max_tokens": 3}})
+    assert tte.head.type == "last_token" and tte.think.max_tokens == 3
+    with pytest.raises(CheckpointError, match=r"^src: unknown field\(s\) head\.typ \(did you mean head\.type\?\)"):
+        TTEConfig.from_dict({"head": {"typ": "mhsa"}}, source="src")
+
+
+def test_quantization_config_must_be_an_object(source, tmp_path):
+    from tte_engine.model.loader import checkpoint_quantization
+
+    shutil.copytree(source, tmp_path / "ckpt")
+    _set("config.json", "quantization_config", "fp8")(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"config\.json: quantization_config must be an object naming the FP8 scheme.*got 'fp8'"):
+        checkpoint_quantization(tmp_path / "ckpt")

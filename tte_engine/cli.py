@@ -222,6 +222,55 @@ def run_demo(engine, *, think: bool = True, max_trace_tokens: int | None = None,
     print(f"\nusage: {res.usage}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, `PROG: error: MESSAGE` with exit 2 (not argparse's usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_between(least: int, most: int):
+    """argparse type: an integer in [least, most] (one type for the numeric options with an upper bound)."""
+    def parse(text: str) -> int:
+        return int_within(text, least, most, f"an integer from {least} to {most}")
+
+    return parse
+
+
+def nonempty(text: str) -> str:
+    """argparse type: a value that is not empty (`--checkpoint "$CKPT"` with CKPT unset would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def path_problem(path: Path, *, output: bool) -> str | None:
+    """Why `path` cannot be read (output False: an existing regular file) or written (output True: a file
+    created there, missing folders made), or None. Checked before the model loads."""
+    try:
+        if path.is_dir():
+            return "is a directory"
+        if not output:
+            if not path.exists():
+                return "no such file"
+            if not path.is_file():
+                return "is not a regular file"
+            with open(path, "rb"):
+                return None
+        folder = path.parent
+        while not folder.exists():  # the nearest folder that exists: the missing ones are made
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is not a directory"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot write in {folder} (permission denied)"
+    except OSError as exc:
+        return exc.strerror.lower() if exc.strerror else str(exc)
+    except ValueError:  # a NUL byte
+        return "is not a valid path"
+    return None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return int_within(text, 1)
@@ -313,22 +362,22 @@ def engine_switches(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tte-embed", description="Think-Then-Embed: embed a .txt or .jsonl file.")
+    parser = OneLineParser(prog="tte-embed", description="Think-Then-Embed: embed a .txt or .jsonl file.")
     parser.add_argument("input", nargs="?", type=Path, help=".txt (one text per line) or .jsonl (one JSON object per line: text, image, "
                         "images, video, videos, video_options, instruction, id)")
-    parser.add_argument("--checkpoint", help="checkpoint directory or alias (default: tiny-random, a random test checkpoint whose "
+    parser.add_argument("--checkpoint", type=nonempty, help="checkpoint directory or alias (default: tiny-random, a random test checkpoint whose "
                         "vectors mean nothing; left to this default outside --demo, a warning says so)")
     parser.add_argument("--output", type=Path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
-    parser.add_argument("--format", choices=["npy", "parquet"], default="npy", help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
+    parser.add_argument("--format", choices=["npy", "parquet"], help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
     parser.add_argument("--demo", action="store_true", help="embed a few built-in text and image queries and print them")
     parser.add_argument("--no-think", action="store_true", help="skip the trace (plain last-token embedding)")
-    parser.add_argument("--max-trace-tokens", type=int, help="trace budget (default: from tte_config.json)")
+    parser.add_argument("--max-trace-tokens", type=nonnegative_int, help="trace budget (default: from tte_config.json)")
     parser.add_argument("--instruction", help="task instruction or a named instruction of the checkpoint")
     parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (default auto: float32 on CPU; on CUDA bfloat16, or the checkpoint's float16)")
     add_engine_flags(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="items handed to the engine at a time, and written together (default 256)")
+    parser.add_argument("--batch-size", type=positive_int, help="items handed to the engine at a time, and written together (default 256)")
     parser.add_argument("--cache", type=Path, help="SQLite trace/embedding cache (default: $TTE_HOME/cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier (partial) results at the output prefix")
@@ -338,16 +387,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.demo and args.input is None:
         parser.error("give an INPUT file or --demo")
-    if args.demo and (args.input is not None or args.output is not None):
-        parser.error("--demo embeds its own queries and prints them: it takes no INPUT file or --output")
-    if args.input is not None and not args.demo:
-        if not args.input.is_file():
-            parser.error(f"{args.input}: no such file")
+    file_options = {"INPUT": args.input, "--output": args.output, "--format": args.format, "--batch-size": args.batch_size,
+                    "--cache": args.cache, "--overwrite": args.overwrite or None, "--retry-errors": args.retry_errors or None}
+    if args.demo and any(v is not None for v in file_options.values()):
+        parser.error(f"--demo embeds its own queries and prints them: it takes no {' or '.join(k for k, v in file_options.items() if v is not None)}")
+    if args.cache is not None and args.no_cache:
+        parser.error("--cache and --no-cache contradict each other: give one")
+    args.format, args.batch_size = args.format or "npy", args.batch_size or 256
+    if args.input is not None:
+        problem = path_problem(args.input, output=False)
+        if problem:
+            parser.error(f"INPUT {args.input}: {problem}")
         if args.input.suffix not in (".txt", ".jsonl"):
-            parser.error(f"{args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
+            parser.error(f"INPUT {args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
                          f"got {args.input.suffix or 'no extension'}")
-    if args.output is not None and not args.demo and (args.output.is_dir() or args.output.name in ("", ".", "..")):
+    if args.output is not None and (args.output.is_dir() or args.output.name in ("", ".", "..")):
         parser.error(f"--output {str(args.output)!r} is a directory; give a file prefix in it, e.g. {str(args.output / 'embeddings')!r}")
+    outputs = _final_paths(output_prefix(args), args.format) if args.input is not None else []
+    for flag, path in [("--output" if args.output else "output", p) for p in outputs] + [("--cache", args.cache)]:
+        problem = path is not None and path_problem(path, output=True)
+        if problem:
+            parser.error(f"{flag} {path}: {problem}")
     try:  # the call's settings, checked before any model work (a bad one would make every row an error row)
         check_settings(not args.no_think, args.max_trace_tokens, args.instruction, None, None, None)
     except InvalidInputError as exc:
@@ -378,8 +438,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return embed_file(engine, args, results)
     except (TTEError, OSError, ValueError) as exc:  # ValueError: an engine setting that cannot work (--device cuda without CUDA)
-        print(f"tte-embed: error: {exc}", file=sys.stderr)
+        print("tte-embed: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
+    except Exception as exc:  # a failure during the run (a device error, a bug): one line, never a traceback; finished batches are kept
+        print(f"tte-embed: error: {type(exc).__name__}: {' '.join(str(exc).splitlines())}"
+              + ("" if args.demo else "; the batches written are kept: run the same command again to resume"), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # every finished batch is on disk already (the shards): one line, not a traceback
         print("\ntte-embed: interrupted" + ("" if args.demo else "; the batches written are kept: run the same command again to resume"),
               file=sys.stderr)
@@ -575,6 +639,11 @@ def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards
             p.unlink(missing_ok=True)
 
 
+def output_prefix(args) -> Path:
+    """--output, or INPUT_STEM.embeddings beside the input."""
+    return args.output or args.input.with_name(args.input.stem + ".embeddings")
+
+
 def embed_file(engine, args, result_cache=None) -> int:
     """Embed `args.input` into its output files (resuming an earlier run there); `result_cache`:
     the ResultCache to read and fill (None: none). Returns the exit status."""
@@ -585,7 +654,7 @@ def embed_file(engine, args, result_cache=None) -> int:
     items, ids, digests = read_items(args.input)
     ids = _row_ids(ids)
     repeats = _repeated_ids(ids)
-    prefix = args.output or args.input.with_name(args.input.stem + ".embeddings")
+    prefix = output_prefix(args)
     if args.input.resolve() in [p.resolve() for p in _final_paths(prefix, args.format)]:
         raise OutputConflict(f"the output {prefix}.jsonl would overwrite the input; pass another --output")
     prefix.parent.mkdir(parents=True, exist_ok=True)

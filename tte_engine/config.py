@@ -9,6 +9,7 @@ directory. `TTEConfig` mirrors `tte_config.json` (DESIGN §4).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ TTE_CONFIG_NAME = "tte_config.json"
 TTE_FORMAT_VERSION = 1
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
+
+# What config.json's quantization_config must be (model/loader.py `checkpoint_quantization` reads it).
+QUANTIZATION_CONFIG_WANT = ('an object naming the FP8 scheme, as its producer writes it ({"quant_method": "compressed-tensors", ...} '
+                            'from llm-compressor, or {"quant_method": "modelopt", ...})')
 
 MAX_POSITIONS = 1 << 20  # the longest context a checkpoint may declare (a rotary table of 2**20 positions is ~0.5 GiB at head dim 128)
 
@@ -135,6 +140,11 @@ class ModelConfig:
         for name in ("text_config", "vision_config", "rope_scaling", "rope_parameters"):
             if hf.get(name) is not None and not isinstance(hf[name], dict):
                 raise bad_field(source, name, "an object", hf[name])
+        if hf.get("quantization_config") is not None and not isinstance(hf["quantization_config"], dict):  # else transformers' AttributeError, in the tokenizer
+            raise bad_field(source, "quantization_config", QUANTIZATION_CONFIG_WANT, hf["quantization_config"])
+        if not hf.get("vision_config"):  # transformers would fill in Qwen2-VL-7B's tower, and a later check blame its sizes
+            raise CheckpointError(f"{source}: vision_config is missing or empty: a Qwen2-VL config describes its vision tower there "
+                                  "(a text-only model's config.json is no Qwen2-VL checkpoint)")
         hf = {k: v for k, v in hf.items() if k not in ("architectures", "transformers_version")}
         try:
             cfg = Qwen2VLConfig(**hf)
@@ -152,7 +162,12 @@ class ModelConfig:
             raise CheckpointError(f"{source}: rope scaling {kind!r} is not supported (Qwen2-VL's plain M-RoPE only)")
         if getattr(t, "hidden_act", "silu") != "silu":  # the decoder's MLP is SwiGLU with SiLU (kernels/activations.py)
             raise bad_field(source, "hidden_act", "'silu' (the decoder's MLP is SwiGLU)", t.hidden_act)
-        section = rope.get("mrope_section") or (16, 24, 24)
+        section = rope.get("mrope_section")
+        if section is None:  # Qwen2-VL's own sections, which fit head_dim 128 only: say that it is a default that does not fit
+            section = (16, 24, 24)
+            if is_int(t.hidden_size) and is_int(t.num_attention_heads) and t.num_attention_heads > 0 and t.hidden_size // t.num_attention_heads != 128:
+                raise CheckpointError(f"{source}: rope_scaling.mrope_section is missing, and Qwen2-VL's default [16, 24, 24] needs head_dim 128 "
+                                      f"(hidden_size {t.hidden_size} / num_attention_heads {t.num_attention_heads})")
         if not isinstance(section, (list, tuple)):
             raise bad_field(source, "mrope_section", "a list of 3 integers", section)
         dtype = hf.get("dtype") or hf.get("torch_dtype") or t.dtype or "float32"
@@ -304,7 +319,8 @@ class TTEConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "tte_config") -> "TTEConfig":
         """Parse and check a `tte_config.json` dict: every field's type and range; raises CheckpointError
-        naming `source` and the field. Unknown top-level keys are ignored; unknown head/think keys are refused."""
+        naming `source` and the field. Unknown keys are refused (a misspelt one would silently give the default),
+        at the top level as in head/think; keys beginning with "_" are free (comments, extensions)."""
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source}: expected a JSON object, got {json_type(raw)}")
         version = raw.get("format_version", TTE_FORMAT_VERSION)
@@ -314,6 +330,7 @@ class TTEConfig:
             raise CheckpointError(
                 f"{source} has format_version {version}; this tte_engine reads up to {TTE_FORMAT_VERSION}: upgrade tte_engine"
             )
+        _check_keys(raw, cls, "", source)  # after the version: a newer format's keys say "upgrade", not "unknown"
         mode = raw.get("mode", "unified")
         if not isinstance(mode, str) or mode not in ("unified", "two_model"):
             raise bad_field(source, "mode", "'unified' or 'two_model'", mode)
@@ -335,6 +352,8 @@ class TTEConfig:
         for name in ("start", "end"):
             if not isinstance(getattr(think, name), str) or not getattr(think, name):
                 raise bad_field(source, f"think.{name}", "a non-empty string", getattr(think, name))
+        if think.end == think.start:  # a trace is cut where think.end appears: it must differ from the marker that opens it
+            raise bad_field(source, "think.end", "a marker other than think.start", think.end)
         if not is_int(think.max_tokens) or think.max_tokens < 0:
             raise bad_field(source, "think.max_tokens", "an integer >= 0", think.max_tokens)
         normalize = raw.get("normalize", True)
@@ -364,16 +383,24 @@ class TTEConfig:
         return dataclasses.asdict(self)
 
 
+def _check_keys(value: dict[str, Any], kind: type, prefix: str, source: str) -> None:
+    """Refuse keys of `value` that are no field of the dataclass `kind` (a typo such as "embed_sufix"
+    would otherwise silently give the default), naming the closest field; "_"-prefixed keys are free."""
+    known = [f.name for f in dataclasses.fields(kind)]
+    unknown = [k for k in value if k not in known and not k.startswith("_")]
+    if unknown:
+        close = [difflib.get_close_matches(k, known, n=1) for k in unknown]
+        named = [f"{prefix}{k}" + (f" (did you mean {prefix}{c[0]}?)" if c else "") for k, c in zip(unknown, close)]
+        raise CheckpointError(f"{source}: unknown field(s) {', '.join(named)} (known: {', '.join(sorted(known))})")
+
+
 def _section(raw: dict[str, Any], name: str, kind: type, source: str) -> dict[str, Any]:
     """The `name` object of `raw` (absent: {}), its keys checked against the dataclass `kind`'s fields."""
     value = raw.get(name, {})
     if not isinstance(value, dict):
         raise bad_field(source, name, "an object", value)
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = [k for k in value if k not in known]
-    if unknown:
-        raise CheckpointError(f"{source}: unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)} (known: {', '.join(sorted(known))})")
-    return value
+    _check_keys(value, kind, f"{name}.", source)
+    return {k: v for k, v in value.items() if not k.startswith("_")}
 
 
 @dataclass

@@ -22,14 +22,14 @@ import torch
 
 from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cache_budget_bytes
 from .checkpoint import check_checkpoint_files, fingerprint, resolve_checkpoint
-from .config import EngineConfig, ModelConfig, TTEConfig, read_json_object
+from .config import TTE_CONFIG_NAME, EngineConfig, ModelConfig, TTEConfig, read_json_object
 from .engine_dir import EngineDir, is_engine_dir
 from .errors import Cancelled, CapacityError, CheckpointError, InvalidInputError, ModelOutputError, describe, one_line
 from .host_memory import keep_freed_memory
 from .inputs import PromptBuilder, Query, as_query, check_settings
 from .prep import prepare_all, run_prepared
 from .model.cpu_linear import pack_linears
-from .model.loader import build_model, load_checkpoint_weights
+from .model.loader import build_model, check_weights_fit, load_checkpoint_weights
 from .model.rope import prompt_positions
 from .runner import ENCODER_CACHE_TOKENS, Runner, step_loop_mode
 from .sampling import SamplingParams
@@ -115,6 +115,9 @@ class Engine:
             self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
             self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
             self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
+            if self.prompts.think_end_ids == self.prompts.think_start_ids:  # distinct strings the tokenizer makes the same tokens
+                raise CheckpointError(f"{self.checkpoint / ('engine.json' if self.engine_dir else TTE_CONFIG_NAME)}: think.end {self.tte.think.end!r} gives the same tokens "
+                                      f"{self.prompts.think_end_ids} as think.start {self.tte.think.start!r}: a trace's end must differ from its start")
             shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)  # the template renders
         except CheckpointError:
             raise
@@ -129,7 +132,8 @@ class Engine:
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
             stage_dirs.insert(0, self._reasoner_dir())
-        models = [self._load_model(d, embedder=(d == self.checkpoint)) for d in stage_dirs]
+        cfgs = [self._stage_config(d, embedder=(d == self.checkpoint)) for d in stage_dirs]  # every checkpoint checked before any model is built
+        models = [self._load_model(d, cfg, embedder=(d == self.checkpoint)) for d, cfg in zip(stage_dirs, cfgs)]
         share = cache_budget_bytes(self.config.cache_memory, self.device) // len(models)  # two models split the cache
         self.stages = [self._make_stage(d, m, share) for d, m in zip(stage_dirs, models)]
         self.last_step_size = 0  # sequences the last step() ran
@@ -177,11 +181,21 @@ class Engine:
             raise CheckpointError(f"two_model: the reasoner {path} must share the embedder's image preprocessing")
         return path
 
-    def _load_model(self, checkpoint: Path, embedder: bool):
+    def _head_cfg(self, embedder: bool):
+        return self.tte.head if embedder else replace(self.tte.head, type="last_token")
+
+    def _stage_config(self, checkpoint: Path, embedder: bool) -> ModelConfig:
+        """A stage's model config, checked against its weights' headers (cheap: no tensor data is read), so
+        that a config the files do not hold fails before a model of its size is allocated (`check_weights_fit`)."""
         cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(read_json_object(checkpoint / "config.json", required=True), source=str(checkpoint / "config.json"))
         if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
-        head_cfg = self.tte.head if embedder else replace(self.tte.head, type="last_token")
+        if not (self.engine_dir and checkpoint == self.checkpoint):
+            check_weights_fit(cfg, checkpoint, self._head_cfg(embedder))
+        return cfg
+
+    def _load_model(self, checkpoint: Path, cfg: ModelConfig, embedder: bool):
+        head_cfg = self._head_cfg(embedder)
         if self.engine_dir and checkpoint == self.checkpoint:
             model = self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
         else:

@@ -310,3 +310,100 @@ def test_random_init_goes_through_the_safe_builder(monkeypatch):
     assert random_weights and path == tte_home() / "models" / "random" / "unified-2b-seed3"
     assert calls == [(path, ARCH_SPECS["unified-2b"], {"seed": 3, "dtype": "bfloat16", "shards": 3})]  # 4.1 GiB of model weights
     assert len(said) == 1 and "~4.8 GiB" in said[0]  # + the 8-layer mhsa head
+
+
+def _parse_error(capsys, argv, *fragments):
+    """tte-export ARGV stops at the parser: exit 2, one line naming what is wrong, nothing written."""
+    from tte_engine.export.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("tte-export: error:"), err
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+@pytest.mark.parametrize("flag, value", [(f, v) for f in ("--max-batch-size", "--max-input-len") for v in ("0", "-3", "1.5", "1e3", "x", "9" * 30)]
+                         + [("--calibration", v) for v in ("-1", "2.5", "100000000000")] + [("--seed", v) for v in ("-1", "4294967296")])
+def test_numeric_options_are_checked_by_the_parser(capsys, tmp_path, flag, value):
+    """`--max-batch-size 0` for trtllm was accepted (and written into tte_trtllm.json); --calibration 1e11 ran out of memory."""
+    _parse_error(capsys, ["--checkpoint", "tiny-random", "--target", "trtllm", "--out", tmp_path / "o", flag, value],
+                 f"argument {flag}: must be an integer from", f"got {value!r}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_that_would_be_ignored_are_refused(capsys, tmp_path):
+    base = ["--checkpoint", "tiny-random", "--out", tmp_path / "o"]
+    for extra in (["--max-batch-size", "8"], ["--max-input-len", "100"], ["--target", "hf", "--fp8", "--trtllm-fp8", "per-channel"]):
+        _parse_error(capsys, base + extra, "applies to the TensorRT-LLM targets only")
+    _parse_error(capsys, base + ["--target", "trtllm", "--trtllm-fp8", "per-channel"], "--trtllm-fp8 needs --fp8")
+    _parse_error(capsys, ["--checkpoint", "", "--out", tmp_path / "o"], "argument --checkpoint: must not be empty")
+    _parse_error(capsys, base + ["--device", "gpu0"], "argument --device: must be cpu, cuda or cuda:N")
+    with pytest.raises(ExportError, match="--seed applies to --random-init with an architecture alias"):  # tiny-random is always seed 0
+        run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "o", seed=3, random_init=True))
+    with pytest.raises(ExportError, match="--max-batch-size must be an integer from 1 to"):  # the Python API checks the same ranges
+        run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "o", target="trtllm", max_batch_size=0))
+    assert not (tmp_path / "o").exists()
+
+
+def _with_tte_config(tmp_path, **changes) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint("tiny-random"), ckpt)
+    config = json.loads((ckpt / "tte_config.json").read_text())
+    for key, value in changes.items():
+        if key == "default_instruction":
+            config["instructions"]["default"] = value
+        else:
+            config[key] = value
+    (ckpt / "tte_config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+@pytest.mark.parametrize("target", ["native", "trtllm", "onnx"])
+def test_an_over_long_embed_suffix_or_instruction_is_a_configuration_error(capsys, tmp_path, target):
+    """An embed suffix longer than the model's context exited 1 ("ValueError: max_model_len ..."); a default
+    instruction that leaves no room was exported (ONNX: killed for memory tracing a 20000-token prompt).
+    Both are the checkpoint's configuration: exit 2, one line naming tte_config.json."""
+    from tte_engine.export.cli import main
+
+    out = tmp_path / "o"
+    for changes, fragment in (({"embed_suffix": "word " * 5000}, "holds no item"),
+                              ({"default_instruction": "word " * 5000}, "the default instruction leaves no room")):
+        ckpt = _with_tte_config(tmp_path, **changes)
+        assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", target, "--calibration", "0", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f"tte-export: error: {ckpt}") and fragment in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+        shutil.rmtree(ckpt)
+
+
+def test_a_context_longer_than_the_model_is_refused_for_tensorrt_llm(capsys, tmp_path):
+    """--max-input-len + trace budget + embed tail past max_position_embeddings (4096 here) was written as max_seq_len."""
+    from tte_engine.export.cli import main
+
+    ckpt = _with_tte_config(tmp_path, embed_suffix="word " * 1000)  # fits the model, not with a 2048-token prompt
+    out = tmp_path / "o"
+    for argv, fragment in (([], "--max-input-len 2048: with the trace budget (16), the think end and embed suffix (4001)"),
+                           (["--max-input-len", "4096"], "more than the model's 4096 (max_position_embeddings)"),
+                           (["--max-input-len", "5"], "--max-input-len 5 holds no prompt")):
+        for target in ("trtllm", "trtllm-legacy"):
+            assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", target, "--calibration", "0", "--quiet", *argv]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", "trtllm", "--calibration", "0", "--quiet", "--max-input-len", "64"]) == 0
+    assert json.loads((out / "trtllm" / "tte_trtllm.json").read_text())["llm_args"]["max_seq_len"] == 64 + 16 + 4001 + 1
+
+
+def test_an_unexpected_failure_is_one_line_with_exit_1(tmp_path, monkeypatch, capsys):
+    """Any exception during the export (not only OSError / RuntimeError / ValueError) is one line, never a traceback."""
+    import tte_engine.export.onnx_export as onnx_export
+    from tte_engine.export.cli import main
+
+    def boom(*_a, **_k):
+        raise KeyError("simulated bug")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", boom)
+    assert main(["--checkpoint", "tiny-random", "--out", str(tmp_path / "o"), "--target", "onnx", "--quiet"]) == 1
+    assert capsys.readouterr().err == "tte-export: error: KeyError: 'simulated bug'\n" and list(tmp_path.iterdir()) == []

@@ -78,8 +78,8 @@ def test_uninterrupted_output(uninterrupted, corpus, reference):
 
 @pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
 def test_crash_mid_batch_resumes_to_identical_output(corpus, serve_checkpoint, uninterrupted, tmp_path, monkeypatch, capsys, stop):
-    """A crash (an exception) or Ctrl-C (one line and exit 130, no traceback) mid-run: re-running resumes
-    to the uninterrupted output."""
+    """A crash (an exception: one line and exit 1) or Ctrl-C (one line and exit 130), no traceback, mid-run:
+    re-running resumes to the uninterrupted output."""
     real_step, calls = Engine.step, {"n": 0}
 
     def crashing_step(self):
@@ -93,9 +93,10 @@ def test_crash_mid_batch_resumes_to_identical_output(corpus, serve_checkpoint, u
     if stop is KeyboardInterrupt:
         assert run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite")) == 130
         assert capsys.readouterr().err.endswith("tte-embed: interrupted; the batches written are kept: run the same command again to resume\n")
-    else:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite"))
+    else:  # a device error: one line and exit 1 (it was a traceback)
+        assert run(corpus, serve_checkpoint, out, "--cache", str(tmp_path / "cache.sqlite")) == 1
+        assert capsys.readouterr().err.endswith("\ntte-embed: error: RuntimeError: simulated crash; the batches written are kept: "
+                                                "run the same command again to resume\n")
     shards = sorted(p.name for p in (tmp_path / "out.parts").glob("0*.jsonl"))
     assert 1 <= len(shards) < 6 and not (tmp_path / "out.npy").exists()  # some batches done, none since the crash
     monkeypatch.setattr(Engine, "step", real_step)
@@ -554,10 +555,10 @@ def test_a_finished_parquet_output_records_its_settings(serve_checkpoint, tmp_pa
 
 def test_arguments_that_cannot_work_stop_before_any_model_work(tmp_path, monkeypatch, capsys):
     """A file of another kind is not read as text, and Parquet without pyarrow is refused up front."""
-    for missing in (tmp_path / "nowhere.txt", tmp_path):
+    for missing, why in ((tmp_path / "nowhere.txt", "no such file"), (tmp_path, "is a directory")):
         with pytest.raises(SystemExit) as exit_:
             main([str(missing)])
-        assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
+        assert exit_.value.code == 2 and capsys.readouterr().err == f"tte-embed: error: INPUT {missing}: {why}\n"
     (tmp_path / "q.json").write_text('{"text": "a"}\n')
     (tmp_path / "q.txt").write_text("a\n")
     with pytest.raises(SystemExit) as exit_:
@@ -569,7 +570,7 @@ def test_arguments_that_cannot_work_stop_before_any_model_work(tmp_path, monkeyp
     assert exit_.value.code == 2 and "--format parquet needs pyarrow" in capsys.readouterr().err
     monkeypatch.delitem(sys.modules, "pyarrow")
     # call settings every row would fail on (found by a review: the run went on, wrote error rows and a manifest)
-    for flags, message in ((["--max-trace-tokens", "-5"], "--max-trace-tokens: max_trace_tokens must be >= 0, got -5"),
+    for flags, message in ((["--max-trace-tokens", "-5"], "argument --max-trace-tokens: must be an integer >= 0, got '-5'"),
                            (["--instruction", "bad \udcff"], "--instruction: instruction is not valid Unicode")):
         with pytest.raises(SystemExit) as exit_:
             main([str(tmp_path / "q.txt"), "--checkpoint", str(tmp_path / "no-model"), *flags])
@@ -681,3 +682,69 @@ def test_engine_flags_reach_the_engine_config_of_both_clis():
     assert engine_switches(build_parser().parse_args([])) == {}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--suffix-wait-steps", "-1"])
+
+
+def _usage_error(capsys, argv, *fragments):
+    """tte-embed ARGV stops before the model loads: exit 2 and one line (not argparse's usage block) naming what is wrong."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("tte-embed: error:"), err
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+def test_paths_that_cannot_be_read_or_written_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`tte-embed some_dir.jsonl` said "no such file"; an output or cache folder that cannot be made failed after the
+    model loaded, with a raw OSError ("[Errno 17] File exists"). Each is one line naming the path, exit 2."""
+    import tte_engine.cli as cli
+
+    src, blocker = tmp_path / "in.txt", tmp_path / "a-file"
+    src.write_text("a\n")
+    blocker.write_text("not a folder")
+    (tmp_path / "dir.jsonl").mkdir()
+    (tmp_path / "taken.npy").mkdir()
+    nowhere = ["--checkpoint", tmp_path / "no-model"]  # a run that got past the checks would fail on the checkpoint instead
+    _usage_error(capsys, [tmp_path / "dir.jsonl", *nowhere], f"INPUT {tmp_path / 'dir.jsonl'}: is a directory")
+    _usage_error(capsys, ["/dev/null", *nowhere], "INPUT /dev/null: is not a regular file")
+    _usage_error(capsys, [src, *nowhere, "--output", blocker / "sub" / "out"], f"--output {blocker / 'sub' / 'out.npy'}: {blocker} is not a directory")
+    _usage_error(capsys, [src, *nowhere, "--output", tmp_path / "taken"], f"--output {tmp_path / 'taken.npy'}: is a directory")
+    _usage_error(capsys, [src, *nowhere, "--cache", tmp_path], f"--cache {tmp_path}: is a directory")
+    _usage_error(capsys, [src, *nowhere, "--cache", blocker / "cache.sqlite"], f"{blocker} is not a directory")
+
+    def denied(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli, "open", denied, raising=False)  # (chmod does not stop root)
+    _usage_error(capsys, [src, *nowhere], f"INPUT {src}: permission denied")
+    monkeypatch.delattr(cli, "open")
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
+    _usage_error(capsys, [src, *nowhere], f"output {tmp_path / 'in.embeddings.npy'}: cannot write in {tmp_path} (permission denied)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dir.jsonl", "in.txt", "taken.npy"]
+
+
+def test_options_that_cannot_work_together_are_refused(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("a\n")
+    _usage_error(capsys, [src, "--cache", tmp_path / "c.sqlite", "--no-cache"], "--cache and --no-cache contradict each other")
+    for extra in (["--format", "npy"], ["--batch-size", "4"], ["--overwrite"], ["--retry-errors"], ["--cache", tmp_path / "c.sqlite"]):
+        _usage_error(capsys, ["--demo", *extra], "--demo embeds its own queries and prints them: it takes no " + extra[0])
+    for flag, value in (("--batch-size", "0"), ("--batch-size", "2.5"), ("--max-trace-tokens", "-1"), ("--max-trace-tokens", "1e3"),
+                        ("--suffix-wait-steps", "-1")):
+        _usage_error(capsys, [src, flag, value], f"argument {flag}: must be an integer >= ", f"got {value!r}")
+    _usage_error(capsys, [src, "--checkpoint", ""], "argument --checkpoint: must not be empty")  # was ". is not a checkpoint"
+    _usage_error(capsys, [src, "--format", "csv"], "argument --format: invalid choice")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_every_kind_of_bad_line_is_its_own_error_row(tmp_path):
+    """JSON that is not an object, invalid JSON, non-UTF-8, NaN, deep nesting: an error row naming its line, never a stopped run."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'[1]\n"text"\nnull\n5\n{"text": NaN}\n{not json\n\xff\n' + b'{"videos": ' + b"[" * 40 + b"]" * 40 + b'}\n{"text": "fine"}\n')
+    items, ids, digests = read_items(src)
+    assert [getattr(i, "reason", i) for i in items] == [
+        "line 1: each line must be a JSON object", "line 2: each line must be a JSON object", "line 3: each line must be a JSON object",
+        "line 4: each line must be a JSON object", "line 5: NaN is not a JSON number", "line 6: not valid JSON (Expecting property name "
+        "enclosed in double quotes at column 2)", "line 7: not valid UTF-8", "line 8: nested more than 32 levels deep", {"text": "fine"}]
+    assert ids == [None] * 9 and len(set(digests)) == 9
+

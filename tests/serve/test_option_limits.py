@@ -90,7 +90,7 @@ EMBED_REFUSED = [
     (["--device", "banana"], "argument --device: must be cpu, cuda or cuda:N, got 'banana'"),
     (["--device", "cuda:x"], "argument --device: must be cpu, cuda or cuda:N"),
     (["--suffix-wait-steps", "-1"], "argument --suffix-wait-steps: must be an integer >= 0"),
-    (["--max-trace-tokens", "-5"], "--max-trace-tokens: max_trace_tokens must be >= 0, got -5"),
+    (["--max-trace-tokens", "-5"], "argument --max-trace-tokens: must be an integer >= 0, got '-5'"),
 ]
 
 

@@ -28,16 +28,17 @@ checkpoint that declares no scheme, raise a CheckpointError before any weight is
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import HeadConfig, ModelConfig, json_type, read_json_object
+from ..config import QUANTIZATION_CONFIG_WANT, TTE_CONFIG_NAME, HeadConfig, ModelConfig, bad_field, json_type, read_json_object
 from ..errors import CheckpointError, one_line
 from .fp8 import FP8_DTYPE, Fp8Linear, decoder_linear_names, swap_in_fp8
-from .names import canonical_name
+from .names import canonical_name, checkpoint_shapes, head_shapes
 from .qwen2_vl import Qwen2VL
 
 logger = logging.getLogger("tte_engine")
@@ -307,10 +308,10 @@ def checkpoint_quantization(checkpoint: Path) -> dict | None:
     if (checkpoint / "hf_quant_config.json").is_file():
         return _modelopt_scheme(read_json_object(checkpoint / "hf_quant_config.json", required=True), source)
     qc = (read_json_object(checkpoint / "config.json") or {}).get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise bad_field(str(checkpoint / "config.json"), "quantization_config", QUANTIZATION_CONFIG_WANT, qc)
     if not qc:
         return None
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{checkpoint / 'config.json'}: quantization_config must be an object, got {json_type(qc)}")
     method = str(qc.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return _compressed_tensors_scheme(qc, source)
@@ -330,25 +331,26 @@ def _module_of(name: str) -> str | None:
 _FP8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # safetensors dtype codes, as torch spells them
 
 
-def _tensor_dtypes(files: list[Path]) -> dict[str, tuple[Path, str]]:
-    """name -> (file, safetensors dtype code such as "F8_E4M3") of every tensor, from the headers alone."""
-    out: dict[str, tuple[Path, str]] = {}
+def _tensor_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """name -> (file, safetensors dtype code such as "F8_E4M3", shape) of every tensor, from the headers alone."""
+    out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     for f in files:
         with open_safetensors(f) as handle:
             for name in _tensor_names(handle, f):
                 try:
-                    out[name] = (f, handle.get_slice(name).get_dtype())
+                    part = handle.get_slice(name)
+                    out[name] = (f, part.get_dtype(), tuple(part.get_shape()))
                 except _UNREADABLE as exc:
                     raise CheckpointError(f"{f}: tensor {name} cannot be read ({one_line(exc)})") from exc
     return out
 
 
-def check_fp8_tensors(dtypes: dict[str, tuple[Path, str]], quant: dict | None, source: str) -> None:
+def check_fp8_tensors(dtypes: dict[str, tuple[Path, str, tuple[int, ...]]], quant: dict | None, source: str) -> None:
     """Refuse FP8 codes that would be read without their scale (silently wrong weights otherwise).
 
     Under a declared scheme every FP8 tensor must be a `<module>.weight` with its `<module>.weight_scale`;
     with no scheme declared, no tensor may be FP8 or a `*_scale`."""
-    for name, (f, code) in sorted(dtypes.items()):
+    for name, (f, code, _) in sorted(dtypes.items()):
         fp8 = code.startswith("F8_")
         if quant is None and (fp8 or name.endswith("_scale")):
             what = f"is stored as {_FP8_NAMES.get(code, code)}" if fp8 else "is a quantization scale"
@@ -363,6 +365,79 @@ def _fp8_modules(names) -> list[str]:
     return sorted({m for n in names if n.endswith(".weight_scale") and (m := _module_of(n))})
 
 
+def _stack_depth(names, prefix: str) -> int:
+    """1 + the highest index i among the `<prefix><i>.*` tensor `names` (0 when there are none)."""
+    found = [int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix):].partition(".")[0]).isdigit()]
+    return max(found) + 1 if found else 0
+
+
+def _dims_fit(cfg: ModelConfig, found: dict[str, tuple[Path, tuple[int, ...]]], config: Path) -> None:
+    """Name the config.json field behind the first dimension of a key tensor that the file disagrees with."""
+    t, v = cfg.text, cfg.vision
+    d, e = t.hidden_size, v.embed_dim
+    dims = {  # tensor -> (the config.json field(s), the size they give) per dimension
+        "model.embed_tokens.weight": (("vocab_size", t.vocab_size), ("hidden_size", d)),
+        "model.layers.0.self_attn.q_proj.weight": (("num_attention_heads x head_dim", t.num_heads * t.head_dim), ("hidden_size", d)),
+        "model.layers.0.self_attn.k_proj.weight": (("num_key_value_heads x head_dim", t.num_kv_heads * t.head_dim), ("hidden_size", d)),
+        "model.layers.0.mlp.gate_proj.weight": (("intermediate_size", t.intermediate_size), ("hidden_size", d)),
+        "visual.blocks.0.attn.proj.weight": (("vision_config.embed_dim", e), ("vision_config.embed_dim", e)),
+        "visual.blocks.0.mlp.fc1.weight": (("vision_config.embed_dim x mlp_ratio", int(e * v.mlp_ratio)), ("vision_config.embed_dim", e)),
+        "visual.merger.mlp.2.weight": (("vision_config.hidden_size", v.out_hidden_size),
+                                       ("vision_config.embed_dim x spatial_merge_size^2", e * v.spatial_merge_size**2)),
+    }
+    for name, sizes in dims.items():
+        f, shape = found.get(name, (None, ()))
+        if len(shape) != len(sizes):  # absent (named as missing below) or stored flat (its element count is checked below)
+            continue
+        for (field, size), got in zip(sizes, shape):
+            if got != size:
+                raise CheckpointError(f"{config}: {field} = {size} does not match the weights: {f} holds {name} of shape {shape}")
+
+
+def _shapes_fit(found: dict[str, tuple[Path, tuple[int, ...]]], want: dict[str, tuple[int, ...]], config: Path) -> None:
+    """Every tensor of `want` in `found` holds as many elements as config.json implies (what `copy_tensors` needs)."""
+    for name, shape in want.items():
+        if name in found and math.prod(found[name][1]) != math.prod(shape):
+            f, got = found[name]
+            raise CheckpointError(f"{f}: {name} has shape {got}, but {config} implies {shape}")
+
+
+def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) -> None:
+    """Check the weights against the config before the model is built, from the safetensors headers
+    alone (no tensor data is read): a config.json whose layer count or sizes the files do not hold
+    would otherwise allocate the model it describes (100000 layers: minutes and many GB) before the
+    first weight showed it wrong. Raises CheckpointError naming config.json's field (or tte_config.json's
+    head.num_layers) and the file's tensor and shape; also, as early, an unsupported quantization
+    scheme, FP8 tensors without scales and missing tensors (`load_checkpoint_weights` checks the data)."""
+    config = checkpoint / "config.json"
+    files = safetensors_files(checkpoint)
+    headers = _tensor_headers(files)
+    check_fp8_tensors(headers, checkpoint_quantization(checkpoint), str(checkpoint))
+    found = {canonical_name(n): (f, shape) for n, (f, _, shape) in headers.items()}
+    where = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
+    for prefix, field, n, what in (("model.layers.", "num_hidden_layers", cfg.text.num_layers, "decoder layers"),
+                                   ("visual.blocks.", "vision_config.depth", cfg.vision.depth, "vision blocks")):
+        held = _stack_depth(found, prefix)
+        if held != n:  # checked first: the expected shapes below are listed per layer
+            raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held} {what}"
+                                  + (f" ({prefix}0 to {prefix}{held - 1})" if held else f" (no {prefix}* tensors)"))
+    _dims_fit(cfg, found, config)
+    want = checkpoint_shapes(cfg)
+    _shapes_fit(found, want, config)
+    check_complete({target_of(n) for n in want}, {target_of(n) for n in want if n in found}, str(checkpoint))
+    if head_cfg.type == "mhsa":
+        head_file = checkpoint / head_cfg.weights
+        if not head_file.exists():
+            raise CheckpointError(f"{checkpoint}: the mhsa head's weights {head_cfg.weights} are missing")
+        found = {n: (f, shape) for n, (f, _, shape) in _tensor_headers([head_file]).items()}
+        held = _stack_depth(found, "layers.")
+        if held != head_cfg.num_layers:
+            raise CheckpointError(f"{checkpoint / TTE_CONFIG_NAME}: head.num_layers is {head_cfg.num_layers}, but {head_file} holds {held} layers")
+        want = head_shapes(cfg, head_cfg.num_layers)
+        _shapes_fit(found, want, config)
+        check_complete({head_target_of(n) for n in want}, {head_target_of(n) for n in want if n in found}, str(head_file))
+
+
 def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConfig) -> None:
     """Fill every parameter from a Hugging Face checkpoint dir (+ the mhsa head's weight file).
 
@@ -373,7 +448,7 @@ def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConf
     tied = model.cfg.text.tie_word_embeddings
     files = safetensors_files(checkpoint)
     quant = checkpoint_quantization(checkpoint)
-    dtypes = _tensor_dtypes(files)
+    dtypes = _tensor_headers(files)
     check_fp8_tensors(dtypes, quant, source)
     input_scales: dict[str, float] = {}
     if quant:
