@@ -106,9 +106,12 @@ def _quantized(spec):  # a float export's engine.json made to claim FP8 modules
     (lambda s: {**_quantized(s), "quantization": {**_quantized(s)["quantization"], "modules": "abc"}}, "quantization.modules must be a list"),
     (lambda s: {**s, "tokens": {**s["tokens"], "suppressed_ids": None}}, "tokens.suppressed_ids must be a list of token ids"),
     (lambda s: {**s, "tokens": {**s["tokens"], "eos_ids": [1.5]}}, "tokens.eos_ids must be a list of token ids"),
-], ids=["unknown-module", "modules-string", "suppressed-null", "eos-float"])
+    (lambda s: {**s, "model": {**s["model"], "text": {**s["model"]["text"], "num_layers": 100_000}}}, "model.text.num_layers is 100000, but"),
+    (lambda s: {**s, "model": {**s["model"], "vision": {**s["model"]["vision"], "depth": 1}}}, "model.vision.depth is 1, but"),
+], ids=["unknown-module", "modules-string", "suppressed-null", "eos-float", "layers-huge", "vision-depth"])
 def test_a_tampered_engine_json_is_one_checkpoint_error(native_export, tmp_path, edit, says):
-    """Found by an attacker: these were an AttributeError / TypeError traceback (exit 1 in the CLIs)."""
+    """Found by an attacker: these were an AttributeError / TypeError traceback (exit 1 in the CLIs), or
+    (a layer count the weights do not hold) a minute of building 100000 layers before the first tensor said so."""
     import shutil
 
     out, _ = native_export

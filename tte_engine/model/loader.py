@@ -331,7 +331,7 @@ def _module_of(name: str) -> str | None:
 _FP8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # safetensors dtype codes, as torch spells them
 
 
-def _tensor_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+def tensor_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """name -> (file, safetensors dtype code such as "F8_E4M3", shape) of every tensor, from the headers alone."""
     out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     for f in files:
@@ -365,7 +365,7 @@ def _fp8_modules(names) -> list[str]:
     return sorted({m for n in names if n.endswith(".weight_scale") and (m := _module_of(n))})
 
 
-def _stack_depth(names, prefix: str) -> int:
+def stack_depth(names, prefix: str) -> int:
     """1 + the highest index i among the `<prefix><i>.*` tensor `names` (0 when there are none)."""
     found = [int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix):].partition(".")[0]).isdigit()]
     return max(found) + 1 if found else 0
@@ -411,13 +411,13 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
     scheme, FP8 tensors without scales and missing tensors (`load_checkpoint_weights` checks the data)."""
     config = checkpoint / "config.json"
     files = safetensors_files(checkpoint)
-    headers = _tensor_headers(files)
+    headers = tensor_headers(files)
     check_fp8_tensors(headers, checkpoint_quantization(checkpoint), str(checkpoint))
     found = {canonical_name(n): (f, shape) for n, (f, _, shape) in headers.items()}
     where = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
     for prefix, field, n, what in (("model.layers.", "num_hidden_layers", cfg.text.num_layers, "decoder layers"),
                                    ("visual.blocks.", "vision_config.depth", cfg.vision.depth, "vision blocks")):
-        held = _stack_depth(found, prefix)
+        held = stack_depth(found, prefix)
         if held != n:  # checked first: the expected shapes below are listed per layer
             raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held} {what}"
                                   + (f" ({prefix}0 to {prefix}{held - 1})" if held else f" (no {prefix}* tensors)"))
@@ -429,8 +429,8 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
         head_file = checkpoint / head_cfg.weights
         if not head_file.exists():
             raise CheckpointError(f"{checkpoint}: the mhsa head's weights {head_cfg.weights} are missing")
-        found = {n: (f, shape) for n, (f, _, shape) in _tensor_headers([head_file]).items()}
-        held = _stack_depth(found, "layers.")
+        found = {n: (f, shape) for n, (f, _, shape) in tensor_headers([head_file]).items()}
+        held = stack_depth(found, "layers.")
         if held != head_cfg.num_layers:
             raise CheckpointError(f"{checkpoint / TTE_CONFIG_NAME}: head.num_layers is {head_cfg.num_layers}, but {head_file} holds {held} layers")
         want = head_shapes(cfg, head_cfg.num_layers)
@@ -448,7 +448,7 @@ def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConf
     tied = model.cfg.text.tie_word_embeddings
     files = safetensors_files(checkpoint)
     quant = checkpoint_quantization(checkpoint)
-    dtypes = _tensor_headers(files)
+    dtypes = tensor_headers(files)
     check_fp8_tensors(dtypes, quant, source)
     input_scales: dict[str, float] = {}
     if quant:
