@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int_between(*INT_LIMITS["max_batch_size"]),
                    help=f"TensorRT-LLM targets: max batch size, 1 to {INT_LIMITS['max_batch_size'][1]} (default 32)")
     p.add_argument("--max-input-len", type=int_between(*INT_LIMITS["max_input_len"]),
-                   help="TensorRT-LLM targets: longest prompt in tokens (default 2048); the engine limits add the trace budget and the "
+                   help="TensorRT-LLM targets: longest prompt in tokens (default 2048, or less where the model's context is shorter); the engine limits add the trace budget and the "
                         "embed tail, and must fit the model's max_position_embeddings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step lines")
     p.add_argument("-v", "--verbose", action="store_true", help="log tte_engine's INFO messages")

@@ -43,6 +43,7 @@ TARGETS = ("native", "trtllm", "trtllm-legacy", "hf", "onnx", "all")
 ALL_TARGETS = {"native", "trtllm", "hf", "onnx"}  # `all`: trtllm-legacy (TensorRT-LLM 1.x engines) is opt-in
 CALIBRATION_TRACE_TOKENS = 64  # trace budget of the calibration run (the report's trace agreement covers this many)
 # the integer options' ranges, [least, most] (tte-export's parser uses them too); beyond them a value is a typo, not a setting
+DEFAULT_MAX_INPUT_LEN = 2048  # TensorRT-LLM targets: the longest prompt when --max-input-len is not given
 INT_LIMITS = {"calibration": (0, 1024), "max_batch_size": (1, 65536), "max_input_len": (1, 1 << 20), "seed": (0, 2**32 - 1)}
 
 
@@ -61,7 +62,7 @@ class ExportOptions:
     trtllm_fp8: str = "per-tensor"  # or "per-channel" (= the native scheme)
     kv_cache_fp8: bool = False
     max_batch_size: int = 32
-    max_input_len: int = 2048
+    max_input_len: int | None = None  # None: DEFAULT_MAX_INPUT_LEN, or less where the model's context is shorter
     seed: int = 0
 
 
@@ -112,6 +113,8 @@ def validate(opts: ExportOptions) -> set[str]:
         raise ExportError(f"--trtllm-fp8 must be per-tensor or per-channel, got {opts.trtllm_fp8!r}")
     for name, (least, most) in INT_LIMITS.items():
         value = getattr(opts, name)
+        if name == "max_input_len" and value is None:  # fitted to the model once it is loaded
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
             raise ExportError(f"--{name.replace('_', '-')} must be an integer from {least} to {most}, got {value!r}")
     if opts.seed and not (opts.random_init and opts.checkpoint in ARCH_SPECS):
@@ -299,7 +302,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
             ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""), prepack_weights=False)
         except ValueError as exc:  # settings of the checkpoint that cannot work (an embed suffix longer than the model's context)
             raise CheckpointError(f"{source}: {exc}") from None
-    check_context(ref, opts.max_input_len if targets & {"trtllm", "trtllm-legacy"} else None)
+    max_input_len = check_context(ref, opts.max_input_len if targets & {"trtllm", "trtllm-legacy"} else None)
     model = ref.stages[-1].runner.model
     runtime_dtype = str(ref.dtype).replace("torch.", "")
     summary: dict[str, Any] = {
@@ -354,7 +357,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
             hf_cfg = json.loads(cfg_path.read_text())
             hf_cfg.update(architectures=[VARIANT_ARCHITECTURE], tte_source_layer=model.head_source_layer)
             cfg_path.write_text(json.dumps(hf_cfg, indent=2))
-            max_seq = context_budget(ref, opts.max_input_len) + 1
+            max_seq = context_budget(ref, max_input_len) + 1
             write_launch_config(tmp / "trtllm", launch_config(ref, max_batch_size=opts.max_batch_size, max_seq_len=max_seq,
                                                              fp8=algo, kv_cache_fp8=False))
             (tmp / "trtllm" / "README.md").write_text(TRTLLM_TORCH_README)
@@ -382,7 +385,7 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
             (legacy / "tokenizer" / TTE_CONFIG_NAME).write_text(json.dumps(exported_tte_config(ref), indent=2))
             merge = ref.model_cfg.vision.spatial_merge_size
             max_image_tokens = ref.image_cfg.max_pixels // (ref.image_cfg.patch_size * merge) ** 2
-            context = context_budget(ref, opts.max_input_len)
+            context = context_budget(ref, max_input_len)
             cmd = build_command(max_batch_size=opts.max_batch_size, max_input_len=context, max_seq_len=context + 1,
                                 max_multimodal_len=opts.max_batch_size * max_image_tokens, kv_fp8=opts.kv_cache_fp8)
             write_build_files(legacy, cmd, model_cfg=ref.model_cfg, tte=ref.tte, fp8=fp8_mode, kv_fp8=opts.kv_cache_fp8, head=ref.tte.head.type)
@@ -441,28 +444,36 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     return summary
 
 
-def check_context(engine, max_input_len: int | None) -> None:
-    """Refuse an export no item could run on (before anything is written): the shortest prompt (a
-    one-word text with the default instruction) and the think end and embed suffix longer than the
-    model's context; for TensorRT-LLM (`max_input_len` given) that prompt longer than --max-input-len,
-    or a context (prompt + trace budget + think end + embed suffix + the end token) longer than the
-    model's context. Raises CheckpointError / ExportError (exit 2: a configuration problem)."""
+def check_context(engine, max_input_len: int | None) -> int:
+    """Refuse an export no item could run on (before anything is written), and return the TensorRT-LLM
+    targets' longest prompt: `max_input_len` as given, or (None) DEFAULT_MAX_INPUT_LEN, lowered to
+    what the model's context leaves after the trace budget, the think end, the embed suffix and the
+    end token. Refused: the shortest prompt (a one-word text with the default instruction) with the
+    think end and embed suffix longer than the model's context; a given `max_input_len` shorter than
+    that prompt, or whose context does not fit the model. Raises CheckpointError / ExportError
+    (exit 2: a configuration problem)."""
     config, limit, tail = engine.checkpoint / TTE_CONFIG_NAME, engine.max_model_len, engine.prompts.closing_tokens
     shortest = len(engine.prompts.build(as_query("a", 0), 0, think=True).token_ids)
     if shortest + tail > limit:
         raise CheckpointError(f"{config}: the default instruction leaves no room: a one-word text's prompt takes {shortest} tokens, with "
                               f"the think end and embed suffix ({tail}) more than the model's {limit} (max_position_embeddings); "
                               "shorten instructions.default")
+    room = limit - context_budget(engine, 0) - 1  # the longest prompt the model's context leaves room for
     if max_input_len is None:
-        return
+        if shortest > room:
+            raise CheckpointError(f"{config}: the model's context of {limit} tokens leaves {room} for a prompt after the trace budget "
+                                  f"({engine.tte.think.max_tokens}), the think end and embed suffix ({tail}) and the end token; the "
+                                  f"shortest prompt takes {shortest}: shorten embed_suffix / think.max_tokens")
+        return min(DEFAULT_MAX_INPUT_LEN, room)
     if shortest > max_input_len:
         raise ExportError(f"--max-input-len {max_input_len} holds no prompt: the shortest one (a one-word text with the default "
                           f"instruction of {config}) takes {shortest} tokens")
-    context = context_budget(engine, max_input_len) + 1
-    if context > limit:
+    if max_input_len > room:
         raise ExportError(f"--max-input-len {max_input_len}: with the trace budget ({engine.tte.think.max_tokens}), the think end and "
-                          f"embed suffix ({tail}) and the end token a context takes {context} tokens, more than the model's {limit} "
-                          f"(max_position_embeddings); lower --max-input-len, or shorten embed_suffix / think.max_tokens in {config}")
+                          f"embed suffix ({tail}) and the end token a context takes {context_budget(engine, max_input_len) + 1} tokens, "
+                          f"more than the model's {limit} (max_position_embeddings); give --max-input-len {room} at the most, or "
+                          f"shorten embed_suffix / think.max_tokens in {config}")
+    return max_input_len
 
 
 def context_budget(engine, max_prompt: int) -> int:

@@ -140,6 +140,8 @@ CASES = [
      "config.json", "vision_config is missing"),
     ("config-text-only", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k not in ("vision_config", "model_type")}),
      "config.json", "vision_config is missing"),
+    ("config-vision-partial", _edit_json("config.json", lambda r: {**r, "vision_config": {"depth": r["vision_config"]["depth"]}}),
+     "config.json", "vision_config has no hidden_size"),
     ("config-no-mrope", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k != "rope_scaling"}),
      "config.json", "rope_scaling.mrope_section is missing"),
     # blamed on the tokenizer before (transformers' AttributeError while it read config.json)
@@ -244,6 +246,24 @@ def _rescale_text(width):
     return _edit_json("config.json", edit)
 
 
+def _edit_tensors(name, edit):
+    """Rewrite the safetensors file `name` with `edit(tensors)` (a dict of name -> tensor)."""
+    def apply(path):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / name)
+        save_file(edit(tensors), path / name)
+    return apply
+
+
+def _transposed(name, key):
+    return _edit_tensors(name, lambda t: {**t, key: t[key].t().contiguous()})
+
+
+def _stray(name, key):
+    return _edit_tensors(name, lambda t: {**t, key: t["model.norm.weight"].clone()})
+
+
 # (id, corruption, text the message must hold): a config.json (or tte_config.json head) whose sizes the
 # weights do not hold; refused from the safetensors headers before a model of its size is allocated
 MISFIT_CASES = [
@@ -256,6 +276,15 @@ MISFIT_CASES = [
     ("vision-depth", _set("config.json", "vision_config.depth", 1000), "vision_config.depth is 1000, but"),
     ("vision-width", _set("config.json", "vision_config.embed_dim", 128), "vision_config.embed_dim = 128 does not match"),
     ("head-layers", _set("tte_config.json", "head.num_layers", 3), "tte_config.json: head.num_layers is 3, but"),
+    # found by an attacker: a square-free matrix stored transposed loaded (reshaped) as wrong weights, cosine 0.66-0.99
+    ("down-proj-transposed", _transposed("model.safetensors", "model.layers.1.mlp.down_proj.weight"),
+     "model.layers.1.mlp.down_proj.weight has shape (256, 128), but"),
+    ("lm-head-transposed", _transposed("model.safetensors", "lm_head.weight"), "lm_head.weight has shape (128, "),
+    ("head-down-proj-transposed", _transposed("embedding_head.safetensors", "layers.0.mlp.down_proj.weight"),
+     "layers.0.mlp.down_proj.weight has shape (256, 128), but"),
+    # one stray tensor of layer 999999999 is named, not counted as a billion layers
+    ("stray-layer", _stray("model.safetensors", "model.layers.999999999.x"),
+     "model.safetensors holds model.layers.999999999.* beyond model.layers.3 (decoder layers)"),
 ]
 
 

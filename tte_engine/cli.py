@@ -119,7 +119,7 @@ def read_items(path: Path) -> tuple[list, list, list[str]]:
     An item's digest covers what its row is computed from (see `_digest`): a resumed run re-embeds
     an id whose digest changed."""
     items, ids = [], []
-    jsonl = path.suffix == ".jsonl"
+    jsonl = path.suffix.lower() == ".jsonl"
     for n, line in read_lines(path):
         if line is not None and not line.strip():
             continue
@@ -254,7 +254,7 @@ def path_problem(path: Path, *, output: bool) -> str | None:
             if not path.exists():
                 return "no such file"
             if not path.is_file():
-                return "is not a regular file"
+                return "is not a regular file (tte-embed reopens its input to resume a run: save a stream to a file first)"
             with open(path, "rb"):
                 return None
         folder = path.parent
@@ -269,6 +269,14 @@ def path_problem(path: Path, *, output: bool) -> str | None:
     except ValueError:  # a NUL byte
         return "is not a valid path"
     return None
+
+
+def output_prefix_path(text: str) -> Path:
+    """argparse type of tte-embed's --output: a file prefix. One ending in a slash names a folder
+    (that Path would drop the slash, and the files land beside it, as `sub.npy`)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder; give a file prefix in it, e.g. {text + 'embeddings'!r}")
+    return Path(nonempty(text))
 
 
 def positive_int(text: str) -> int:
@@ -367,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                         "images, video, videos, video_options, instruction, id)")
     parser.add_argument("--checkpoint", type=nonempty, help="checkpoint directory or alias (default: tiny-random, a random test checkpoint whose "
                         "vectors mean nothing; left to this default outside --demo, a warning says so)")
-    parser.add_argument("--output", type=Path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
+    parser.add_argument("--output", type=output_prefix_path, help="output prefix (PREFIX.npy + PREFIX.jsonl, or PREFIX.parquet); default: INPUT_STEM.embeddings next to the input")
     parser.add_argument("--format", choices=["npy", "parquet"], help="npy: PREFIX.npy + PREFIX.jsonl (default); parquet: PREFIX.parquet")
     parser.add_argument("--demo", action="store_true", help="embed a few built-in text and image queries and print them")
     parser.add_argument("--no-think", action="store_true", help="skip the trace (plain last-token embedding)")
@@ -398,12 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         problem = path_problem(args.input, output=False)
         if problem:
             parser.error(f"INPUT {args.input}: {problem}")
-        if args.input.suffix not in (".txt", ".jsonl"):
+        if args.input.suffix.lower() not in (".txt", ".jsonl"):
             parser.error(f"INPUT {args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
                          f"got {args.input.suffix or 'no extension'}")
     if args.output is not None and (args.output.is_dir() or args.output.name in ("", ".", "..")):
         parser.error(f"--output {str(args.output)!r} is a directory; give a file prefix in it, e.g. {str(args.output / 'embeddings')!r}")
     outputs = _final_paths(output_prefix(args), args.format) if args.input is not None else []
+    if args.input is not None and args.input.resolve() in [p.resolve() for p in outputs]:  # before the model loads, as every path check
+        parser.error(f"the output {output_prefix(args)}.jsonl would overwrite the input; pass another --output")
     for flag, path in [("--output" if args.output else "output", p) for p in outputs] + [("--cache", args.cache)]:
         problem = path is not None and path_problem(path, output=True)
         if problem:
@@ -655,8 +665,6 @@ def embed_file(engine, args, result_cache=None) -> int:
     ids = _row_ids(ids)
     repeats = _repeated_ids(ids)
     prefix = output_prefix(args)
-    if args.input.resolve() in [p.resolve() for p in _final_paths(prefix, args.format)]:
-        raise OutputConflict(f"the output {prefix}.jsonl would overwrite the input; pass another --output")
     prefix.parent.mkdir(parents=True, exist_ok=True)
     shards = Shards(Path(f"{prefix}.parts"))
     _prepare_output(prefix, args.format, _manifest(engine, args), args, shards)

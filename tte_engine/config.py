@@ -176,6 +176,9 @@ class ModelConfig:
             rope_theta, vision_theta = float(rope_theta), float(vision_theta)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise bad_field(source, "rope_theta", "a positive number", rope_theta) from None
+        if "hidden_size" not in hf["vision_config"] and v.hidden_size != t.hidden_size:  # check() would blame a number the file lacks
+            raise CheckpointError(f"{source}: vision_config has no hidden_size (the merger's output width), and transformers' default "
+                                  f"{v.hidden_size} is not the model's hidden_size {t.hidden_size}: set vision_config.hidden_size")
         out = cls(
             text=TextConfig(
                 vocab_size=t.vocab_size,

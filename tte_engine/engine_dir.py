@@ -22,7 +22,7 @@ import torch
 from .config import FLOAT_DTYPES, HeadConfig, ModelConfig, TTEConfig, is_int
 from .errors import CheckpointError, one_line
 from .model.fp8 import FP8_DTYPE, swap_in_fp8
-from .model.loader import check_complete, iter_tensors, stack_depth, tensor_headers
+from .model.loader import check_complete, iter_tensors, stack_mismatch, tensor_headers
 from .model.qwen2_vl import Qwen2VL
 
 logger = logging.getLogger("tte_engine")
@@ -132,9 +132,9 @@ class EngineDir:
         if head_cfg.type == "mhsa":
             counts.append(("tte.head.num_layers", head_cfg.num_layers, "head.layers."))
         for field_name, n, prefix in counts:
-            held = stack_depth(names, prefix)
-            if held != n:
-                raise CheckpointError(f"{self.path / ENGINE_FILE}: {field_name} is {n}, but the weights hold {held} ({prefix}*)")
+            held = stack_mismatch(names, prefix, n)
+            if held:
+                raise CheckpointError(f"{self.path / ENGINE_FILE}: {field_name} is {n}, but the weights hold {held}")
 
     def load_model(self, head_cfg: HeadConfig, *, dtype: torch.dtype, device: str, max_positions: int, impl: str) -> Qwen2VL:
         """Build the model on the meta device and assign the stored tensors (memory-mapped; cast only if dtypes differ)."""

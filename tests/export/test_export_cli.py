@@ -384,8 +384,8 @@ def test_a_context_longer_than_the_model_is_refused_for_tensorrt_llm(capsys, tmp
 
     ckpt = _with_tte_config(tmp_path, embed_suffix="word " * 1000)  # fits the model, not with a 2048-token prompt
     out = tmp_path / "o"
-    for argv, fragment in (([], "--max-input-len 2048: with the trace budget (16), the think end and embed suffix (4001)"),
-                           (["--max-input-len", "4096"], "more than the model's 4096 (max_position_embeddings)"),
+    for argv, fragment in ((["--max-input-len", "2048"], "--max-input-len 2048: with the trace budget (16), the think end and embed suffix (4001)"),
+                           (["--max-input-len", "4096"], "more than the model's 4096 (max_position_embeddings); give --max-input-len 78 at the most"),
                            (["--max-input-len", "5"], "--max-input-len 5 holds no prompt")):
         for target in ("trtllm", "trtllm-legacy"):
             assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", target, "--calibration", "0", "--quiet", *argv]) == 2
@@ -394,6 +394,9 @@ def test_a_context_longer_than_the_model_is_refused_for_tensorrt_llm(capsys, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", "trtllm", "--calibration", "0", "--quiet", "--max-input-len", "64"]) == 0
     assert json.loads((out / "trtllm" / "tte_trtllm.json").read_text())["llm_args"]["max_seq_len"] == 64 + 16 + 4001 + 1
+    # found by an attacker: without --max-input-len, its default 2048 was refused; it is fitted to the model instead
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", "trtllm", "--calibration", "0", "--quiet", "--force"]) == 0
+    assert json.loads((out / "trtllm" / "tte_trtllm.json").read_text())["llm_args"]["max_seq_len"] == 4096
 
 
 def test_an_unexpected_failure_is_one_line_with_exit_1(tmp_path, monkeypatch, capsys):

@@ -474,8 +474,8 @@ def test_conflicts_are_reported(corpus, serve_checkpoint, tmp_path, capsys):
     assert not any((tmp_path / "outdir").iterdir())
     inside = tmp_path / "q.jsonl"
     inside.write_text('{"text": "a"}\n')
-    assert main([str(inside), "--checkpoint", str(serve_checkpoint), "--output", str(tmp_path / "q"), "--no-cache"]) == 2
-    assert "overwrite the input" in capsys.readouterr().err
+    # refused before the model loads (was after: a 7B model's load, then the usage error)
+    _usage_error(capsys, [inside, "--checkpoint", tmp_path / "no-model", "--output", tmp_path / "q"], "would overwrite the input")
 
 
 def test_a_failed_step_leaves_the_engine_usable(serve_checkpoint, mixed_items, store, monkeypatch):
@@ -710,6 +710,8 @@ def test_paths_that_cannot_be_read_or_written_stop_before_the_model_loads(tmp_pa
     _usage_error(capsys, [src, *nowhere, "--output", blocker / "sub" / "out"], f"--output {blocker / 'sub' / 'out.npy'}: {blocker} is not a directory")
     _usage_error(capsys, [src, *nowhere, "--output", tmp_path / "taken"], f"--output {tmp_path / 'taken.npy'}: is a directory")
     _usage_error(capsys, [src, *nowhere, "--cache", tmp_path], f"--cache {tmp_path}: is a directory")
+    # found by an attacker: Path() drops a trailing slash, and `--output new/` wrote new.npy beside the folder
+    _usage_error(capsys, [src, *nowhere, "--output", f"{tmp_path / 'new'}/"], "names a folder; give a file prefix in it")
     _usage_error(capsys, [src, *nowhere, "--cache", blocker / "cache.sqlite"], f"{blocker} is not a directory")
 
     def denied(*_a, **_k):
@@ -721,6 +723,18 @@ def test_paths_that_cannot_be_read_or_written_stop_before_the_model_loads(tmp_pa
     monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
     _usage_error(capsys, [src, *nowhere], f"output {tmp_path / 'in.embeddings.npy'}: cannot write in {tmp_path} (permission denied)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dir.jsonl", "in.txt", "taken.npy"]
+
+
+def test_upper_case_extensions_are_read(serve_checkpoint, tmp_path):
+    """Found by an attacker: IN.TXT and IN.JSONL were refused ("expected a .txt file, got .TXT")."""
+    (tmp_path / "A.TXT").write_text("a cat\n")
+    (tmp_path / "B.JSONL").write_text('{"text": "a cat", "id": "x"}\n')
+    for name in ("A.TXT", "B.JSONL"):
+        assert main([str(tmp_path / name), "--checkpoint", str(serve_checkpoint), "--no-cache", "--no-think"]) == 0
+    rows = [json.loads((tmp_path / f"{stem}.embeddings.jsonl").read_text()) for stem in ("A", "B")]
+    assert rows[1]["id"] == "x" and rows[0]["error"] is None and rows[1]["error"] is None
+    vectors = [np.load(tmp_path / f"{stem}.embeddings.npy") for stem in ("A", "B")]
+    np.testing.assert_array_equal(vectors[0], vectors[1])
 
 
 def test_options_that_cannot_work_together_are_refused(tmp_path, capsys):

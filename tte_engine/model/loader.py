@@ -64,11 +64,12 @@ _VISION_RENAMES = {
     "mlp.fc1.": "fc1.",
     "mlp.fc2.": "fc2.",
 }
+PATCH_EMBED = "visual.patch_embed.proj.weight"  # a Conv3d in the hub layout, a linear in ours (its input flattened)
 _TOP_RENAMES = {
     "model.embed_tokens.weight": "embed_tokens.weight",
     "model.norm.weight": "norm",
     "lm_head.weight": "lm_head.weight",
-    "visual.patch_embed.proj.weight": "visual.patch_embed.weight",
+    PATCH_EMBED: "visual.patch_embed.weight",
     "visual.merger.ln_q.weight": "visual.merger_norm.weight",
     "visual.merger.ln_q.bias": "visual.merger_norm.bias",
     "visual.merger.mlp.0.weight": "visual.merger_fc1.weight",
@@ -365,10 +366,17 @@ def _fp8_modules(names) -> list[str]:
     return sorted({m for n in names if n.endswith(".weight_scale") and (m := _module_of(n))})
 
 
-def stack_depth(names, prefix: str) -> int:
-    """1 + the highest index i among the `<prefix><i>.*` tensor `names` (0 when there are none)."""
-    found = [int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix):].partition(".")[0]).isdigit()]
-    return max(found) + 1 if found else 0
+def stack_mismatch(names, prefix: str, n: int) -> str | None:
+    """What the `<prefix><i>.*` tensor `names` hold, where their indices i are not those of a stack of
+    `n` layers (0 to n-1; a gap inside is left to the missing-tensor check), or None."""
+    indices = {int(i) for name in names if name.startswith(prefix) and (i := name[len(prefix):].partition(".")[0]).isdigit()}
+    beyond = sorted(i for i in indices if i >= n)
+    if beyond:  # named, not counted: one stray `layers.999999999.x` is not a billion layers
+        return f"{prefix}{beyond[0]}.*" + (f" and {len(beyond) - 1} more layer index(es)" if len(beyond) > 1 else "") + f" beyond {prefix}{n - 1}"
+    held = max(indices) + 1 if indices else 0
+    if held < n:
+        return f"{held} layers ({prefix}0 to {prefix}{held - 1})" if held else f"no {prefix}* tensors"
+    return None
 
 
 def _dims_fit(cfg: ModelConfig, found: dict[str, tuple[Path, tuple[int, ...]]], config: Path) -> None:
@@ -395,11 +403,15 @@ def _dims_fit(cfg: ModelConfig, found: dict[str, tuple[Path, tuple[int, ...]]], 
 
 
 def _shapes_fit(found: dict[str, tuple[Path, tuple[int, ...]]], want: dict[str, tuple[int, ...]], config: Path) -> None:
-    """Every tensor of `want` in `found` holds as many elements as config.json implies (what `copy_tensors` needs)."""
+    """Every tensor of `want` in `found` has the shape config.json implies. Exactly: `copy_tensors`
+    reshapes what it copies, so a transposed matrix of the right size would load as wrong weights.
+    The one other layout taken is the patch embedding's convolution stored flat, as a linear."""
     for name, shape in want.items():
-        if name in found and math.prod(found[name][1]) != math.prod(shape):
-            f, got = found[name]
-            raise CheckpointError(f"{f}: {name} has shape {got}, but {config} implies {shape}")
+        if name not in found:
+            continue
+        f, got = found[name]
+        if got != tuple(shape) and not (name == PATCH_EMBED and got == (shape[0], math.prod(shape[1:]))):
+            raise CheckpointError(f"{f}: {name} has shape {got}, but {config} implies {tuple(shape)}")
 
 
 def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) -> None:
@@ -417,10 +429,9 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
     where = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
     for prefix, field, n, what in (("model.layers.", "num_hidden_layers", cfg.text.num_layers, "decoder layers"),
                                    ("visual.blocks.", "vision_config.depth", cfg.vision.depth, "vision blocks")):
-        held = stack_depth(found, prefix)
-        if held != n:  # checked first: the expected shapes below are listed per layer
-            raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held} {what}"
-                                  + (f" ({prefix}0 to {prefix}{held - 1})" if held else f" (no {prefix}* tensors)"))
+        held = stack_mismatch(found, prefix, n)
+        if held:  # checked first: the expected shapes below are listed per layer
+            raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held} ({what})")
     _dims_fit(cfg, found, config)
     want = checkpoint_shapes(cfg)
     _shapes_fit(found, want, config)
@@ -430,9 +441,9 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
         if not head_file.exists():
             raise CheckpointError(f"{checkpoint}: the mhsa head's weights {head_cfg.weights} are missing")
         found = {n: (f, shape) for n, (f, _, shape) in tensor_headers([head_file]).items()}
-        held = stack_depth(found, "layers.")
-        if held != head_cfg.num_layers:
-            raise CheckpointError(f"{checkpoint / TTE_CONFIG_NAME}: head.num_layers is {head_cfg.num_layers}, but {head_file} holds {held} layers")
+        held = stack_mismatch(found, "layers.", head_cfg.num_layers)
+        if held:
+            raise CheckpointError(f"{checkpoint / TTE_CONFIG_NAME}: head.num_layers is {head_cfg.num_layers}, but {head_file} holds {held}")
         want = head_shapes(cfg, head_cfg.num_layers)
         _shapes_fit(found, want, config)
         check_complete({head_target_of(n) for n in want}, {head_target_of(n) for n in want if n in found}, str(head_file))
