@@ -418,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = path is not None and path_problem(path, output=True)
         if problem:
             parser.error(f"{flag} {path}: {problem}")
+    if args.input is not None and not args.overwrite:
+        conflict = _settings_conflict(output_prefix(args), args)
+        if conflict:
+            parser.error(conflict)
     try:  # the call's settings, checked before any model work (a bad one would make every row an error row)
         check_settings(not args.no_think, args.max_trace_tokens, args.instruction, None, None, None)
     except InvalidInputError as exc:
@@ -604,9 +608,32 @@ def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
     return _read_records(Path(f"{prefix}.jsonl")), np.load(f"{prefix}.npy")
 
 
+def _settings(args) -> dict:
+    """The manifest's fields that the arguments alone decide."""
+    return {"think": not args.no_think, "max_trace_tokens": args.max_trace_tokens, "instruction": args.instruction}
+
+
 def _manifest(engine, args) -> dict:
-    return {"engine": engine.fingerprint, "checkpoint": str(engine.checkpoint), "think": not args.no_think,
-            "max_trace_tokens": args.max_trace_tokens, "instruction": args.instruction, "dim": engine.embedding_dim}
+    return {"engine": engine.fingerprint, "checkpoint": str(engine.checkpoint), **_settings(args), "dim": engine.embedding_dim}
+
+
+def _settings_conflict(prefix: Path, args) -> str | None:
+    """Why the run at `prefix` (parts or a finished output) cannot be resumed with these arguments, told
+    before the model loads (a 7B model's load takes minutes); the rest (the engine, damaged files) is
+    checked by `_prepare_output` once it has loaded."""
+    parts, finals = Path(f"{prefix}.parts") / MANIFEST, _final_paths(prefix, args.format)
+    try:
+        earlier = _load_json(parts) if parts.is_file() else _read_final_manifest(prefix, args.format) if all(p.exists() for p in finals) else None
+    except Exception:  # damaged: `_prepare_output` says how
+        return None
+    if not isinstance(earlier, dict):
+        return None
+    changed = [k for k, v in _settings(args).items() if earlier.get(k, v) != v]
+    if changed:
+        where = parts.parent if parts.is_file() else ", ".join(map(str, finals))
+        return (f"{where} holds a run with other settings ({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
+                "re-run with the same settings, or pass --overwrite")
+    return None
 
 
 def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards) -> None:
