@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -216,8 +217,8 @@ class Engine:
                                 f"fewer than the shortest item's {self._shortest_item_tokens} tokens (raise cache_memory to at least "
                                 f"{(-(-self._shortest_item_tokens // self.config.block_size) + 1) * per_block} bytes)")
         if num_blocks * self.config.block_size < self.max_model_len:  # vLLM refuses this; here items that fit still run
-            logger.warning("%s: the KV cache holds %d tokens, fewer than max_model_len %d: a longer item fails alone (raise "
-                           "cache_memory, or lower max_model_len)", checkpoint.name, num_blocks * self.config.block_size, self.max_model_len)
+            warnings.warn(f"{checkpoint.name}: the KV cache holds {num_blocks * self.config.block_size} tokens, fewer than max_model_len "
+                          f"{self.max_model_len}: a longer item fails alone (raise cache_memory, or lower max_model_len)", RuntimeWarning, stacklevel=2)
         cache = allocate_cache(cfg, num_blocks, self.config.block_size, self.dtype, self.device, with_hidden)
         max_blocks_per_seq = -(-self.max_model_len // self.config.block_size)
         blocks = BlockManager(num_blocks, self.config.block_size, self.config.max_num_seqs, max_blocks_per_seq,

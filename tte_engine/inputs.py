@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -296,9 +297,9 @@ class PromptBuilder:
             return
         self._warned.add(text)
         close = difflib.get_close_matches(text, [n for n in self.tte.instructions if n != "default"], n=1, cutoff=0.75)
-        if close:
-            logger.warning("instruction %r is not a named instruction of this checkpoint (did you mean %r?): it is used as literal "
-                           "text; named ones: %s", text, close[0], ", ".join(sorted(self.tte.instructions)))
+        if close:  # a warning, not a log record: the caller can fix it, and a library user sees it without configuring logging
+            warnings.warn(f"instruction {text!r} is not a named instruction of this checkpoint (did you mean {close[0]!r}?): it is used "
+                          f"as literal text; named ones: {', '.join(sorted(self.tte.instructions))}", UserWarning, stacklevel=2)
 
     def build(self, query: Query, index: int, *, think: bool, instruction: str | None = None, max_tokens: int | None = None) -> Prompt:
         """The item's prompt; `max_tokens`: the most its images and videos may take (see `_vision_inputs`)."""
