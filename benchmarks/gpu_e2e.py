@@ -56,7 +56,7 @@ from synthetic import synthetic_image  # noqa: E402
 from naive_pipeline import NaivePipeline  # noqa: E402
 
 from tte_engine import Engine, SamplingParams  # noqa: E402
-from tte_engine.random_checkpoint import SPECS, RandomSpec, build_random_checkpoint, never_stop  # noqa: E402
+from tte_engine.random_checkpoint import SPECS, RandomSpec, build_random_checkpoint  # noqa: E402
 from tte_engine.sequence import Phase  # noqa: E402
 
 QWEN2VL_2B = RandomSpec(
@@ -78,9 +78,7 @@ def ensure_checkpoint(workdir, spec_name: str, dtype: str, *, stop: bool = False
     path = Path(workdir) / f"{spec_name}-{head}-{dtype}{'' if stop else '-nostop'}"
     marker = path / ".complete"
     if not marker.exists():
-        build_random_checkpoint(path, spec, seed=0, dtype=dtype)
-        if not stop:
-            never_stop(path)
+        build_random_checkpoint(path, spec, seed=0, dtype=dtype, stop=stop)  # stop=False: never_stop's weights, written once
         marker.write_text("ok")
     return path
 

@@ -221,6 +221,11 @@ class Driver:
             print(f"--- {name} FAILED: {entry.get('error') or 'check did not pass'}", flush=True)
         return self._record(name, entry)
 
+    def note(self, name: str, result: dict, doing: str) -> None:
+        """Write what part `name` measured so far, as a failed entry saying what it is `doing`; the
+        part's own record replaces it when it ends. For what a process crash would otherwise lose."""
+        self._record(name, {"ok": False, "error": f"did not finish: {doing}", "result": result})
+
     def _record(self, name: str, entry: dict):
         self.report["parts"][name] = {**entry, "optional": name in OPTIONAL}
         self.report["elapsed_s"] = round(time.monotonic() - self.t0, 1)
@@ -365,6 +370,7 @@ def main(argv=None) -> int:
     def decode_table(graphs: bool, key: str):
         def part(deadline):
             engine, info = e2e.make_engine(st["path"], device, dtype, graphs=graphs, max_num_seqs=max(decode_batches), cache_memory=cache_memory)
+            print(f"  engine: {info}", flush=True)  # where the part's time went, should it be cut off later
             st[key] = engine  # graphs: kept for the naive parts' prompts, tte_engine, agreement and varied_traces
             prompts = e2e.decode_prompts(engine, max(decode_batches), prompt_tokens)
             floor_ms = e2e.llm_weight_bytes(engine) / st["copy_bps"] * 1e3 if "copy_bps" in st else None
@@ -380,8 +386,10 @@ def main(argv=None) -> int:
             measured = over_batches(decode_batches, deadline, one)
             st[f"tokens_{key}"] = tokens
             out = {"engine": info, "llm_weight_bytes": e2e.llm_weight_bytes(engine),
-                   "floor_ms": round(floor_ms, 4) if floor_ms else None, **measured,
-                   "profile": profile_rows(engine, prompts, deadline, args.out.parent / f"profile_{key}.txt")}
+                   "floor_ms": round(floor_ms, 4) if floor_ms else None, **measured}
+            # in the JSON before the profiler runs: a crash in CUPTI (a segfault, which no except catches) keeps the table
+            driver.note(f"decode_{key}", out, "profiling (a crash from here on keeps the table measured)")
+            out["profile"] = profile_rows(engine, prompts, deadline, args.out.parent / f"profile_{key}.txt")
             if not graphs and "tokens_graphs" in st:
                 common = sorted(set(tokens) & set(st["tokens_graphs"]))
                 out["graphs_vs_eager_tokens"] = {b: e2e.compare_tokens(st["tokens_graphs"][b], tokens[b]) for b in common}

@@ -302,6 +302,20 @@ def test_tiny_random_alias_builds_once(_isolated_tte_home):
     assert res.embeddings.shape == (2, eng.embedding_dim) and res.errors == [None, None]
 
 
+def test_a_random_checkpoint_built_with_stop_false_equals_never_stop(tmp_path):
+    """build_random_checkpoint(stop=False) writes once what never_stop writes over (the GPU check's 2B checkpoint)."""
+    from safetensors.torch import load_file
+
+    from tte_engine.random_checkpoint import SPECS, build_random_checkpoint, never_stop
+
+    spec = SPECS["tiny-random"]
+    plain = load_file(build_random_checkpoint(tmp_path / "twice", spec) / "model.safetensors")
+    twice = load_file(never_stop(tmp_path / "twice") / "model.safetensors")
+    once = load_file(build_random_checkpoint(tmp_path / "once", spec, stop=False) / "model.safetensors")
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    assert not torch.equal(once["lm_head.weight"], plain["lm_head.weight"])  # some rows were zeroed
+
+
 def test_supplied_trace_skips_generation(engine, mixed_items):
     generated = engine.embed(mixed_items[:3])
     given = [dict(item, trace=generated.trace_token_ids[i]) if isinstance(item, dict) else {"text": item, "trace": generated.trace_token_ids[i]}
@@ -386,15 +400,17 @@ def test_triton_kernels_drive_the_engine_like_the_references(make_checkpoint, mi
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_engine_matches_cpu(make_checkpoint, mixed_items):
-    """On a GPU: the Triton path in fp32 reproduces the CPU references; bf16 stays close."""
+    """On a GPU: the Triton path in fp32 reproduces the CPU references; bf16 stays close. Small CUDA
+    engines (a few graph buckets, a small cache): the GPU check runs this among 8 xdist workers, in 80 s."""
     path = make_checkpoint("engine", think_max_tokens=10)
+    small = {"device": "cuda", "max_num_seqs": 8, "cache_memory": 256 << 20}
     cpu = Engine(path).embed(mixed_items)
-    gpu = Engine(path, device="cuda", dtype="float32").embed(mixed_items)
+    gpu = Engine(path, dtype="float32", **small).embed(mixed_items)
     assert gpu.trace_token_ids == cpu.trace_token_ids
     for i in range(len(mixed_items)):
         assert cosine(gpu.embeddings[i], cpu.embeddings[i]) >= 0.99999
     plain_cpu = Engine(path).embed(mixed_items, think=False)
-    plain_bf16 = Engine(path, device="cuda", dtype="bfloat16").embed(mixed_items, think=False)
+    plain_bf16 = Engine(path, dtype="bfloat16", **small).embed(mixed_items, think=False)
     for i in range(len(mixed_items)):
         assert cosine(plain_bf16.embeddings[i], plain_cpu.embeddings[i]) >= 0.99
 

@@ -297,11 +297,13 @@ def build_random_checkpoint(
     shards: int = 1,
     mode: str = "unified",
     reasoner: str | None = None,
+    stop: bool = True,
 ) -> Path:
     """Write a complete random Qwen2-VL + TTE checkpoint directory and return its path.
 
     layout: "hub" (flat config, `model.layers.*` / `visual.*` names) or "transformers5"
-    (nested config, `model.language_model.*` / `model.visual.*` names).
+    (nested config, `model.language_model.*` / `model.visual.*` names). stop=False: as
+    `never_stop` leaves it, without writing the weights twice (a 2B model's are 4.4 GB).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -331,6 +333,8 @@ def build_random_checkpoint(
 
     torch_dtype = getattr(torch, dtype)
     weights = random_weights(checkpoint_shapes(cfg), seed, torch_dtype)
+    if not stop:
+        _zero_stop_rows(weights, tok)
     if layout == "transformers5":
         weights = {_rename_transformers5(n): w for n, w in weights.items()}
     _save_weights(weights, path, shards)
@@ -402,11 +406,15 @@ def never_stop(checkpoint: Path) -> Path:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(checkpoint)
     weights = load_file(str(checkpoint / "model.safetensors"))
+    _zero_stop_rows(weights, AutoTokenizer.from_pretrained(checkpoint))
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    return checkpoint
+
+
+def _zero_stop_rows(weights: dict[str, torch.Tensor], tok) -> None:
+    """Zero, in place, the stop tokens' rows of the LM head (or, tied, of the token embedding)."""
     names = ("lm_head.weight", "model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
     head = weights[next((n for n in names if n in weights), names[0])]
     for token in STOP_TOKENS:
         head[tok.convert_tokens_to_ids(token)] = 0
-    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
-    return checkpoint
