@@ -142,6 +142,8 @@ CASES = [
      "config.json", "vision_config is missing"),
     ("config-vision-partial", _edit_json("config.json", lambda r: {**r, "vision_config": {"depth": r["vision_config"]["depth"]}}),
      "config.json", "vision_config has no hidden_size"),
+    ("config-trtllm-legacy", _write("config.json", {"architecture": "Qwen2VLForConditionalGeneration", "dtype": "float32"}),
+     "config.json", "a TensorRT-LLM checkpoint"),
     ("config-no-mrope", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k != "rope_scaling"}),
      "config.json", "rope_scaling.mrope_section is missing"),
     # blamed on the tokenizer before (transformers' AttributeError while it read config.json)

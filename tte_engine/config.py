@@ -142,6 +142,9 @@ class ModelConfig:
                 raise bad_field(source, name, "an object", hf[name])
         if hf.get("quantization_config") is not None and not isinstance(hf["quantization_config"], dict):  # else transformers' AttributeError, in the tokenizer
             raise bad_field(source, "quantization_config", QUANTIZATION_CONFIG_WANT, hf["quantization_config"])
+        if "architecture" in hf and "model_type" not in hf:  # TensorRT-LLM's checkpoint format (tte-export --target trtllm-legacy)
+            raise CheckpointError(f"{source}: a TensorRT-LLM checkpoint (its 'architecture' field), not a Hugging Face one: it is built "
+                                  "into a TensorRT-LLM engine (build.sh); tte_engine loads the native engine directory or an hf/ export")
         if not hf.get("vision_config"):  # transformers would fill in Qwen2-VL-7B's tower, and a later check blame its sizes
             raise CheckpointError(f"{source}: vision_config is missing or empty: a Qwen2-VL config describes its vision tower there "
                                   "(a text-only model's config.json is no Qwen2-VL checkpoint)")
