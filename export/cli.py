@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except TTEError as exc:
         print("tte-export: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
-    except Exception as exc:  # a failure during the export (a full disk, a device error, a bug): one line, never a traceback
+    except Exception as exc:  # a failure during the export (a full disk, a device error, a bug): one line (-v: the traceback too)
+        if args.verbose:
+            traceback.print_exc()
         print(f"tte-export: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import fingerprint, resolve_checkpoint
-from ..config import TTE_CONFIG_NAME, ModelConfig, read_json_object
+from ..config import MAX_POSITIONS, TTE_CONFIG_NAME, ModelConfig, read_json_object
 from ..engine import Engine
 from ..engine_dir import ENGINE_FILE, is_engine_dir
 from ..errors import CheckpointError, ExportError
@@ -42,9 +42,9 @@ logger = logging.getLogger("tte_engine")
 TARGETS = ("native", "trtllm", "trtllm-legacy", "hf", "onnx", "all")
 ALL_TARGETS = {"native", "trtllm", "hf", "onnx"}  # `all`: trtllm-legacy (TensorRT-LLM 1.x engines) is opt-in
 CALIBRATION_TRACE_TOKENS = 64  # trace budget of the calibration run (the report's trace agreement covers this many)
-# the integer options' ranges, [least, most] (tte-export's parser uses them too); beyond them a value is a typo, not a setting
 DEFAULT_MAX_INPUT_LEN = 2048  # TensorRT-LLM targets: the longest prompt when --max-input-len is not given
-INT_LIMITS = {"calibration": (0, 1024), "max_batch_size": (1, 65536), "max_input_len": (1, 1 << 20), "seed": (0, 2**32 - 1)}
+# the integer options' ranges, [least, most] (tte-export's parser uses them too); beyond them a value is a typo, not a setting
+INT_LIMITS = {"calibration": (0, 1024), "max_batch_size": (1, 65536), "max_input_len": (1, MAX_POSITIONS), "seed": (0, 2**32 - 1)}
 
 
 @dataclass
@@ -117,6 +117,8 @@ def validate(opts: ExportOptions) -> set[str]:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
             raise ExportError(f"--{name.replace('_', '-')} must be an integer from {least} to {most}, got {value!r}")
+    if str(opts.device).startswith("cuda") and not torch.cuda.is_available():  # else the load's ValueError, blamed on the checkpoint
+        raise ExportError(f"--device {opts.device}: this torch build ({torch.__version__}) sees no CUDA device; use --device cpu")
     if opts.seed and not (opts.random_init and opts.checkpoint in ARCH_SPECS):
         raise ExportError(f"--seed applies to --random-init with an architecture alias ({', '.join(sorted(ARCH_SPECS))}) only")
     trt = targets & {"trtllm", "trtllm-legacy"}
@@ -302,7 +304,8 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
             ref = Engine(source, device=opts.device, dtype=str(load_dtype).replace("torch.", ""), prepack_weights=False)
         except ValueError as exc:  # settings of the checkpoint that cannot work (an embed suffix longer than the model's context)
             raise CheckpointError(f"{source}: {exc}") from None
-    max_input_len = check_context(ref, opts.max_input_len if targets & {"trtllm", "trtllm-legacy"} else None)
+    check_prompt_room(ref)
+    max_input_len = trtllm_max_input_len(ref, opts.max_input_len) if targets & {"trtllm", "trtllm-legacy"} else None
     model = ref.stages[-1].runner.model
     runtime_dtype = str(ref.dtype).replace("torch.", "")
     summary: dict[str, Any] = {
@@ -444,36 +447,47 @@ def _export_into(tmp: Path, out: Path, source: Path, random_weights: bool, targe
     return summary
 
 
-def check_context(engine, max_input_len: int | None) -> int:
-    """Refuse an export no item could run on (before anything is written), and return the TensorRT-LLM
-    targets' longest prompt: `max_input_len` as given, or (None) DEFAULT_MAX_INPUT_LEN, lowered to
-    what the model's context leaves after the trace budget, the think end, the embed suffix and the
-    end token. Refused: the shortest prompt (a one-word text with the default instruction) with the
-    think end and embed suffix longer than the model's context; a given `max_input_len` shorter than
-    that prompt, or whose context does not fit the model. Raises CheckpointError / ExportError
-    (exit 2: a configuration problem)."""
-    config, limit, tail = engine.checkpoint / TTE_CONFIG_NAME, engine.max_model_len, engine.prompts.closing_tokens
-    shortest = len(engine.prompts.build(as_query("a", 0), 0, think=True).token_ids)
+def check_prompt_room(engine) -> None:
+    """Refuse an export no item could run on, before anything is written: the shortest prompt (a
+    one-word text with the default instruction), the think end and the embed suffix longer than the
+    model's context (the native runtime shortens a trace to what the context leaves, so the trace
+    budget is not counted). Raises CheckpointError (exit 2: a configuration problem)."""
+    limit, tail = engine.max_model_len, engine.prompts.closing_tokens
+    shortest = _shortest_prompt(engine)
     if shortest + tail > limit:
-        raise CheckpointError(f"{config}: the default instruction leaves no room: a one-word text's prompt takes {shortest} tokens, with "
-                              f"the think end and embed suffix ({tail}) more than the model's {limit} (max_position_embeddings); "
-                              "shorten instructions.default")
-    room = limit - context_budget(engine, 0) - 1  # the longest prompt the model's context leaves room for
-    if max_input_len is None:
+        raise CheckpointError(f"{engine.prompts.tte_source}: the default instruction leaves no room: a one-word text's prompt takes "
+                              f"{shortest} tokens, with the think end and embed suffix ({tail}) more than the model's {limit} "
+                              "(max_position_embeddings); shorten instructions.default")
+
+
+def trtllm_max_input_len(engine, given: int | None) -> int:
+    """The TensorRT-LLM targets' longest prompt: `given` (--max-input-len), or DEFAULT_MAX_INPUT_LEN
+    lowered to what the model's context leaves after the trace budget, the think end, the embed
+    suffix and the end token (a TensorRT-LLM engine is sized for the whole budget). Raises
+    ExportError for a `given` shorter than the shortest prompt or whose context does not fit the
+    model, CheckpointError where not even the shortest prompt fits beside the budget (exit 2)."""
+    config, limit, tail, budget = engine.prompts.tte_source, engine.max_model_len, engine.prompts.closing_tokens, engine.tte.think.max_tokens
+    shortest, room = _shortest_prompt(engine), limit - context_budget(engine, 0) - 1
+    if given is None:
         if shortest > room:
-            raise CheckpointError(f"{config}: the model's context of {limit} tokens leaves {room} for a prompt after the trace budget "
-                                  f"({engine.tte.think.max_tokens}), the think end and embed suffix ({tail}) and the end token; the "
-                                  f"shortest prompt takes {shortest}: shorten embed_suffix / think.max_tokens")
+            raise CheckpointError(f"{config}: for TensorRT-LLM the model's context of {limit} tokens leaves {room} for a prompt after the "
+                                  f"trace budget ({budget}), the think end and embed suffix ({tail}) and the end token; the shortest "
+                                  f"prompt takes {shortest}: lower think.max_tokens or shorten embed_suffix")
         return min(DEFAULT_MAX_INPUT_LEN, room)
-    if shortest > max_input_len:
-        raise ExportError(f"--max-input-len {max_input_len} holds no prompt: the shortest one (a one-word text with the default "
+    if shortest > given:
+        raise ExportError(f"--max-input-len {given} holds no prompt: the shortest one (a one-word text with the default "
                           f"instruction of {config}) takes {shortest} tokens")
-    if max_input_len > room:
-        raise ExportError(f"--max-input-len {max_input_len}: with the trace budget ({engine.tte.think.max_tokens}), the think end and "
-                          f"embed suffix ({tail}) and the end token a context takes {context_budget(engine, max_input_len) + 1} tokens, "
-                          f"more than the model's {limit} (max_position_embeddings); give --max-input-len {room} at the most, or "
-                          f"shorten embed_suffix / think.max_tokens in {config}")
-    return max_input_len
+    if given > room:
+        raise ExportError(f"--max-input-len {given}: with the trace budget ({budget}), the think end and embed suffix ({tail}) and the "
+                          f"end token a context takes {context_budget(engine, given) + 1} tokens, more than the model's {limit} "
+                          f"(max_position_embeddings); give --max-input-len {room} at the most, or shorten embed_suffix / "
+                          f"think.max_tokens in {config}")
+    return given
+
+
+def _shortest_prompt(engine) -> int:
+    """Tokens of the shortest prompt an item can have: a one-word text with the default instruction, thinking."""
+    return len(engine.prompts.build(as_query("a", 0), 0, think=True).token_ids)
 
 
 def context_budget(engine, max_prompt: int) -> int:

@@ -145,7 +145,7 @@ CASES = [
     ("config-trtllm-legacy", _write("config.json", {"architecture": "Qwen2VLForConditionalGeneration", "dtype": "float32"}),
      "config.json", "a TensorRT-LLM checkpoint"),
     ("config-no-mrope", _edit_json("config.json", lambda r: {k: v for k, v in r.items() if k != "rope_scaling"}),
-     "config.json", "rope_scaling.mrope_section is missing"),
+     "config.json", "mrope_section (in rope_scaling / rope_parameters) is missing"),
     # blamed on the tokenizer before (transformers' AttributeError while it read config.json)
     ("config-quantization-str", _set("config.json", "quantization_config", "fp8"), "config.json", "quantization_config must be an object"),
 ]
@@ -274,7 +274,7 @@ MISFIT_CASES = [
     ("hidden-size", _rescale_text(256), "config.json: hidden_size = 256 does not match the weights"),
     ("intermediate-size", _set("config.json", "intermediate_size", 10**6), "intermediate_size = 1000000 does not match"),
     ("vocab-size", _set("config.json", "vocab_size", 10**6), "vocab_size = 1000000 does not match"),
-    ("kv-heads", _set("config.json", "num_key_value_heads", 4), "num_key_value_heads x head_dim = 128 does not match"),
+    ("kv-heads", _set("config.json", "num_key_value_heads", 4), "num_key_value_heads x (hidden_size / num_attention_heads) = 128 does not match"),
     ("vision-depth", _set("config.json", "vision_config.depth", 1000), "vision_config.depth is 1000, but"),
     ("vision-width", _set("config.json", "vision_config.embed_dim", 128), "vision_config.embed_dim = 128 does not match"),
     ("head-layers", _set("tte_config.json", "head.num_layers", 3), "tte_config.json: head.num_layers is 3, but"),
@@ -286,7 +286,7 @@ MISFIT_CASES = [
      "layers.0.mlp.down_proj.weight has shape (256, 128), but"),
     # one stray tensor of layer 999999999 is named, not counted as a billion layers
     ("stray-layer", _stray("model.safetensors", "model.layers.999999999.x"),
-     "model.safetensors holds model.layers.999999999.* beyond model.layers.3 (decoder layers)"),
+     "model.safetensors holds model.layers.999999999.* beyond model.layers.3"),
 ]
 
 

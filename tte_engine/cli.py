@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.demo:
             print("tte-embed: warning: no --checkpoint given: embedding with tiny-random, a random test checkpoint "
                   "(its vectors mean nothing)", file=sys.stderr)
-    results = None
+    results, loaded = None, False  # loaded: the model is up (a failure after it may leave batches written)
     try:
         from .engine import Engine
         from .result_cache import ResultCache
@@ -446,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.demo:  # (a large checkpoint takes a while: say what is happening before the bar appears)
             print(f"tte-embed: loading {args.checkpoint} on {args.device} ...", file=sys.stderr)
         engine = Engine(args.checkpoint, device=args.device, dtype=args.dtype, **engine_switches(args))
+        loaded = True
         engine.prompts.check_instruction(args.instruction)  # a vision token in it (the tokenizer knows them)
         if args.demo:
             run_demo(engine, think=not args.no_think, max_trace_tokens=args.max_trace_tokens, instruction=args.instruction)
@@ -454,9 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TTEError, OSError, ValueError) as exc:  # ValueError: an engine setting that cannot work (--device cuda without CUDA)
         print("tte-embed: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
-    except Exception as exc:  # a failure during the run (a device error, a bug): one line, never a traceback; finished batches are kept
+    except Exception as exc:  # a failure during the run (a device error, a bug): one line (-v: the traceback too); finished batches are kept
+        if args.verbose:
+            traceback.print_exc()
         print(f"tte-embed: error: {type(exc).__name__}: {' '.join(str(exc).splitlines())}"
-              + ("" if args.demo else "; the batches written are kept: run the same command again to resume"), file=sys.stderr)
+              + ("; the batches written are kept: run the same command again to resume" if loaded and not args.demo else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # every finished batch is on disk already (the shards): one line, not a traceback
         print("\ntte-embed: interrupted" + ("" if args.demo else "; the batches written are kept: run the same command again to resume"),
@@ -589,9 +593,12 @@ def _check_manifest(earlier: dict | None, manifest: dict, where: str) -> None:
     if not isinstance(earlier, dict):
         raise OutputConflict(f"{where}: its manifest is not a tte-embed manifest; pass --overwrite, or another --output")
     if earlier != manifest:
-        changed = sorted(k for k in manifest if earlier.get(k) != manifest[k])
-        raise OutputConflict(f"{where} holds a run with other settings ({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
-                             "re-run with the same settings, or pass --overwrite")
+        raise OutputConflict(_other_settings(where, sorted(k for k in manifest if earlier.get(k) != manifest[k])))
+
+
+def _other_settings(where: str, changed: list[str]) -> str:
+    return (f"{where} holds a run with other settings ({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
+            "re-run with the same settings, or pass --overwrite")
 
 
 def _read_final(prefix: Path, fmt: str) -> tuple[list[dict], np.ndarray]:
@@ -624,16 +631,12 @@ def _settings_conflict(prefix: Path, args) -> str | None:
     parts, finals = Path(f"{prefix}.parts") / MANIFEST, _final_paths(prefix, args.format)
     try:
         earlier = _load_json(parts) if parts.is_file() else _read_final_manifest(prefix, args.format) if all(p.exists() for p in finals) else None
-    except Exception:  # damaged: `_prepare_output` says how
+    except (OSError, ValueError, ImportError, OutputConflict):  # damaged (pyarrow's errors are ValueErrors), or no pyarrow: told later
         return None
     if not isinstance(earlier, dict):
         return None
     changed = [k for k, v in _settings(args).items() if earlier.get(k, v) != v]
-    if changed:
-        where = parts.parent if parts.is_file() else ", ".join(map(str, finals))
-        return (f"{where} holds a run with other settings ({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'}); "
-                "re-run with the same settings, or pass --overwrite")
-    return None
+    return _other_settings(str(parts.parent) if parts.is_file() else ", ".join(map(str, finals)), changed) if changed else None
 
 
 def _prepare_output(prefix: Path, fmt: str, manifest: dict, args, shards: Shards) -> None:

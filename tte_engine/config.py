@@ -166,11 +166,11 @@ class ModelConfig:
         if getattr(t, "hidden_act", "silu") != "silu":  # the decoder's MLP is SwiGLU with SiLU (kernels/activations.py)
             raise bad_field(source, "hidden_act", "'silu' (the decoder's MLP is SwiGLU)", t.hidden_act)
         section = rope.get("mrope_section")
-        if section is None:  # Qwen2-VL's own sections, which fit head_dim 128 only: say that it is a default that does not fit
+        if section is None:  # Qwen2-VL's own sections; where they cannot fit (check(): they sum to head_dim / 2), say it is a default
             section = (16, 24, 24)
-            if is_int(t.hidden_size) and is_int(t.num_attention_heads) and t.num_attention_heads > 0 and t.hidden_size // t.num_attention_heads != 128:
-                raise CheckpointError(f"{source}: rope_scaling.mrope_section is missing, and Qwen2-VL's default [16, 24, 24] needs head_dim 128 "
-                                      f"(hidden_size {t.hidden_size} / num_attention_heads {t.num_attention_heads})")
+            if is_int(t.hidden_size) and is_int(t.num_attention_heads) and t.num_attention_heads > 0 and t.hidden_size // t.num_attention_heads // 2 != sum(section):
+                raise CheckpointError(f"{source}: mrope_section (in rope_scaling / rope_parameters) is missing, and Qwen2-VL's default "
+                                      f"[16, 24, 24] needs head_dim 128 (hidden_size {t.hidden_size} / num_attention_heads {t.num_attention_heads})")
         if not isinstance(section, (list, tuple)):
             raise bad_field(source, "mrope_section", "a list of 3 integers", section)
         dtype = hf.get("dtype") or hf.get("torch_dtype") or t.dtype or "float32"

@@ -23,7 +23,7 @@ import torch
 
 from .cache import BlockManager, allocate_cache, blocks_in, bytes_per_block, cache_budget_bytes
 from .checkpoint import check_checkpoint_files, fingerprint, resolve_checkpoint
-from .config import TTE_CONFIG_NAME, EngineConfig, ModelConfig, TTEConfig, read_json_object
+from .config import EngineConfig, ModelConfig, TTEConfig, read_json_object
 from .engine_dir import EngineDir, is_engine_dir
 from .errors import Cancelled, CapacityError, CheckpointError, InvalidInputError, ModelOutputError, describe, one_line
 from .host_memory import keep_freed_memory
@@ -116,9 +116,6 @@ class Engine:
             self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
             self.image_cfg = ImageProcessorConfig.load(self.checkpoint)
             self.prompts = PromptBuilder(self.checkpoint, self.tokenizer, self.tte, self.model_cfg, self.image_cfg)
-            if self.prompts.think_end_ids == self.prompts.think_start_ids:  # distinct strings the tokenizer makes the same tokens
-                raise CheckpointError(f"{self.checkpoint / ('engine.json' if self.engine_dir else TTE_CONFIG_NAME)}: think.end {self.tte.think.end!r} gives the same tokens "
-                                      f"{self.prompts.think_end_ids} as think.start {self.tte.think.start!r}: a trace's end must differ from its start")
             shortest = len(self.prompts.build(as_query("a", 0), 0, think=False, instruction="").token_ids)  # the template renders
         except CheckpointError:
             raise

@@ -172,7 +172,8 @@ class PromptBuilder:
         # The checkpoint's configs as the runtime will use them: a bad one fails here, at load, naming
         # its file and field, instead of failing every item later (the files themselves were checked
         # before the tokenizer loaded: `checkpoint.check_checkpoint_files`, in Engine)
-        tte_source = str(Path(checkpoint) / ("engine.json" if (Path(checkpoint) / "engine.json").is_file() else TTE_CONFIG_NAME))
+        # the file the TTE settings come from, named in their errors (tte_config.json where it is absent: its defaults)
+        self.tte_source = tte_source = str(Path(checkpoint) / ("engine.json" if (Path(checkpoint) / "engine.json").is_file() else TTE_CONFIG_NAME))
         tte.check_for(model_cfg, tte_source)
         check_image_config(image_cfg, model_cfg, str(Path(checkpoint) / PREPROCESSOR_CONFIG))
         if not getattr(tokenizer, "chat_template", None):
@@ -197,6 +198,9 @@ class PromptBuilder:
             if vision:  # a placeholder with no image behind it: every item would fail
                 raise CheckpointError(f"{tte_source}: {name} holds the vision token id(s) {vision} (image, video, vision "
                                       "start or end, per config.json); a marker must be text")
+        if self.think_end_ids == self.think_start_ids:  # two strings the tokenizer makes the same tokens: a trace would end where it starts
+            raise CheckpointError(f"{tte_source}: think.end {tte.think.end!r} gives the same tokens {self.think_end_ids} as think.start "
+                                  f"{tte.think.start!r}: a trace's end must differ from its start")
         self.closing_tokens = len(self.think_end_ids) + len(self.suffix_ids)  # what follows every prompt, given trace aside
         self.eos_ids = self._eos_ids(checkpoint)
         self.stop_sequences = [self.think_end_ids] + [[e] for e in self.eos_ids]

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from export_fixtures import cli  # noqa: F401  (pytest fixtures)
 from tte_engine import Engine
@@ -344,6 +345,9 @@ def test_options_that_would_be_ignored_are_refused(capsys, tmp_path):
         run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "o", seed=3, random_init=True))
     with pytest.raises(ExportError, match="--max-batch-size must be an integer from 1 to"):  # the Python API checks the same ranges
         run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "o", target="trtllm", max_batch_size=0))
+    if not torch.cuda.is_available():  # was the load's ValueError, prefixed with the checkpoint's path as if it were at fault
+        with pytest.raises(ExportError, match=r"^--device cuda: this torch build .* sees no CUDA device; use --device cpu$"):
+            run_export(ExportOptions(checkpoint="tiny-random", out=tmp_path / "o", device="cuda"))
     assert not (tmp_path / "o").exists()
 
 
@@ -397,6 +401,19 @@ def test_a_context_longer_than_the_model_is_refused_for_tensorrt_llm(capsys, tmp
     # found by an attacker: without --max-input-len, its default 2048 was refused; it is fitted to the model instead
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--target", "trtllm", "--calibration", "0", "--quiet", "--force"]) == 0
     assert json.loads((out / "trtllm" / "tte_trtllm.json").read_text())["llm_args"]["max_seq_len"] == 4096
+
+
+def test_a_trace_budget_near_the_model_length_exports_natively(capsys, tmp_path):
+    """The native runtime shortens a trace to what the context leaves: a budget of nearly the whole model
+    exports (a reviewer found it refused for every target); TensorRT-LLM, sized for the whole budget, refuses it."""
+    from tte_engine.export.cli import main
+
+    ckpt = _with_tte_config(tmp_path, think={"start": "<think>", "end": "</think>", "max_tokens": 4090})
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "native"), "--calibration", "0", "--quiet"]) == 0
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "trt"), "--target", "trtllm", "--calibration", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "for TensorRT-LLM the model's context of 4096 tokens leaves" in err and "lower think.max_tokens" in err, err
+    assert not (tmp_path / "trt").exists()
 
 
 def test_an_unexpected_failure_is_one_line_with_exit_1(tmp_path, monkeypatch, capsys):

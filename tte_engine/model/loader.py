@@ -385,8 +385,8 @@ def _dims_fit(cfg: ModelConfig, found: dict[str, tuple[Path, tuple[int, ...]]], 
     d, e = t.hidden_size, v.embed_dim
     dims = {  # tensor -> (the config.json field(s), the size they give) per dimension
         "model.embed_tokens.weight": (("vocab_size", t.vocab_size), ("hidden_size", d)),
-        "model.layers.0.self_attn.q_proj.weight": (("num_attention_heads x head_dim", t.num_heads * t.head_dim), ("hidden_size", d)),
-        "model.layers.0.self_attn.k_proj.weight": (("num_key_value_heads x head_dim", t.num_kv_heads * t.head_dim), ("hidden_size", d)),
+        "model.layers.0.self_attn.k_proj.weight": (("num_key_value_heads x (hidden_size / num_attention_heads)", t.num_kv_heads * t.head_dim),
+                                                   ("hidden_size", d)),
         "model.layers.0.mlp.gate_proj.weight": (("intermediate_size", t.intermediate_size), ("hidden_size", d)),
         "visual.blocks.0.attn.proj.weight": (("vision_config.embed_dim", e), ("vision_config.embed_dim", e)),
         "visual.blocks.0.mlp.fc1.weight": (("vision_config.embed_dim x mlp_ratio", int(e * v.mlp_ratio)), ("vision_config.embed_dim", e)),
@@ -395,7 +395,7 @@ def _dims_fit(cfg: ModelConfig, found: dict[str, tuple[Path, tuple[int, ...]]], 
     }
     for name, sizes in dims.items():
         f, shape = found.get(name, (None, ()))
-        if len(shape) != len(sizes):  # absent (named as missing below) or stored flat (its element count is checked below)
+        if len(shape) != len(sizes):  # absent (named as missing below), or of another rank (refused by `_shapes_fit`)
             continue
         for (field, size), got in zip(sizes, shape):
             if got != size:
@@ -427,11 +427,10 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
     check_fp8_tensors(headers, checkpoint_quantization(checkpoint), str(checkpoint))
     found = {canonical_name(n): (f, shape) for n, (f, _, shape) in headers.items()}
     where = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
-    for prefix, field, n, what in (("model.layers.", "num_hidden_layers", cfg.text.num_layers, "decoder layers"),
-                                   ("visual.blocks.", "vision_config.depth", cfg.vision.depth, "vision blocks")):
+    for prefix, field, n in (("model.layers.", "num_hidden_layers", cfg.text.num_layers), ("visual.blocks.", "vision_config.depth", cfg.vision.depth)):
         held = stack_mismatch(found, prefix, n)
         if held:  # checked first: the expected shapes below are listed per layer
-            raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held} ({what})")
+            raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held}")
     _dims_fit(cfg, found, config)
     want = checkpoint_shapes(cfg)
     _shapes_fit(found, want, config)
