@@ -30,7 +30,7 @@ from .host_memory import keep_freed_memory
 from .inputs import PromptBuilder, Query, as_query, check_settings
 from .prep import prepare_all, run_prepared
 from .model.cpu_linear import pack_linears
-from .model.loader import build_model, check_weights_fit, load_checkpoint_weights
+from .model.loader import CheckedWeights, build_model, check_weights_fit, load_checkpoint_weights
 from .model.rope import prompt_positions
 from .runner import ENCODER_CACHE_TOKENS, Runner, step_loop_mode
 from .sampling import SamplingParams
@@ -130,8 +130,8 @@ class Engine:
         stage_dirs = [self.checkpoint]
         if self.tte.mode == "two_model":
             stage_dirs.insert(0, self._reasoner_dir())
-        cfgs = [self._stage_config(d, embedder=(d == self.checkpoint)) for d in stage_dirs]  # every checkpoint checked before any model is built
-        models = [self._load_model(d, cfg, embedder=(d == self.checkpoint)) for d, cfg in zip(stage_dirs, cfgs)]
+        checked = [self._check_stage(d, embedder=(d == self.checkpoint)) for d in stage_dirs]  # every checkpoint, before any model is built
+        models = [self._load_model(d, cfg, weights, embedder=(d == self.checkpoint)) for d, (cfg, weights) in zip(stage_dirs, checked)]
         share = cache_budget_bytes(self.config.cache_memory, self.device) // len(models)  # two models split the cache
         self.stages = [self._make_stage(d, m, share) for d, m in zip(stage_dirs, models)]
         self.last_step_size = 0  # sequences the last step() ran
@@ -182,23 +182,25 @@ class Engine:
     def _head_cfg(self, embedder: bool):
         return self.tte.head if embedder else replace(self.tte.head, type="last_token")
 
-    def _stage_config(self, checkpoint: Path, embedder: bool) -> ModelConfig:
+    def _check_stage(self, checkpoint: Path, embedder: bool) -> tuple[ModelConfig, CheckedWeights | None]:
         """A stage's model config, checked against its weights' headers (cheap: no tensor data is read), so
-        that a config the files do not hold fails before a model of its size is allocated (`check_weights_fit`)."""
+        that a config the files do not hold fails before a model of its size is allocated (`check_weights_fit`,
+        `EngineDir.check_depths`); and those weights as checked (None for an engine directory's)."""
         cfg = self.model_cfg if checkpoint == self.checkpoint else ModelConfig.from_hf(read_json_object(checkpoint / "config.json", required=True), source=str(checkpoint / "config.json"))
         if (cfg.image_token_id, cfg.vision_start_token_id) != (self.model_cfg.image_token_id, self.model_cfg.vision_start_token_id):
             raise CheckpointError(f"{checkpoint}: its vision token ids differ from the embedder's")
-        if not (self.engine_dir and checkpoint == self.checkpoint):
-            check_weights_fit(cfg, checkpoint, self._head_cfg(embedder))
-        return cfg
-
-    def _load_model(self, checkpoint: Path, cfg: ModelConfig, embedder: bool):
-        head_cfg = self._head_cfg(embedder)
         if self.engine_dir and checkpoint == self.checkpoint:
+            self.engine_dir.check_depths(self._head_cfg(embedder))
+            return cfg, None
+        return cfg, check_weights_fit(cfg, checkpoint, self._head_cfg(embedder))
+
+    def _load_model(self, checkpoint: Path, cfg: ModelConfig, weights: CheckedWeights | None, embedder: bool):
+        head_cfg = self._head_cfg(embedder)
+        if weights is None:  # the engine directory
             model = self.engine_dir.load_model(head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
         else:
             model = build_model(cfg, head_cfg, dtype=self.dtype, device=self.config.device, max_positions=self.max_model_len, impl=self.config.impl)
-            load_checkpoint_weights(model, checkpoint, head_cfg)
+            load_checkpoint_weights(model, weights, head_cfg)
             model.finalize()
         if self.config.prepack_weights is not False and self.device.type == "cpu":
             pack_linears(model)

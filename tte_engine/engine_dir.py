@@ -22,7 +22,7 @@ import torch
 from .config import FLOAT_DTYPES, HeadConfig, ModelConfig, TTEConfig, is_int
 from .errors import CheckpointError, one_line
 from .model.fp8 import FP8_DTYPE, swap_in_fp8
-from .model.loader import check_complete, iter_tensors, stack_mismatch, tensor_headers
+from .model.loader import check_complete, check_stack, iter_tensors, tensor_headers
 from .model.qwen2_vl import Qwen2VL
 
 logger = logging.getLogger("tte_engine")
@@ -126,19 +126,15 @@ class EngineDir:
     def check_depths(self, head_cfg: HeadConfig) -> None:
         """Raise CheckpointError when engine.json's layer counts are not what the weight files hold, from
         their headers alone: building a model of 100000 claimed layers, even on the meta device, takes a minute."""
-        names = tensor_headers([self.path / f for f in self.weight_files])
-        counts = [("model.text.num_layers", self.model_cfg.text.num_layers, "layers."),
-                  ("model.vision.depth", self.model_cfg.vision.depth, "visual.blocks.")]
+        names, spec, files = tensor_headers([self.path / f for f in self.weight_files]), self.path / ENGINE_FILE, " + ".join(self.weight_files)
+        check_stack(names, "layers.", self.model_cfg.text.num_layers, f"{spec}: model.text.num_layers", files)
+        check_stack(names, "visual.blocks.", self.model_cfg.vision.depth, f"{spec}: model.vision.depth", files)
         if head_cfg.type == "mhsa":
-            counts.append(("tte.head.num_layers", head_cfg.num_layers, "head.layers."))
-        for field_name, n, prefix in counts:
-            held = stack_mismatch(names, prefix, n)
-            if held:
-                raise CheckpointError(f"{self.path / ENGINE_FILE}: {field_name} is {n}, but the weights hold {held}")
+            check_stack(names, "head.layers.", head_cfg.num_layers, f"{spec}: tte.head.num_layers", files)
 
     def load_model(self, head_cfg: HeadConfig, *, dtype: torch.dtype, device: str, max_positions: int, impl: str) -> Qwen2VL:
-        """Build the model on the meta device and assign the stored tensors (memory-mapped; cast only if dtypes differ)."""
-        self.check_depths(head_cfg)
+        """Build the model on the meta device and assign the stored tensors (memory-mapped; cast only if dtypes
+        differ). Call `check_depths` first: the model is built as engine.json describes it."""
         with torch.device("meta"):
             model = Qwen2VL(self.model_cfg, head_cfg, max_positions=max_positions, impl=impl).to(dtype)
             try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -346,18 +347,18 @@ def tensor_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, .
     return out
 
 
-def check_fp8_tensors(dtypes: dict[str, tuple[Path, str, tuple[int, ...]]], quant: dict | None, source: str) -> None:
+def check_fp8_tensors(headers: dict[str, tuple[Path, str, tuple[int, ...]]], quant: dict | None, source: str) -> None:
     """Refuse FP8 codes that would be read without their scale (silently wrong weights otherwise).
 
     Under a declared scheme every FP8 tensor must be a `<module>.weight` with its `<module>.weight_scale`;
     with no scheme declared, no tensor may be FP8 or a `*_scale`."""
-    for name, (f, code, _) in sorted(dtypes.items()):
+    for name, (f, code, _) in sorted(headers.items()):
         fp8 = code.startswith("F8_")
         if quant is None and (fp8 or name.endswith("_scale")):
             what = f"is stored as {_FP8_NAMES.get(code, code)}" if fp8 else "is a quantization scale"
             raise CheckpointError(f"{f}: tensor {name} {what}, but {source} declares no quantization scheme "
                                   "(no quantization_config in config.json, no hf_quant_config.json)")
-        if quant is not None and fp8 and not (name.endswith(".weight") and name + "_scale" in dtypes):
+        if quant is not None and fp8 and not (name.endswith(".weight") and name + "_scale" in headers):
             raise CheckpointError(f"{f}: FP8 tensor {name} ({_FP8_NAMES.get(code, code)}) has no {name}_scale "
                                   f"tensor, which {quant['producer']} FP8 needs for every quantized weight")
 
@@ -366,17 +367,19 @@ def _fp8_modules(names) -> list[str]:
     return sorted({m for n in names if n.endswith(".weight_scale") and (m := _module_of(n))})
 
 
-def stack_mismatch(names, prefix: str, n: int) -> str | None:
-    """What the `<prefix><i>.*` tensor `names` hold, where their indices i are not those of a stack of
-    `n` layers (0 to n-1; a gap inside is left to the missing-tensor check), or None."""
+def check_stack(names, prefix: str, n: int, declared: str, holder) -> None:
+    """Raise CheckpointError "`declared` is `n`, but `holder` holds ..." where the `<prefix><i>.*` tensor
+    `names` do not index a stack of `n` layers, 0 to n-1 (a gap inside is left to the missing-tensor check)."""
     indices = {int(i) for name in names if name.startswith(prefix) and (i := name[len(prefix):].partition(".")[0]).isdigit()}
     beyond = sorted(i for i in indices if i >= n)
-    if beyond:  # named, not counted: one stray `layers.999999999.x` is not a billion layers
-        return f"{prefix}{beyond[0]}.*" + (f" and {len(beyond) - 1} more layer index(es)" if len(beyond) > 1 else "") + f" beyond {prefix}{n - 1}"
     held = max(indices) + 1 if indices else 0
-    if held < n:
-        return f"{held} layers ({prefix}0 to {prefix}{held - 1})" if held else f"no {prefix}* tensors"
-    return None
+    if beyond:  # named, not counted: one stray `layers.999999999.x` is not a billion layers
+        found = f"{prefix}{beyond[0]}.*" + (f" and {len(beyond) - 1} more layer index(es)" if len(beyond) > 1 else "") + f" beyond {prefix}{n - 1}"
+    elif held < n:
+        found = f"{held} layers ({prefix}0 to {prefix}{held - 1})" if held else f"no {prefix}* tensors"
+    else:
+        return
+    raise CheckpointError(f"{declared} is {n}, but {holder} holds {found}")
 
 
 def _dims_fit(cfg: ModelConfig, found: dict[str, tuple[Path, tuple[int, ...]]], config: Path) -> None:
@@ -414,7 +417,18 @@ def _shapes_fit(found: dict[str, tuple[Path, tuple[int, ...]]], want: dict[str, 
             raise CheckpointError(f"{f}: {name} has shape {got}, but {config} implies {tuple(shape)}")
 
 
-def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) -> None:
+@dataclass(frozen=True)
+class CheckedWeights:
+    """A checkpoint's weight files as `check_weights_fit` read and checked them (headers only), for
+    `load_checkpoint_weights`: what was read once is not read again."""
+
+    checkpoint: Path
+    files: list[Path]
+    headers: dict[str, tuple[Path, str, tuple[int, ...]]]  # tensor name -> (file, dtype code, shape)
+    quant: dict | None  # `checkpoint_quantization`
+
+
+def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) -> CheckedWeights:
     """Check the weights against the config before the model is built, from the safetensors headers
     alone (no tensor data is read): a config.json whose layer count or sizes the files do not hold
     would otherwise allocate the model it describes (100000 layers: minutes and many GB) before the
@@ -423,14 +437,13 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
     scheme, FP8 tensors without scales and missing tensors (`load_checkpoint_weights` checks the data)."""
     config = checkpoint / "config.json"
     files = safetensors_files(checkpoint)
-    headers = tensor_headers(files)
-    check_fp8_tensors(headers, checkpoint_quantization(checkpoint), str(checkpoint))
+    headers, quant = tensor_headers(files), checkpoint_quantization(checkpoint)
+    check_fp8_tensors(headers, quant, str(checkpoint))
     found = {canonical_name(n): (f, shape) for n, (f, _, shape) in headers.items()}
     where = files[0] if len(files) == 1 else checkpoint / "model.safetensors.index.json"
-    for prefix, field, n in (("model.layers.", "num_hidden_layers", cfg.text.num_layers), ("visual.blocks.", "vision_config.depth", cfg.vision.depth)):
-        held = stack_mismatch(found, prefix, n)
-        if held:  # checked first: the expected shapes below are listed per layer
-            raise CheckpointError(f"{config}: {field} is {n}, but {where} holds {held}")
+    # the layer counts first: the expected shapes below are listed per layer
+    check_stack(found, "model.layers.", cfg.text.num_layers, f"{config}: num_hidden_layers", where)
+    check_stack(found, "visual.blocks.", cfg.vision.depth, f"{config}: vision_config.depth", where)
     _dims_fit(cfg, found, config)
     want = checkpoint_shapes(cfg)
     _shapes_fit(found, want, config)
@@ -440,29 +453,26 @@ def check_weights_fit(cfg: ModelConfig, checkpoint: Path, head_cfg: HeadConfig) 
         if not head_file.exists():
             raise CheckpointError(f"{checkpoint}: the mhsa head's weights {head_cfg.weights} are missing")
         found = {n: (f, shape) for n, (f, _, shape) in tensor_headers([head_file]).items()}
-        held = stack_mismatch(found, "layers.", head_cfg.num_layers)
-        if held:
-            raise CheckpointError(f"{checkpoint / TTE_CONFIG_NAME}: head.num_layers is {head_cfg.num_layers}, but {head_file} holds {held}")
+        check_stack(found, "layers.", head_cfg.num_layers, f"{checkpoint / TTE_CONFIG_NAME}: head.num_layers", head_file)
         want = head_shapes(cfg, head_cfg.num_layers)
         _shapes_fit(found, want, config)
         check_complete({head_target_of(n) for n in want}, {head_target_of(n) for n in want if n in found}, str(head_file))
+    return CheckedWeights(checkpoint, files, headers, quant)
 
 
-def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConfig) -> None:
-    """Fill every parameter from a Hugging Face checkpoint dir (+ the mhsa head's weight file).
+def load_checkpoint_weights(model: Qwen2VL, weights: CheckedWeights, head_cfg: HeadConfig) -> None:
+    """Fill every parameter from a Hugging Face checkpoint dir (+ the mhsa head's weight file), whose
+    headers `check_weights_fit` checked against the model's config.
 
     An FP8 checkpoint (see `checkpoint_quantization`) first turns its quantized linears into
-    `Fp8Linear`s. Raises CheckpointError for missing, misshapen or unsupported weights.
+    `Fp8Linear`s. Raises CheckpointError for unreadable, non-float or unsupported weights.
     """
+    checkpoint, files, quant = weights.checkpoint, weights.files, weights.quant
     source = str(checkpoint)
     tied = model.cfg.text.tie_word_embeddings
-    files = safetensors_files(checkpoint)
-    quant = checkpoint_quantization(checkpoint)
-    dtypes = tensor_headers(files)
-    check_fp8_tensors(dtypes, quant, source)
     input_scales: dict[str, float] = {}
     if quant:
-        fp8 = _fp8_modules(dtypes)
+        fp8 = _fp8_modules(weights.headers)
         if not fp8:
             raise CheckpointError(f"{source}: declares {quant['producer']} FP8 but holds no weight_scale tensors")
         unsupported = sorted(set(fp8) - set(decoder_linear_names(model, include_vision=True)))
@@ -503,9 +513,7 @@ def load_checkpoint_weights(model: Qwen2VL, checkpoint: Path, head_cfg: HeadConf
                     mod.input_scale = torch.tensor(input_scales[name], dtype=torch.float32, device=mod.weight.device)
     not_head = lambda n: not n.startswith("head.") and not (tied and n == "lm_head.weight")  # noqa: E731
     check_complete(_expected(model, not_head), filled, source)
-    if model.head is not None:
+    if model.head is not None:  # (its file's presence was checked by `check_weights_fit`)
         head_file = checkpoint / head_cfg.weights
-        if not head_file.exists():
-            raise CheckpointError(f"{checkpoint}: the mhsa head's weights {head_cfg.weights} are missing")
         filled = copy_tensors(model, iter_tensors([head_file]), head_target_of, str(head_file))
         check_complete(_expected(model, lambda n: n.startswith("head.")), filled, str(head_file))
