@@ -273,11 +273,14 @@ def path_problem(path: Path, *, output: bool) -> str | None:
 
 
 def output_prefix_path(text: str) -> Path:
-    """argparse type of tte-embed's --output: a file prefix. One ending in a slash names a folder
-    (that Path would drop the slash, and the files land beside it, as `sub.npy`)."""
+    """argparse type of tte-embed's --output: a file prefix, never a folder: one that exists, or a name
+    ending in a slash (Path would drop the slash, and the files land beside the folder, as `sub.npy`)."""
+    path = Path(nonempty(text))
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text!r} names a folder; give a file prefix in it, e.g. {text + 'embeddings'!r}")
-    return Path(nonempty(text))
+    if path.is_dir() or path.name in ("", ".", ".."):  # (was written as DIR/..npy, DIR/..jsonl)
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file prefix in it, e.g. {str(path / 'embeddings')!r}")
+    return path
 
 
 def positive_int(text: str) -> int:
@@ -410,17 +413,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.input.suffix.lower() not in (".txt", ".jsonl"):
             parser.error(f"INPUT {args.input}: expected a .txt file (one text per line) or a .jsonl file (one JSON object per line), "
                          f"got {args.input.suffix or 'no extension'}")
-    if args.output is not None and (args.output.is_dir() or args.output.name in ("", ".", "..")):
-        parser.error(f"--output {str(args.output)!r} is a directory; give a file prefix in it, e.g. {str(args.output / 'embeddings')!r}")
-    outputs = _final_paths(output_prefix(args), args.format) if args.input is not None else []
+    prefix = output_prefix(args) if args.input is not None else None
+    outputs = _final_paths(prefix, args.format) if prefix is not None else []
     if args.input is not None and args.input.resolve() in [p.resolve() for p in outputs]:  # before the model loads, as every path check
-        parser.error(f"the output {output_prefix(args)}.jsonl would overwrite the input; pass another --output")
+        parser.error(f"the output {prefix}.jsonl would overwrite the input; pass another --output")
     for flag, path in [("--output" if args.output else "output", p) for p in outputs] + [("--cache", args.cache)]:
         problem = path is not None and path_problem(path, output=True)
         if problem:
             parser.error(f"{flag} {path}: {problem}")
-    if args.input is not None and not args.overwrite:
-        conflict = _settings_conflict(output_prefix(args), args)
+    if prefix is not None and not args.overwrite:
+        conflict = _settings_conflict(prefix, args)
         if conflict:
             parser.error(conflict)
     try:  # the call's settings, checked before any model work (a bad one would make every row an error row)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_checks import assert_usage_error
 from export_fixtures import cli  # noqa: F401  (pytest fixtures)
 from tte_engine import Engine
 from tte_engine.checkpoint import resolve_checkpoint
@@ -317,12 +318,7 @@ def _parse_error(capsys, argv, *fragments):
     """tte-export ARGV stops at the parser: exit 2, one line naming what is wrong, nothing written."""
     from tte_engine.export.cli import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("tte-export: error:"), err
-    for f in fragments:
-        assert f in err, (f, err)
+    assert_usage_error(capsys, main, "tte-export", argv, *fragments)
 
 
 @pytest.mark.parametrize("flag, value", [(f, v) for f in ("--max-batch-size", "--max-input-len") for v in ("0", "-3", "1.5", "1e3", "x", "9" * 30)]

@@ -23,6 +23,7 @@ from tte_engine.cli import main, read_items
 from tte_engine.result_cache import EngineCache, ResultCache, embed_items, trace_fingerprint, usage
 
 from .conftest import data_url, png_bytes
+from cli_checks import assert_usage_error
 
 BATCH = 2
 CLIP_OPTIONS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 4}  # video_options: a few tokens per clip, fast on CPU
@@ -686,12 +687,7 @@ def test_engine_flags_reach_the_engine_config_of_both_clis():
 
 def _usage_error(capsys, argv, *fragments):
     """tte-embed ARGV stops before the model loads: exit 2 and one line (not argparse's usage block) naming what is wrong."""
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("tte-embed: error:"), err
-    for f in fragments:
-        assert f in err, (f, err)
+    assert_usage_error(capsys, main, "tte-embed", argv, *fragments)
 
 
 def test_paths_that_cannot_be_read_or_written_stop_before_the_model_loads(tmp_path, monkeypatch, capsys):
